@@ -1,0 +1,1 @@
+"""The gRPC adapter: requests in, engine calls, responses out. No rules here."""

@@ -1,0 +1,78 @@
+"""Builds the orchestrator from its configuration, runs it, and shuts it down in order."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+from stepstream.v1 import orchestrator_service_pb2
+
+from orchestrator_svc.api.servicer import OrchestratorServicer
+from orchestrator_svc.config import OrchestratorConfig
+from orchestrator_svc.engine.engine import Engine
+from orchestrator_svc.engine.journal import Journal, Retention, StoredEvent
+from orchestrator_svc.engine.recorder import Recorder
+from orchestrator_svc.engine.runner import RunSettings
+from orchestrator_svc.storage.sqlite import SqliteEventStore
+from orchestrator_svc.workers.base import WorkerRegistry
+from stepstream_common.feed import Feed
+from stepstream_common.rpc import RunningServer, add_servicer, start_server
+
+log = logging.getLogger(__name__)
+
+LABEL = "stepstream orchestrator"
+DATABASE_FILE = "orchestrator.sqlite3"
+
+
+@dataclass
+class Orchestrator:
+    """A running orchestrator; stop() ends it gracefully."""
+
+    config: OrchestratorConfig
+    server: RunningServer
+    engine: Engine
+    journal: Journal
+    store: SqliteEventStore
+    feed: Feed[StoredEvent]
+    journal_task: asyncio.Task[None]
+
+    @property
+    def address(self) -> str:
+        return self.server.address
+
+    async def stop(self) -> None:
+        """Health NOT_SERVING; stop every run (recording why); commit; end streams; close."""
+        await self.server.stop(self.config.shutdown_grace)
+        await self.store.close()
+
+    async def run_until_stopped(self) -> None:
+        """Serve until stop() (or a journal failure, which stops the process loudly)."""
+        waiter = asyncio.create_task(self.server.wait_stopped())
+        done, _ = await asyncio.wait({waiter, self.journal_task}, return_when=asyncio.FIRST_COMPLETED)
+        if self.journal_task in done and self.journal_task.exception() is not None:
+            await self.server.server.stop(None)
+            raise RuntimeError("the event log failed") from self.journal_task.exception()
+        await waiter
+
+
+async def start(config: OrchestratorConfig, workers: WorkerRegistry | None = None) -> Orchestrator:
+    store = SqliteEventStore(config.data_dir / DATABASE_FILE)
+    info = await store.open()
+    feed: Feed[StoredEvent] = Feed(max_pending=config.subscriber_queue)
+    journal = Journal(
+        store, feed, latest_seq=info.latest_seq,
+        retention=Retention(keep_events=config.retain_events, job_days=config.job_retention_days),
+    )
+    journal_task = journal.start()
+    engine = Engine(
+        store, journal, Recorder(journal), workers or WorkerRegistry.from_entry_points(),
+        RunSettings(kill_grace=config.kill_grace),
+    )
+    await engine.recover()
+    servicer = OrchestratorServicer(engine, store, feed, info.log_id, config.heartbeat_interval)
+    service = orchestrator_service_pb2.DESCRIPTOR.services_by_name["OrchestratorService"]
+    server = await start_server(config.listen, lambda grpc_server: [add_servicer(grpc_server, service, servicer)])
+    server.on_stop.extend([engine.shutdown, journal.close, feed.close])
+    log.info("log %s at seq %d in %s", info.log_id, info.latest_seq, config.data_dir)
+    return Orchestrator(config, server, engine, journal, store, feed, journal_task)

@@ -1,0 +1,62 @@
+"""Orchestrator settings from flags and their environment-variable twins."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from stepstream_common.config import env_option, host_port, positive_float, positive_int
+
+DEFAULT_LISTEN = "127.0.0.1:50051"
+
+
+def default_data_dir(service: str) -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return Path(base) / "stepstream" / service
+
+
+@dataclass(frozen=True)
+class OrchestratorConfig:
+    listen: str = DEFAULT_LISTEN
+    data_dir: Path = Path("data/orchestrator")
+    heartbeat_interval: float = 5.0
+    kill_grace: float = 5.0
+    retain_events: int = 1_000_000
+    job_retention_days: float = 7.0
+    # A stream more than this many events behind reads from the log instead.
+    subscriber_queue: int = 10_000
+    shutdown_grace: float = 5.0
+    log_level: str = "info"
+
+
+def parse_args(argv: list[str] | None = None) -> OrchestratorConfig:
+    parser = argparse.ArgumentParser(
+        prog="python -m orchestrator_svc",
+        description="stepstream orchestrator: runs jobs and streams every step transition.",
+    )
+    env_option(parser, "--listen", "STEPSTREAM_ORCHESTRATOR_LISTEN", default=DEFAULT_LISTEN, type=host_port,
+               help="address to serve on (port 0 picks a free port)")
+    env_option(parser, "--data-dir", "STEPSTREAM_ORCHESTRATOR_DATA_DIR",
+               default=str(default_data_dir("orchestrator")), type=Path, help="where the event log lives")
+    env_option(parser, "--heartbeat-interval", "STEPSTREAM_HEARTBEAT_INTERVAL", default="5",
+               type=positive_float, help="seconds between heartbeats on an idle event stream")
+    env_option(parser, "--kill-grace", "STEPSTREAM_KILL_GRACE", default="5", type=positive_float,
+               help="seconds between SIGTERM and SIGKILL when stopping a command")
+    env_option(parser, "--retain-events", "STEPSTREAM_RETAIN_EVENTS", default="1000000", type=positive_int,
+               help="how many of the newest events the log keeps for resuming streams")
+    env_option(parser, "--job-retention-days", "STEPSTREAM_JOB_RETENTION_DAYS", default="7",
+               type=positive_float, help="finished jobs older than this are forgotten")
+    env_option(parser, "--log-level", "STEPSTREAM_LOG_LEVEL", default="info",
+               choices=["debug", "info", "warning", "error"], help="log verbosity (to stderr)")
+    args = parser.parse_args(argv)
+    return OrchestratorConfig(
+        listen=args.listen,
+        data_dir=args.data_dir,
+        heartbeat_interval=args.heartbeat_interval,
+        kill_grace=args.kill_grace,
+        retain_events=args.retain_events,
+        job_retention_days=args.job_retention_days,
+        log_level=args.log_level,
+    )

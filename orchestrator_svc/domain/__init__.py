@@ -1,0 +1,1 @@
+"""Pure rules: what a valid job is, which transitions exist, how outcomes are decided."""

@@ -1,0 +1,222 @@
+"""A job definition, validated whole into an immutable spec before anything runs."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from google.protobuf import json_format
+from stepstream.v1 import definition_pb2
+
+from orchestrator_svc.domain.durations import parse_duration
+from stepstream_common.errors import FieldViolation, InvalidArgument
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+MAX_RETRIES = 100
+DEFAULT_RETRY_BACKOFF = 1.0
+MAX_STEPS = 200
+
+Violations = list[tuple[str, str]]
+Params = Mapping[str, Any]
+
+
+class WorkerCatalog(Protocol):
+    """What validation needs to know about the registered workers."""
+
+    def validate_params(self, worker_type: str, params: Params, path: str) -> Violations | None:
+        """Problems with `params` for `worker_type` (paths under `path`), or None if
+        no such worker is registered."""
+
+    def known_types(self) -> Sequence[str]: ...
+
+    def is_fanout(self, worker_type: str) -> bool: ...
+
+
+@dataclass(frozen=True)
+class Execution:
+    """How one unit of work (a step, or one fan-out child) runs."""
+
+    type: str
+    params: Params
+    timeout: float | None
+    retries: int
+    retry_backoff: float
+
+    @property
+    def max_attempts(self) -> int:
+        return 1 + self.retries
+
+
+@dataclass(frozen=True)
+class StepSpec:
+    name: str
+    index: int
+    depends_on: tuple[str, ...]
+    always_run: bool
+    execution: Execution
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    name: str
+    timeout: float | None
+    steps: tuple[StepSpec, ...]
+
+
+def _duration(text: str, path: str, violations: Violations) -> float | None:
+    if not text:
+        return None
+    try:
+        value = parse_duration(text)
+    except ValueError as error:
+        violations.append((path, str(error)))
+        return None
+    if value <= 0:
+        violations.append((path, f"must be greater than zero, got {text!r}"))
+    return value
+
+
+def execution_options(
+    retries: Any, timeout: Any, retry_backoff: Any, path: str, violations: Violations
+) -> tuple[int, float | None, float]:
+    """Validate the fields every unit of work has: retries, timeout, retry_backoff."""
+    retry_count = 0
+    if isinstance(retries, bool) or not isinstance(retries, int | float) or int(retries) != retries:
+        violations.append((f"{path}.retries", f"must be a whole number, got {retries!r}"))
+    elif not 0 <= retries <= MAX_RETRIES:
+        violations.append((f"{path}.retries", f"must be between 0 and {MAX_RETRIES}, got {int(retries)}"))
+    else:
+        retry_count = int(retries)
+    limits: list[float | None] = []
+    for name, value in (("timeout", timeout), ("retry_backoff", retry_backoff)):
+        if not isinstance(value, str):
+            violations.append((f"{path}.{name}", f"must be a duration string like '30s', got {value!r}"))
+            limits.append(None)
+        else:
+            limits.append(_duration(value, f"{path}.{name}", violations))
+    backoff = limits[1] if limits[1] is not None else DEFAULT_RETRY_BACKOFF
+    return retry_count, limits[0], backoff
+
+
+def validate_job(definition: definition_pb2.JobDefinition, workers: WorkerCatalog) -> JobSpec:
+    """The spec of a valid definition; InvalidArgument naming every problem otherwise."""
+    violations: Violations = []
+    root = "definition"
+    if not definition.name.strip():
+        violations.append((f"{root}.name", "is required"))
+    elif len(definition.name) > 200:
+        violations.append((f"{root}.name", "must be at most 200 characters"))
+    job_timeout = _duration(definition.timeout, f"{root}.timeout", violations)
+    if not definition.steps:
+        violations.append((f"{root}.steps", "at least one step is required"))
+    elif len(definition.steps) > MAX_STEPS:
+        violations.append((f"{root}.steps", f"at most {MAX_STEPS} steps"))
+
+    names = [step.name for step in definition.steps]
+    first_index: dict[str, int] = {}
+    for index, name in enumerate(names):
+        path = f"{root}.steps[{index}].name"
+        if not name:
+            violations.append((path, "is required"))
+        elif not NAME_PATTERN.match(name):
+            violations.append(
+                (path, f"{name!r} must be 1-100 letters, digits, '_', '.' or '-', starting with a letter or digit")
+            )
+        elif name in first_index:
+            violations.append((path, f"duplicate step name {name!r} (also steps[{first_index[name]}])"))
+        else:
+            first_index[name] = index
+
+    steps: list[StepSpec] = []
+    for index, step in enumerate(definition.steps):
+        path = f"{root}.steps[{index}]"
+        depends_on = _dependencies(step, index, names, first_index, path, violations)
+        params = json_format.MessageToDict(step.params) if step.HasField("params") else {}
+        execution = _execution(step, params, path, workers, violations)
+        if execution is not None:
+            steps.append(StepSpec(step.name, index, depends_on, step.always_run, execution))
+
+    if not violations:
+        violations.extend(_cycles(steps, root))
+    if violations:
+        raise InvalidArgument(
+            f"invalid job definition ({len(violations)} problem{'s' if len(violations) > 1 else ''})",
+            [FieldViolation(f, d) for f, d in violations],
+        )
+    return JobSpec(definition.name, job_timeout, tuple(steps))
+
+
+def _dependencies(
+    step: definition_pb2.StepDefinition,
+    index: int,
+    names: list[str],
+    first_index: Mapping[str, int],
+    path: str,
+    violations: Violations,
+) -> tuple[str, ...]:
+    if not step.HasField("depends_on"):
+        return (names[index - 1],) if index > 0 else ()
+    deps: list[str] = []
+    for position, dep in enumerate(step.depends_on.steps):
+        dep_path = f"{path}.depends_on.steps[{position}]"
+        if dep == step.name:
+            violations.append((dep_path, f"step {step.name!r} cannot depend on itself"))
+        elif dep not in first_index:
+            violations.append((dep_path, f"unknown step {dep!r}"))
+        elif dep in deps:
+            violations.append((dep_path, f"{dep!r} is listed twice"))
+        else:
+            deps.append(dep)
+    return tuple(deps)
+
+
+def _execution(
+    step: definition_pb2.StepDefinition,
+    params: Params,
+    path: str,
+    workers: WorkerCatalog,
+    violations: Violations,
+) -> Execution | None:
+    retries, timeout, backoff = execution_options(
+        step.retries, step.timeout, step.retry_backoff, path, violations
+    )
+    if not step.type:
+        violations.append((f"{path}.type", f"is required (one of: {', '.join(workers.known_types())})"))
+        return None
+    problems = workers.validate_params(step.type, params, f"{path}.params")
+    if problems is None:
+        violations.append(
+            (f"{path}.type", f"unknown worker type {step.type!r} (one of: {', '.join(workers.known_types())})")
+        )
+        return None
+    violations.extend(problems)
+    if retries and workers.is_fanout(step.type):
+        violations.append((f"{path}.retries", "a fan-out step is not retried; set `child.retries` instead"))
+    return Execution(step.type, params, timeout, retries, backoff)
+
+
+def _cycles(steps: Sequence[StepSpec], root: str) -> Violations:
+    by_name = {step.name: step for step in steps}
+    done: set[str] = set()
+    violations: Violations = []
+
+    def visit(name: str, trail: list[str]) -> None:
+        if name in done:
+            return
+        if name in trail:
+            cycle = [*trail[trail.index(name) :], name]
+            step = by_name[cycle[0]]
+            violations.append(
+                (f"{root}.steps[{step.index}].depends_on", "dependency cycle: " + " -> ".join(cycle))
+            )
+            done.update(cycle)
+            return
+        for dep in by_name[name].depends_on:
+            visit(dep, [*trail, name])
+        done.add(name)
+
+    for step in steps:
+        visit(step.name, [])
+    return violations

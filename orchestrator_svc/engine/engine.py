@@ -1,0 +1,168 @@
+"""Accepts, cancels and recovers jobs; owns the runs in flight."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from collections.abc import Sequence
+
+from stepstream.v1 import definition_pb2, records_pb2
+from stepstream.v1 import states_pb2 as s
+
+from orchestrator_svc.domain import machine
+from orchestrator_svc.domain.rules import CANCELLED_BY_REQUEST, ORCHESTRATOR_RESTARTED, Interruption
+from orchestrator_svc.domain.spec import validate_job
+from orchestrator_svc.engine.journal import Journal
+from orchestrator_svc.engine.recorder import Recorder
+from orchestrator_svc.engine.runner import JobRun, RunSettings, stop_everything
+from orchestrator_svc.storage.base import EventStore, JobView, NewJob
+from orchestrator_svc.workers.base import WorkerRegistry
+from stepstream_common.errors import FailedPrecondition, NotFound
+from stepstream_common.states import job_state_word
+from stepstream_common.wire import clone
+
+log = logging.getLogger(__name__)
+
+SHUT_DOWN = Interruption(
+    s.JOB_STATE_FAILED,
+    s.REASON_ORCHESTRATOR_RESTARTED,
+    "the orchestrator shut down while this was in flight",
+    s.STEP_STATE_FAILED,
+    s.STEP_STATE_CANCELLED,
+)
+
+
+class Engine:
+    def __init__(
+        self,
+        store: EventStore,
+        journal: Journal,
+        recorder: Recorder,
+        workers: WorkerRegistry,
+        settings: RunSettings,
+    ) -> None:
+        self._store = store
+        self._journal = journal
+        self._recorder = recorder
+        self._workers = workers
+        self._settings = settings
+        self._runs: dict[str, JobRun] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._submitting: dict[str, asyncio.Future[tuple[records_pb2.Job, int]]] = {}
+        self._accepting = True
+
+    @property
+    def active_jobs(self) -> int:
+        return len(self._runs)
+
+    async def recover(self) -> int:
+        """End the jobs a previous process left in flight; returns how many."""
+        unfinished = await self._store.unfinished_jobs()
+        for found in unfinished:
+            cause = CANCELLED_BY_REQUEST if found.job.HasField("cancel_requested_at") else ORCHESTRATOR_RESTARTED
+            stop_everything(self._recorder, found.job, found.steps, found.children, cause)
+        if unfinished:
+            await self._journal.durable(self._journal.appended_seq)
+            log.warning("ended %d job(s) left in flight by a previous run", len(unfinished))
+        return len(unfinished)
+
+    async def submit(
+        self, definition: definition_pb2.JobDefinition, request_id: str = ""
+    ) -> tuple[records_pb2.Job, int]:
+        """Validate, durably record and start a job; returns it and its first seq."""
+        if not self._accepting:
+            raise FailedPrecondition("the orchestrator is shutting down")
+        if request_id:
+            inflight = self._submitting.get(request_id)
+            if inflight is not None:
+                return await asyncio.shield(inflight)
+            future: asyncio.Future[tuple[records_pb2.Job, int]] = asyncio.get_running_loop().create_future()
+            self._submitting[request_id] = future
+            try:
+                result = await self._submit_once(definition, request_id)
+            except BaseException as error:
+                future.set_exception(error)
+                future.exception()
+                raise
+            else:
+                future.set_result(result)
+                return result
+            finally:
+                del self._submitting[request_id]
+        return await self._submit_once(definition, "")
+
+    async def _submit_once(
+        self, definition: definition_pb2.JobDefinition, request_id: str
+    ) -> tuple[records_pb2.Job, int]:
+        if request_id:
+            existing = await self._store.job_for_request(request_id)
+            if existing is not None:
+                return existing, 0
+        spec = validate_job(definition, self._workers)
+        job_id = secrets.token_hex(8)
+        job = records_pb2.Job(id=job_id, name=spec.name)
+        steps = [
+            records_pb2.Step(
+                job_id=job_id, name=step.name, index=step.index, type=step.execution.type,
+                max_attempts=step.execution.max_attempts,
+            )
+            for step in spec.steps
+        ]
+        seq = self._recorder.create_job(job, steps, NewJob(job_id, request_id, definition.SerializeToString()))
+        await self._journal.durable(seq)
+        run = JobRun(job, spec, steps, self._recorder, self._workers, self._settings)
+        self._runs[job_id] = run
+        task = asyncio.create_task(self._drive(run), name=f"run-{job_id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return clone(job), seq
+
+    async def _drive(self, run: JobRun) -> None:
+        try:
+            await run.run()
+            await self._journal.durable(self._journal.appended_seq)
+        finally:
+            self._runs.pop(run.job.id, None)
+
+    async def cancel(self, job_id: str) -> records_pb2.Job:
+        """Record the cancellation (durably) and start stopping the job.
+
+        A job already CANCELLED is returned unchanged; a COMPLETED or FAILED one
+        is FAILED_PRECONDITION.
+        """
+        run = self._runs.get(job_id)
+        if run is not None:
+            job = run.job
+            seq = run.request_cancel()
+            if seq is not None:
+                await self._journal.durable(seq)
+        else:
+            view = await self._store.get_job(job_id)
+            if view is None:
+                raise NotFound(f"no job {job_id!r}")
+            job = view.job
+        if machine.job_is_terminal(job.state) and job.state != s.JOB_STATE_CANCELLED:
+            raise FailedPrecondition(
+                f"job {job_id} already {job_state_word(job.state)}; only a pending or running job can be cancelled"
+            )
+        return clone(job)
+
+    async def get(self, job_id: str) -> JobView:
+        view = await self._store.get_job(job_id)
+        if view is None:
+            raise NotFound(f"no job {job_id!r}")
+        return view
+
+    async def list(
+        self, states: Sequence[int], name: str, page_size: int, page_token: str
+    ) -> tuple[list[records_pb2.Job], str]:
+        return await self._store.list_jobs(states, name, page_size, page_token)
+
+    async def shutdown(self) -> None:
+        """Stop accepting, stop every run (recording why), wait for them."""
+        self._accepting = False
+        for run in list(self._runs.values()):
+            run.interrupt(SHUT_DOWN)
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)

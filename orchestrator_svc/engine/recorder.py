@@ -1,0 +1,103 @@
+"""Every change to a job, step or child record goes through here: checked
+against the state machine, time-stamped, and appended to the journal as an
+event carrying the record's full new value.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+
+from stepstream.v1 import records_pb2
+from stepstream.v1 import states_pb2 as s
+
+from orchestrator_svc.domain import machine
+from orchestrator_svc.engine.journal import Journal
+from orchestrator_svc.storage.base import NewJob
+from stepstream_common.timeutil import timestamp
+
+
+class Recorder:
+    def __init__(self, journal: Journal, clock: Callable[[], float] = time.time) -> None:
+        self._journal = journal
+        self._clock = clock
+
+    def create_job(
+        self, job: records_pb2.Job, steps: Sequence[records_pb2.Step], new_job: NewJob
+    ) -> int:
+        """Record a new job and its steps, all PENDING; returns the job event's seq."""
+        now = self._clock()
+        job.state = machine.INITIAL_JOB_STATE
+        job.created_at.CopyFrom(timestamp(now))
+        seq = self._journal.append(records_pb2.StepEvent(time=timestamp(now), job=job), new_job)
+        for step in steps:
+            step.state = machine.INITIAL_STEP_STATE
+            self._journal.append(records_pb2.StepEvent(time=timestamp(now), step=step))
+        return seq
+
+    def create_children(self, children: Sequence[records_pb2.Child]) -> None:
+        now = timestamp(self._clock())
+        for child in children:
+            child.state = machine.INITIAL_STEP_STATE
+            self._journal.append(records_pb2.StepEvent(time=now, child=child))
+
+    def job(self, job: records_pb2.Job, state: int, reason: int = 0, message: str = "") -> int:
+        machine.check_job(job.state, state, f"job {job.id}")
+        now = self._clock()
+        job.state, job.reason, job.message = s.JobState.ValueType(state), s.Reason.ValueType(reason), message
+        if state == s.JOB_STATE_RUNNING and not job.HasField("started_at"):
+            job.started_at.CopyFrom(timestamp(now))
+        if machine.job_is_terminal(state):
+            job.finished_at.CopyFrom(timestamp(now))
+        return self._journal.append(records_pb2.StepEvent(time=timestamp(now), job=job))
+
+    def cancel_requested(self, job: records_pb2.Job) -> int:
+        machine.check_job(job.state, job.state, f"job {job.id}")
+        now = self._clock()
+        job.cancel_requested_at.CopyFrom(timestamp(now))
+        job.message = "cancellation requested"
+        return self._journal.append(records_pb2.StepEvent(time=timestamp(now), job=job))
+
+    def step(
+        self,
+        step: records_pb2.Step,
+        state: int,
+        reason: int = 0,
+        message: str = "",
+        attempt: int | None = None,
+    ) -> int:
+        machine.check_step(step.state, state, f"step {step.job_id}/{step.name}")
+        now = self._clock()
+        _apply(step, now, state, reason, message, attempt)
+        return self._journal.append(records_pb2.StepEvent(time=timestamp(now), step=step))
+
+    def child(
+        self,
+        child: records_pb2.Child,
+        state: int,
+        reason: int = 0,
+        message: str = "",
+        attempt: int | None = None,
+    ) -> int:
+        machine.check_child(child.state, state, f"child {child.job_id}/{child.step_name}[{child.index}]")
+        now = self._clock()
+        _apply(child, now, state, reason, message, attempt)
+        return self._journal.append(records_pb2.StepEvent(time=timestamp(now), child=child))
+
+
+def _apply(
+    record: records_pb2.Step | records_pb2.Child,
+    now: float,
+    state: int,
+    reason: int,
+    message: str,
+    attempt: int | None,
+) -> None:
+    record.state, record.reason = s.StepState.ValueType(state), s.Reason.ValueType(reason)
+    record.message = message
+    if attempt is not None:
+        record.attempt = attempt
+    if state == s.STEP_STATE_RUNNING and not record.HasField("started_at"):
+        record.started_at.CopyFrom(timestamp(now))
+    if machine.step_is_terminal(state):
+        record.finished_at.CopyFrom(timestamp(now))

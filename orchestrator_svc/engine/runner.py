@@ -1,0 +1,316 @@
+"""Drives one job through its steps. Each status change is decided here (using
+the rules in domain/rules.py) and written through the Recorder."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from stepstream.v1 import records_pb2
+from stepstream.v1 import states_pb2 as s
+
+from orchestrator_svc.domain import machine
+from orchestrator_svc.domain.rules import (
+    CANCELLED_BY_REQUEST,
+    ChildTally,
+    Interruption,
+    Outcome,
+    Readiness,
+    fanout_outcome,
+    fanout_over_tolerance,
+    job_outcome,
+    job_timed_out,
+    readiness,
+)
+from orchestrator_svc.domain.spec import JobSpec, StepSpec
+from orchestrator_svc.engine.attempts import AttemptHooks, run_attempts
+from orchestrator_svc.engine.recorder import Recorder
+from orchestrator_svc.workers.base import FanoutPlan, FanoutWorker, WorkContext, Worker, WorkerRegistry
+from stepstream_common.states import step_state_word
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    # Seconds between SIGTERM and SIGKILL when a command is stopped.
+    kill_grace: float = 5.0
+
+
+class _OverTolerance(Exception):
+    pass
+
+
+def stop_everything(
+    recorder: Recorder,
+    job: records_pb2.Job,
+    steps: Sequence[records_pb2.Step],
+    children: Mapping[str, Sequence[records_pb2.Child]],
+    interruption: Interruption,
+) -> None:
+    """End every unfinished child, then step, then the job, for `interruption`.
+
+    Children end before their step and steps before the job, so nothing is
+    ever shown finished while something under it is not.
+    """
+    for step in steps:
+        stop_children(recorder, children.get(step.name, ()), interruption.running_state,
+                      interruption.pending_state, interruption.reason, interruption.message)
+        if not machine.step_is_terminal(step.state):
+            started = step.state in (s.STEP_STATE_RUNNING, s.STEP_STATE_WAITING)
+            state = interruption.running_state if started else interruption.pending_state
+            recorder.step(step, state, interruption.reason, interruption.message)
+    recorder.job(job, interruption.job_state, interruption.reason, interruption.message)
+
+
+def stop_children(
+    recorder: Recorder,
+    children: Iterable[records_pb2.Child],
+    running_state: int,
+    pending_state: int,
+    reason: int,
+    message: str,
+) -> None:
+    for child in children:
+        if not machine.step_is_terminal(child.state):
+            state = running_state if child.state == s.STEP_STATE_RUNNING else pending_state
+            recorder.child(child, state, reason, message)
+
+
+def tally(children: Iterable[records_pb2.Child]) -> ChildTally:
+    counts = {s.STEP_STATE_COMPLETED: 0, s.STEP_STATE_FAILED: 0, s.STEP_STATE_CANCELLED: 0}
+    total = 0
+    for child in children:
+        total += 1
+        if child.state in counts:
+            counts[child.state] += 1
+    return ChildTally(
+        total=total,
+        completed=counts[s.STEP_STATE_COMPLETED],
+        failed=counts[s.STEP_STATE_FAILED],
+        cancelled=counts[s.STEP_STATE_CANCELLED],
+    )
+
+
+class JobRun:
+    """One job in flight."""
+
+    def __init__(
+        self,
+        job: records_pb2.Job,
+        spec: JobSpec,
+        steps: Sequence[records_pb2.Step],
+        recorder: Recorder,
+        workers: WorkerRegistry,
+        settings: RunSettings,
+    ) -> None:
+        self.job = job
+        self._spec = spec
+        self._steps = {step.name: step for step in steps}
+        self._children: dict[str, list[records_pb2.Child]] = {}
+        self._recorder = recorder
+        self._workers = workers
+        self._settings = settings
+        self._interruption: Interruption | None = None
+        self._schedule_task: asyncio.Task[None] | None = None
+        self._step_finished = asyncio.Event()
+
+    @property
+    def finished(self) -> bool:
+        return machine.job_is_terminal(self.job.state)
+
+    def request_cancel(self) -> int | None:
+        """Record the cancellation and start stopping; the seq of the record, or
+        None if there was nothing to do (already ended or already cancelling)."""
+        if self.finished or self.job.HasField("cancel_requested_at"):
+            return None
+        seq = self._recorder.cancel_requested(self.job)
+        self.interrupt(CANCELLED_BY_REQUEST)
+        return seq
+
+    def interrupt(self, interruption: Interruption) -> None:
+        """Stop the job for `interruption` unless it is already stopping or done."""
+        if self._interruption is not None or self.finished:
+            return
+        if self._schedule_task is not None and self._schedule_task.done():
+            return
+        self._interruption = interruption
+        if self._schedule_task is not None:
+            self._schedule_task.cancel()
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        timer = None
+        if self._spec.timeout is not None:
+            timer = loop.call_later(self._spec.timeout, self.interrupt, job_timed_out(self._spec.timeout))
+        try:
+            await self._run()
+        except Exception as error:
+            log.exception("job %s: internal error", self.job.id)
+            if not self.finished:
+                self._interruption = None
+                internal = Interruption(s.JOB_STATE_FAILED, s.REASON_WORK_FAILED,
+                                        f"internal error: {type(error).__name__}: {error}",
+                                        s.STEP_STATE_FAILED, s.STEP_STATE_CANCELLED)
+                self._stop(internal)
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    async def _run(self) -> None:
+        if self._interruption is None:
+            self._recorder.job(self.job, s.JOB_STATE_RUNNING)
+            self._schedule_task = asyncio.create_task(self._schedule(), name=f"job-{self.job.id}")
+            try:
+                await self._schedule_task
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if self._interruption is None or (current is not None and current.cancelling()):
+                    raise
+        if self._interruption is not None:
+            self._stop(self._interruption)
+            return
+        outcome = job_outcome({name: step.state for name, step in self._steps.items()})
+        self._recorder.job(self.job, outcome.state, outcome.reason, outcome.message)
+
+    def _stop(self, interruption: Interruption) -> None:
+        steps = [self._steps[step.name] for step in self._spec.steps]
+        stop_everything(self._recorder, self.job, steps, self._children, interruption)
+
+    async def _schedule(self) -> None:
+        waiting = list(self._spec.steps)
+        async with asyncio.TaskGroup() as group:
+            while waiting:
+                still_waiting = []
+                for spec in waiting:
+                    dependencies = [self._steps[name] for name in spec.depends_on]
+                    ready = readiness((d.state for d in dependencies), spec.always_run)
+                    if ready is Readiness.RUN:
+                        group.create_task(self._run_step(spec))
+                    elif ready is Readiness.SKIP:
+                        self._skip(spec, dependencies)
+                    else:
+                        still_waiting.append(spec)
+                if len(still_waiting) == len(waiting):
+                    self._step_finished.clear()
+                    await self._step_finished.wait()
+                waiting = still_waiting
+
+    def _skip(self, spec: StepSpec, dependencies: Sequence[records_pb2.Step]) -> None:
+        unfinished = [f"{d.name} ({step_state_word(d.state)})" for d in dependencies
+                      if d.state != s.STEP_STATE_COMPLETED]
+        self._recorder.step(
+            self._steps[spec.name], s.STEP_STATE_SKIPPED, s.REASON_DEPENDENCY_FAILED,
+            "dependencies did not complete: " + ", ".join(unfinished),
+        )
+
+    async def _run_step(self, spec: StepSpec) -> None:
+        record = self._steps[spec.name]
+        worker = self._workers.get(spec.execution.type)
+        try:
+            if isinstance(worker, FanoutWorker):
+                outcome = await self._run_fanout(spec, record, worker)
+            else:
+                outcome = await run_attempts(
+                    worker, spec.execution, self._context(spec.name, None), self._step_hooks(record)
+                )
+        except Exception as error:
+            log.exception("job %s step %s: internal error", self.job.id, spec.name)
+            outcome = Outcome(s.STEP_STATE_FAILED, s.REASON_WORK_FAILED,
+                              f"internal error: {type(error).__name__}: {error}")
+        self._recorder.step(record, outcome.state, outcome.reason, outcome.message)
+        self._step_finished.set()
+
+    def _context(self, step_name: str, child_index: int | None) -> WorkContextFactory:
+        return WorkContextFactory(self.job.id, step_name, child_index, self._settings.kill_grace)
+
+    def _step_hooks(self, record: records_pb2.Step) -> AttemptHooks:
+        def starting(attempt: int, reason: int, message: str) -> None:
+            self._recorder.step(record, s.STEP_STATE_RUNNING, reason, message, attempt=attempt)
+
+        def retrying(attempt: int, failure: Outcome, delay: float) -> None:
+            self._recorder.step(record, s.STEP_STATE_RUNNING, s.REASON_RETRYING,
+                                f"attempt {attempt} failed: {failure.message}; retrying in {delay:g}s")
+
+        return AttemptHooks(starting, retrying)
+
+    def _child_hooks(self, child: records_pb2.Child) -> AttemptHooks:
+        def starting(attempt: int, reason: int, message: str) -> None:
+            self._recorder.child(child, s.STEP_STATE_RUNNING, reason, message, attempt=attempt)
+
+        def retrying(attempt: int, failure: Outcome, delay: float) -> None:
+            self._recorder.child(child, s.STEP_STATE_RUNNING, s.REASON_RETRYING,
+                                 f"attempt {attempt} failed: {failure.message}; retrying in {delay:g}s")
+
+        return AttemptHooks(starting, retrying)
+
+    async def _run_fanout(self, spec: StepSpec, record: records_pb2.Step, worker: FanoutWorker) -> Outcome:
+        self._recorder.step(record, s.STEP_STATE_RUNNING, attempt=1)
+        plan = worker.plan(spec.execution.params)
+        children = [
+            records_pb2.Child(job_id=self.job.id, step_name=spec.name, index=index, item=item)
+            for index, item in enumerate(plan.items)
+        ]
+        self._children[spec.name] = children
+        self._recorder.create_children(children)
+        self._recorder.step(record, s.STEP_STATE_WAITING,
+                            message=f"{len(children)} children, up to {plan.concurrency} at a time")
+        limit = spec.execution.timeout
+        try:
+            async with asyncio.timeout(limit):
+                over = await self._run_children(plan, children)
+        except TimeoutError:
+            message = f"the fan-out timed out after {limit:g}s"
+            stop_children(self._recorder, children, s.STEP_STATE_FAILED, s.STEP_STATE_CANCELLED,
+                          s.REASON_TIMEOUT, message)
+            result = tally(children)
+            return Outcome(s.STEP_STATE_FAILED, s.REASON_TIMEOUT,
+                           f"{message}: {result.completed} of {result.total} children completed")
+        if over:
+            stop_children(self._recorder, children, s.STEP_STATE_CANCELLED, s.STEP_STATE_CANCELLED,
+                          s.REASON_FANOUT_FAILED, "stopped: more children failed than the step tolerates")
+        return fanout_outcome(tally(children), plan.max_child_failures)
+
+    async def _run_children(self, plan: FanoutPlan, children: Sequence[records_pb2.Child]) -> bool:
+        """Run children `plan.concurrency` at a time; True if stopped early
+        because the failures went over the tolerance."""
+        worker = self._workers.get(plan.child.type)
+        assert isinstance(worker, Worker), "validation rejects fan-out children that are fan-outs"
+        queue = iter(range(len(children)))
+        failed = 0
+
+        async def take_children() -> None:
+            nonlocal failed
+            for index in queue:
+                child = children[index]
+                outcome = await run_attempts(
+                    worker, plan.child_execution(index), self._context(child.step_name, index),
+                    self._child_hooks(child),
+                )
+                self._recorder.child(child, outcome.state, outcome.reason, outcome.message)
+                if outcome.state == s.STEP_STATE_FAILED:
+                    failed += 1
+                    if fanout_over_tolerance(failed, plan.max_child_failures):
+                        raise _OverTolerance
+
+        over = False
+        try:
+            async with asyncio.TaskGroup() as group:
+                for _ in range(min(plan.concurrency, len(children))):
+                    group.create_task(take_children())
+        except* _OverTolerance:
+            over = True
+        return over
+
+
+@dataclass(frozen=True)
+class WorkContextFactory:
+    job_id: str
+    step_name: str
+    child_index: int | None
+    kill_grace: float
+
+    def __call__(self, attempt: int) -> WorkContext:
+        return WorkContext(self.job_id, self.step_name, attempt, self.child_index, self.kill_grace)

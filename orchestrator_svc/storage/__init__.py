@@ -1,0 +1,1 @@
+"""The durable event log behind a small interface (SQLite by default)."""

@@ -1,0 +1,287 @@
+"""The event log in one SQLite file: `events` plus the latest record of every
+job, step and child (each stored as the StepEvent bytes that set it)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+from stepstream.v1 import definition_pb2, records_pb2
+from stepstream.v1 import states_pb2 as s
+
+from orchestrator_svc.storage.base import JobView, LogInfo, NewJob, Snapshot, UnfinishedJob
+from stepstream_common.errors import CursorOutOfRange
+from stepstream_common.paging import decode_token, encode_token
+from stepstream_common.sqlite import connect, transaction
+from stepstream_common.states import TERMINAL_JOB_STATES, TERMINAL_STEP_STATES
+from stepstream_common.timeutil import seconds
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS events (seq INTEGER PRIMARY KEY, data BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS jobs (
+    job_id TEXT PRIMARY KEY,
+    request_id TEXT UNIQUE,
+    definition BLOB NOT NULL,
+    name TEXT NOT NULL DEFAULT '',
+    state INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL DEFAULT 0,
+    finished_at REAL,
+    seq INTEGER NOT NULL DEFAULT 0,
+    record BLOB NOT NULL DEFAULT x''
+);
+CREATE INDEX IF NOT EXISTS jobs_newest_first ON jobs (created_at DESC, job_id DESC);
+CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state);
+CREATE TABLE IF NOT EXISTS steps (
+    job_id TEXT NOT NULL, name TEXT NOT NULL, idx INTEGER NOT NULL,
+    state INTEGER NOT NULL, seq INTEGER NOT NULL, record BLOB NOT NULL,
+    PRIMARY KEY (job_id, name)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS children (
+    job_id TEXT NOT NULL, step TEXT NOT NULL, idx INTEGER NOT NULL,
+    state INTEGER NOT NULL, seq INTEGER NOT NULL, record BLOB NOT NULL,
+    PRIMARY KEY (job_id, step, idx)
+) WITHOUT ROWID;
+"""
+
+UPSERT_STEP = """
+INSERT INTO steps (job_id, name, idx, state, seq, record) VALUES (?, ?, ?, ?, ?, ?)
+ON CONFLICT (job_id, name) DO UPDATE SET state = excluded.state, seq = excluded.seq, record = excluded.record
+"""
+UPSERT_CHILD = """
+INSERT INTO children (job_id, step, idx, state, seq, record) VALUES (?, ?, ?, ?, ?, ?)
+ON CONFLICT (job_id, step, idx) DO UPDATE SET state = excluded.state, seq = excluded.seq, record = excluded.record
+"""
+UPDATE_JOB = """
+UPDATE jobs SET name = ?, state = ?, created_at = ?, finished_at = ?, seq = ?, record = ? WHERE job_id = ?
+"""
+
+_UNFINISHED_JOB_STATES = tuple(sorted({s.JOB_STATE_PENDING, s.JOB_STATE_RUNNING}))
+_TERMINAL_STEP_STATES = tuple(sorted(TERMINAL_STEP_STATES))
+_SNAPSHOT_PAGE = 1000
+
+
+def _event(data: bytes) -> records_pb2.StepEvent:
+    return records_pb2.StepEvent.FromString(data)
+
+
+class SqliteEventStore:
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._writer: aiosqlite.Connection | None = None
+        self._reader: aiosqlite.Connection | None = None
+        self._log_id = ""
+
+    @property
+    def writer(self) -> aiosqlite.Connection:
+        assert self._writer is not None, "open() first"
+        return self._writer
+
+    @property
+    def reader(self) -> aiosqlite.Connection:
+        assert self._reader is not None, "open() first"
+        return self._reader
+
+    async def open(self) -> LogInfo:
+        self._writer = await connect(self._path)
+        await self._writer.executescript(SCHEMA)
+        self._reader = await connect(self._path)
+        async with transaction(self.writer):
+            rows = list(await self.writer.execute_fetchall("SELECT value FROM meta WHERE key = 'log_id'"))
+            if rows:
+                log_id = str(rows[0][0])
+            else:
+                log_id = uuid.uuid4().hex
+                await self.writer.execute("INSERT INTO meta (key, value) VALUES ('log_id', ?)", (log_id,))
+        self._log_id = log_id
+        latest = await self._latest_seq(self.writer)
+        return LogInfo(log_id=log_id, latest_seq=latest)
+
+    async def close(self) -> None:
+        for db in (self._reader, self._writer):
+            if db is not None:
+                await db.close()
+        self._reader = self._writer = None
+
+    async def append(
+        self, events: Sequence[tuple[records_pb2.StepEvent, bytes]], new_jobs: Sequence[NewJob]
+    ) -> None:
+        event_rows = [(event.seq, data) for event, data in events]
+        job_rows: list[tuple[Any, ...]] = []
+        step_rows: list[tuple[Any, ...]] = []
+        child_rows: list[tuple[Any, ...]] = []
+        for event, data in events:
+            kind = event.WhichOneof("record")
+            if kind == "job":
+                job = event.job
+                job_rows.append((job.name, job.state, seconds(job.created_at) or 0.0,
+                                 seconds(job.finished_at), event.seq, data, job.id))
+            elif kind == "step":
+                step = event.step
+                step_rows.append((step.job_id, step.name, step.index, step.state, event.seq, data))
+            else:
+                child = event.child
+                child_rows.append((child.job_id, child.step_name, child.index, child.state, event.seq, data))
+        db = self.writer
+        async with transaction(db):
+            if new_jobs:
+                await db.executemany(
+                    "INSERT INTO jobs (job_id, request_id, definition) VALUES (?, ?, ?)",
+                    [(j.job_id, j.request_id or None, j.definition) for j in new_jobs],
+                )
+            await db.executemany("INSERT INTO events (seq, data) VALUES (?, ?)", event_rows)
+            if job_rows:
+                await db.executemany(UPDATE_JOB, job_rows)
+            if step_rows:
+                await db.executemany(UPSERT_STEP, step_rows)
+            if child_rows:
+                await db.executemany(UPSERT_CHILD, child_rows)
+
+    async def read_events(self, after_seq: int, limit: int) -> list[tuple[int, bytes]]:
+        rows = [
+            (int(seq), bytes(data))
+            for seq, data in await self.reader.execute_fetchall(
+                "SELECT seq, data FROM events WHERE seq > ? ORDER BY seq LIMIT ?", (after_seq, limit)
+            )
+        ]
+        if rows and rows[0][0] != after_seq + 1:
+            latest = await self._latest_seq(self.reader)
+            raise CursorOutOfRange(
+                "CURSOR_TOO_OLD",
+                f"events after seq {after_seq} are no longer retained; the oldest is {rows[0][0]}: "
+                "resync with StreamSnapshot",
+                oldest=rows[0][0],
+                latest=latest,
+                log_id=self._log_id,
+            )
+        return rows
+
+    async def oldest_seq(self) -> int:
+        rows = list(await self.reader.execute_fetchall("SELECT MIN(seq) FROM events"))
+        return int(rows[0][0] or 0)
+
+    async def get_job(self, job_id: str) -> JobView | None:
+        db = self.reader
+        async with transaction(db, "DEFERRED"):
+            rows = list(await db.execute_fetchall(
+                "SELECT record, definition FROM jobs WHERE job_id = ? AND seq > 0", (job_id,)
+            ))
+            if not rows:
+                return None
+            steps = await db.execute_fetchall(
+                "SELECT record FROM steps WHERE job_id = ? ORDER BY idx", (job_id,)
+            )
+            counts = await db.execute_fetchall(
+                "SELECT step, state, COUNT(*) FROM children WHERE job_id = ? GROUP BY step, state", (job_id,)
+            )
+            seq = await self._latest_seq(db)
+        child_counts: dict[str, records_pb2.ChildCounts] = {}
+        for step_name, state, count in counts:
+            tally = child_counts.setdefault(step_name, records_pb2.ChildCounts())
+            tally.total += count
+            field = s.StepState.Name(state).removeprefix("STEP_STATE_").lower()
+            setattr(tally, field, getattr(tally, field) + count)
+        return JobView(
+            job=_event(rows[0][0]).job,
+            steps=[_event(row[0]).step for row in steps],
+            child_counts=child_counts,
+            definition=definition_pb2.JobDefinition.FromString(rows[0][1]),
+            seq=seq,
+        )
+
+    async def job_for_request(self, request_id: str) -> records_pb2.Job | None:
+        rows = list(await self.reader.execute_fetchall(
+            "SELECT record FROM jobs WHERE request_id = ? AND seq > 0", (request_id,)
+        ))
+        return _event(rows[0][0]).job if rows else None
+
+    async def list_jobs(
+        self, states: Sequence[int], name: str, page_size: int, page_token: str
+    ) -> tuple[list[records_pb2.Job], str]:
+        where = ["seq > 0"]
+        params: list[Any] = []
+        if states:
+            where.append(f"state IN ({', '.join('?' * len(states))})")
+            params.extend(states)
+        if name:
+            where.append("name = ?")
+            params.append(name)
+        after = decode_token(page_token, 2)
+        if after is not None:
+            where.append("(created_at, job_id) < (?, ?)")
+            params.extend(after)
+        rows = list(await self.reader.execute_fetchall(
+            f"SELECT record, created_at, job_id FROM jobs WHERE {' AND '.join(where)} "
+            "ORDER BY created_at DESC, job_id DESC LIMIT ?",
+            (*params, page_size + 1),
+        ))
+        token = encode_token([rows[page_size - 1][1], rows[page_size - 1][2]]) if len(rows) > page_size else ""
+        return [_event(row[0]).job for row in rows[:page_size]], token
+
+    @asynccontextmanager
+    async def snapshot(self) -> AsyncIterator[Snapshot]:
+        db = await connect(self._path)
+        try:
+            async with transaction(db, "DEFERRED"):
+                seq = await self._latest_seq(db)
+                yield Snapshot(seq=seq, pages=self._snapshot_pages(db))
+        finally:
+            await db.close()
+
+    async def _snapshot_pages(self, db: aiosqlite.Connection) -> AsyncIterator[list[bytes]]:
+        for query in (
+            "SELECT record FROM jobs WHERE seq > 0",
+            "SELECT record FROM steps",
+            "SELECT record FROM children",
+        ):
+            async with db.execute(query) as cursor:
+                while rows := await cursor.fetchmany(_SNAPSHOT_PAGE):
+                    yield [bytes(row[0]) for row in rows]
+
+    async def unfinished_jobs(self) -> list[UnfinishedJob]:
+        db = self.reader
+        marks = ", ".join("?" * len(_UNFINISHED_JOB_STATES))
+        terminal = ", ".join("?" * len(_TERMINAL_STEP_STATES))
+        found: dict[str, UnfinishedJob] = {}
+        async with transaction(db, "DEFERRED"):
+            for (data,) in await db.execute_fetchall(
+                f"SELECT record FROM jobs WHERE state IN ({marks}) AND seq > 0", _UNFINISHED_JOB_STATES
+            ):
+                job = _event(data).job
+                found[job.id] = UnfinishedJob(job=job, steps=[])
+            for job_id, data in await db.execute_fetchall(
+                f"SELECT s.job_id, s.record FROM steps s JOIN jobs j USING (job_id) "
+                f"WHERE j.state IN ({marks}) ORDER BY s.job_id, s.idx", _UNFINISHED_JOB_STATES
+            ):
+                found[job_id].steps.append(_event(data).step)
+            for job_id, step, data in await db.execute_fetchall(
+                f"SELECT c.job_id, c.step, c.record FROM children c JOIN jobs j USING (job_id) "
+                f"WHERE j.state IN ({marks}) AND c.state NOT IN ({terminal}) ORDER BY c.job_id, c.step, c.idx",
+                (*_UNFINISHED_JOB_STATES, *_TERMINAL_STEP_STATES),
+            ):
+                found[job_id].children.setdefault(step, []).append(_event(data).child)
+        return list(found.values())
+
+    async def prune(self, keep_events: int, job_age_seconds: float) -> None:
+        cutoff = time.time() - job_age_seconds
+        finished = f"SELECT job_id FROM jobs WHERE state IN ({', '.join('?' * len(TERMINAL_JOB_STATES))}) " \
+                   "AND finished_at < ?"
+        terminal = (*sorted(TERMINAL_JOB_STATES), cutoff)
+        db = self.writer
+        async with transaction(db):
+            await db.execute(
+                "DELETE FROM events WHERE seq <= (SELECT MAX(seq) FROM events) - ?", (max(1, keep_events),)
+            )
+            await db.execute(f"DELETE FROM children WHERE job_id IN ({finished})", terminal)
+            await db.execute(f"DELETE FROM steps WHERE job_id IN ({finished})", terminal)
+            await db.execute(f"DELETE FROM jobs WHERE job_id IN ({finished})", terminal)
+
+    @staticmethod
+    async def _latest_seq(db: aiosqlite.Connection) -> int:
+        rows = list(await db.execute_fetchall("SELECT MAX(seq) FROM events"))
+        return int(rows[0][0] or 0)

@@ -1,0 +1,1 @@
+"""Built-in workers (command, python, sleep, fanout) and the plugin registry."""

@@ -1,0 +1,49 @@
+"""Errors meant for the caller, free of gRPC so domain code can raise them.
+
+stepstream_common.rpc maps each to its gRPC status code and google.rpc details.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class FieldViolation:
+    """One bad field, named by its path in the request (e.g. `steps[1].timeout`)."""
+
+    field: str
+    description: str
+
+
+class ServiceError(Exception):
+    """Base of the errors a caller can act on."""
+
+
+class InvalidArgument(ServiceError):
+    def __init__(self, message: str, violations: list[FieldViolation] | None = None) -> None:
+        super().__init__(message)
+        self.violations = violations or []
+
+
+class NotFound(ServiceError):
+    pass
+
+
+class FailedPrecondition(ServiceError):
+    pass
+
+
+class CursorOutOfRange(ServiceError):
+    """A resume cursor the server cannot serve; the caller must resync from a snapshot.
+
+    reason is CURSOR_TOO_OLD (older than what is retained) or CURSOR_UNKNOWN
+    (from another log, or ahead of this one).
+    """
+
+    def __init__(self, reason: str, message: str, *, oldest: int, latest: int, log_id: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.oldest = oldest
+        self.latest = latest
+        self.log_id = log_id

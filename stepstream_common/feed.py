@@ -1,0 +1,201 @@
+"""Replay-then-live delivery of committed, numbered items to many subscribers.
+
+Both services stream the same way: the orchestrator streams its event log by
+`seq`, the status service streams its change log by `revision`. The rules:
+
+- The writer publishes only what it has committed, in position order, and never
+  waits for a subscriber: `publish` appends a reference to each subscriber's
+  bounded queue and returns.
+- A subscriber that falls more than `max_pending` items behind is not cut off
+  and does not slow the writer: its queue is dropped and it goes back to
+  reading the durable log from its own cursor, page by page, until it has
+  caught up, then rejoins the live queue. Nothing is skipped; memory stays
+  bounded.
+- Resuming after a cursor and starting after a snapshot use that same path.
+  The subscription is always registered before storage is read, so an item
+  committed in between arrives through the queue and is dropped by position if
+  the read already returned it: no gap, no duplicate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Generic, Protocol, TypeVar
+
+
+class Positioned(Protocol):
+    @property
+    def position(self) -> int: ...
+
+
+T = TypeVar("T", bound=Positioned)
+
+
+@dataclass(eq=False)
+class Subscription(Generic[T]):
+    """One subscriber's bounded queue of published batches."""
+
+    key: str | None
+    max_pending: int
+    pending: deque[Sequence[T]] = field(default_factory=deque)
+    pending_count: int = 0
+    overflowed: bool = False
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    overflows: int = 0
+
+    def offer(self, items: Sequence[T]) -> None:
+        if self.overflowed:
+            return
+        if self.pending_count + len(items) > self.max_pending:
+            self.overflowed = True
+            self.overflows += 1
+            self.pending.clear()
+            self.pending_count = 0
+        else:
+            self.pending.append(items)
+            self.pending_count += len(items)
+        self.wake.set()
+
+    def restart_from_storage(self) -> None:
+        """Forget the queue: the caller is about to read storage from its cursor."""
+        self.overflowed = False
+        self.pending.clear()
+        self.pending_count = 0
+
+    def take_after(self, cursor: int) -> list[T]:
+        items: list[T] = []
+        while self.pending:
+            items.extend(item for item in self.pending.popleft() if item.position > cursor)
+        self.pending_count = 0
+        return items
+
+    async def wait(self, seconds: float) -> bool:
+        """True when something arrived (or the feed closed), False after `seconds`."""
+        if self.pending or self.overflowed:
+            return True
+        self.wake.clear()
+        try:
+            await asyncio.wait_for(self.wake.wait(), seconds)
+        except TimeoutError:
+            return False
+        return True
+
+
+class Feed(Generic[T]):
+    """The live side of a durable, position-ordered log."""
+
+    def __init__(self, *, max_pending: int, key_of: Callable[[T], str] | None = None) -> None:
+        self._max_pending = max_pending
+        self._key_of = key_of
+        self._by_key: dict[str, set[Subscription[T]]] = {}
+        self._everything: set[Subscription[T]] = set()
+        self.latest = 0
+        self.closed = False
+
+    @property
+    def subscriber_count(self) -> int:
+        return len(self._everything) + sum(len(s) for s in self._by_key.values())
+
+    @property
+    def overflow_count(self) -> int:
+        subs = list(self._everything) + [s for group in self._by_key.values() for s in group]
+        return sum(s.overflows for s in subs)
+
+    def subscribe(self, key: str | None = None) -> Subscription[T]:
+        """Start queueing published items: all of them, or those of one key."""
+        sub: Subscription[T] = Subscription(key=key, max_pending=self._max_pending)
+        if key is None:
+            self._everything.add(sub)
+        else:
+            self._by_key.setdefault(key, set()).add(sub)
+        if self.closed:
+            sub.wake.set()
+        return sub
+
+    def unsubscribe(self, sub: Subscription[T]) -> None:
+        if sub.key is None:
+            self._everything.discard(sub)
+            return
+        group = self._by_key.get(sub.key)
+        if group is not None:
+            group.discard(sub)
+            if not group:
+                del self._by_key[sub.key]
+
+    def publish(self, items: Sequence[T], latest: int) -> None:
+        """Hand committed items (in position order) to every subscriber; never blocks."""
+        self.latest = max(self.latest, latest)
+        if items:
+            for sub in self._everything:
+                sub.offer(items)
+            if self._by_key and self._key_of is not None:
+                for key, group in _group(items, self._key_of).items():
+                    for sub in self._by_key.get(key, ()):
+                        sub.offer(group)
+        elif self._everything or self._by_key:
+            for sub in self._all():
+                sub.wake.set()
+
+    def close(self) -> None:
+        """End every follow() loop at its next step (graceful shutdown)."""
+        self.closed = True
+        for sub in self._all():
+            sub.wake.set()
+
+    def _all(self) -> Iterable[Subscription[T]]:
+        yield from self._everything
+        for group in self._by_key.values():
+            yield from group
+
+
+def _group(items: Sequence[T], key_of: Callable[[T], str]) -> dict[str, list[T]]:
+    groups: dict[str, list[T]] = {}
+    for item in items:
+        groups.setdefault(key_of(item), []).append(item)
+    return groups
+
+
+ReadPage = Callable[[int, int], Awaitable[Sequence[T]]]
+
+
+async def follow(
+    feed: Feed[T],
+    subscription: Subscription[T],
+    *,
+    after: int,
+    read_page: ReadPage[T],
+    idle_timeout: float,
+    page_size: int = 500,
+) -> AsyncIterator[Sequence[T]]:
+    """Yield every item after `after`, in order, forever; an empty batch means
+    nothing happened for `idle_timeout` seconds (time for a heartbeat).
+
+    `read_page(cursor, limit)` returns stored items with position > cursor in
+    order, and raises CursorOutOfRange if the cursor is older than what storage
+    retains. The subscription must have been taken before whatever produced
+    `after` (a snapshot, a client's cursor) was read.
+    """
+    cursor = after
+    behind = after < feed.latest
+    while not feed.closed:
+        if behind or subscription.overflowed:
+            subscription.restart_from_storage()
+            while True:
+                page = await read_page(cursor, page_size)
+                if page:
+                    yield page
+                    cursor = page[-1].position
+                if len(page) < page_size:
+                    break
+            behind = False
+            continue
+        items = subscription.take_after(cursor)
+        if items:
+            yield items
+            cursor = items[-1].position
+            continue
+        if not await subscription.wait(idle_timeout) and not feed.closed:
+            yield []
