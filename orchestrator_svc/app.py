@@ -62,7 +62,10 @@ async def start(config: OrchestratorConfig, workers: WorkerRegistry | None = Non
     feed: Feed[StoredEvent] = Feed(max_pending=config.subscriber_queue)
     journal = Journal(
         store, feed, latest_seq=info.latest_seq,
-        retention=Retention(keep_events=config.retain_events, job_days=config.job_retention_days),
+        retention=Retention(
+            keep_events=config.retain_events, job_days=config.job_retention_days,
+            every_seconds=config.prune_interval,
+        ),
     )
     journal_task = journal.start()
     engine = Engine(

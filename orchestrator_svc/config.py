@@ -3,18 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from stepstream_common.config import env_option, host_port, positive_float, positive_int
+from stepstream_common.config import default_data_dir, env_option, host_port, positive_float, positive_int
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
-
-
-def default_data_dir(service: str) -> Path:
-    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
-    return Path(base) / "stepstream" / service
 
 
 @dataclass(frozen=True)
@@ -25,6 +19,8 @@ class OrchestratorConfig:
     kill_grace: float = 5.0
     retain_events: int = 1_000_000
     job_retention_days: float = 7.0
+    # Seconds between prunes of the event log and of old finished jobs.
+    prune_interval: float = 60.0
     # A stream more than this many events behind reads from the log instead.
     subscriber_queue: int = 10_000
     shutdown_grace: float = 5.0

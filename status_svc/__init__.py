@@ -1,0 +1,7 @@
+"""The status service: persists step_stats from the orchestrator's event stream
+and serves snapshots and watches, joined by one revision.
+
+Layers: domain/ (the fold that decides what an event changes; no I/O),
+ingest/ (following orchestrators, the single writer), storage/ (SQLite),
+api/ (gRPC adapter), app.py (wiring from config).
+"""

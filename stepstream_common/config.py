@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
+
+
+def default_data_dir(service: str) -> Path:
+    """$XDG_DATA_HOME/stepstream/SERVICE, or ~/.local/share/stepstream/SERVICE."""
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return Path(base) / "stepstream" / service
 
 
 def env_option(
@@ -39,7 +46,15 @@ def positive_int(text: str) -> int:
 
 
 def host_port(text: str) -> str:
-    host, sep, port = text.rpartition(":")
+    host, sep, port = text.strip().rpartition(":")
     if not sep or not host or not port.isdigit() or int(port) > 65535:
         raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
-    return text
+    return text.strip()
+
+
+def host_ports(text: str) -> list[str]:
+    """A comma-separated list of HOST:PORT."""
+    addresses = [host_port(part) for part in text.split(",") if part.strip()]
+    if not addresses:
+        raise argparse.ArgumentTypeError("expected at least one HOST:PORT")
+    return addresses

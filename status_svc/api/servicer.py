@@ -1,0 +1,176 @@
+"""StatusService over gRPC: validates requests, reads the store, streams the feed."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
+
+import grpc
+from stepstream.v1 import states_pb2
+from stepstream.v1 import status_service_pb2 as pb
+
+from status_svc.storage.base import ChangeFilter, StatusStore, StoredChange
+from stepstream_common import wire
+from stepstream_common.errors import NotFound
+from stepstream_common.feed import Feed, Subscription, follow
+from stepstream_common.paging import page_size
+from stepstream_common.rpc import maps_errors, require
+from stepstream_common.timeutil import duration, timestamp
+
+Context = grpc.aio.ServicerContext[Any, Any]
+Response = pb.WatchJobResponse | pb.WatchJobsResponse
+
+MAX_UPDATES_PER_MESSAGE = 500
+MAX_BYTES_PER_MESSAGE = 1 << 20
+
+_JOB_STATES = frozenset(states_pb2.JobState.values()) - {states_pb2.JOB_STATE_UNSPECIFIED}
+_CHILD_STATES = frozenset({
+    states_pb2.STEP_STATE_PENDING, states_pb2.STEP_STATE_RUNNING, states_pb2.STEP_STATE_COMPLETED,
+    states_pb2.STEP_STATE_FAILED, states_pb2.STEP_STATE_CANCELLED,
+})
+
+
+def _check_states(field: str, states: Sequence[int], allowed: frozenset[int]) -> list[tuple[str, str]]:
+    return [(f"{field}[{i}]", f"not a valid state: {state}") for i, state in enumerate(states) if state not in allowed]
+
+
+def encode_update(change: StoredChange, with_steps: bool) -> bytes:
+    """JobUpdate, assembled from the parts committed with the change."""
+    data = wire.varint_field(1, change.revision) + wire.length_delimited(2, change.job_id.encode())
+    if change.header is not None:
+        data += wire.length_delimited(3, change.header)
+    if with_steps and change.steps is not None:
+        data += change.steps
+    return data
+
+
+def update_batches(updates: list[bytes]) -> list[bytes]:
+    """Watch responses (field 1, JobUpdateBatch) carrying `updates`, bounded in size."""
+    return [
+        wire.length_delimited(1, wire.repeated(1, chunk))
+        for chunk in wire.chunks(updates, MAX_UPDATES_PER_MESSAGE, MAX_BYTES_PER_MESSAGE)
+    ]
+
+
+class StatusServicer:
+    def __init__(self, store: StatusStore, feed: Feed[StoredChange], heartbeat_interval: float) -> None:
+        self._store = store
+        self._feed = feed
+        self._heartbeat_interval = heartbeat_interval
+
+    @maps_errors
+    async def GetJob(self, request: pb.GetJobRequest, context: Context) -> pb.GetJobResponse:
+        require([("job_id", "is required")] if not request.job_id else [])
+        snapshot = await self._store.get_job(request.job_id)
+        if snapshot is None:
+            raise NotFound(f"no job {request.job_id!r}")
+        return pb.GetJobResponse(job=snapshot.job, steps=snapshot.steps, revision=snapshot.revision)
+
+    @maps_errors
+    async def ListJobs(self, request: pb.ListJobsRequest, context: Context) -> pb.ListJobsResponse:
+        require(_check_states("filter.states", request.filter.states, _JOB_STATES))
+        jobs, token, revision = await self._store.list_jobs(
+            list(request.filter.states), request.filter.name, page_size(request.page_size), request.page_token
+        )
+        return pb.ListJobsResponse(jobs=jobs, next_page_token=token, revision=revision)
+
+    @maps_errors
+    async def ListChildren(self, request: pb.ListChildrenRequest, context: Context) -> pb.ListChildrenResponse:
+        require(
+            [("job_id", "is required")] * (not request.job_id)
+            + [("step_name", "is required")] * (not request.step_name)
+            + _check_states("states", request.states, _CHILD_STATES)
+        )
+        found = await self._store.list_children(
+            request.job_id, request.step_name, list(request.states), page_size(request.page_size),
+            request.page_token,
+        )
+        if found is None:
+            raise NotFound(f"no step {request.step_name!r} in job {request.job_id!r}")
+        children, token, revision = found
+        return pb.ListChildrenResponse(children=children, next_page_token=token, revision=revision)
+
+    @maps_errors
+    async def WatchJob(self, request: pb.WatchJobRequest, context: Context) -> AsyncIterator[bytes | Response]:
+        require(
+            [("job_id", "is required")] * (not request.job_id)
+            + [("after_revision", "must not be negative")] * (request.after_revision < 0)
+        )
+        subscription = self._feed.subscribe(request.job_id)
+        try:
+            if request.HasField("after_revision"):
+                if not await self._store.job_exists(request.job_id):
+                    raise NotFound(f"no job {request.job_id!r}")
+                await self._store.check_retained(request.after_revision)
+                after = request.after_revision
+            else:
+                snapshot = await self._store.get_job(request.job_id)
+                if snapshot is None:
+                    raise NotFound(f"no job {request.job_id!r}")
+                initial = pb.JobUpdate(
+                    revision=snapshot.revision, job_id=request.job_id, job=snapshot.job, steps=snapshot.steps
+                )
+                yield pb.WatchJobResponse(updates=pb.JobUpdateBatch(updates=[initial]))
+                yield pb.WatchJobResponse(initial_state_complete=pb.InitialStateComplete(revision=snapshot.revision))
+                after = snapshot.revision
+
+            async def read(cursor: int, limit: int) -> list[StoredChange]:
+                return await self._store.read_changes(cursor, limit, job_id=request.job_id)
+
+            async for message in self._changes(subscription, after, read, None, with_steps=True,
+                                               heartbeat=pb.WatchJobResponse):
+                yield message
+        finally:
+            self._feed.unsubscribe(subscription)
+
+    @maps_errors
+    async def WatchJobs(self, request: pb.WatchJobsRequest, context: Context) -> AsyncIterator[bytes | Response]:
+        require(
+            _check_states("filter.states", request.filter.states, _JOB_STATES)
+            + [("after_revision", "must not be negative")] * (request.after_revision < 0)
+        )
+        matching = ChangeFilter(frozenset(request.filter.states), request.filter.name)
+        subscription = self._feed.subscribe()
+        try:
+            if request.HasField("after_revision"):
+                await self._store.check_retained(request.after_revision)
+                after = request.after_revision
+            else:
+                jobs, after = await self._store.all_jobs(list(request.filter.states), request.filter.name)
+                for start in range(0, max(len(jobs), 1), MAX_UPDATES_PER_MESSAGE):
+                    chunk = jobs[start:start + MAX_UPDATES_PER_MESSAGE]
+                    updates = [pb.JobUpdate(revision=after, job_id=job.id, job=job) for job in chunk]
+                    yield pb.WatchJobsResponse(updates=pb.JobUpdateBatch(updates=updates))
+                yield pb.WatchJobsResponse(initial_state_complete=pb.InitialStateComplete(revision=after))
+
+            async def read(cursor: int, limit: int) -> list[StoredChange]:
+                return await self._store.read_changes(cursor, limit, matching=matching)
+
+            async for message in self._changes(subscription, after, read, matching, with_steps=False,
+                                               heartbeat=pb.WatchJobsResponse):
+                yield message
+        finally:
+            self._feed.unsubscribe(subscription)
+
+    async def _changes(
+        self,
+        subscription: Subscription[StoredChange],
+        after: int,
+        read: Callable[[int, int], Any],
+        matching: ChangeFilter | None,
+        *,
+        with_steps: bool,
+        heartbeat: type[pb.WatchJobResponse] | type[pb.WatchJobsResponse],
+    ) -> AsyncIterator[bytes | Response]:
+        async for items in follow(self._feed, subscription, after=after, read_page=read,
+                                  idle_timeout=self._heartbeat_interval, page_size=MAX_UPDATES_PER_MESSAGE):
+            if not items:
+                yield heartbeat(heartbeat=pb.WatchHeartbeat(
+                    revision=self._feed.latest, time=timestamp(time.time()),
+                    interval=duration(self._heartbeat_interval),
+                ))
+                continue
+            selected = items if matching is None else [item for item in items if matching.matches(item)]
+            for message in update_batches([encode_update(change, with_steps) for change in selected]):
+                yield message

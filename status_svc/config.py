@@ -1,0 +1,66 @@
+"""Status service settings from flags and their environment-variable twins."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from stepstream_common.config import (
+    default_data_dir,
+    env_option,
+    host_port,
+    host_ports,
+    positive_float,
+    positive_int,
+)
+
+DEFAULT_LISTEN = "127.0.0.1:50052"
+DEFAULT_ORCHESTRATOR = "127.0.0.1:50051"
+
+
+@dataclass(frozen=True)
+class StatusConfig:
+    listen: str = DEFAULT_LISTEN
+    data_dir: Path = Path("data/status")
+    orchestrators: list[str] = field(default_factory=lambda: [DEFAULT_ORCHESTRATOR])
+    heartbeat_interval: float = 5.0
+    # An orchestrator not heard from for this long makes its unfinished jobs stale.
+    stale_after: float = 15.0
+    retain_changes: int = 1_000_000
+    prune_interval: float = 60.0
+    # A watcher more than this many changes behind reads from the change log instead.
+    watcher_queue: int = 10_000
+    shutdown_grace: float = 5.0
+    log_level: str = "info"
+
+
+def parse_args(argv: list[str] | None = None) -> StatusConfig:
+    parser = argparse.ArgumentParser(
+        prog="python -m status_svc",
+        description="stepstream status service: persists step_stats and serves snapshots and watches.",
+    )
+    env_option(parser, "--listen", "STEPSTREAM_STATUS_LISTEN", default=DEFAULT_LISTEN, type=host_port,
+               help="address to serve on (port 0 picks a free port)")
+    env_option(parser, "--data-dir", "STEPSTREAM_STATUS_DATA_DIR", default=str(default_data_dir("status")),
+               type=Path, help="where the step_stats database lives")
+    env_option(parser, "--orchestrator", "STEPSTREAM_ORCHESTRATOR", default=DEFAULT_ORCHESTRATOR, type=host_ports,
+               help="orchestrator(s) to follow, comma-separated HOST:PORT")
+    env_option(parser, "--heartbeat-interval", "STEPSTREAM_HEARTBEAT_INTERVAL", default="5",
+               type=positive_float, help="seconds between heartbeats on an idle watch")
+    env_option(parser, "--stale-after", "STEPSTREAM_STALE_AFTER", default="15", type=positive_float,
+               help="seconds without a message from an orchestrator before its jobs are shown stale")
+    env_option(parser, "--retain-changes", "STEPSTREAM_RETAIN_CHANGES", default="1000000", type=positive_int,
+               help="how many of the newest revisions the change log keeps for resuming watches")
+    env_option(parser, "--log-level", "STEPSTREAM_LOG_LEVEL", default="info",
+               choices=["debug", "info", "warning", "error"], help="log verbosity (to stderr)")
+    args = parser.parse_args(argv)
+    return StatusConfig(
+        listen=args.listen,
+        data_dir=args.data_dir,
+        orchestrators=args.orchestrator,
+        heartbeat_interval=args.heartbeat_interval,
+        stale_after=args.stale_after,
+        retain_changes=args.retain_changes,
+        log_level=args.log_level,
+    )

@@ -1,0 +1,142 @@
+"""How orchestrator events become persisted status: the only place that decides
+whether an event changes anything. Pure: no I/O, no gRPC.
+
+The rule. Every event carries the full new record of one job, step or child,
+and its seq. A record replaces the one held for the same entity only if
+(terminal, seq) is greater, compared in that order. So:
+
+- a duplicate (same seq) or an older event (lower seq) changes nothing;
+- a terminal state is never replaced by a non-terminal one, whatever its seq;
+- any order and any duplication of a job's events folds to the same result as
+  the in-order sequence, because the winner for each entity is simply the
+  maximum of a total order.
+
+Counts (a job's steps by state, a step's children by state) are kept by
+applying the difference between an entity's old and new state each time a
+record wins, so they always equal what the records say.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from stepstream.v1 import records_pb2
+from stepstream.v1 import states_pb2 as s
+
+from stepstream_common.states import TERMINAL_JOB_STATES, TERMINAL_STEP_STATES
+
+Version = tuple[bool, int]
+NO_VERSION: Version = (False, 0)
+
+
+def job_version(state: int, seq: int) -> Version:
+    return (state in TERMINAL_JOB_STATES, seq)
+
+
+def work_version(state: int, seq: int) -> Version:
+    """For steps and children."""
+    return (state in TERMINAL_STEP_STATES, seq)
+
+
+@dataclass
+class StepEntry:
+    """A step as held: its record (None until its first event arrives, which
+    can come after its children's in a resync) and its children by state."""
+
+    record: records_pb2.Step | None = None
+    version: Version = NO_VERSION
+    children: Counter[int] = field(default_factory=Counter)
+
+    @property
+    def state(self) -> int:
+        return self.record.state if self.record is not None else s.STEP_STATE_UNSPECIFIED
+
+
+@dataclass
+class Change:
+    """What one winning event changed, for the store and the watchers."""
+
+    job_id: str
+    # The job header changed: its record or its step counts.
+    header: bool = False
+    # Steps whose stats changed: their record or their child counts.
+    steps: list[str] = field(default_factory=list)
+    # The child record to persist, for child events.
+    child: records_pb2.Child | None = None
+    job_state_before: int = s.JOB_STATE_UNSPECIFIED
+    job_state_after: int = s.JOB_STATE_UNSPECIFIED
+
+
+@dataclass
+class JobFold:
+    """Everything held about one job, enough to apply any further event."""
+
+    job_id: str
+    job: records_pb2.Job | None = None
+    job_version: Version = NO_VERSION
+    steps: dict[str, StepEntry] = field(default_factory=dict)
+    children: dict[tuple[str, int], tuple[int, Version]] = field(default_factory=dict)
+    step_counts: Counter[int] = field(default_factory=Counter)
+
+    @property
+    def state(self) -> int:
+        return self.job.state if self.job is not None else s.JOB_STATE_UNSPECIFIED
+
+    @property
+    def finished(self) -> bool:
+        return self.state in TERMINAL_JOB_STATES
+
+    def apply(self, event: records_pb2.StepEvent) -> Change | None:
+        """Apply one event; the change it made, or None if it was superseded."""
+        kind = event.WhichOneof("record")
+        if kind == "job":
+            return self._apply_job(event.job, event.seq)
+        if kind == "step":
+            return self._apply_step(event.step, event.seq)
+        if kind == "child":
+            return self._apply_child(event.child, event.seq)
+        return None
+
+    def _apply_job(self, job: records_pb2.Job, seq: int) -> Change | None:
+        version = job_version(job.state, seq)
+        if version <= self.job_version:
+            return None
+        before = self.state
+        self.job, self.job_version = job, version
+        return Change(self.job_id, header=True, job_state_before=before, job_state_after=job.state)
+
+    def _apply_step(self, step: records_pb2.Step, seq: int) -> Change | None:
+        entry = self.steps.setdefault(step.name, StepEntry())
+        version = work_version(step.state, seq)
+        if version <= entry.version:
+            return None
+        old_state = entry.state
+        entry.record, entry.version = step, version
+        change = Change(self.job_id, steps=[step.name], job_state_before=self.state, job_state_after=self.state)
+        if old_state != step.state:
+            _move(self.step_counts, old_state, step.state)
+            change.header = True
+        return change
+
+    def _apply_child(self, child: records_pb2.Child, seq: int) -> Change | None:
+        key = (child.step_name, child.index)
+        old_state, old_version = self.children.get(key, (s.STEP_STATE_UNSPECIFIED, NO_VERSION))
+        version = work_version(child.state, seq)
+        if version <= old_version:
+            return None
+        self.children[key] = (child.state, version)
+        change = Change(self.job_id, child=child, job_state_before=self.state, job_state_after=self.state)
+        if old_state != child.state:
+            _move(self.steps.setdefault(child.step_name, StepEntry()).children, old_state, child.state)
+            change.steps.append(child.step_name)
+        return change
+
+
+def _move(counts: Counter[int], old: int, new: int) -> None:
+    """Move one entity from `old` to `new`; UNSPECIFIED means "did not exist"."""
+    if old != s.STEP_STATE_UNSPECIFIED:
+        counts[old] -= 1
+        if counts[old] == 0:
+            del counts[old]
+    counts[new] += 1

@@ -1,0 +1,1 @@
+"""Following orchestrators and writing what they say."""

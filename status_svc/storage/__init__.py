@@ -1,0 +1,1 @@
+"""Persistence of step_stats behind a small interface (SQLite by default)."""

@@ -1,0 +1,102 @@
+"""Typed errors: every failure carries its gRPC code, message and field violations."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+
+@dataclass(frozen=True)
+class Violation:
+    """One bad field, e.g. `definition.steps[1].timeout`."""
+
+    field: str
+    description: str
+
+
+class StepstreamError(Exception):
+    """Base of every error the SDK raises."""
+
+    def __init__(self, message: str, violations: list[Violation] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.violations = violations or []
+
+
+class DefinitionError(StepstreamError):
+    """A definition file or dict that cannot even be turned into a JobDefinition."""
+
+
+class RpcError(StepstreamError):
+    """A call failed; `code` is the gRPC status code."""
+
+    code = grpc.StatusCode.UNKNOWN
+
+    def __init__(
+        self,
+        message: str,
+        violations: list[Violation] | None = None,
+        metadata: dict[str, str] | None = None,
+        reason: str = "",
+    ) -> None:
+        super().__init__(message, violations)
+        # google.rpc.ErrorInfo, when the server sent one (e.g. OUT_OF_RANGE cursors).
+        self.reason = reason
+        self.metadata = metadata or {}
+
+
+class InvalidArgumentError(RpcError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class NotFoundError(RpcError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class FailedPreconditionError(RpcError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class OutOfRangeError(RpcError):
+    code = grpc.StatusCode.OUT_OF_RANGE
+
+
+class UnavailableError(RpcError):
+    """The service could not be reached (or is shutting down)."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+_BY_CODE: dict[grpc.StatusCode, type[RpcError]] = {
+    cls.code: cls
+    for cls in (InvalidArgumentError, NotFoundError, FailedPreconditionError, OutOfRangeError, UnavailableError)
+}
+
+
+def from_rpc_error(error: grpc.aio.AioRpcError) -> RpcError:
+    """The typed error for a failed call, with the google.rpc details it carried."""
+    violations: list[Violation] = []
+    metadata: dict[str, str] = {}
+    reason = ""
+    try:
+        status = rpc_status.from_call(error)
+    except ValueError:
+        status = None
+    for detail in status.details if status is not None else []:
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad_request = error_details_pb2.BadRequest()
+            detail.Unpack(bad_request)
+            violations.extend(Violation(v.field, v.description) for v in bad_request.field_violations)
+        elif detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            reason = info.reason
+            metadata = dict(info.metadata)
+    cls = _BY_CODE.get(error.code(), RpcError)
+    typed = cls(error.details() or error.code().name, violations, metadata, reason)
+    if cls is RpcError:
+        typed.code = error.code()
+    return typed

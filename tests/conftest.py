@@ -1,0 +1,36 @@
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from stepstream.v1 import orchestrator_service_pb2_grpc as orch_grpc
+
+from orchestrator_svc.app import Orchestrator, start
+from orchestrator_svc.config import OrchestratorConfig
+from tests.helpers import channel
+
+
+def orchestrator_config(data_dir: Path, **overrides: object) -> OrchestratorConfig:
+    settings: dict[str, object] = {
+        "listen": "127.0.0.1:0",
+        "data_dir": data_dir,
+        "heartbeat_interval": 0.2,
+        "kill_grace": 1.0,
+        "shutdown_grace": 1.0,
+    }
+    settings.update(overrides)
+    return OrchestratorConfig(**settings)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+async def orchestrator(tmp_path: Path) -> AsyncIterator[Orchestrator]:
+    running = await start(orchestrator_config(tmp_path / "orchestrator"))
+    yield running
+    await running.stop()
+
+
+@pytest.fixture
+async def orchestrator_stub(orchestrator: Orchestrator) -> AsyncIterator[orch_grpc.OrchestratorServiceStub]:
+    async with channel(orchestrator.address) as ch:
+        yield orch_grpc.OrchestratorServiceStub(ch)
