@@ -4,7 +4,11 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from status_svc.app import StatusService
+from status_svc.app import start as start_status
+from status_svc.config import StatusConfig
 from stepstream.v1 import orchestrator_service_pb2_grpc as orch_grpc
+from stepstream.v1 import status_service_pb2_grpc as status_grpc
 
 from orchestrator_svc.app import Orchestrator, start
 from orchestrator_svc.config import OrchestratorConfig
@@ -34,3 +38,29 @@ async def orchestrator(tmp_path: Path) -> AsyncIterator[Orchestrator]:
 async def orchestrator_stub(orchestrator: Orchestrator) -> AsyncIterator[orch_grpc.OrchestratorServiceStub]:
     async with channel(orchestrator.address) as ch:
         yield orch_grpc.OrchestratorServiceStub(ch)
+
+
+def status_config(data_dir: Path, orchestrator_address: str, **overrides: object) -> StatusConfig:
+    settings: dict[str, object] = {
+        "listen": "127.0.0.1:0",
+        "data_dir": data_dir,
+        "orchestrators": [orchestrator_address],
+        "heartbeat_interval": 0.2,
+        "stale_after": 1.0,
+        "shutdown_grace": 1.0,
+    }
+    settings.update(overrides)
+    return StatusConfig(**settings)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+async def status(tmp_path: Path, orchestrator: Orchestrator) -> AsyncIterator[StatusService]:
+    running = await start_status(status_config(tmp_path / "status", orchestrator.address))
+    yield running
+    await running.stop()
+
+
+@pytest.fixture
+async def status_stub(status: StatusService) -> AsyncIterator[status_grpc.StatusServiceStub]:
+    async with channel(status.address) as ch:
+        yield status_grpc.StatusServiceStub(ch)
