@@ -7,7 +7,7 @@ from stepstream.v1 import states_pb2 as s
 from tests.helpers import finished, job_definition, job_events, read_events
 
 
-async def test_a_job_runs_to_completion(orchestrator_stub: orch_grpc.OrchestratorServiceStub) -> None:
+async def test_a_job_runs_to_completion(orchestrator_stub: orch_grpc.OrchestratorServiceAsyncStub) -> None:
     definition = job_definition([{"name": "one", "type": "sleep", "seconds": 0.01}])
     submitted = await orchestrator_stub.SubmitJob(orch_pb.SubmitJobRequest(definition=definition))
     events = await read_events(orchestrator_stub, 0, finished(submitted.job.id))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -18,6 +19,8 @@ def parse_duration(text: str) -> float:
     except ValueError:
         pass
     else:
+        if not math.isfinite(value):
+            raise ValueError(f"invalid duration {text!r} (use e.g. 500ms, 30s, 10m, 1h30m)")
         if value < 0:
             raise ValueError(f"negative duration {text!r}")
         return value
@@ -28,6 +31,6 @@ def parse_duration(text: str) -> float:
             break
         total += float(match.group(1)) * _UNITS[match.group(2)]
         position = match.end()
-    if position != len(cleaned) or position == 0:
+    if position != len(cleaned) or position == 0 or not math.isfinite(total):
         raise ValueError(f"invalid duration {text!r} (use e.g. 500ms, 30s, 10m, 1h30m)")
     return total

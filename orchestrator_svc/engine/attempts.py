@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from stepstream.v1 import states_pb2 as s
@@ -22,10 +22,14 @@ MAX_BACKOFF = 60.0
 class AttemptHooks:
     """How attempts are reported: `starting(attempt, reason, message)` and
     `retrying(attempt, failure, delay)`, called before each attempt and before
-    each backoff sleep."""
+    each backoff sleep. `may_start()`, when set, is awaited before each attempt
+    is started: it does not return once the work is being stopped, so nothing
+    starts after a cancellation was recorded (the stop is on its way as
+    CancelledError)."""
 
     starting: Callable[[int, int, str], None]
     retrying: Callable[[int, Outcome, float], None]
+    may_start: Callable[[], Awaitable[None]] | None = None
 
 
 def backoff_delay(execution: Execution, failed_attempt: int) -> float:
@@ -45,6 +49,8 @@ async def run_attempts(
     """
     failure = Outcome(s.STEP_STATE_FAILED, s.REASON_WORK_FAILED, "no attempt ran")
     for attempt in range(1, execution.max_attempts + 1):
+        if hooks.may_start is not None:
+            await hooks.may_start()
         if attempt == 1:
             hooks.starting(attempt, s.REASON_UNSPECIFIED, "")
         else:

@@ -133,8 +133,9 @@ class Engine:
         """
         run = self._runs.get(job_id)
         if run is not None:
-            job = run.job
             seq = run.request_cancel()
+            # As recorded by the cancellation itself: the run keeps changing it.
+            job = clone(run.job)
             if seq is not None:
                 await self._journal.durable(seq)
         else:

@@ -234,7 +234,15 @@ class JobRun:
             self._recorder.step(record, s.STEP_STATE_RUNNING, s.REASON_RETRYING,
                                 f"attempt {attempt} failed: {failure.message}; retrying in {delay:g}s")
 
-        return AttemptHooks(starting, retrying)
+        return AttemptHooks(starting, retrying, self._may_start)
+
+    async def _may_start(self) -> None:
+        """Return at once while the job runs; once it is being stopped, wait for
+        the cancellation interrupt() already sent, so no work starts after the
+        interruption was decided (a task already woken would otherwise run one
+        more step before the cancellation reaches it)."""
+        if self._interruption is not None:
+            await asyncio.get_running_loop().create_future()
 
     def _child_hooks(self, child: records_pb2.Child) -> AttemptHooks:
         def starting(attempt: int, reason: int, message: str) -> None:
@@ -244,9 +252,10 @@ class JobRun:
             self._recorder.child(child, s.STEP_STATE_RUNNING, s.REASON_RETRYING,
                                  f"attempt {attempt} failed: {failure.message}; retrying in {delay:g}s")
 
-        return AttemptHooks(starting, retrying)
+        return AttemptHooks(starting, retrying, self._may_start)
 
     async def _run_fanout(self, spec: StepSpec, record: records_pb2.Step, worker: FanoutWorker) -> Outcome:
+        await self._may_start()
         self._recorder.step(record, s.STEP_STATE_RUNNING, attempt=1)
         plan = worker.plan(spec.execution.params)
         children = [
@@ -284,6 +293,8 @@ class JobRun:
         async def take_children() -> None:
             nonlocal failed
             for index in queue:
+                if fanout_over_tolerance(failed, plan.max_child_failures):
+                    return  # the step already failed: start nothing more (the rest are cancelled)
                 child = children[index]
                 outcome = await run_attempts(
                     worker, plan.child_execution(index), self._context(child.step_name, index),

@@ -3,6 +3,7 @@ job, step and child (each stored as the StepEvent bytes that set it)."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -75,6 +76,10 @@ class SqliteEventStore:
         self._path = path
         self._writer: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
+        # One connection serves every reader: its statements and read
+        # transactions must not interleave (a BEGIN inside another request's
+        # transaction fails, and a query run inside it reads a stale snapshot).
+        self._read_lock = asyncio.Lock()
         self._log_id = ""
 
     @property
@@ -143,31 +148,33 @@ class SqliteEventStore:
                 await db.executemany(UPSERT_CHILD, child_rows)
 
     async def read_events(self, after_seq: int, limit: int) -> list[tuple[int, bytes]]:
-        rows = [
-            (int(seq), bytes(data))
-            for seq, data in await self.reader.execute_fetchall(
-                "SELECT seq, data FROM events WHERE seq > ? ORDER BY seq LIMIT ?", (after_seq, limit)
-            )
-        ]
-        if rows and rows[0][0] != after_seq + 1:
-            latest = await self._latest_seq(self.reader)
-            raise CursorOutOfRange(
-                "CURSOR_TOO_OLD",
-                f"events after seq {after_seq} are no longer retained; the oldest is {rows[0][0]}: "
-                "resync with StreamSnapshot",
-                oldest=rows[0][0],
-                latest=latest,
-                log_id=self._log_id,
-            )
+        async with self._read_lock:
+            rows = [
+                (int(seq), bytes(data))
+                for seq, data in await self.reader.execute_fetchall(
+                    "SELECT seq, data FROM events WHERE seq > ? ORDER BY seq LIMIT ?", (after_seq, limit)
+                )
+            ]
+            if rows and rows[0][0] != after_seq + 1:
+                latest = await self._latest_seq(self.reader)
+                raise CursorOutOfRange(
+                    "CURSOR_TOO_OLD",
+                    f"events after seq {after_seq} are no longer retained; the oldest is {rows[0][0]}: "
+                    "resync with StreamSnapshot",
+                    oldest=rows[0][0],
+                    latest=latest,
+                    log_id=self._log_id,
+                )
         return rows
 
     async def oldest_seq(self) -> int:
-        rows = list(await self.reader.execute_fetchall("SELECT MIN(seq) FROM events"))
+        async with self._read_lock:
+            rows = list(await self.reader.execute_fetchall("SELECT MIN(seq) FROM events"))
         return int(rows[0][0] or 0)
 
     async def get_job(self, job_id: str) -> JobView | None:
         db = self.reader
-        async with transaction(db, "DEFERRED"):
+        async with self._read_lock, transaction(db, "DEFERRED"):
             rows = list(await db.execute_fetchall(
                 "SELECT record, definition FROM jobs WHERE job_id = ? AND seq > 0", (job_id,)
             ))
@@ -195,9 +202,10 @@ class SqliteEventStore:
         )
 
     async def job_for_request(self, request_id: str) -> records_pb2.Job | None:
-        rows = list(await self.reader.execute_fetchall(
-            "SELECT record FROM jobs WHERE request_id = ? AND seq > 0", (request_id,)
-        ))
+        async with self._read_lock:
+            rows = list(await self.reader.execute_fetchall(
+                "SELECT record FROM jobs WHERE request_id = ? AND seq > 0", (request_id,)
+            ))
         return _event(rows[0][0]).job if rows else None
 
     async def list_jobs(
@@ -215,11 +223,12 @@ class SqliteEventStore:
         if after is not None:
             where.append("(created_at, job_id) < (?, ?)")
             params.extend(after)
-        rows = list(await self.reader.execute_fetchall(
-            f"SELECT record, created_at, job_id FROM jobs WHERE {' AND '.join(where)} "
-            "ORDER BY created_at DESC, job_id DESC LIMIT ?",
-            (*params, page_size + 1),
-        ))
+        async with self._read_lock:
+            rows = list(await self.reader.execute_fetchall(
+                f"SELECT record, created_at, job_id FROM jobs WHERE {' AND '.join(where)} "
+                "ORDER BY created_at DESC, job_id DESC LIMIT ?",
+                (*params, page_size + 1),
+            ))
         token = encode_token([rows[page_size - 1][1], rows[page_size - 1][2]]) if len(rows) > page_size else ""
         return [_event(row[0]).job for row in rows[:page_size]], token
 
@@ -248,7 +257,7 @@ class SqliteEventStore:
         marks = ", ".join("?" * len(_UNFINISHED_JOB_STATES))
         terminal = ", ".join("?" * len(_TERMINAL_STEP_STATES))
         found: dict[str, UnfinishedJob] = {}
-        async with transaction(db, "DEFERRED"):
+        async with self._read_lock, transaction(db, "DEFERRED"):
             for (data,) in await db.execute_fetchall(
                 f"SELECT record FROM jobs WHERE state IN ({marks}) AND seq > 0", _UNFINISHED_JOB_STATES
             ):
