@@ -5,11 +5,12 @@ from stepstream.v1 import orchestrator_service_pb2_grpc as orch_grpc
 from stepstream.v1 import states_pb2 as s
 from stepstream.v1 import status_service_pb2 as status_pb
 from stepstream.v1 import status_service_pb2_grpc as status_grpc
+
 from tests.helpers import eventually, job_definition
 
 
 async def test_status_follows_a_job_to_the_end(
-    orchestrator_stub: orch_grpc.OrchestratorServiceStub, status_stub: status_grpc.StatusServiceStub
+    orchestrator_stub: orch_grpc.OrchestratorServiceAsyncStub, status_stub: status_grpc.StatusServiceAsyncStub
 ) -> None:
     definition = job_definition([
         {"name": "fan", "type": "fanout", "count": 5, "child": {"type": "sleep", "seconds": 0}},

@@ -48,9 +48,9 @@ def counter_of(counts: records_pb2.ChildCounts | status_service_pb2.StepCounts) 
 
 def _duration_of(message: status_service_pb2.StepStats | status_service_pb2.ChildStatus,
                  started: Timestamp, finished: Timestamp) -> None:
-    start, end = seconds(started), seconds(finished)
-    if start is not None and end is not None:
-        message.duration.FromNanoseconds(max(0, round((end - start) * 1e9)))
+    # In whole nanoseconds: through float seconds it would be off by up to ~0.2µs.
+    if seconds(started) is not None and seconds(finished) is not None:
+        message.duration.FromNanoseconds(max(0, finished.ToNanoseconds() - started.ToNanoseconds()))
 
 
 def step_stats(name: str, entry: StepEntry, revision: int) -> status_service_pb2.StepStats:

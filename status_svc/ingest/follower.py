@@ -24,11 +24,15 @@ from collections.abc import Callable
 import grpc
 from stepstream.v1 import orchestrator_service_pb2 as orch_pb
 from stepstream.v1 import orchestrator_service_pb2_grpc as orch_grpc
+from stepstream.v1 import records_pb2
 
 from status_svc.ingest.writer import Events, IngestWriter, SnapshotApplied, SourceHealth
 from stepstream_common.rpc import channel_options
 
 log = logging.getLogger(__name__)
+
+
+_SNAPSHOT_ORDER = {"child": 0, "step": 1, "job": 2, None: 3}
 
 
 class _Silent(Exception):
@@ -112,17 +116,22 @@ class OrchestratorFollower:
 
     async def _resync(self, stub: orch_grpc.OrchestratorServiceAsyncStub) -> None:
         call = stub.StreamSnapshot(orch_pb.StreamSnapshotRequest())
-        seen: set[str] = set()
+        records: list[records_pb2.StepEvent] = []
         seq, log_id = 0, ""
         try:
             async for message in call:
                 await self._heard()
                 seq, log_id = message.seq, message.log_id
-                seen.update(record.job.id for record in message.records if record.HasField("job"))
-                if message.records:
-                    await self._writer.submit(Events(self.address, log_id, list(message.records), from_stream=False))
+                records.extend(message.records)
         finally:
             call.cancel()
+        seen = {record.job.id for record in records if record.HasField("job")}
+        # The snapshot comes jobs first; applied that way, a job would be shown
+        # ended before its steps and children moved. Apply it whole (one item:
+        # one transaction) and innermost first, as the event stream orders them.
+        records.sort(key=lambda record: (_SNAPSHOT_ORDER[record.WhichOneof("record")], record.seq))
+        if records:
+            await self._writer.submit(Events(self.address, log_id, records, from_stream=False))
         await self._writer.submit(SnapshotApplied(self.address, log_id, seq, frozenset(seen)))
         self._cursor, self._log_id = seq, log_id
         self.resyncs += 1

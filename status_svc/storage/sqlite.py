@@ -9,6 +9,7 @@ transaction.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -173,7 +174,7 @@ def _child_status(row: Sequence[Any]) -> status_service_pb2.ChildStatus:
     if end is not None:
         status.finished_at.CopyFrom(timestamp(end))
     if start is not None and end is not None:
-        status.duration.FromNanoseconds(max(0, round((end - start) * 1e9)))
+        status.duration.FromNanoseconds(max(0, status.finished_at.ToNanoseconds() - status.started_at.ToNanoseconds()))
     return status
 
 
@@ -207,6 +208,10 @@ class SqliteStatusStore:
         self._path = path
         self._writer: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
+        # Every request reads through one connection: its statements and read
+        # transactions must not interleave (a second BEGIN fails, and a query
+        # run inside another request's transaction reads that one's snapshot).
+        self._read_lock = asyncio.Lock()
 
     @property
     def writer(self) -> aiosqlite.Connection:
@@ -285,7 +290,7 @@ class SqliteStatusStore:
 
     async def get_job(self, job_id: str) -> JobSnapshot | None:
         db = self.reader
-        async with transaction(db, "DEFERRED"):
+        async with self._read_lock, transaction(db, "DEFERRED"):
             rows = list(await db.execute_fetchall(f"{_JOB_SELECT} WHERE j.job_id = ?", (job_id,)))
             if not rows:
                 return None
@@ -304,7 +309,7 @@ class SqliteStatusStore:
             where.append("(j.created_at, j.job_id) < (?, ?)")
             params.extend(after)
         db = self.reader
-        async with transaction(db, "DEFERRED"):
+        async with self._read_lock, transaction(db, "DEFERRED"):
             rows = list(await db.execute_fetchall(
                 f"{_JOB_SELECT} WHERE {' AND '.join(where)} ORDER BY j.created_at DESC, j.job_id DESC LIMIT ?",
                 (*params, page_size + 1),
@@ -321,7 +326,7 @@ class SqliteStatusStore:
         """Every matching job and the revision they are valid at, from one consistent read."""
         where, params = _job_filter(states, name)
         db = self.reader
-        async with transaction(db, "DEFERRED"):
+        async with self._read_lock, transaction(db, "DEFERRED"):
             rows = await db.execute_fetchall(
                 f"{_JOB_SELECT} WHERE {' AND '.join(where)} ORDER BY j.created_at DESC, j.job_id DESC", params
             )
@@ -342,7 +347,7 @@ class SqliteStatusStore:
             where.append("idx > ?")
             params.append(after[0])
         db = self.reader
-        async with transaction(db, "DEFERRED"):
+        async with self._read_lock, transaction(db, "DEFERRED"):
             known = list(await db.execute_fetchall(
                 "SELECT 1 FROM step_stats WHERE job_id = ? AND name = ?", (job_id, step)
             ))
@@ -357,7 +362,8 @@ class SqliteStatusStore:
         return [_child_status(row) for row in rows[:page_size]], token, revision
 
     async def job_exists(self, job_id: str) -> bool:
-        rows = list(await self.reader.execute_fetchall("SELECT 1 FROM jobs WHERE job_id = ?", (job_id,)))
+        async with self._read_lock:
+            rows = list(await self.reader.execute_fetchall("SELECT 1 FROM jobs WHERE job_id = ?", (job_id,)))
         return bool(rows)
 
     async def read_changes(
@@ -379,7 +385,7 @@ class SqliteStatusStore:
                 marks = ", ".join("?" * len(matching.states))
                 where.append(f"(state_before IN ({marks}) OR state_after IN ({marks}))")
                 params.extend([*matching.states, *matching.states])
-        async with transaction(db, "DEFERRED"):
+        async with self._read_lock, transaction(db, "DEFERRED"):
             await self._check_retained(db, after)
             rows = await db.execute_fetchall(
                 f"SELECT {', '.join(CHANGE_COLUMNS)} FROM changes WHERE {' AND '.join(where)} "
@@ -389,7 +395,8 @@ class SqliteStatusStore:
         return [StoredChange(*row) for row in rows]
 
     async def check_retained(self, after: int) -> None:
-        await self._check_retained(self.reader, after)
+        async with self._read_lock:
+            await self._check_retained(self.reader, after)
 
     async def _check_retained(self, db: aiosqlite.Connection, after: int) -> None:
         rows = list(await db.execute_fetchall("SELECT MIN(revision), MAX(revision) FROM changes"))
