@@ -1,0 +1,59 @@
+"""stepstream's Python SDK and CLI.
+
+`Client` (async) and `SyncClient` (blocking) submit and cancel jobs through the
+orchestrator and read and watch them through the status service. Everything
+they return is a frozen dataclass mapped from server data (see models.py);
+every failure is a StepstreamError (see errors.py).
+"""
+
+from stepstream_client.errors import (
+    DefinitionError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+    OutOfRangeError,
+    RpcError,
+    StepstreamError,
+    UnavailableError,
+    Violation,
+)
+from stepstream_client.models import (
+    ChildCounts,
+    ChildView,
+    JobRecord,
+    JobSummary,
+    JobView,
+    StepCounts,
+    StepView,
+    SubmittedJob,
+)
+from stepstream_client.sdk import DEFAULT_ORCHESTRATOR, DEFAULT_STATUS, Client
+from stepstream_client.sync import SyncClient
+from stepstream_client.watch import Applied, Backoff, JobWatch
+
+__all__ = [
+    "DEFAULT_ORCHESTRATOR",
+    "DEFAULT_STATUS",
+    "Applied",
+    "Backoff",
+    "ChildCounts",
+    "ChildView",
+    "Client",
+    "DefinitionError",
+    "FailedPreconditionError",
+    "InvalidArgumentError",
+    "JobRecord",
+    "JobSummary",
+    "JobView",
+    "JobWatch",
+    "NotFoundError",
+    "OutOfRangeError",
+    "RpcError",
+    "StepCounts",
+    "StepView",
+    "StepstreamError",
+    "SubmittedJob",
+    "SyncClient",
+    "UnavailableError",
+    "Violation",
+]

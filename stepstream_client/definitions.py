@@ -36,10 +36,7 @@ def load_definition(path: Path) -> definition_pb2.JobDefinition:
     except OSError as error:
         raise DefinitionError(f"cannot read {path}: {error.strerror or error}") from error
     try:
-        if path.suffix.lower() in (".yaml", ".yml"):
-            data = yaml.safe_load(text)
-        else:
-            data = tomllib.loads(text)
+        data = yaml.safe_load(text) if path.suffix.lower() in (".yaml", ".yml") else tomllib.loads(text)
     except (tomllib.TOMLDecodeError, yaml.YAMLError) as error:
         raise DefinitionError(f"{path} is not valid {path.suffix.lstrip('.').upper() or 'TOML'}: {error}") from error
     if not isinstance(data, Mapping):

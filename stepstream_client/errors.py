@@ -76,8 +76,12 @@ _BY_CODE: dict[grpc.StatusCode, type[RpcError]] = {
 }
 
 
-def from_rpc_error(error: grpc.aio.AioRpcError) -> RpcError:
-    """The typed error for a failed call, with the google.rpc details it carried."""
+def from_rpc_error(error: grpc.aio.AioRpcError, *, target: str = "") -> RpcError:
+    """The typed error for a failed call, with the google.rpc details it carried.
+
+    `target` names what was called (e.g. "the status service at 127.0.0.1:50052")
+    so that UNAVAILABLE says which address could not be reached.
+    """
     violations: list[Violation] = []
     metadata: dict[str, str] = {}
     reason = ""
@@ -96,7 +100,15 @@ def from_rpc_error(error: grpc.aio.AioRpcError) -> RpcError:
             reason = info.reason
             metadata = dict(info.metadata)
     cls = _BY_CODE.get(error.code(), RpcError)
-    typed = cls(error.details() or error.code().name, violations, metadata, reason)
+    message = error.details() or error.code().name
+    if cls is UnavailableError and target:
+        message = f"cannot reach {target} ({_last_clause(message)})"
+    typed = cls(message, violations, metadata, reason)
     if cls is RpcError:
         typed.code = error.code()
     return typed
+
+
+def _last_clause(details: str) -> str:
+    """gRPC's connection errors run on for a whole paragraph; the last clause says why."""
+    return details.rsplit(": ", 1)[-1].strip() or details

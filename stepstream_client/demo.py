@@ -1,0 +1,67 @@
+"""The built-in demo job (`stepstream demo`) and the functions its python steps call.
+
+The orchestrator imports this module by reference ("stepstream_client.demo:crawl"),
+as it would any user's module, so it imports nothing of the SDK or the CLI.
+The job shows every kind of step and every interesting path: a command that
+fails once and succeeds on retry, a fan-out whose few failing children stay
+within its tolerance, a python step, and a final step that always runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+import zlib
+from pathlib import Path
+from typing import Any
+
+# Fails on its first run (leaving a marker file), succeeds on the next.
+FLAKY_SCRIPT = """\
+import pathlib, sys
+marker = pathlib.Path(sys.argv[1])
+if not marker.exists():
+    marker.touch()
+    sys.exit("mirror not warm yet (fails once on purpose)")
+print("mirror warm")
+"""
+
+DEMO_STEPS = ("prepare", "crawl", "index", "report")
+CHILDREN = 300
+
+
+async def crawl(item: str) -> str:
+    """A child: 20-200 ms of pretend work; items ending in "13" fail, as a few pages would."""
+    await asyncio.sleep(0.02 + (zlib.crc32(item.encode()) % 181) / 1000)
+    if item.endswith("13"):
+        raise RuntimeError(f"HTTP 503 for page {item}")
+    return f"crawled {item}"
+
+
+def index(source: str = "demo") -> str:
+    """A python step run in a thread (a plain function)."""
+    time.sleep(0.3)
+    return f"indexed pages from {source}"
+
+
+def demo_definition(work_dir: Path) -> dict[str, Any]:
+    """The demo job, keeping its retry marker in `work_dir`."""
+    return {
+        "name": "stepstream-demo",
+        "timeout": "5m",
+        "steps": [
+            {
+                "name": "prepare", "type": "command", "timeout": "30s", "retries": 2, "retry_backoff": "300ms",
+                "command": [sys.executable, "-c", FLAKY_SCRIPT, str(work_dir / "prepare.marker")],
+                "env": {"DEMO_STAGE": "prepare"},
+            },
+            {
+                "name": "crawl", "type": "fanout", "count": CHILDREN, "concurrency": 25, "max_child_failures": 5,
+                "child": {"type": "python", "function": "stepstream_client.demo:crawl", "args": {"item": "{item}"},
+                          "timeout": "10s"},
+            },
+            {"name": "index", "type": "python", "function": "stepstream_client.demo:index",
+             "args": {"source": "crawl"}},
+            {"name": "report", "type": "sleep", "seconds": 0.5, "always_run": True},
+        ],
+    }

@@ -1,0 +1,133 @@
+"""Both services as local child processes, for `stepstream up` and `stepstream demo`.
+
+Each service prints one "... listening on HOST:PORT" line once it serves, which
+is how a port-0 address is learned. The children get their own session, so a
+Ctrl-C in the terminal reaches only the CLI, which then stops them in order:
+the status service first (so it does not record its orchestrator going away),
+then the orchestrator, each with SIGTERM (graceful), SIGKILL only if it hangs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import IO
+
+START_TIMEOUT = 30.0
+STOP_TIMEOUT = 20.0
+
+
+class ServiceStartError(Exception):
+    """A service exited or stayed silent instead of reporting that it listens."""
+
+
+@dataclass
+class Service:
+    name: str
+    process: asyncio.subprocess.Process
+    address: str = ""
+
+    @property
+    def returncode(self) -> int | None:
+        return self.process.returncode
+
+
+@dataclass
+class LocalServices:
+    """`async with LocalServices(...) as services:` runs the orchestrator and the
+    status service (following it) until the block ends.
+
+    `log` receives both services' stderr (None: inherit ours).
+    """
+
+    data_dir: Path
+    orchestrator_listen: str
+    status_listen: str
+    log: IO[str] | None = None
+    log_level: str = "info"
+    services: list[Service] = field(default_factory=list)
+
+    @property
+    def orchestrator(self) -> str:
+        return self.services[0].address
+
+    @property
+    def status(self) -> str:
+        return self.services[1].address
+
+    async def __aenter__(self) -> LocalServices:
+        try:
+            orchestrator = await self._start(
+                "orchestrator", "orchestrator_svc",
+                ["--listen", self.orchestrator_listen, "--data-dir", str(self.data_dir / "orchestrator")],
+            )
+            await self._start(
+                "status", "status_svc",
+                ["--listen", self.status_listen, "--data-dir", str(self.data_dir / "status"),
+                 "--orchestrator", orchestrator.address],
+            )
+        except BaseException:
+            await self.stop()
+            raise
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+    async def _start(self, name: str, module: str, args: list[str]) -> Service:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", module, *args, "--log-level", self.log_level,
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=self.log,
+            start_new_session=True,
+        )
+        service = Service(name, process)
+        self.services.append(service)
+        assert process.stdout is not None
+        try:
+            async with asyncio.timeout(START_TIMEOUT):
+                while line := (await process.stdout.readline()).decode():
+                    if " listening on " in line:
+                        service.address = line.strip().rsplit(" ", 1)[1]
+                        return service
+        except TimeoutError:
+            raise ServiceStartError(f"the {name} did not start within {START_TIMEOUT:g}s") from None
+        await process.wait()
+        raise ServiceStartError(f"the {name} exited with code {process.returncode} before it was listening")
+
+    async def wait_any_exit(self) -> Service:
+        """The first service to exit on its own."""
+        waits = {asyncio.create_task(service.process.wait()): service for service in self.services}
+        try:
+            done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in waits:
+                task.cancel()
+        return waits[done.pop()]
+
+    async def stop(self) -> list[int | None]:
+        """Stop every service still running, newest first; returns their exit codes."""
+        for service in reversed(self.services):
+            await _terminate(service.process)
+        return [service.returncode for service in self.services]
+
+
+async def _terminate(process: asyncio.subprocess.Process) -> None:
+    if process.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(asyncio.shield(process.wait()), STOP_TIMEOUT)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            await process.wait()
+    if process.stdout is not None:
+        # Read what is left so the transport closes cleanly.
+        await process.stdout.read()

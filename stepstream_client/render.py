@@ -1,0 +1,348 @@
+"""How the CLI shows jobs: a live rich tree on a terminal, one grep-able
+`key=value` line per change otherwise, and JSON with stable field names.
+
+Everything shown is a server field or a clock reading (elapsed time, how long
+ago the last message came); nothing is derived from states or counts here.
+
+JSON fields (states and reasons are lower-case words, times ISO 8601 UTC or null):
+
+- job (get, watch): id, name, state, reason, message, revision, live, stale,
+  stale_since, stale_detail, source, created_at, started_at, finished_at,
+  cancel_requested_at, step_counts {total, pending, running, waiting,
+  completed, failed, cancelled, skipped}, steps [...]
+- step: name, index, type, state, reason, message, attempt, max_attempts,
+  started_at, finished_at, duration_seconds, revision, children {total,
+  pending, running, completed, failed, cancelled}
+- list: an array of jobs without `steps` and `live` (`revision` is then the
+  header's last change)
+- children: an array of {index, item, state, reason, message, attempt,
+  started_at, finished_at, duration_seconds, revision}
+- submit: {id, name, state, created_at, seq}
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import time
+from collections.abc import AsyncIterator, Iterable
+from datetime import UTC, datetime
+from typing import Any, TextIO
+
+from rich.console import Console, Group, RenderableType
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from stepstream_client.models import ChildView, JobSummary, JobView, StepView, SubmittedJob
+
+FRAME_SECONDS = 0.1  # at most ~10 redraws a second
+
+STYLES = {
+    "pending": ("○", "dim"),
+    "running": ("◐", "cyan"),
+    "waiting": ("◑", "blue"),
+    "completed": ("✔", "green"),
+    "failed": ("✘", "red"),
+    "cancelled": ("⊘", "yellow"),
+    "skipped": ("↷", "dim"),
+}
+
+
+# --- values -----------------------------------------------------------------
+
+def iso(moment: datetime | None) -> str | None:
+    """ISO 8601 in UTC with a Z, or None."""
+    if moment is None:
+        return None
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def wall_clock(moment: datetime) -> str:
+    """HH:MM:SS in local time, for "stale since"."""
+    return moment.astimezone().strftime("%H:%M:%S")
+
+
+def span(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    if seconds < 60:
+        return f"{seconds:.1f}s" if seconds < 10 else f"{seconds:.0f}s"
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
+
+
+def _since(start: datetime | None, end: datetime | None, now: datetime) -> float | None:
+    if start is None:
+        return None
+    return max(0.0, ((end or now) - start).total_seconds())
+
+
+# --- JSON -------------------------------------------------------------------
+
+def summary_json(job: JobSummary) -> dict[str, Any]:
+    return {
+        "id": job.id, "name": job.name, "state": job.state, "reason": job.reason, "message": job.message,
+        "revision": job.revision, "stale": job.stale, "stale_since": iso(job.stale_since),
+        "stale_detail": job.stale_detail, "source": job.source, "created_at": iso(job.created_at),
+        "started_at": iso(job.started_at), "finished_at": iso(job.finished_at),
+        "cancel_requested_at": iso(job.cancel_requested_at), "step_counts": dataclasses.asdict(job.step_counts),
+    }
+
+
+def step_json(step: StepView) -> dict[str, Any]:
+    return {
+        "name": step.name, "index": step.index, "type": step.type, "state": step.state, "reason": step.reason,
+        "message": step.message, "attempt": step.attempt, "max_attempts": step.max_attempts,
+        "started_at": iso(step.started_at), "finished_at": iso(step.finished_at),
+        "duration_seconds": step.duration, "revision": step.revision, "children": dataclasses.asdict(step.children),
+    }
+
+
+def view_json(view: JobView) -> dict[str, Any]:
+    return {**summary_json(view), "live": view.live, "steps": [step_json(step) for step in view.steps]}
+
+
+def child_json(child: ChildView) -> dict[str, Any]:
+    return {
+        "index": child.index, "item": child.item, "state": child.state, "reason": child.reason,
+        "message": child.message, "attempt": child.attempt, "started_at": iso(child.started_at),
+        "finished_at": iso(child.finished_at), "duration_seconds": child.duration, "revision": child.revision,
+    }
+
+
+def submitted_json(job: SubmittedJob) -> dict[str, Any]:
+    return {"id": job.id, "name": job.name, "state": job.state, "created_at": iso(job.created_at), "seq": job.seq}
+
+
+def dumps(data: Any) -> str:
+    return json.dumps(data, ensure_ascii=False)
+
+
+# --- key=value lines ----------------------------------------------------------
+
+def _value(value: object) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    text = str(value)
+    return json.dumps(text, ensure_ascii=False) if any(c.isspace() or c in "\"'=" for c in text) else text
+
+
+def kv_line(**fields: object) -> str:
+    """`key=value ...`; values with spaces, quotes or '=' are JSON-quoted."""
+    return " ".join(f"{key}={_value(value)}" for key, value in fields.items())
+
+
+def header_line(view: JobSummary) -> str:
+    counts = view.step_counts
+    return kv_line(
+        rev=view.revision, job=view.id, name=view.name, state=view.state, reason=view.reason,
+        steps=f"{counts.completed}/{counts.total}", pending=counts.pending, running=counts.running,
+        waiting=counts.waiting, failed=counts.failed, cancelled=counts.cancelled, skipped=counts.skipped,
+        stale=view.stale, stale_since=_clock_or_none(view.stale_since),
+        message=view.message,
+    )
+
+
+def step_line(view: JobView, step: StepView) -> str:
+    children: dict[str, object] = {}
+    if step.children.total:
+        c = step.children
+        children = {"children": f"{c.completed}/{c.total}", "pending": c.pending, "running": c.running,
+                    "completed": c.completed, "failed": c.failed, "cancelled": c.cancelled}
+    return kv_line(
+        rev=view.revision, job=view.id, step=step.name, state=step.state, attempt=f"{step.attempt}/{step.max_attempts}",
+        **children, duration=step.duration, reason=step.reason, message=step.message,
+    )
+
+
+def child_line(child: ChildView) -> str:
+    return kv_line(index=child.index, item=child.item, state=child.state, attempt=child.attempt,
+                   duration=child.duration, reason=child.reason, message=child.message)
+
+
+def _clock_or_none(moment: datetime | None) -> str | None:
+    return wall_clock(moment) if moment is not None else None
+
+
+class LineWriter:
+    """One line per change: the header when it changed, each step that changed,
+    and the watch's connection going down or coming back."""
+
+    def __init__(self, out: TextIO) -> None:
+        self._out = out
+        self._previous: JobView | None = None
+
+    def show(self, view: JobView) -> None:
+        before = self._previous
+        lines: list[str] = []
+        if before is not None and before.live != view.live:
+            lines.append(kv_line(rev=view.revision, job=view.id, live=view.live,
+                                 last_heard=_clock_or_none(view.last_heard)))
+        if before is None or _header(before) != _header(view):
+            lines.append(header_line(view))
+        old_steps = {step.name: step for step in before.steps} if before is not None else {}
+        lines.extend(step_line(view, step) for step in view.steps if old_steps.get(step.name) != step)
+        self._previous = view
+        for line in lines:
+            print(line, file=self._out, flush=True)
+
+
+def _header(view: JobView) -> JobView:
+    """The parts of a view the header line shows (a new revision alone is not a change)."""
+    return dataclasses.replace(view, steps=(), revision=0)
+
+
+# --- rich ---------------------------------------------------------------------
+
+def _state(word: str) -> Text:
+    icon, style = STYLES.get(word, ("?", ""))
+    return Text(f"{icon} {word}", style=style)
+
+
+def job_tree(view: JobView, now: datetime) -> RenderableType:
+    """The job as a tree: a header line, one row per step, and a stale line when it applies."""
+    counts = view.step_counts
+    header = Text.assemble(
+        (view.name or "(unnamed)", "bold"), "  ", (view.id, "dim"), "  ", _state(view.state),
+        f"   steps {counts.completed}/{counts.total} completed",
+        f"   elapsed {span(_since(view.started_at, view.finished_at, now)) or '-'}",
+        (f"   rev {view.revision}", "dim"),
+    )
+    if view.reason or view.message:
+        header.append(f"\n  {' — '.join(part for part in (view.reason, view.message) if part)}", style="italic")
+    rows = Table.grid(padding=(0, 2))
+    for column in ("tree", "name", "state", "duration", "attempt", "detail"):
+        rows.add_column(column, no_wrap=column != "detail", overflow="fold")
+    for position, step in enumerate(view.steps):
+        branch = "└─" if position == len(view.steps) - 1 else "├─"
+        rows.add_row(
+            Text(branch, style="dim"), Text(step.name, style="bold"), _state(step.state),
+            span(step.duration if step.duration is not None else _since(step.started_at, None, now)),
+            f"{step.attempt}/{step.max_attempts}" if step.attempt else "", _step_detail(step),
+        )
+    parts: list[RenderableType] = [header, rows]
+    parts.extend(_stale_lines(view))
+    return Group(*parts)
+
+
+def _step_detail(step: StepView) -> Text:
+    detail = Text()
+    c = step.children
+    if c.total:
+        detail.append(f"children {c.completed}/{c.total} ")
+        for word, count in (("pending", c.pending), ("running", c.running), ("completed", c.completed),
+                            ("failed", c.failed), ("cancelled", c.cancelled)):
+            if count:
+                detail.append(f" {word} {count}", style=STYLES[word][1])
+        detail.append("  ")
+    words = " — ".join(part for part in (step.reason, step.message) if part)
+    if words:
+        detail.append(words, style="red" if step.state == "failed" else "dim")
+    return detail
+
+
+def _stale_lines(view: JobView) -> list[Text]:
+    lines = []
+    if not view.live and view.last_heard is not None:
+        lines.append(Text(f"⚠ stale since {wall_clock(view.last_heard)}: no word from the status service, "
+                          "reconnecting", style="bold yellow"))
+    if view.stale and view.stale_since is not None:
+        detail = f" ({view.stale_detail})" if view.stale_detail else ""
+        lines.append(Text(f"⚠ stale since {wall_clock(view.stale_since)}: the status service cannot follow "
+                          f"the job's orchestrator{detail}", style="bold yellow"))
+    return lines
+
+
+def _clock_tick(view: JobView) -> int | None:
+    """Which second the elapsed clock shows while it moves (until the job ends)."""
+    return None if view.terminal else int(time.time())
+
+
+async def _show_live(views: AsyncIterator[JobView], console: Console) -> JobView | None:
+    """Redraw when the view changed or the clock ticked, at most every FRAME_SECONDS."""
+    latest: JobView | None = None
+    arrived = asyncio.Event()
+
+    async def pump() -> None:
+        nonlocal latest
+        try:
+            async for view in views:
+                latest = view
+                arrived.set()
+        finally:
+            arrived.set()
+
+    pumping = asyncio.create_task(pump())
+    shown: tuple[JobView | None, int | None] = (None, None)
+    try:
+        with Live(console=console, auto_refresh=False, transient=False) as live:
+            while True:
+                finished = pumping.done()
+                if latest is not None:
+                    frame = (latest, _clock_tick(latest))
+                    if frame[0] is not shown[0] or frame[1] != shown[1]:
+                        live.update(job_tree(latest, datetime.now(UTC)), refresh=True)
+                        shown = frame
+                if finished:
+                    break
+                arrived.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(1.0 - time.time() % 1.0):
+                        await arrived.wait()
+                await asyncio.sleep(FRAME_SECONDS)
+        pumping.result()
+    finally:
+        pumping.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await pumping
+    return latest
+
+
+async def show_views(views: AsyncIterator[JobView], output: str, out: TextIO) -> JobView | None:
+    """Show a watch to its end (`output`: "json", "text"); returns the last view.
+
+    Text is a live tree when `out` is a terminal, else one line per change.
+    """
+    if output == "text" and out.isatty():
+        return await _show_live(views, Console(file=out))
+    latest: JobView | None = None
+    lines = LineWriter(out)
+    async for view in views:
+        latest = view
+        if output == "json":
+            print(dumps(view_json(view)), file=out, flush=True)
+        else:
+            lines.show(view)
+    return latest
+
+
+def show_view(view: JobView, output: str, out: TextIO) -> None:
+    """One view, once: JSON, the tree on a terminal, or its header and step lines."""
+    if output == "json":
+        print(dumps(view_json(view)), file=out)
+    elif out.isatty():
+        Console(file=out).print(job_tree(view, datetime.now(UTC)))
+    else:
+        LineWriter(out).show(view)
+
+
+def show_table(rows: Iterable[dict[str, Any]], columns: list[str], out: TextIO) -> None:
+    """A plain table for lists on a terminal."""
+    table = Table(*columns, box=None, header_style="bold")
+    for row in rows:
+        table.add_row(*(_cell(column, row.get(column)) for column in columns))
+    Console(file=out).print(table)
+
+
+def _cell(column: str, value: object) -> Text | str:
+    if column == "state" and isinstance(value, str):
+        return _state(value)
+    return "" if value is None else str(value)
