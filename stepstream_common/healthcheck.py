@@ -30,7 +30,8 @@ def check(address: str, service: str = "", timeout: float = 3.0) -> bool:
 def main() -> None:
     if len(sys.argv) not in (2, 3):
         sys.exit("usage: python -m stepstream_common.healthcheck HOST:PORT [SERVICE]")
-    sys.exit(0 if check(*sys.argv[1:]) else 1)
+    address, service = sys.argv[1], sys.argv[2] if len(sys.argv) == 3 else ""
+    sys.exit(0 if check(address, service) else 1)
 
 
 if __name__ == "__main__":

@@ -4,14 +4,14 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from status_svc.app import StatusService
-from status_svc.app import start as start_status
-from status_svc.config import StatusConfig
 from stepstream.v1 import orchestrator_service_pb2_grpc as orch_grpc
 from stepstream.v1 import status_service_pb2_grpc as status_grpc
 
 from orchestrator_svc.app import Orchestrator, start
 from orchestrator_svc.config import OrchestratorConfig
+from status_svc.app import StatusService
+from status_svc.app import start as start_status
+from status_svc.config import StatusConfig
 from tests.helpers import channel
 
 
@@ -35,7 +35,7 @@ async def orchestrator(tmp_path: Path) -> AsyncIterator[Orchestrator]:
 
 
 @pytest.fixture
-async def orchestrator_stub(orchestrator: Orchestrator) -> AsyncIterator[orch_grpc.OrchestratorServiceStub]:
+async def orchestrator_stub(orchestrator: Orchestrator) -> AsyncIterator[orch_grpc.OrchestratorServiceAsyncStub]:
     async with channel(orchestrator.address) as ch:
         yield orch_grpc.OrchestratorServiceStub(ch)
 
@@ -61,6 +61,6 @@ async def status(tmp_path: Path, orchestrator: Orchestrator) -> AsyncIterator[St
 
 
 @pytest.fixture
-async def status_stub(status: StatusService) -> AsyncIterator[status_grpc.StatusServiceStub]:
+async def status_stub(status: StatusService) -> AsyncIterator[status_grpc.StatusServiceAsyncStub]:
     async with channel(status.address) as ch:
         yield status_grpc.StatusServiceStub(ch)

@@ -1,0 +1,148 @@
+"""Ingest throughput: orchestrator event log -> StreamStepEvents -> status service, committed.
+
+Measured: events per second from the moment the status service starts until its
+committed cursor (sources.cursor in its SQLite file) reaches the last seq of a
+pre-written orchestrator log. Both services run as separate processes, as
+deployed. Baselines in the same run, on the same events:
+- a bare grpc.aio server stream of the same messages at the same batch size
+  (bench/bare_stream.py), read by a bare client that only counts them;
+- bare aiosqlite: the same rows (one per event) as batched, guarded UPSERTs,
+  one executemany and one commit per batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import tempfile
+import time
+from pathlib import Path
+
+import aiosqlite
+import grpc
+from stepstream.v1 import orchestrator_service_pb2 as pb
+from stepstream.v1 import orchestrator_service_pb2_grpc as pb_grpc
+from stepstream.v1 import records_pb2
+
+from bench.processes import Service
+from bench.report import Report, fmt_rate, rate
+from bench.workload import events_per_job, write_fanout_log
+from orchestrator_svc.app import DATABASE_FILE as ORCHESTRATOR_DB
+from status_svc.app import DATABASE_FILE as STATUS_DB
+
+BATCH = 500  # events per stream message: the orchestrator's MAX_EVENTS_PER_MESSAGE
+CHILDREN_PER_JOB = 100
+
+
+async def bare_grpc(log_dir: Path, expected: int) -> float:
+    server = Service("bench.bare_stream", [str(log_dir), str(BATCH)])
+    address = server.start()
+    try:
+        async with grpc.aio.insecure_channel(address) as channel:
+            await channel.channel_ready()
+            stub = pb_grpc.OrchestratorServiceStub(channel)
+            started = time.perf_counter()
+            received = 0
+            async for message in stub.StreamStepEvents(pb.StreamStepEventsRequest()):
+                received += len(message.batch.events)
+            elapsed = time.perf_counter() - started
+    finally:
+        server.stop()
+    assert received == expected, (received, expected)
+    return rate(received, elapsed)
+
+
+UPSERT = """
+INSERT INTO status (job_id, step, idx, state, seq) VALUES (?, ?, ?, ?, ?)
+ON CONFLICT (job_id, step, idx) DO UPDATE SET state = excluded.state, seq = excluded.seq
+WHERE excluded.seq > status.seq
+"""
+
+
+async def bare_sqlite(log_dir: Path, work_dir: Path) -> float:
+    with sqlite3.connect(log_dir / ORCHESTRATOR_DB) as source:
+        events = [records_pb2.StepEvent.FromString(row[0]) for row in source.execute("SELECT data FROM events")]
+    rows: list[tuple[str, str, int, int, int]] = []
+    for event in events:
+        kind = event.WhichOneof("record")
+        if kind == "job":
+            rows.append((event.job.id, "", -1, event.job.state, event.seq))
+        elif kind == "step":
+            rows.append((event.step.job_id, event.step.name, -1, event.step.state, event.seq))
+        else:
+            rows.append((event.child.job_id, event.child.step_name, event.child.index, event.child.state, event.seq))
+    async with aiosqlite.connect(work_dir / "bare.sqlite3", isolation_level=None) as db:
+        await db.executescript(
+            "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;"
+            "CREATE TABLE status (job_id TEXT, step TEXT, idx INTEGER, state INTEGER, seq INTEGER,"
+            " PRIMARY KEY (job_id, step, idx)) WITHOUT ROWID;"
+        )
+        started = time.perf_counter()
+        for start in range(0, len(rows), BATCH):
+            await db.execute("BEGIN")
+            await db.executemany(UPSERT, rows[start:start + BATCH])
+            await db.execute("COMMIT")
+        elapsed = time.perf_counter() - started
+    return rate(len(rows), elapsed)
+
+
+def committed_cursor(status_dir: Path) -> int:
+    path = status_dir / STATUS_DB
+    if not path.exists():
+        return 0
+    try:
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5) as db:
+            row = db.execute("SELECT MAX(cursor) FROM sources").fetchone()
+    except sqlite3.OperationalError:
+        return 0
+    return int(row[0] or 0)
+
+
+async def stepstream_ingest(log_dir: Path, work_dir: Path, last_seq: int) -> tuple[float, int]:
+    orchestrator = Service("orchestrator_svc", ["--listen", "127.0.0.1:0", "--data-dir", str(log_dir)])
+    address = orchestrator.start()
+    status_dir = work_dir / "status"
+    status = Service("status_svc", ["--listen", "127.0.0.1:0", "--data-dir", str(status_dir),
+                                    "--orchestrator", address])
+    try:
+        started = time.perf_counter()
+        status.start()
+        while committed_cursor(status_dir) < last_seq:
+            await asyncio.sleep(0.005)
+        elapsed = time.perf_counter() - started
+        with sqlite3.connect(f"file:{status_dir / STATUS_DB}?mode=ro", uri=True) as db:
+            revisions = int(db.execute("SELECT MAX(revision) FROM changes").fetchone()[0] or 0)
+    finally:
+        status.stop()
+        orchestrator.stop()
+    return rate(last_seq, elapsed), revisions
+
+
+async def run(quick: bool) -> Report:
+    jobs = 34 if quick else 334  # ~10k or ~100k events
+    report = Report("ingest")
+    with tempfile.TemporaryDirectory(prefix="stepstream-bench-") as tmp:
+        work = Path(tmp)
+        log_dir = work / "orchestrator"
+        last_seq = await write_fanout_log(log_dir, jobs, CHILDREN_PER_JOB)
+        assert last_seq == jobs * events_per_job(CHILDREN_PER_JOB)
+        ours, revisions = await stepstream_ingest(log_dir, work, last_seq)
+        grpc_rate = await bare_grpc(log_dir, last_seq)
+        sqlite_rate = await bare_sqlite(log_dir, work)
+    report.add("events", f"{last_seq:,}", f"{jobs} fan-out jobs x {CHILDREN_PER_JOB} children")
+    report.add("stepstream ingest", fmt_rate(ours, "events"),
+               f"log -> stream -> fold -> commit; {revisions:,} revisions")
+    report.add("baseline: bare gRPC stream", fmt_rate(grpc_rate, "events"), f"same messages, {BATCH} per message")
+    report.add("baseline: bare aiosqlite upserts", fmt_rate(sqlite_rate, "rows"), f"{BATCH} per transaction")
+    report.add("ratio to bare gRPC", f"{ours / grpc_rate:.0%}", "target >= 30%")
+    report.add("ratio to bare aiosqlite", f"{ours / sqlite_rate:.0%}", "")
+    report.figures.update(
+        events=last_seq,
+        events_per_second=round(ours),
+        baseline_grpc_events_per_second=round(grpc_rate),
+        baseline_sqlite_rows_per_second=round(sqlite_rate),
+        ratio_to_grpc=round(ours / grpc_rate, 3),
+        revisions=revisions,
+        batch=BATCH,
+    )
+    return report

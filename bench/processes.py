@@ -1,0 +1,58 @@
+"""Services as real subprocesses, with their resident memory sampled."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class Service:
+    """`python -m MODULE ARGS`, started and waited for its 'listening on' line."""
+
+    def __init__(self, module: str, args: list[str]) -> None:
+        self.module = module
+        self.args = args
+        self.process: subprocess.Popen[str] | None = None
+        self.peak_rss = 0
+
+    def start(self, deadline: float = 60.0) -> str:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", self.module, *self.args],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=REPO,
+        )
+        assert self.process.stdout is not None
+        end = time.monotonic() + deadline
+        while time.monotonic() < end:
+            line = self.process.stdout.readline()
+            if " listening on " in line:
+                return line.strip().rsplit(" ", 1)[1]
+            if not line and self.process.poll() is not None:
+                break
+        raise RuntimeError(f"{self.module} did not start")
+
+    def sample_rss(self) -> int:
+        """Resident set size now (and keep the peak)."""
+        assert self.process is not None
+        try:
+            rss = int(psutil.Process(self.process.pid).memory_info().rss)
+        except psutil.NoSuchProcess:
+            return 0
+        self.peak_rss = max(self.peak_rss, rss)
+        return rss
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(30)
+        if self.process is not None and self.process.stdout is not None:
+            self.process.stdout.close()
