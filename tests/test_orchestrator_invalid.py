@@ -255,6 +255,8 @@ async def test_several_problems_give_several_violations_and_nothing_runs(
              "child": {"type": "fanout", "count": 1, "child": dict(SLEEP)}},
             {"name": "d", "type": "python", "function": "no_such_module_xyz:f", "extra": 1},
             {"name": "e", "type": "wat"},
+            {"name": "f", "type": "sleep", "seconds": 0, "depends_on": ["g"]},
+            {"name": "g", "type": "sleep", "seconds": 0, "depends_on": ["f"]},
         ],
         name="",
         timeout="-5s",
@@ -274,8 +276,9 @@ async def test_several_problems_give_several_violations_and_nothing_runs(
         "definition.steps[4].params.function",
         "definition.steps[4].params.extra",
         "definition.steps[5].type",
+        "definition.steps[6].depends_on",
     ])
-    assert error.message.startswith("invalid job definition (13 problems)")
+    assert error.message.startswith("invalid job definition (14 problems)")
     # Rejected whole: the valid first step never ran.
     await asyncio.sleep(0.1)
     assert not marker.exists()

@@ -966,6 +966,12 @@ async def test_idempotent_submit(orchestrator_stub: Stub) -> None:
     first = await orchestrator_stub.SubmitJob(request)
     again = await orchestrator_stub.SubmitJob(request)
     assert again.job.id == first.job.id
+    assert again.seq == first.seq, "the answer names the job's first event, as the first one did"
+    other = job_definition([sh("exec sleep 1", name="other")], name="once")
+    reused = await rpc_error(orchestrator_stub.SubmitJob(orch_pb.SubmitJobRequest(definition=other,
+                                                                                  request_id="req-1")))
+    assert reused.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert first.job.id in (reused.details() or "")
     concurrent = await asyncio.gather(
         *(orchestrator_stub.SubmitJob(orch_pb.SubmitJobRequest(definition=definition, request_id="req-2"))
           for _ in range(5))

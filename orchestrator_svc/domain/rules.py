@@ -1,9 +1,9 @@
 """How outcomes are decided. These are the documented rules (README, "Status rules").
 
 Fan-out step: FAILED as soon as more children failed than max_child_failures
-(the rest are cancelled), and FAILED when it ends with children that failed and
-none that completed, whatever the tolerance; COMPLETED otherwise. No children
-at all is COMPLETED with reason NO_CHILDREN.
+(the rest are cancelled), and FAILED when it ends without a single completed
+child, whatever the tolerance; COMPLETED otherwise. No children at all is
+COMPLETED with reason NO_CHILDREN.
 
 Job: CANCELLED if cancelled by request; FAILED on its own timeout, on an
 orchestrator restart, or when any step FAILED; COMPLETED when every step

@@ -130,16 +130,18 @@ def validate_job(definition: definition_pb2.JobDefinition, workers: WorkerCatalo
             first_index[name] = index
 
     steps: list[StepSpec] = []
+    graph: dict[str, tuple[int, tuple[str, ...]]] = {}
     for index, step in enumerate(definition.steps):
         path = f"{root}.steps[{index}]"
         depends_on = _dependencies(step, index, names, first_index, path, violations)
+        if first_index.get(step.name) == index:
+            graph[step.name] = (index, depends_on)
         params = json_format.MessageToDict(step.params) if step.HasField("params") else {}
         execution = _execution(step, params, path, workers, violations)
         if execution is not None:
             steps.append(StepSpec(step.name, index, depends_on, step.always_run, execution))
 
-    if not violations:
-        violations.extend(_cycles(steps, root))
+    violations.extend(_cycles(graph, root))
     if violations:
         raise InvalidArgument(
             f"invalid job definition ({len(violations)} problem{'s' if len(violations) > 1 else ''})",
@@ -197,8 +199,8 @@ def _execution(
     return Execution(step.type, params, timeout, retries, backoff)
 
 
-def _cycles(steps: Sequence[StepSpec], root: str) -> Violations:
-    by_name = {step.name: step for step in steps}
+def _cycles(graph: Mapping[str, tuple[int, tuple[str, ...]]], root: str) -> Violations:
+    """One violation per dependency cycle among the (index, dependencies) of each step."""
     done: set[str] = set()
     violations: Violations = []
 
@@ -207,16 +209,16 @@ def _cycles(steps: Sequence[StepSpec], root: str) -> Violations:
             return
         if name in trail:
             cycle = [*trail[trail.index(name) :], name]
-            step = by_name[cycle[0]]
             violations.append(
-                (f"{root}.steps[{step.index}].depends_on", "dependency cycle: " + " -> ".join(cycle))
+                (f"{root}.steps[{graph[cycle[0]][0]}].depends_on", "dependency cycle: " + " -> ".join(cycle))
             )
             done.update(cycle)
             return
-        for dep in by_name[name].depends_on:
-            visit(dep, [*trail, name])
+        for dep in graph[name][1]:
+            if dep in graph:
+                visit(dep, [*trail, name])
         done.add(name)
 
-    for step in steps:
-        visit(step.name, [])
+    for name in graph:
+        visit(name, [])
     return violations

@@ -95,10 +95,15 @@ class Engine:
     async def _submit_once(
         self, definition: definition_pb2.JobDefinition, request_id: str
     ) -> tuple[records_pb2.Job, int]:
+        encoded = definition.SerializeToString(deterministic=True)
         if request_id:
             existing = await self._store.job_for_request(request_id)
             if existing is not None:
-                return existing, 0
+                if existing.definition != encoded:
+                    raise FailedPrecondition(
+                        f"request_id {request_id!r} already created job {existing.job.id} from another definition"
+                    )
+                return existing.job, existing.first_seq
         spec = validate_job(definition, self._workers)
         job_id = secrets.token_hex(8)
         job = records_pb2.Job(id=job_id, name=spec.name)
@@ -109,7 +114,7 @@ class Engine:
             )
             for step in spec.steps
         ]
-        seq = self._recorder.create_job(job, steps, NewJob(job_id, request_id, definition.SerializeToString()))
+        seq = self._recorder.create_job(job, steps, NewJob(job_id, request_id, encoded))
         await self._journal.durable(seq)
         run = JobRun(job, spec, steps, self._recorder, self._workers, self._settings)
         self._runs[job_id] = run

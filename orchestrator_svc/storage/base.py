@@ -25,6 +25,16 @@ class NewJob:
     definition: bytes
 
 
+@dataclass(frozen=True)
+class RequestedJob:
+    """The job a request_id created: its current record, its first seq, and the
+    definition it was created from (deterministically serialized)."""
+
+    job: records_pb2.Job
+    first_seq: int
+    definition: bytes
+
+
 @dataclass
 class JobView:
     """One job as committed, and the seq it is valid at."""
@@ -73,7 +83,7 @@ class EventStore(Protocol):
 
     async def get_job(self, job_id: str) -> JobView | None: ...
 
-    async def job_for_request(self, request_id: str) -> records_pb2.Job | None: ...
+    async def job_for_request(self, request_id: str) -> RequestedJob | None: ...
 
     async def list_jobs(
         self, states: Sequence[int], name: str, page_size: int, page_token: str

@@ -15,7 +15,7 @@ import aiosqlite
 from stepstream.v1 import definition_pb2, records_pb2
 from stepstream.v1 import states_pb2 as s
 
-from orchestrator_svc.storage.base import JobView, LogInfo, NewJob, Snapshot, UnfinishedJob
+from orchestrator_svc.storage.base import JobView, LogInfo, NewJob, RequestedJob, Snapshot, UnfinishedJob
 from stepstream_common.errors import CursorOutOfRange
 from stepstream_common.paging import decode_token, encode_token
 from stepstream_common.sqlite import connect, transaction
@@ -29,6 +29,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     job_id TEXT PRIMARY KEY,
     request_id TEXT UNIQUE,
     definition BLOB NOT NULL,
+    first_seq INTEGER NOT NULL DEFAULT 0,
     name TEXT NOT NULL DEFAULT '',
     state INTEGER NOT NULL DEFAULT 0,
     created_at REAL NOT NULL DEFAULT 0,
@@ -117,6 +118,7 @@ class SqliteEventStore:
         self, events: Sequence[tuple[records_pb2.StepEvent, bytes]], new_jobs: Sequence[NewJob]
     ) -> None:
         event_rows = [(event.seq, data) for event, data in events]
+        first_seqs: dict[str, int] = {}
         job_rows: list[tuple[Any, ...]] = []
         step_rows: list[tuple[Any, ...]] = []
         child_rows: list[tuple[Any, ...]] = []
@@ -124,6 +126,7 @@ class SqliteEventStore:
             kind = event.WhichOneof("record")
             if kind == "job":
                 job = event.job
+                first_seqs.setdefault(job.id, event.seq)
                 job_rows.append((job.name, job.state, seconds(job.created_at) or 0.0,
                                  seconds(job.finished_at), event.seq, data, job.id))
             elif kind == "step":
@@ -136,8 +139,8 @@ class SqliteEventStore:
         async with transaction(db):
             if new_jobs:
                 await db.executemany(
-                    "INSERT INTO jobs (job_id, request_id, definition) VALUES (?, ?, ?)",
-                    [(j.job_id, j.request_id or None, j.definition) for j in new_jobs],
+                    "INSERT INTO jobs (job_id, request_id, definition, first_seq) VALUES (?, ?, ?, ?)",
+                    [(j.job_id, j.request_id or None, j.definition, first_seqs[j.job_id]) for j in new_jobs],
                 )
             await db.executemany("INSERT INTO events (seq, data) VALUES (?, ?)", event_rows)
             if job_rows:
@@ -201,12 +204,15 @@ class SqliteEventStore:
             seq=seq,
         )
 
-    async def job_for_request(self, request_id: str) -> records_pb2.Job | None:
+    async def job_for_request(self, request_id: str) -> RequestedJob | None:
         async with self._read_lock:
             rows = list(await self.reader.execute_fetchall(
-                "SELECT record FROM jobs WHERE request_id = ? AND seq > 0", (request_id,)
+                "SELECT record, first_seq, definition FROM jobs WHERE request_id = ? AND seq > 0", (request_id,)
             ))
-        return _event(rows[0][0]).job if rows else None
+        if not rows:
+            return None
+        record, first_seq, definition = rows[0]
+        return RequestedJob(_event(record).job, int(first_seq), bytes(definition))
 
     async def list_jobs(
         self, states: Sequence[int], name: str, page_size: int, page_token: str

@@ -30,8 +30,9 @@ class SubmitJobRequest(_message.Message):
     DEFINITION_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
-    """Optional idempotency key: a second submit with the same key returns the
-    job the first one created instead of starting another.
+    """Optional idempotency key: a second submit with the same key and the same
+    definition returns the job the first one created instead of starting
+    another; with another definition it is FAILED_PRECONDITION.
     """
     @_builtins.property
     def definition(self) -> _definition_pb2.JobDefinition: ...

@@ -109,8 +109,8 @@ class OrchestratorServiceServicer:
     def StreamStepEvents(self, request, context):
         """Replays every event after `after_seq`, then streams new ones as they are
         recorded, with heartbeats when idle. OUT_OF_RANGE (google.rpc.ErrorInfo
-        reason CURSOR_TOO_OLD or CURSOR_UNKNOWN, metadata oldest_seq, latest_seq,
-        log_id) when the cursor cannot be served; resync with StreamSnapshot.
+        reason CURSOR_TOO_OLD or CURSOR_UNKNOWN, metadata `oldest`, `latest` and
+        `log_id`) when the cursor cannot be served; resync with StreamSnapshot.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -52,8 +52,8 @@ class OrchestratorServiceStub:
     StreamStepEvents: _grpc.UnaryStreamMultiCallable[_orchestrator_service_pb2.StreamStepEventsRequest, _orchestrator_service_pb2.StreamStepEventsResponse]
     """Replays every event after `after_seq`, then streams new ones as they are
     recorded, with heartbeats when idle. OUT_OF_RANGE (google.rpc.ErrorInfo
-    reason CURSOR_TOO_OLD or CURSOR_UNKNOWN, metadata oldest_seq, latest_seq,
-    log_id) when the cursor cannot be served; resync with StreamSnapshot.
+    reason CURSOR_TOO_OLD or CURSOR_UNKNOWN, metadata `oldest`, `latest` and
+    `log_id`) when the cursor cannot be served; resync with StreamSnapshot.
     """
     StreamSnapshot: _grpc.UnaryStreamMultiCallable[_orchestrator_service_pb2.StreamSnapshotRequest, _orchestrator_service_pb2.StreamSnapshotResponse]
     """The latest record of every retained job, step and child, valid at one seq:
@@ -84,8 +84,8 @@ class OrchestratorServiceAsyncStub(OrchestratorServiceStub):
     StreamStepEvents: _aio.UnaryStreamMultiCallable[_orchestrator_service_pb2.StreamStepEventsRequest, _orchestrator_service_pb2.StreamStepEventsResponse]  # type: ignore[assignment]
     """Replays every event after `after_seq`, then streams new ones as they are
     recorded, with heartbeats when idle. OUT_OF_RANGE (google.rpc.ErrorInfo
-    reason CURSOR_TOO_OLD or CURSOR_UNKNOWN, metadata oldest_seq, latest_seq,
-    log_id) when the cursor cannot be served; resync with StreamSnapshot.
+    reason CURSOR_TOO_OLD or CURSOR_UNKNOWN, metadata `oldest`, `latest` and
+    `log_id`) when the cursor cannot be served; resync with StreamSnapshot.
     """
     StreamSnapshot: _aio.UnaryStreamMultiCallable[_orchestrator_service_pb2.StreamSnapshotRequest, _orchestrator_service_pb2.StreamSnapshotResponse]  # type: ignore[assignment]
     """The latest record of every retained job, step and child, valid at one seq:
@@ -143,8 +143,8 @@ class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_orchestrator_service_pb2.StreamStepEventsResponse], _abc.AsyncIterator[_orchestrator_service_pb2.StreamStepEventsResponse]]:
         """Replays every event after `after_seq`, then streams new ones as they are
         recorded, with heartbeats when idle. OUT_OF_RANGE (google.rpc.ErrorInfo
-        reason CURSOR_TOO_OLD or CURSOR_UNKNOWN, metadata oldest_seq, latest_seq,
-        log_id) when the cursor cannot be served; resync with StreamSnapshot.
+        reason CURSOR_TOO_OLD or CURSOR_UNKNOWN, metadata `oldest`, `latest` and
+        `log_id`) when the cursor cannot be served; resync with StreamSnapshot.
         """
 
     @_abc_1.abstractmethod

@@ -94,8 +94,9 @@ class StatusServiceServicer:
     def WatchJob(self, request, context):
         """Without after_revision: the job's current state, then
         InitialStateComplete, then every later change. With it: only the changes
-        after it. OUT_OF_RANGE when after_revision is older than what is retained
-        (take a new snapshot).
+        after it. OUT_OF_RANGE (google.rpc.ErrorInfo reason CURSOR_TOO_OLD or
+        CURSOR_UNKNOWN, metadata `oldest`, `latest`) when after_revision is older
+        than what is retained or ahead of the latest: take a new snapshot.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -45,8 +45,9 @@ class StatusServiceStub:
     WatchJob: _grpc.UnaryStreamMultiCallable[_status_service_pb2.WatchJobRequest, _status_service_pb2.WatchJobResponse]
     """Without after_revision: the job's current state, then
     InitialStateComplete, then every later change. With it: only the changes
-    after it. OUT_OF_RANGE when after_revision is older than what is retained
-    (take a new snapshot).
+    after it. OUT_OF_RANGE (google.rpc.ErrorInfo reason CURSOR_TOO_OLD or
+    CURSOR_UNKNOWN, metadata `oldest`, `latest`) when after_revision is older
+    than what is retained or ahead of the latest: take a new snapshot.
     """
     WatchJobs: _grpc.UnaryStreamMultiCallable[_status_service_pb2.WatchJobsRequest, _status_service_pb2.WatchJobsResponse]
     """Like WatchJob for every job that matches a filter; updates carry job
@@ -70,8 +71,9 @@ class StatusServiceAsyncStub(StatusServiceStub):
     WatchJob: _aio.UnaryStreamMultiCallable[_status_service_pb2.WatchJobRequest, _status_service_pb2.WatchJobResponse]  # type: ignore[assignment]
     """Without after_revision: the job's current state, then
     InitialStateComplete, then every later change. With it: only the changes
-    after it. OUT_OF_RANGE when after_revision is older than what is retained
-    (take a new snapshot).
+    after it. OUT_OF_RANGE (google.rpc.ErrorInfo reason CURSOR_TOO_OLD or
+    CURSOR_UNKNOWN, metadata `oldest`, `latest`) when after_revision is older
+    than what is retained or ahead of the latest: take a new snapshot.
     """
     WatchJobs: _aio.UnaryStreamMultiCallable[_status_service_pb2.WatchJobsRequest, _status_service_pb2.WatchJobsResponse]  # type: ignore[assignment]
     """Like WatchJob for every job that matches a filter; updates carry job
@@ -116,8 +118,9 @@ class StatusServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_status_service_pb2.WatchJobResponse], _abc.AsyncIterator[_status_service_pb2.WatchJobResponse]]:
         """Without after_revision: the job's current state, then
         InitialStateComplete, then every later change. With it: only the changes
-        after it. OUT_OF_RANGE when after_revision is older than what is retained
-        (take a new snapshot).
+        after it. OUT_OF_RANGE (google.rpc.ErrorInfo reason CURSOR_TOO_OLD or
+        CURSOR_UNKNOWN, metadata `oldest`, `latest`) when after_revision is older
+        than what is retained or ahead of the latest: take a new snapshot.
         """
 
     @_abc_1.abstractmethod
