@@ -16,6 +16,7 @@ from orchestrator_svc.engine.recorder import Recorder
 from orchestrator_svc.engine.runner import RunSettings
 from orchestrator_svc.storage.sqlite import SqliteEventStore
 from orchestrator_svc.workers.base import WorkerRegistry
+from orchestrator_svc.workers.processes import ProcessRegistry
 from stepstream_common.feed import Feed
 from stepstream_common.rpc import RunningServer, add_servicer, start_server
 
@@ -23,6 +24,7 @@ log = logging.getLogger(__name__)
 
 LABEL = "stepstream orchestrator"
 DATABASE_FILE = "orchestrator.sqlite3"
+PROCESSES_DIR = "processes"
 
 
 @dataclass
@@ -68,9 +70,11 @@ async def start(config: OrchestratorConfig, workers: WorkerRegistry | None = Non
         ),
     )
     journal_task = journal.start()
+    processes = ProcessRegistry(config.data_dir / PROCESSES_DIR)
+    processes.stop_leftovers()
     engine = Engine(
         store, journal, Recorder(journal), workers or WorkerRegistry.from_entry_points(),
-        RunSettings(kill_grace=config.kill_grace),
+        RunSettings(kill_grace=config.kill_grace, processes=processes),
     )
     await engine.recover()
     servicer = OrchestratorServicer(engine, store, feed, info.log_id, config.heartbeat_interval)

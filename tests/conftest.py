@@ -1,14 +1,15 @@
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 from stepstream.v1 import orchestrator_service_pb2_grpc as orch_grpc
 from stepstream.v1 import status_service_pb2_grpc as status_grpc
 
-from orchestrator_svc.app import Orchestrator, start
+from orchestrator_svc.app import PROCESSES_DIR, Orchestrator, start
 from orchestrator_svc.config import OrchestratorConfig
+from orchestrator_svc.workers.processes import ProcessRegistry
 from status_svc.app import StatusService
 from status_svc.app import start as start_status
 from status_svc.config import StatusConfig
@@ -64,3 +65,13 @@ async def status(tmp_path: Path, orchestrator: Orchestrator) -> AsyncIterator[St
 async def status_stub(status: StatusService) -> AsyncIterator[status_grpc.StatusServiceAsyncStub]:
     async with channel(status.address) as ch:
         yield status_grpc.StatusServiceStub(ch)
+
+
+@pytest.fixture(autouse=True)
+def stop_leftover_commands(tmp_path: Path) -> Iterator[None]:
+    """After each test, kill the commands an orchestrator killed by the test left
+    running, through the same registry a restarted orchestrator uses."""
+    yield
+    for directory in tmp_path.rglob(PROCESSES_DIR):
+        if directory.is_dir():
+            ProcessRegistry(directory).stop_leftovers()

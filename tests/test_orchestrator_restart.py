@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import signal
 from collections.abc import Iterator, Mapping
@@ -49,9 +50,9 @@ def orchestrator_process(data_dir: Path, kill_grace: float = 1.0) -> ServiceProc
 
 @pytest.fixture
 def processes(tmp_path: Path) -> Iterator[list[ServiceProcess]]:
-    """Orchestrator processes to stop at the end, and the commands they left
-    behind (a killed orchestrator's commands keep running: they are in their own
-    sessions), found through the *.pid files the test commands write."""
+    """Orchestrator processes to stop at the end, and, should a test fail before
+    a restart stops them, the commands they left behind (found through the
+    *.pid files the test commands write)."""
     started: list[ServiceProcess] = []
     yield started
     for process in started:
@@ -59,6 +60,18 @@ def processes(tmp_path: Path) -> Iterator[list[ServiceProcess]]:
     for pid_file in tmp_path.rglob("*.pid"):
         with contextlib.suppress(ValueError, ProcessLookupError, PermissionError):
             os.killpg(int(pid_file.read_text()), signal.SIGKILL)
+
+
+async def process_gone(pid: int) -> bool | None:
+    """True once `pid` is gone or a zombie (nothing reaps orphans in some containers)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    with contextlib.suppress(FileNotFoundError):
+        if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+            return True
+    return None
 
 
 def start(processes: list[ServiceProcess], data_dir: Path, kill_grace: float = 1.0) -> ServiceProcess:
@@ -110,13 +123,13 @@ async def test_kill_9_then_restart_fails_what_was_in_flight(tmp_path: Path, proc
         await wait_job_state(stub, done.job.id, {s.JOB_STATE_COMPLETED})
         running = await submit(
             stub,
-            [sh("long", "echo $$ > long.pid; exec sleep 60", tmp_path), NEXT],
+            [sh("long", "echo $$ > long.pid; exec sleep 600", tmp_path), NEXT],
             "in-flight",
         )
         fan = await submit(
             stub,
             [{"name": "fan", "type": "fanout", "count": 4, "concurrency": 2,
-              "child": {"type": "command", "command": ["sh", "-c", "echo $$ > child-{index}.pid; exec sleep 60"],
+              "child": {"type": "command", "command": ["sh", "-c", "echo $$ > child-{index}.pid; exec sleep 600"],
                         "cwd": str(tmp_path)}}],
             "fan-in-flight",
         )
@@ -139,6 +152,10 @@ async def test_kill_9_then_restart_fails_what_was_in_flight(tmp_path: Path, proc
         # The old log is intact and the same log, and the recovery records follow it.
         assert same_log_id == log_id
         assert after[: len(before)] == before
+        # The commands the killed orchestrator left running were stopped on start.
+        for pid_file in [tmp_path / "long.pid", *tmp_path.glob("child-*.pid")]:
+            pid = int(pid_file.read_text())
+            await eventually(functools.partial(process_gone, pid), f"{pid_file.name} stopped")
         new = after[len(before):]
         assert [e.seq for e in new] == list(range(crash_seq + 1, latest + 1))
         assert all(record_of(e).reason == RESTARTED for e in new)
@@ -209,7 +226,7 @@ async def test_cancel_requested_before_the_crash_ends_cancelled(
         stub = Stub(ch)
         submitted = await submit(
             stub,
-            [sh("stubborn", "trap '' TERM; echo $$ > stubborn.pid; exec sleep 60", tmp_path),
+            [sh("stubborn", "trap '' TERM; echo $$ > stubborn.pid; exec sleep 600", tmp_path),
              {"name": "next", "type": "sleep", "seconds": 0}],
             "cancel-then-crash",
         )
@@ -249,7 +266,7 @@ async def test_sigterm_fails_in_flight_jobs_then_exits_0(tmp_path: Path, process
         stub = Stub(ch)
         submitted = await submit(
             stub,
-            [sh("long", "echo $$ > long.pid; exec sleep 60", tmp_path), NEXT],
+            [sh("long", "echo $$ > long.pid; exec sleep 600", tmp_path), NEXT],
             "shut-down-under-it",
         )
         await wait_job_state(stub, submitted.job.id, {s.JOB_STATE_RUNNING})
@@ -264,18 +281,7 @@ async def test_sigterm_fails_in_flight_jobs_then_exits_0(tmp_path: Path, process
     assert first.terminate() == 0
 
     # The command was stopped, not left behind.
-    async def gone() -> bool | None:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        stat = Path(f"/proc/{pid}/stat")
-        with contextlib.suppress(FileNotFoundError):
-            if stat.read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
-                return True
-        return None
-
-    await eventually(gone, "the command to be stopped")
+    await eventually(lambda: process_gone(pid), "the command to be stopped")
 
     second = start(processes, data_dir)
     async with channel(second.address) as ch:

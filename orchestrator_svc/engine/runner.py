@@ -28,6 +28,7 @@ from orchestrator_svc.domain.spec import JobSpec, StepSpec
 from orchestrator_svc.engine.attempts import AttemptHooks, run_attempts
 from orchestrator_svc.engine.recorder import Recorder
 from orchestrator_svc.workers.base import FanoutPlan, FanoutWorker, WorkContext, Worker, WorkerRegistry
+from orchestrator_svc.workers.processes import ProcessRegistry
 from stepstream_common.states import step_state_word
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 class RunSettings:
     # Seconds between SIGTERM and SIGKILL when a command is stopped.
     kill_grace: float = 5.0
+    processes: ProcessRegistry | None = None
 
 
 class _OverTolerance(Exception):
@@ -224,7 +226,7 @@ class JobRun:
         self._step_finished.set()
 
     def _context(self, step_name: str, child_index: int | None) -> WorkContextFactory:
-        return WorkContextFactory(self.job.id, step_name, child_index, self._settings.kill_grace)
+        return WorkContextFactory(self.job.id, step_name, child_index, self._settings)
 
     def _step_hooks(self, record: records_pb2.Step) -> AttemptHooks:
         def starting(attempt: int, reason: int, message: str) -> None:
@@ -321,7 +323,8 @@ class WorkContextFactory:
     job_id: str
     step_name: str
     child_index: int | None
-    kill_grace: float
+    settings: RunSettings
 
     def __call__(self, attempt: int) -> WorkContext:
-        return WorkContext(self.job_id, self.step_name, attempt, self.child_index, self.kill_grace)
+        return WorkContext(self.job_id, self.step_name, attempt, self.child_index, self.settings.kill_grace,
+                           self.settings.processes)

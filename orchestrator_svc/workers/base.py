@@ -20,6 +20,7 @@ from importlib.metadata import entry_points
 from typing import Any
 
 from orchestrator_svc.domain.spec import Execution, Params, Violations, WorkerCatalog
+from orchestrator_svc.workers.processes import ProcessRegistry
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,8 @@ class WorkContext:
     child_index: int | None
     # Seconds between the polite stop signal and the forced one.
     kill_grace: float
+    # Where process groups are recorded (so a restart can stop leftovers).
+    processes: ProcessRegistry | None = None
 
 
 class Worker(ABC):

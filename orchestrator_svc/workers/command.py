@@ -50,6 +50,8 @@ class CommandWorker(Worker):
             )
         except OSError as error:
             raise WorkFailed(f"could not start {command[0]!r}: {error.strerror or error}") from error
+        if context.processes is not None:
+            context.processes.add(process.pid, _owner(context))
         tail: deque[str] = deque(maxlen=OUTPUT_TAIL_LINES)
         reader = asyncio.create_task(_read_lines(process, tail))
         try:
@@ -60,6 +62,8 @@ class CommandWorker(Worker):
             raise
         finally:
             _kill_group(process.pid, signal.SIGKILL)
+            if context.processes is not None:
+                context.processes.remove(process.pid)
         try:
             await reader  # ends at EOF, now that the whole group is gone
         except asyncio.CancelledError:
@@ -71,6 +75,11 @@ class CommandWorker(Worker):
         if code < 0:
             raise WorkFailed(f"killed by {signal.Signals(-code).name}{last}")
         raise WorkFailed(f"exit {code}{last}")
+
+
+def _owner(context: WorkContext) -> str:
+    child = f"[{context.child_index}]" if context.child_index is not None else ""
+    return f"job {context.job_id} step {context.step_name}{child} attempt {context.attempt}"
 
 
 async def _read_lines(process: asyncio.subprocess.Process, tail: deque[str]) -> None:
