@@ -345,6 +345,19 @@ def stored_updates(db_path: Path, job_id: str, after: int = 0) -> list[Any]:
     return updates
 
 
+def folded_child_events(db_path: Path, job_id: str, after: int = 0) -> list[int]:
+    """How many child events each of the job's `changes` rows after `after` folds
+    (0 for a job or step transition), in revision order."""
+    db = open_sqlite_readonly(db_path)
+    try:
+        rows = db.execute(
+            "SELECT child_events FROM changes WHERE job_id = ? AND revision > ? ORDER BY revision", (job_id, after)
+        ).fetchall()
+    finally:
+        db.close()
+    return [row[0] for row in rows]
+
+
 async def read_watch(call: Any, deadline: float = DEADLINE) -> Any:
     """The next message of a watch (an AssertionError instead of a hang)."""
     try:

@@ -6,8 +6,10 @@ The status service runs as a real subprocess (`python -m status_svc`); the
 orchestrator runs in-process. At the end the status service's SQLite file is
 opened read-only and compared, row by row, with the orchestrator's whole event
 log folded here independently: every job, step_stats and children row, the
-cursor, and the `changes` log, where every orchestrator event (each one a real
-transition) must appear exactly once, in seq order, under contiguous revisions.
+cursor, and the `changes` log, under contiguous revisions, where every
+orchestrator event (each one a real transition) is recorded exactly once, in
+seq order: a job or step event by a change of its own, a run of child events by
+changes that say how many they fold (`child_events`).
 """
 
 from __future__ import annotations
@@ -143,19 +145,17 @@ def assert_database_matches_the_log(
         child_rows = {(row[0], row[1]): row[2:] for row in db.execute(
             "SELECT step, idx, item, state, reason, message, attempt, started_at, finished_at, seq, revision "
             "FROM children WHERE job_id = ?", (job_id,))}
-        changes = db.execute("SELECT revision, job_id, state_before, state_after, header, steps FROM changes "
-                             "ORDER BY revision").fetchall()
+        changes = db.execute("SELECT revision, job_id, state_before, state_after, header, steps, child_events "
+                             "FROM changes ORDER BY revision").fetchall()
     finally:
         db.close()
 
     # The cursor is the orchestrator's last seq: committed with the state it produced.
     assert [(address, cursor) for address, cursor, _ in sources] == [(source, seqs[-1])]
 
-    # The change log: one row per orchestrator event, in seq order, under contiguous revisions.
+    # The change log: every orchestrator event recorded once, in seq order, under contiguous revisions.
     assert [row[0] for row in changes] == list(range(1, len(changes) + 1)), "a revision is missing or repeated"
     assert {row[1] for row in changes} == {job_id}
-    real = drop_freshness_only(changes)
-    assert len(real) == len(events), f"{len(real)} changes for {len(events)} events"
 
     last: dict[tuple[Any, ...], Event] = {}
     revision_of: dict[tuple[Any, ...], int] = {}
@@ -163,10 +163,26 @@ def assert_database_matches_the_log(
     child_counts: dict[str, Counter[int]] = {}
     step_state: dict[str, int] = {}
     job_state = s.JOB_STATE_UNSPECIFIED
-    for event, (revision, _, before, after, header, steps) in zip(events, real, strict=True):
-        key = key_of(event)
-        previous = last.get(key)
+    for (revision, _, before, after, header, steps, _), recorded in recorded_events(events, changes):
         stats = decode_steps(steps)
+        if recorded[0].HasField("child"):
+            step_name = recorded[0].child.step_name
+            counts = child_counts.setdefault(step_name, Counter())
+            for event in recorded:
+                key = key_of(event)
+                previous = last.get(key)
+                if previous is not None:
+                    counts[previous.child.state] -= 1
+                counts[event.child.state] += 1
+                last[key] = event
+                revision_of[key] = revision
+            assert header is None and before == after == job_state, f"revision {revision}"
+            assert [(st.name, st.revision) for st in stats] == [(step_name, revision)], f"revision {revision}"
+            assert counts_of(stats[0].children) == +counts, f"revision {revision}: counts after its last event"
+            stats_revision[step_name] = revision
+            continue
+        (event,) = recorded
+        key = key_of(event)
         if key[0] == "job":
             assert header is not None and stats == [], f"seq {event.seq}"
             decoded = status_pb.JobStatus.FromString(header)
@@ -181,19 +197,6 @@ def assert_database_matches_the_log(
             assert [(st.name, st.state, st.reason, st.attempt, st.message, st.revision) for st in stats] == [
                 (event.step.name, event.step.state, event.step.reason, event.step.attempt, event.step.message,
                  revision)], f"seq {event.seq}"
-        else:
-            child = event.child
-            counts = child_counts.setdefault(child.step_name, Counter())
-            moved = previous is None or previous.child.state != child.state
-            if previous is not None:
-                counts[previous.child.state] -= 1
-            counts[child.state] += 1
-            assert header is None, f"seq {event.seq}"
-            if moved:
-                assert [(st.name, st.revision) for st in stats] == [(child.step_name, revision)], f"seq {event.seq}"
-                assert counts_of(stats[0].children) == +counts, f"seq {event.seq}"
-            else:
-                assert stats == [], f"seq {event.seq}: a retry moves no count"
         last[key] = event
         revision_of[key] = revision
         for st in stats:
@@ -246,6 +249,32 @@ def counts_of(counts: Any) -> Counter[int]:
     return +found
 
 
+def recorded_events(events: list[Event], changes: list[tuple[Any, ...]]) -> list[tuple[tuple[Any, ...], list[Event]]]:
+    """Pair one job's change-log rows (freshness-only rows dropped) with the events each records.
+
+    Walking both in order: a job or step event is recorded by the next change,
+    which folds no child events; a run of child events of one step, with no job
+    or step event between them, by one or more changes whose `child_events` add
+    up. Fails if an event is missing, recorded twice, or out of order.
+    """
+    pairs: list[tuple[tuple[Any, ...], list[Event]]] = []
+    position = 0
+    for row in drop_freshness_only(changes):
+        folded = row[6]
+        recorded = events[position: position + max(1, folded)]
+        position += len(recorded)
+        assert recorded, f"revision {row[0]} records no event: more changes than events"
+        if folded:
+            assert len(recorded) == folded, f"revision {row[0]} folds {folded} child events; only {len(recorded)} left"
+            assert all(e.HasField("child") for e in recorded), f"revision {row[0]}: a child run interrupted"
+            assert len({e.child.step_name for e in recorded}) == 1, f"revision {row[0]}: children of two steps"
+        else:
+            assert not recorded[0].HasField("child"), f"revision {row[0]}: seq {recorded[0].seq} is a child event"
+        pairs.append((row, recorded))
+    assert position == len(events), f"{len(events) - position} events never recorded"
+    return pairs
+
+
 def drop_freshness_only(changes: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
     """The changes that come from orchestrator events: without the header-only rows
     that record the source going stale or fresh again (the job itself unchanged).
@@ -253,7 +282,7 @@ def drop_freshness_only(changes: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]
     real = []
     held: status_pb.JobStatus | None = None
     for row in changes:
-        _, _, before, after, header, steps = row
+        _, _, before, after, header, steps = row[:6]
         if header is not None:
             decoded = status_pb.JobStatus.FromString(header)
             if held is not None and steps is None and before == after:

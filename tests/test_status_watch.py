@@ -31,9 +31,9 @@ from tests.conftest import status_config
 from tests.helpers import (
     DEADLINE,
     WatchedJob,
-    channel,
     ends_job,
     eventually,
+    folded_child_events,
     job_definition,
     open_sqlite_readonly,
     read_watch,
@@ -93,9 +93,9 @@ async def open_watch(status: StatusStub, job_id: str) -> tuple[Any, status_pb.Jo
 
 @pytest.fixture
 async def small_queue_status(tmp_path: Path, orchestrator: Orchestrator) -> AsyncIterator[StatusService]:
-    """A status service whose watchers overflow after 50 queued changes."""
+    """A status service whose watchers overflow after 5 queued changes."""
     running = await start_status(status_config(tmp_path / "status-small-queue", orchestrator.address,
-                                               watcher_queue=50))
+                                               watcher_queue=5))
     yield running
     await running.stop()
 
@@ -110,8 +110,8 @@ async def short_log_status(tmp_path: Path, orchestrator: Orchestrator) -> AsyncI
 
 
 @asynccontextmanager
-async def stub_for(service: StatusService) -> AsyncIterator[StatusStub]:
-    async with channel(service.address) as ch:
+async def stub_for(service: StatusService, options: list[tuple[str, Any]] | None = None) -> AsyncIterator[StatusStub]:
+    async with grpc.aio.insecure_channel(service.address, options=options) as ch:
         yield status_grpc.StatusServiceStub(ch)
 
 
@@ -152,8 +152,12 @@ async def test_watch_sends_state_then_marker_then_every_change_in_order(
     revisions = [u.revision for u in updates]
     assert revisions == sorted(set(revisions)) and revisions[0] > initial.revision
     assert revisions[-1] == final.job.revision
-    # 30 children x 3 transitions, the gate's end, the fan-out's running, waiting and end, the job's end.
-    assert len(updates) == 30 * 3 + 1 + 3 + 1
+    # The gate's end, the fan-out's running, waiting and end, and the job's end each have a revision;
+    # the 30 children x 3 transitions are folded, per step and transaction, into the others.
+    folded = folded_child_events(db_path(status), job_id, after=initial.revision)
+    assert len(folded) == len(updates)
+    assert folded.count(0) == 1 + 3 + 1
+    assert sum(folded) == 30 * 3
     assert all(h.revision >= initial.revision for h in heartbeats)
 
     # Folding the stream onto the initial state gives the final snapshot.
@@ -215,7 +219,7 @@ async def test_a_watcher_that_disconnects_and_resumes_sees_every_change_once(
     call, initial = await open_watch(status_stub, job_id)
     release.touch()
     first: list[status_pb.JobUpdate] = []
-    while len(first) < 40:
+    while len(first) < 10:
         message = await read_watch(call)
         first.extend(message.updates.updates)
     call.cancel()
@@ -227,7 +231,9 @@ async def test_a_watcher_that_disconnects_and_resumes_sees_every_change_once(
     both = [*first, *rest]
     assert [u.revision for u in both] == sorted({u.revision for u in both})
     assert both == stored_updates(db_path(status), job_id, after=initial.revision)
-    assert len(both) == 200 * 3 + 1 + 3 + 1
+    folded = folded_child_events(db_path(status), job_id, after=initial.revision)
+    assert len(folded) == len(both)
+    assert (folded.count(0), sum(folded)) == (1 + 3 + 1, 200 * 3)
 
 
 async def test_a_stalled_watcher_never_slows_ingest_and_loses_nothing(
@@ -235,11 +241,18 @@ async def test_a_stalled_watcher_never_slows_ingest_and_loses_nothing(
 ) -> None:
     """The documented rule (stepstream_common/feed.py): a watcher more than
     `watcher_queue` changes behind is switched to reading the change log; it is
-    not cut off and the writer never waits for it."""
+    not cut off and the writer never waits for it.
+
+    Step transitions are never folded together, so a long chain of steps gives
+    the stalled watcher hundreds of changes (over 64 KiB): more than gRPC buffers
+    for it, so its queue must overflow. A fan-out adds child revisions too."""
     release = tmp_path / "release"
     count = 1500
-    async with stub_for(small_queue_status) as stub:
-        job_id = await gated_job(orchestrator_stub, stub, release, fan(count, concurrency=50))
+    chain = [{"name": f"link-{i:03d}", "type": "sleep", "seconds": 0} for i in range(150)]
+    # A small flow-control window: the server's writes block soon after the watcher stops reading.
+    small_window = [("grpc.http2.lookahead_bytes", 1024), ("grpc.http2.bdp_probe", 0)]
+    async with stub_for(small_queue_status, small_window) as stub:
+        job_id = await gated_job(orchestrator_stub, stub, release, fan(count, concurrency=20), *chain)
         call, initial = await open_watch(stub, job_id)
         # From here on nobody reads the watch.
         release.touch()
@@ -254,7 +267,10 @@ async def test_a_stalled_watcher_never_slows_ingest_and_loses_nothing(
     revisions = [u.revision for u in updates]
     assert revisions == sorted(set(revisions))
     assert updates == stored_updates(db_path(small_queue_status), job_id, after=initial.revision)
-    assert len(updates) == count * 3 + 1 + 3 + 1
+    folded = folded_child_events(db_path(small_queue_status), job_id, after=initial.revision)
+    assert len(folded) == len(updates)
+    # The gate's end, the fan-out's running, waiting and end, two transitions per link, the job's end.
+    assert (folded.count(0), sum(folded)) == (1 + 3 + 2 * len(chain) + 1, count * 3)
     assert revisions[-1] == done.job.revision
 
 
@@ -271,7 +287,9 @@ async def test_a_cursor_older_than_retention_is_out_of_range_and_the_client_resn
 async def _out_of_range_then_resnapshot(
     orchestrator_stub: OrchStub, quick_stub: StatusStub, quick_status: StatusService
 ) -> None:
-    job_id = await submit(orchestrator_stub, [fan(10)])
+    # Step transitions each take a revision (child ones may share one): enough to prune.
+    sleeps = [{"name": f"pause-{i}", "type": "sleep", "seconds": 0} for i in range(5)]
+    job_id = await submit(orchestrator_stub, [fan(10), *sleeps])
     final = await wait_status_job(quick_stub, job_id, status_job_finished, "the job to end")
     latest = final.revision
     assert latest > 10
@@ -445,11 +463,15 @@ async def test_many_stalled_watchers_soak(
     orchestrator_stub: OrchStub, small_queue_status: StatusService, tmp_path: Path
 ) -> None:
     """Several watchers of one job and one of every job, none reading, while 5000
-    children run: ingest finishes, nobody is cut off, each gets everything once."""
+    children and a chain of 190 steps run: ingest finishes, nobody is cut off,
+    each gets everything once."""
     release = tmp_path / "release"
     count = 5000
-    async with stub_for(small_queue_status) as stub:
-        job_id = await gated_job(orchestrator_stub, stub, release, fan(count, concurrency=100, fail_every=11))
+    chain = [{"name": f"link-{i:03d}", "type": "sleep", "seconds": 0} for i in range(190)]
+    small_window = [("grpc.http2.lookahead_bytes", 1024), ("grpc.http2.bdp_probe", 0)]
+    async with stub_for(small_queue_status, small_window) as stub:
+        job_id = await gated_job(orchestrator_stub, stub, release, fan(count, concurrency=100, fail_every=11),
+                                 *chain)
         watches = [await open_watch(stub, job_id) for _ in range(3)]
         every = stub.WatchJobs(status_pb.WatchJobsRequest())
         assert (await read_watch(every)).WhichOneof("event") == "updates"

@@ -53,7 +53,7 @@ class StepEntry:
         return self.record.state if self.record is not None else s.STEP_STATE_UNSPECIFIED
 
 
-@dataclass
+@dataclass(slots=True)
 class Change:
     """What one winning event changed, for the store and the watchers."""
 
@@ -78,10 +78,12 @@ class JobFold:
     steps: dict[str, StepEntry] = field(default_factory=dict)
     children: dict[tuple[str, int], tuple[int, Version]] = field(default_factory=dict)
     step_counts: Counter[int] = field(default_factory=Counter)
+    # The held job record's state (kept apart: read for every event).
+    state: int = s.JOB_STATE_UNSPECIFIED
 
-    @property
-    def state(self) -> int:
-        return self.job.state if self.job is not None else s.JOB_STATE_UNSPECIFIED
+    def __post_init__(self) -> None:
+        if self.job is not None:
+            self.state = self.job.state
 
     @property
     def finished(self) -> bool:
@@ -103,11 +105,13 @@ class JobFold:
         if version <= self.job_version:
             return None
         before = self.state
-        self.job, self.job_version = job, version
+        self.job, self.job_version, self.state = job, version, job.state
         return Change(self.job_id, header=True, job_state_before=before, job_state_after=job.state)
 
     def _apply_step(self, step: records_pb2.Step, seq: int) -> Change | None:
-        entry = self.steps.setdefault(step.name, StepEntry())
+        entry = self.steps.get(step.name)
+        if entry is None:
+            entry = self.steps[step.name] = StepEntry()
         version = work_version(step.state, seq)
         if version <= entry.version:
             return None
@@ -120,16 +124,26 @@ class JobFold:
         return change
 
     def _apply_child(self, child: records_pb2.Child, seq: int) -> Change | None:
-        key = (child.step_name, child.index)
-        old_state, old_version = self.children.get(key, (s.STEP_STATE_UNSPECIFIED, NO_VERSION))
-        version = work_version(child.state, seq)
-        if version <= old_version:
+        step_name, state = child.step_name, int(child.state)
+        key = (step_name, child.index)
+        version = (state in TERMINAL_STEP_STATES, seq)
+        held = self.children.get(key)
+        old_state: int
+        if held is None:
+            old_state = s.STEP_STATE_UNSPECIFIED
+        elif version <= held[1]:
             return None
-        self.children[key] = (child.state, version)
-        change = Change(self.job_id, child=child, job_state_before=self.state, job_state_after=self.state)
-        if old_state != child.state:
-            _move(self.steps.setdefault(child.step_name, StepEntry()).children, old_state, child.state)
-            change.steps.append(child.step_name)
+        else:
+            old_state = held[0]
+        self.children[key] = (state, version)
+        job_state = self.state
+        change = Change(self.job_id, child=child, job_state_before=job_state, job_state_after=job_state)
+        if old_state != state:
+            entry = self.steps.get(step_name)
+            if entry is None:
+                entry = self.steps[step_name] = StepEntry()
+            _move(entry.children, old_state, state)
+            change.steps.append(step_name)
         return change
 
 

@@ -73,6 +73,7 @@ class OrchestratorFollower:
             async with grpc.aio.insecure_channel(self.address, options=channel_options()) as channel:
                 stub = orch_grpc.OrchestratorServiceStub(channel)
                 while True:
+                    heard_before = self._last_heard
                     try:
                         await self._follow(stub)
                         self._last_error = "the orchestrator ended the stream"
@@ -85,6 +86,8 @@ class OrchestratorFollower:
                         self._last_error = f"{error.code().name}: {error.details()}"
                     except _Silent:
                         self._last_error = f"no message for {self._stale_after:g}s"
+                    if self._last_heard != heard_before:
+                        backoff = self._backoff_initial  # it was a working stream: a new run of failures
                     self.reconnects += 1
                     log.info("%s: %s; reconnecting in %.2fs", self.address, self._last_error, backoff)
                     await asyncio.sleep(backoff * random.uniform(0.8, 1.2))

@@ -6,6 +6,14 @@ It takes everything queued at once (one transaction per batch under load, one
 per message when idle, so batching adds no latency) and never waits on a
 watcher. A crash at any point loses nothing and applies nothing twice: the
 cursor is committed with the state it produced.
+
+Revisions. Every job or step transition gets a revision of its own. Child
+transitions change what watchers see only through their step's child counts,
+so those of one step that arrive in the same transaction are folded into one
+revision (its change-log row says how many: `child_events`); a job's pending
+child revisions are assigned before its next job or step transition, so
+within a job the change log keeps the order of the events. Each child row
+carries the revision that last changed it.
 """
 
 from __future__ import annotations
@@ -71,23 +79,36 @@ class _Job:
     fold: JobFold
     source: str
     lost: tuple[float | None, str] = (None, "")
+    # Folded batches touching this job whose commit has not landed yet: while
+    # any remains, the job must stay in memory (the database is behind it).
+    uncommitted: int = 0
+
+
+@dataclass(slots=True)
+class _ChildGroup:
+    """Child events of one step, folded into one revision: the last record
+    (and its seq) of each child, and how many events there were."""
+
+    children: dict[int, tuple[records_pb2.Child, int]] = field(default_factory=dict)
+    events: int = 0
 
 
 @dataclass
 class _Pending:
-    """What one transaction will write and publish."""
+    """What one transaction will write and publish. Rows are keyed so that an
+    entity changed several times in one transaction is written once."""
 
     batch: WriteBatch = field(default_factory=WriteBatch)
     changes: list[StoredChange] = field(default_factory=list)
     jobs: dict[str, tuple[object, ...]] = field(default_factory=dict)
     steps: dict[tuple[str, str], tuple[object, ...]] = field(default_factory=dict)
-
-
-def _job_of(event: records_pb2.StepEvent) -> str:
-    kind = event.WhichOneof("record")
-    if kind == "job":
-        return event.job.id
-    return event.step.job_id if kind == "step" else event.child.job_id
+    children: dict[tuple[str, str, int], tuple[object, ...]] = field(default_factory=dict)
+    # job id -> step name -> child events not yet given a revision
+    groups: dict[str, dict[str, _ChildGroup]] = field(default_factory=dict)
+    # The latest revision once folded: what the feed announces after the commit.
+    revision: int = 0
+    # Jobs this transaction changes.
+    touched: set[str] = field(default_factory=set)
 
 
 class IngestWriter:
@@ -129,8 +150,13 @@ class IngestWriter:
         await self._queue.put(item)
 
     async def run(self) -> None:
-        """Apply until stop(); a storage failure propagates (the service must not go on)."""
+        """Apply until stop(); a storage failure propagates (the service must not go on).
+
+        Pipelined: the next batch is folded while the previous one commits on
+        the database thread; commits (and the publishing after each) stay in order.
+        """
         next_prune = time.monotonic() + self._prune_every
+        committing: asyncio.Task[None] | None = None
         while not (self._stopping and self._queue.empty()):
             items: list[IngestItem | None] = []
             with contextlib.suppress(TimeoutError):
@@ -144,65 +170,119 @@ class IngestWriter:
                     size += len(item.events)
             work = [item for item in items if item is not None]
             if work:
-                await self._apply(work)
+                job_ids, touched = await self._load_jobs(work)
+                pending = self._fold(work, job_ids, touched)
+                if committing is not None:
+                    await committing
+                committing = asyncio.create_task(self._commit(pending), name="ingest-commit")
             if time.monotonic() >= next_prune:
+                if committing is not None:
+                    await committing
+                    committing = None
                 await self._store.prune(self._keep_changes)
                 next_prune = time.monotonic() + self._prune_every
+        if committing is not None:
+            await committing
 
     async def stop(self) -> None:
         """Ask run() to return once everything queued is applied."""
         self._stopping = True
         await self._queue.put(None)
 
-    async def _apply(self, items: Sequence[IngestItem]) -> None:
-        await self._load_jobs(items)
+    def _fold(self, items: Sequence[IngestItem], job_ids: Sequence[list[str]], touched: set[str]) -> _Pending:
         pending = _Pending()
         touched_sources: set[str] = set()
-        for item in items:
+        for item, ids in zip(items, job_ids, strict=True):
             touched_sources.add(item.source)
             if isinstance(item, Events):
-                self._apply_events(item, pending)
+                self._apply_events(item, ids, pending)
             elif isinstance(item, SnapshotApplied):
                 self._apply_snapshot_end(item, pending)
             else:
                 self._apply_health(item, pending)
+        for job_id in list(pending.groups):
+            self._flush_children(self._jobs[job_id], pending)
         pending.batch.jobs.extend(pending.jobs.values())
         pending.batch.steps.extend(pending.steps.values())
+        pending.batch.children.extend(pending.children.values())
         pending.batch.sources.extend(tuple(self._sources[address]) for address in touched_sources)
-        await self._store.commit(pending.batch)
-        self._feed.publish(pending.changes, self._revision)
-        for job_id in [job_id for job_id, job in self._jobs.items() if job.fold.finished]:
-            del self._jobs[job_id]
+        pending.revision = self._revision
+        pending.touched = {job_id for job_id in touched if job_id in self._jobs}
+        for job_id in pending.touched:
+            self._jobs[job_id].uncommitted += 1
+        return pending
 
-    async def _load_jobs(self, items: Sequence[IngestItem]) -> None:
-        """Bring every job the items touch into memory (one read for all of them)."""
+    async def _commit(self, pending: _Pending) -> None:
+        await self._store.commit(pending.batch)
+        self._feed.publish(pending.changes, pending.revision)
+        # A finished job receives no more events; once all its changes are
+        # committed it leaves memory (a stray event reads it back).
+        for job_id in pending.touched:
+            job = self._jobs[job_id]
+            job.uncommitted -= 1
+            if not job.uncommitted and job.fold.finished:
+                del self._jobs[job_id]
+
+    async def _load_jobs(self, items: Sequence[IngestItem]) -> tuple[list[list[str]], set[str]]:
+        """Bring every job the items touch into memory (one read for all of them);
+        return the job id of each event (an empty list for other items) and the
+        set of jobs touched.
+
+        Only jobs not in memory are read, and a job stays in memory until every
+        change to it is committed, so what is read is never behind.
+        """
         wanted: set[str] = set()
+        job_ids: list[list[str]] = []
         for item in items:
+            ids: list[str] = []
             if isinstance(item, Events):
-                wanted.update(_job_of(event) for event in item.events)
+                for event in item.events:
+                    kind = event.WhichOneof("record")
+                    if kind == "child":
+                        ids.append(event.child.job_id)
+                    elif kind == "step":
+                        ids.append(event.step.job_id)
+                    else:
+                        ids.append(event.job.id)
+                wanted.update(ids)
             else:
                 wanted.update(await self._store.unfinished_jobs(item.source))
+            job_ids.append(ids)
         missing = [job_id for job_id in wanted if job_id not in self._jobs]
-        for job_id, (fold, source, lost) in (await self._store.load_folds(missing)).items():
-            self._jobs[job_id] = _Job(fold, source, lost)
+        if missing:
+            for job_id, (fold, source, lost) in (await self._store.load_folds(missing)).items():
+                self._jobs[job_id] = _Job(fold, source, lost)
+        return job_ids, wanted
 
-    def _apply_events(self, item: Events, pending: _Pending) -> None:
+    def _apply_events(self, item: Events, job_ids: list[str], pending: _Pending) -> None:
         source = self.source(item.source)
         if source.log_id and item.log_id != source.log_id and item.from_stream:
             log.error("dropping events from %s: log %s, expected %s", item.source, item.log_id, source.log_id)
             return
         cursor = source.cursor
-        for event in item.events:
+        jobs = self._jobs
+        for event, job_id in zip(item.events, job_ids, strict=True):
             if item.from_stream and event.seq <= cursor:
                 continue
-            job_id = _job_of(event)
-            job = self._jobs.get(job_id)
+            job = jobs.get(job_id)
             if job is None:
-                job = self._jobs[job_id] = _Job(JobFold(job_id), item.source)
+                job = jobs[job_id] = _Job(JobFold(job_id), item.source)
             change = job.fold.apply(event)
-            if change is not None:
-                self._record(job, change, pending, event.seq)
             self.events_applied += 1
+            if change is None:
+                continue
+            child = change.child
+            if child is None:
+                self._record(job, change, pending)
+                continue
+            groups = pending.groups.get(job_id)
+            if groups is None:
+                groups = pending.groups[job_id] = {}
+            group = groups.get(child.step_name)
+            if group is None:
+                group = groups[child.step_name] = _ChildGroup()
+            group.children[child.index] = (child, event.seq)
+            group.events += 1
         if item.from_stream and item.events:
             cursor = max(cursor, item.events[-1].seq)
         self._sources[item.source] = source._replace(log_id=source.log_id or item.log_id, cursor=cursor)
@@ -214,7 +294,7 @@ class IngestWriter:
         for job in self._jobs.values():
             if job.source == item.source and not job.fold.finished and job.fold.job_id not in item.jobs_seen:
                 job.lost = (now, f"unknown to {item.source} (log {item.log_id}): its data was replaced or pruned")
-                self._record(job, _header_change(job), pending, None)
+                self._record(job, _header_change(job), pending)
 
     def _apply_health(self, item: SourceHealth, pending: _Pending) -> None:
         source = self.source(item.source)
@@ -223,13 +303,13 @@ class IngestWriter:
         self._sources[item.source] = source._replace(stale_since=item.stale_since, detail=item.detail)
         for job in self._jobs.values():
             if job.source == item.source and not job.fold.finished:
-                self._record(job, _header_change(job), pending, None)
+                self._record(job, _header_change(job), pending)
 
-    def _record(self, job: _Job, change: Change, pending: _Pending, seq: int | None) -> None:
-        """Give `change` the next revision and add its rows and its change-log entry."""
-        self._revision += 1
-        revision = self._revision
+    def _record(self, job: _Job, change: Change, pending: _Pending) -> None:
+        """Give a job or step transition the next revision, after the job's pending child events."""
+        self._flush_children(job, pending)
         fold = job.fold
+        revision = self._next_revision()
         header = None
         if change.header:
             source = self.source(job.source)
@@ -237,20 +317,47 @@ class IngestWriter:
             status = job_status(fold, freshness(fold.state, job.source, stale_since, detail), revision)
             header = status.SerializeToString()
             pending.jobs[fold.job_id] = job_row(status, job.source, fold.job_version[1], job.lost)
-        encoded_steps = []
-        for name in change.steps:
+        steps = self._encode_steps(fold, change.steps, revision, pending)
+        self._log_change(pending, StoredChange(revision, fold.job_id, _name(fold), change.job_state_before,
+                                               change.job_state_after, header, steps, 0))
+
+    def _flush_children(self, job: _Job, pending: _Pending) -> None:
+        """Give each step's pending child events of `job` one revision."""
+        groups = pending.groups.pop(job.fold.job_id, None)
+        if not groups:
+            return
+        fold = job.fold
+        for step_name, group in groups.items():
+            revision = self._next_revision()
+            for index, (child, seq) in group.children.items():
+                pending.children[(fold.job_id, step_name, index)] = child_row(child, seq, revision)
+            steps = self._encode_steps(fold, [step_name], revision, pending)
+            state = fold.state
+            self._log_change(pending, StoredChange(revision, fold.job_id, _name(fold), state, state, None, steps,
+                                                   group.events))
+
+    def _next_revision(self) -> int:
+        self._revision += 1
+        return self._revision
+
+    @staticmethod
+    def _encode_steps(fold: JobFold, names: Sequence[str], revision: int, pending: _Pending) -> bytes | None:
+        encoded = []
+        for name in names:
             entry = fold.steps[name]
             stats = step_stats(name, entry, revision)
-            encoded_steps.append(stats.SerializeToString())
+            encoded.append(stats.SerializeToString())
             pending.steps[(fold.job_id, name)] = step_row(fold.job_id, stats, entry.version[1])
-        if change.child is not None and seq is not None:
-            pending.batch.children.append(child_row(change.child, seq, revision))
-        steps = wire.repeated(4, encoded_steps) if encoded_steps else None
-        name = fold.job.name if fold.job is not None else ""
-        stored = StoredChange(revision, fold.job_id, name, change.job_state_before, change.job_state_after,
-                              header, steps)
-        pending.batch.changes.append(tuple(stored))
-        pending.changes.append(stored)
+        return wire.repeated(4, encoded) if encoded else None
+
+    @staticmethod
+    def _log_change(pending: _Pending, change: StoredChange) -> None:
+        pending.batch.changes.append(tuple(change))
+        pending.changes.append(change)
+
+
+def _name(fold: JobFold) -> str:
+    return fold.job.name if fold.job is not None else ""
 
 
 def _header_change(job: _Job) -> Change:

@@ -28,8 +28,9 @@ class SourceRow(NamedTuple):
 
 
 class StoredChange(NamedTuple):
-    """One revision of one job: the encoded JobStatus if the header changed, and
-    the encoded StepStats entries (repeated field 4 of JobUpdate) that changed."""
+    """One revision of one job: the encoded JobStatus if the header changed, the
+    encoded StepStats entries (repeated field 4 of JobUpdate) that changed, and
+    how many child events it folds (0 for a job or step transition)."""
 
     revision: int
     job_id: str
@@ -38,6 +39,7 @@ class StoredChange(NamedTuple):
     state_after: int
     header: bytes | None
     steps: bytes | None
+    child_events: int
 
     @property
     def position(self) -> int:

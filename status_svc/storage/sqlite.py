@@ -61,7 +61,8 @@ CREATE TABLE IF NOT EXISTS children (
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS changes (
     revision INTEGER PRIMARY KEY, job_id TEXT NOT NULL, name TEXT NOT NULL,
-    state_before INTEGER NOT NULL, state_after INTEGER NOT NULL, header BLOB, steps BLOB
+    state_before INTEGER NOT NULL, state_after INTEGER NOT NULL, header BLOB, steps BLOB,
+    child_events INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS changes_by_job ON changes (job_id, revision);
 """
@@ -80,7 +81,7 @@ CHILD_COLUMNS = (
     "job_id", "step", "idx", "item", "state", "reason", "message", "attempt", "started_at", "finished_at",
     "seq", "revision",
 )
-CHANGE_COLUMNS = ("revision", "job_id", "name", "state_before", "state_after", "header", "steps")
+CHANGE_COLUMNS = ("revision", "job_id", "name", "state_before", "state_after", "header", "steps", "child_events")
 SOURCE_COLUMNS = ("address", "log_id", "cursor", "stale_since", "detail")
 
 _TERMINAL_JOB_STATES = tuple(sorted(TERMINAL_JOB_STATES))
@@ -252,26 +253,34 @@ class SqliteStatusStore:
                     await db.executemany(_replace(table, columns), rows)
 
     async def load_folds(self, job_ids: Sequence[str]) -> dict[str, tuple[JobFold, str, tuple[float | None, str]]]:
-        """The folds of persisted jobs (missing ids are new jobs), with source and lost marker."""
+        """The committed folds of these jobs (missing ids are new jobs), with source and lost marker.
+
+        Read on the reader connection, so it runs beside a commit in flight on the
+        writer's; the writer only asks for jobs none of its uncommitted work touches.
+        """
         if not job_ids:
             return {}
-        db = self.writer
+        db = self.reader
         marks = ", ".join("?" * len(job_ids))
-        jobs = await db.execute_fetchall(f"SELECT {', '.join(JOB_COLUMNS)} FROM jobs WHERE job_id IN ({marks})",
-                                         job_ids)
-        if not jobs:
-            return {}
-        found = [row[0] for row in jobs]
-        marks = ", ".join("?" * len(found))
+        async with self._read_lock, transaction(db, "DEFERRED"):
+            jobs = await db.execute_fetchall(
+                f"SELECT {', '.join(JOB_COLUMNS)} FROM jobs WHERE job_id IN ({marks})", job_ids
+            )
+            if not jobs:
+                return {}
+            found = [row[0] for row in jobs]
+            marks = ", ".join("?" * len(found))
+            step_rows = await db.execute_fetchall(
+                f"SELECT {', '.join(STEP_COLUMNS)} FROM step_stats WHERE job_id IN ({marks})", found
+            )
+            child_rows = await db.execute_fetchall(
+                f"SELECT job_id, step, idx, state, seq FROM children WHERE job_id IN ({marks})", found
+            )
         steps: dict[str, list[tuple[status_service_pb2.StepStats, int]]] = {}
-        for row in await db.execute_fetchall(
-            f"SELECT {', '.join(STEP_COLUMNS)} FROM step_stats WHERE job_id IN ({marks})", found
-        ):
+        for row in step_rows:
             steps.setdefault(row[0], []).append((_step_stats(row), row[STEP_COLUMNS.index("seq")]))
         children: dict[str, list[tuple[str, int, int, int]]] = {}
-        for job_id, step, index, state, seq in await db.execute_fetchall(
-            f"SELECT job_id, step, idx, state, seq FROM children WHERE job_id IN ({marks})", found
-        ):
+        for job_id, step, index, state, seq in child_rows:
             children.setdefault(job_id, []).append((step, index, state, seq))
         folds = {}
         for row in jobs:
@@ -283,9 +292,11 @@ class SqliteStatusStore:
 
     async def unfinished_jobs(self, source: str) -> list[str]:
         marks = ", ".join("?" * len(_TERMINAL_JOB_STATES))
-        rows = await self.writer.execute_fetchall(
-            f"SELECT job_id FROM jobs WHERE source = ? AND state NOT IN ({marks})", (source, *_TERMINAL_JOB_STATES)
-        )
+        async with self._read_lock:
+            rows = await self.reader.execute_fetchall(
+                f"SELECT job_id FROM jobs WHERE source = ? AND state NOT IN ({marks})",
+                (source, *_TERMINAL_JOB_STATES),
+            )
         return [row[0] for row in rows]
 
     async def get_job(self, job_id: str) -> JobSnapshot | None:
