@@ -93,14 +93,20 @@ class JobFold:
         """Apply one event; the change it made, or None if it was superseded."""
         kind = event.WhichOneof("record")
         if kind == "job":
-            return self._apply_job(event.job, event.seq)
+            return self.apply_job(event.job, event.seq)
         if kind == "step":
-            return self._apply_step(event.step, event.seq)
+            return self.apply_step(event.step, event.seq)
         if kind == "child":
-            return self._apply_child(event.child, event.seq)
+            child = event.child
+            moved = self.apply_child(child, event.seq)
+            if moved is None:
+                return None
+            state = self.state
+            return Change(self.job_id, steps=[child.step_name] if moved else [], child=child,
+                          job_state_before=state, job_state_after=state)
         return None
 
-    def _apply_job(self, job: records_pb2.Job, seq: int) -> Change | None:
+    def apply_job(self, job: records_pb2.Job, seq: int) -> Change | None:
         version = job_version(job.state, seq)
         if version <= self.job_version:
             return None
@@ -108,7 +114,7 @@ class JobFold:
         self.job, self.job_version, self.state = job, version, job.state
         return Change(self.job_id, header=True, job_state_before=before, job_state_after=job.state)
 
-    def _apply_step(self, step: records_pb2.Step, seq: int) -> Change | None:
+    def apply_step(self, step: records_pb2.Step, seq: int) -> Change | None:
         entry = self.steps.get(step.name)
         if entry is None:
             entry = self.steps[step.name] = StepEntry()
@@ -123,7 +129,9 @@ class JobFold:
             change.header = True
         return change
 
-    def _apply_child(self, child: records_pb2.Child, seq: int) -> Change | None:
+    def apply_child(self, child: records_pb2.Child, seq: int) -> bool | None:
+        """None if the event was superseded; else whether the child changed state
+        (and so its step's counts). The hot path of ingest: no Change is built."""
         step_name, state = child.step_name, int(child.state)
         key = (step_name, child.index)
         version = (state in TERMINAL_STEP_STATES, seq)
@@ -136,21 +144,21 @@ class JobFold:
         else:
             old_state = held[0]
         self.children[key] = (state, version)
-        job_state = self.state
-        change = Change(self.job_id, child=child, job_state_before=job_state, job_state_after=job_state)
-        if old_state != state:
-            entry = self.steps.get(step_name)
-            if entry is None:
-                entry = self.steps[step_name] = StepEntry()
-            _move(entry.children, old_state, state)
-            change.steps.append(step_name)
-        return change
+        if old_state == state:
+            return False
+        entry = self.steps.get(step_name)
+        if entry is None:
+            entry = self.steps[step_name] = StepEntry()
+        _move(entry.children, old_state, state)
+        return True
 
 
 def _move(counts: Counter[int], old: int, new: int) -> None:
     """Move one entity from `old` to `new`; UNSPECIFIED means "did not exist"."""
     if old != s.STEP_STATE_UNSPECIFIED:
-        counts[old] -= 1
-        if counts[old] == 0:
+        left = counts[old] - 1
+        if left:
+            counts[old] = left
+        else:
             del counts[old]
-    counts[new] += 1
+    counts[new] = counts.get(new, 0) + 1

@@ -24,6 +24,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from stepstream.v1 import records_pb2
 
@@ -72,6 +73,10 @@ class SourceHealth:
 
 
 IngestItem = Events | SnapshotApplied | SourceHealth
+
+# An event's record, with its kind (one of these three, compared by identity) and its job id.
+JOB, STEP, CHILD = "job", "step", "child"
+_Record = tuple[str, Any, str]
 
 
 @dataclass
@@ -170,8 +175,8 @@ class IngestWriter:
                     size += len(item.events)
             work = [item for item in items if item is not None]
             if work:
-                job_ids, touched = await self._load_jobs(work)
-                pending = self._fold(work, job_ids, touched)
+                records, touched = await self._load_jobs(work)
+                pending = self._fold(work, records, touched)
                 if committing is not None:
                     await committing
                 committing = asyncio.create_task(self._commit(pending), name="ingest-commit")
@@ -189,13 +194,13 @@ class IngestWriter:
         self._stopping = True
         await self._queue.put(None)
 
-    def _fold(self, items: Sequence[IngestItem], job_ids: Sequence[list[str]], touched: set[str]) -> _Pending:
+    def _fold(self, items: Sequence[IngestItem], records: Sequence[list[_Record]], touched: set[str]) -> _Pending:
         pending = _Pending()
         touched_sources: set[str] = set()
-        for item, ids in zip(items, job_ids, strict=True):
+        for item, found in zip(items, records, strict=True):
             touched_sources.add(item.source)
             if isinstance(item, Events):
-                self._apply_events(item, ids, pending)
+                self._apply_events(item, found, pending)
             elif isinstance(item, SnapshotApplied):
                 self._apply_snapshot_end(item, pending)
             else:
@@ -223,67 +228,74 @@ class IngestWriter:
             if not job.uncommitted and job.fold.finished:
                 del self._jobs[job_id]
 
-    async def _load_jobs(self, items: Sequence[IngestItem]) -> tuple[list[list[str]], set[str]]:
+    async def _load_jobs(self, items: Sequence[IngestItem]) -> tuple[list[list[_Record]], set[str]]:
         """Bring every job the items touch into memory (one read for all of them);
-        return the job id of each event (an empty list for other items) and the
-        set of jobs touched.
+        return each event's record with its kind and job id (an empty list for
+        other items), and the set of jobs touched.
 
         Only jobs not in memory are read, and a job stays in memory until every
         change to it is committed, so what is read is never behind.
         """
         wanted: set[str] = set()
-        job_ids: list[list[str]] = []
+        records: list[list[_Record]] = []
         for item in items:
-            ids: list[str] = []
+            found: list[_Record] = []
             if isinstance(item, Events):
                 for event in item.events:
                     kind = event.WhichOneof("record")
                     if kind == "child":
-                        ids.append(event.child.job_id)
+                        child = event.child
+                        found.append((CHILD, child, child.job_id))
                     elif kind == "step":
-                        ids.append(event.step.job_id)
+                        step = event.step
+                        found.append((STEP, step, step.job_id))
                     else:
-                        ids.append(event.job.id)
-                wanted.update(ids)
+                        job = event.job
+                        found.append((JOB, job, job.id))
+                wanted.update(record[2] for record in found)
             else:
                 wanted.update(await self._store.unfinished_jobs(item.source))
-            job_ids.append(ids)
+            records.append(found)
         missing = [job_id for job_id in wanted if job_id not in self._jobs]
         if missing:
             for job_id, (fold, source, lost) in (await self._store.load_folds(missing)).items():
                 self._jobs[job_id] = _Job(fold, source, lost)
-        return job_ids, wanted
+        return records, wanted
 
-    def _apply_events(self, item: Events, job_ids: list[str], pending: _Pending) -> None:
+    def _apply_events(self, item: Events, records: list[_Record], pending: _Pending) -> None:
         source = self.source(item.source)
         if source.log_id and item.log_id != source.log_id and item.from_stream:
             log.error("dropping events from %s: log %s, expected %s", item.source, item.log_id, source.log_id)
             return
         cursor = source.cursor
+        from_stream = item.from_stream
         jobs = self._jobs
-        for event, job_id in zip(item.events, job_ids, strict=True):
-            if item.from_stream and event.seq <= cursor:
+        applied = 0
+        for event, (kind, record, job_id) in zip(item.events, records, strict=True):
+            seq = event.seq
+            if from_stream and seq <= cursor:
                 continue
             job = jobs.get(job_id)
             if job is None:
                 job = jobs[job_id] = _Job(JobFold(job_id), item.source)
-            change = job.fold.apply(event)
-            self.events_applied += 1
-            if change is None:
+            applied += 1
+            if kind is not CHILD:
+                change = job.fold.apply_step(record, seq) if kind is STEP else job.fold.apply_job(record, seq)
+                if change is not None:
+                    self._record(job, change, pending)
                 continue
-            child = change.child
-            if child is None:
-                self._record(job, change, pending)
+            if job.fold.apply_child(record, seq) is None:
                 continue
             groups = pending.groups.get(job_id)
             if groups is None:
                 groups = pending.groups[job_id] = {}
-            group = groups.get(child.step_name)
+            group = groups.get(record.step_name)
             if group is None:
-                group = groups[child.step_name] = _ChildGroup()
-            group.children[child.index] = (child, event.seq)
+                group = groups[record.step_name] = _ChildGroup()
+            group.children[record.index] = (record, seq)
             group.events += 1
-        if item.from_stream and item.events:
+        self.events_applied += applied
+        if from_stream and item.events:
             cursor = max(cursor, item.events[-1].seq)
         self._sources[item.source] = source._replace(log_id=source.log_id or item.log_id, cursor=cursor)
 
