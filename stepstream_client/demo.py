@@ -31,8 +31,8 @@ CHILDREN = 300
 
 
 async def crawl(item: str) -> str:
-    """A child: 20-200 ms of pretend work; items ending in "13" fail, as a few pages would."""
-    await asyncio.sleep(0.02 + (zlib.crc32(item.encode()) % 181) / 1000)
+    """A child: 0.1-0.6 s of pretend work; items ending in "13" fail, as a few pages would."""
+    await asyncio.sleep(0.1 + (zlib.crc32(item.encode()) % 501) / 1000)
     if item.endswith("13"):
         raise RuntimeError(f"HTTP 503 for page {item}")
     return f"crawled {item}"
@@ -40,7 +40,7 @@ async def crawl(item: str) -> str:
 
 def index(source: str = "demo") -> str:
     """A python step run in a thread (a plain function)."""
-    time.sleep(0.3)
+    time.sleep(1.0)
     return f"indexed pages from {source}"
 
 
@@ -51,7 +51,7 @@ def demo_definition(work_dir: Path) -> dict[str, Any]:
         "timeout": "5m",
         "steps": [
             {
-                "name": "prepare", "type": "command", "timeout": "30s", "retries": 2, "retry_backoff": "300ms",
+                "name": "prepare", "type": "command", "timeout": "30s", "retries": 2, "retry_backoff": "1s",
                 "command": [sys.executable, "-c", FLAKY_SCRIPT, str(work_dir / "prepare.marker")],
                 "env": {"DEMO_STAGE": "prepare"},
             },
@@ -62,6 +62,6 @@ def demo_definition(work_dir: Path) -> dict[str, Any]:
             },
             {"name": "index", "type": "python", "function": "stepstream_client.demo:index",
              "args": {"source": "crawl"}},
-            {"name": "report", "type": "sleep", "seconds": 0.5, "always_run": True},
+            {"name": "report", "type": "sleep", "seconds": 1, "always_run": True},
         ],
     }
