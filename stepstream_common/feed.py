@@ -43,8 +43,10 @@ class Subscription(Generic[T]):
     pending: deque[Sequence[T]] = field(default_factory=deque)
     pending_count: int = 0
     overflowed: bool = False
-    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    closed: bool = False
     overflows: int = 0
+    # Resolved by the next offer(), notify() or the wait's own timer.
+    waiter: asyncio.Future[bool] | None = None
 
     def offer(self, items: Sequence[T]) -> None:
         if self.overflowed:
@@ -57,7 +59,13 @@ class Subscription(Generic[T]):
         else:
             self.pending.append(items)
             self.pending_count += len(items)
-        self.wake.set()
+        self.notify()
+
+    def notify(self) -> None:
+        """Wake the waiting reader, if any."""
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(True)
 
     def restart_from_storage(self) -> None:
         """Forget the queue: the caller is about to read storage from its cursor."""
@@ -73,15 +81,27 @@ class Subscription(Generic[T]):
         return items
 
     async def wait(self, seconds: float) -> bool:
-        """True when something arrived (or the feed closed), False after `seconds`."""
-        if self.pending or self.overflowed:
+        """True when something arrived (or the feed closed), False after `seconds`.
+
+        A bare future and a timer rather than wait_for(): no task per wake, which
+        matters with a thousand watchers each woken by every commit.
+        """
+        if self.pending or self.overflowed or self.closed:
             return True
-        self.wake.clear()
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[bool] = loop.create_future()
+        self.waiter = waiter
+        timer = loop.call_later(seconds, _time_up, waiter)
         try:
-            await asyncio.wait_for(self.wake.wait(), seconds)
-        except TimeoutError:
-            return False
-        return True
+            return await waiter
+        finally:
+            timer.cancel()
+            self.waiter = None
+
+
+def _time_up(waiter: asyncio.Future[bool]) -> None:
+    if not waiter.done():
+        waiter.set_result(False)
 
 
 class Feed(Generic[T]):
@@ -111,8 +131,7 @@ class Feed(Generic[T]):
             self._everything.add(sub)
         else:
             self._by_key.setdefault(key, set()).add(sub)
-        if self.closed:
-            sub.wake.set()
+        sub.closed = self.closed
         return sub
 
     def unsubscribe(self, sub: Subscription[T]) -> None:
@@ -137,13 +156,14 @@ class Feed(Generic[T]):
                         sub.offer(group)
         elif self._everything or self._by_key:
             for sub in self._all():
-                sub.wake.set()
+                sub.notify()
 
     def close(self) -> None:
         """End every follow() loop at its next step (graceful shutdown)."""
         self.closed = True
         for sub in self._all():
-            sub.wake.set()
+            sub.closed = True
+            sub.notify()
 
     def _all(self) -> Iterable[Subscription[T]]:
         yield from self._everything

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from stepstream.v1 import records_pb2
@@ -117,7 +117,6 @@ class JobRun:
         self._settings = settings
         self._interruption: Interruption | None = None
         self._schedule_task: asyncio.Task[None] | None = None
-        self._step_finished = asyncio.Event()
 
     @property
     def finished(self) -> bool:
@@ -182,23 +181,34 @@ class JobRun:
         stop_everything(self._recorder, self.job, steps, self._children, interruption)
 
     async def _schedule(self) -> None:
-        waiting = list(self._spec.steps)
+        """Consider each step once, when its last dependency has ended: run it or
+        skip it as the rules say. A step's end only looks at its dependents."""
+        specs = self._spec.steps
+        dependents: dict[str, list[StepSpec]] = {spec.name: [] for spec in specs}
+        unended = {spec.name: len(spec.depends_on) for spec in specs}
+        for spec in specs:
+            for name in spec.depends_on:
+                dependents[name].append(spec)
+
         async with asyncio.TaskGroup() as group:
-            while waiting:
-                still_waiting = []
-                for spec in waiting:
-                    dependencies = [self._steps[name] for name in spec.depends_on]
-                    ready = readiness((d.state for d in dependencies), spec.always_run)
-                    if ready is Readiness.RUN:
-                        group.create_task(self._run_step(spec))
-                    elif ready is Readiness.SKIP:
-                        self._skip(spec, dependencies)
-                    else:
-                        still_waiting.append(spec)
-                if len(still_waiting) == len(waiting):
-                    self._step_finished.clear()
-                    await self._step_finished.wait()
-                waiting = still_waiting
+
+            def ended(name: str) -> None:
+                for dependent in dependents[name]:
+                    unended[dependent.name] -= 1
+                    if not unended[dependent.name]:
+                        consider(dependent)
+
+            def consider(spec: StepSpec) -> None:
+                dependencies = [self._steps[name] for name in spec.depends_on]
+                if readiness((d.state for d in dependencies), spec.always_run) is Readiness.RUN:
+                    group.create_task(self._run_step(spec, ended))
+                else:
+                    self._skip(spec, dependencies)
+                    ended(spec.name)
+
+            for spec in specs:
+                if not spec.depends_on:
+                    consider(spec)
 
     def _skip(self, spec: StepSpec, dependencies: Sequence[records_pb2.Step]) -> None:
         unfinished = [f"{d.name} ({step_state_word(d.state)})" for d in dependencies
@@ -208,7 +218,7 @@ class JobRun:
             "dependencies did not complete: " + ", ".join(unfinished),
         )
 
-    async def _run_step(self, spec: StepSpec) -> None:
+    async def _run_step(self, spec: StepSpec, ended: Callable[[str], None]) -> None:
         record = self._steps[spec.name]
         worker = self._workers.get(spec.execution.type)
         try:
@@ -223,7 +233,7 @@ class JobRun:
             outcome = Outcome(s.STEP_STATE_FAILED, s.REASON_WORK_FAILED,
                               f"internal error: {type(error).__name__}: {error}")
         self._recorder.step(record, outcome.state, outcome.reason, outcome.message)
-        self._step_finished.set()
+        ended(spec.name)
 
     def _context(self, step_name: str, child_index: int | None) -> WorkContextFactory:
         return WorkContextFactory(self.job.id, step_name, child_index, self._settings)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
@@ -35,21 +36,24 @@ def _check_states(field: str, states: Sequence[int], allowed: frozenset[int]) ->
     return [(f"{field}[{i}]", f"not a valid state: {state}") for i, state in enumerate(states) if state not in allowed]
 
 
-def encode_update(change: StoredChange, with_steps: bool) -> bytes:
-    """JobUpdate, assembled from the parts committed with the change."""
+@functools.lru_cache(maxsize=16384)
+def update_entry(change: StoredChange, with_steps: bool) -> bytes:
+    """One JobUpdate as an entry of JobUpdateBatch.updates, assembled from the
+    parts committed with the change: once per change, however many watchers
+    send it."""
     data = wire.varint_field(1, change.revision) + wire.length_delimited(2, change.job_id.encode())
     if change.header is not None:
         data += wire.length_delimited(3, change.header)
     if with_steps and change.steps is not None:
         data += change.steps
-    return data
+    return wire.length_delimited(1, data)
 
 
-def update_batches(updates: list[bytes]) -> list[bytes]:
-    """Watch responses (field 1, JobUpdateBatch) carrying `updates`, bounded in size."""
+def update_batches(entries: list[bytes]) -> list[bytes]:
+    """Watch responses (field 1, JobUpdateBatch) carrying these entries, bounded in size."""
     return [
-        wire.length_delimited(1, wire.repeated(1, chunk))
-        for chunk in wire.chunks(updates, MAX_UPDATES_PER_MESSAGE, MAX_BYTES_PER_MESSAGE)
+        wire.length_delimited(1, b"".join(chunk))
+        for chunk in wire.chunks(entries, MAX_UPDATES_PER_MESSAGE, MAX_BYTES_PER_MESSAGE)
     ]
 
 
@@ -172,5 +176,5 @@ class StatusServicer:
                 ))
                 continue
             selected = items if matching is None else [item for item in items if matching.matches(item)]
-            for message in update_batches([encode_update(change, with_steps) for change in selected]):
+            for message in update_batches([update_entry(change, with_steps) for change in selected]):
                 yield message

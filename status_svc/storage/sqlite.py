@@ -185,6 +185,14 @@ _JOB_SELECT = (
 )
 
 
+_SNAPSHOT_SELECT = (
+    f"SELECT {', '.join('j.' + c for c in JOB_COLUMNS)}, src.stale_since, src.detail, "
+    f"(SELECT MAX(revision) FROM changes), {', '.join('s.' + c for c in STEP_COLUMNS)} "
+    "FROM jobs j LEFT JOIN sources src ON src.address = j.source "
+    "LEFT JOIN step_stats s ON s.job_id = j.job_id WHERE j.job_id = ? ORDER BY s.idx, s.name"
+)
+
+
 def _job_from_joined(row: Sequence[Any]) -> status_service_pb2.JobStatus:
     return _job_status(row[: len(JOB_COLUMNS)], row[-2], row[-1] or "")
 
@@ -300,16 +308,15 @@ class SqliteStatusStore:
         return [row[0] for row in rows]
 
     async def get_job(self, job_id: str) -> JobSnapshot | None:
-        db = self.reader
-        async with self._read_lock, transaction(db, "DEFERRED"):
-            rows = list(await db.execute_fetchall(f"{_JOB_SELECT} WHERE j.job_id = ?", (job_id,)))
-            if not rows:
-                return None
-            steps = await db.execute_fetchall(
-                f"SELECT {', '.join(STEP_COLUMNS)} FROM step_stats WHERE job_id = ? ORDER BY idx, name", (job_id,)
-            )
-            revision = await self.latest_revision(db)
-        return JobSnapshot(_job_from_joined(rows[0]), [_step_stats(row) for row in steps], revision)
+        """The job, its steps and the revision they are valid at, in one statement
+        (one consistent read, one round trip to the database thread)."""
+        async with self._read_lock:
+            rows = list(await self.reader.execute_fetchall(_SNAPSHOT_SELECT, (job_id,)))
+        if not rows:
+            return None
+        revision_at = len(JOB_COLUMNS) + 2  # after the job's columns and its source's two
+        steps = [_step_stats(row[revision_at + 1:]) for row in rows if row[revision_at + 1] is not None]
+        return JobSnapshot(_job_from_joined(rows[0][:revision_at]), steps, int(rows[0][revision_at] or 0))
 
     async def list_jobs(
         self, states: Sequence[int], name: str, page_size: int, page_token: str
