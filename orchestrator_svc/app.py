@@ -50,12 +50,7 @@ class Orchestrator:
 
     async def run_until_stopped(self) -> None:
         """Serve until stop() (or a journal failure, which stops the process loudly)."""
-        waiter = asyncio.create_task(self.server.wait_stopped())
-        done, _ = await asyncio.wait({waiter, self.journal_task}, return_when=asyncio.FIRST_COMPLETED)
-        if self.journal_task in done and self.journal_task.exception() is not None:
-            await self.server.server.stop(None)
-            raise RuntimeError("the event log failed") from self.journal_task.exception()
-        await waiter
+        await self.server.serve_while(self.journal_task, "the event log")
 
 
 async def start(config: OrchestratorConfig, workers: WorkerRegistry | None = None) -> Orchestrator:

@@ -58,12 +58,7 @@ class StatusService:
 
     async def run_until_stopped(self) -> None:
         """Serve until stop() (or a storage failure in ingest, which stops the process loudly)."""
-        waiter = asyncio.create_task(self.server.wait_stopped())
-        done, _ = await asyncio.wait({waiter, self.writer_task}, return_when=asyncio.FIRST_COMPLETED)
-        if self.writer_task in done and self.writer_task.exception() is not None:
-            await self.server.server.stop(None)
-            raise RuntimeError("ingest failed") from self.writer_task.exception()
-        await waiter
+        await self.server.serve_while(self.writer_task, "ingest")
 
 
 async def start(config: StatusConfig) -> StatusService:

@@ -10,7 +10,7 @@ import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn, Protocol, TypeVar
 
 import grpc
 from google.protobuf import any_pb2, message, message_factory
@@ -190,6 +190,17 @@ class RunningServer:
         await self._stopped.wait()
         await self.server.wait_for_termination()
 
+    async def serve_while(self, essential: asyncio.Task[None], what: str) -> None:
+        """Serve until stopped; if `essential` (a service's single writer) fails
+        first, stop serving at once and raise: the process must not go on."""
+        waiter = asyncio.create_task(self.wait_stopped())
+        done, _ = await asyncio.wait({waiter, essential}, return_when=asyncio.FIRST_COMPLETED)
+        if essential in done and essential.exception() is not None:
+            waiter.cancel()
+            await self.server.stop(None)
+            raise RuntimeError(f"{what} failed") from essential.exception()
+        await waiter
+
 
 async def start_server(
     listen: str,
@@ -234,6 +245,45 @@ async def serve_until_signalled(
     await serve()
     for task in stopping:
         await task
+
+
+class Service(Protocol):
+    """What a service's app.py builds: a started server, a graceful stop, and a way to serve."""
+
+    @property
+    def server(self) -> RunningServer: ...
+
+    async def stop(self) -> None: ...
+
+    async def run_until_stopped(self) -> None: ...
+
+
+class Configured(Protocol):
+    @property
+    def log_level(self) -> str: ...
+
+
+ConfigT = TypeVar("ConfigT", bound=Configured)
+
+
+def run_main(
+    label: str,
+    parse_args: Callable[[list[str] | None], ConfigT],
+    start: Callable[[ConfigT], Awaitable[Service]],
+    argv: list[str] | None,
+) -> None:
+    """A service process from start to end: flags, logging, start, serve until SIGTERM/SIGINT."""
+
+    async def serve() -> None:
+        config = parse_args(argv)
+        configure_logging(config.log_level)
+        service = await start(config)
+        await serve_until_signalled(service.server, label, service.stop, service.run_until_stopped)
+
+    try:
+        asyncio.run(serve())
+    except KeyboardInterrupt:
+        sys.exit(130)
 
 
 def configure_logging(level: str) -> None:

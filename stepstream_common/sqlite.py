@@ -7,6 +7,7 @@ power loss or OS crash can lose the last few (documented in the README).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -33,3 +34,41 @@ async def transaction(db: aiosqlite.Connection, mode: str = "IMMEDIATE") -> Asyn
         await db.execute("ROLLBACK")
         raise
     await db.execute("COMMIT")
+
+
+class SqliteFile:
+    """One SQLite file with its two connections: the single writer, and one
+    reader shared by every request.
+
+    Reads through the shared reader must not interleave (a second BEGIN fails,
+    and a query run inside another request's transaction reads that one's
+    snapshot), so each read, or read transaction, holds `_read_lock`.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._writer: aiosqlite.Connection | None = None
+        self._reader: aiosqlite.Connection | None = None
+        self._read_lock = asyncio.Lock()
+
+    @property
+    def writer(self) -> aiosqlite.Connection:
+        assert self._writer is not None, "open() first"
+        return self._writer
+
+    @property
+    def reader(self) -> aiosqlite.Connection:
+        assert self._reader is not None, "open() first"
+        return self._reader
+
+    async def _connect(self, schema: str) -> None:
+        """Open both connections, creating the schema if needed."""
+        self._writer = await connect(self._path)
+        await self._writer.executescript(schema)
+        self._reader = await connect(self._path)
+
+    async def close(self) -> None:
+        for db in (self._reader, self._writer):
+            if db is not None:
+                await db.close()
+        self._reader = self._writer = None

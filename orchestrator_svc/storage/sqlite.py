@@ -3,7 +3,6 @@ job, step and child (each stored as the StepEvent bytes that set it)."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -18,7 +17,7 @@ from stepstream.v1 import states_pb2 as s
 from orchestrator_svc.storage.base import JobView, LogInfo, NewJob, RequestedJob, Snapshot, UnfinishedJob
 from stepstream_common.errors import CursorOutOfRange
 from stepstream_common.paging import decode_token, encode_token
-from stepstream_common.sqlite import connect, transaction
+from stepstream_common.sqlite import SqliteFile, connect, transaction
 from stepstream_common.states import TERMINAL_JOB_STATES, TERMINAL_STEP_STATES
 from stepstream_common.timeutil import seconds
 
@@ -72,31 +71,13 @@ def _event(data: bytes) -> records_pb2.StepEvent:
     return records_pb2.StepEvent.FromString(data)
 
 
-class SqliteEventStore:
+class SqliteEventStore(SqliteFile):
     def __init__(self, path: Path) -> None:
-        self._path = path
-        self._writer: aiosqlite.Connection | None = None
-        self._reader: aiosqlite.Connection | None = None
-        # One connection serves every reader: its statements and read
-        # transactions must not interleave (a BEGIN inside another request's
-        # transaction fails, and a query run inside it reads a stale snapshot).
-        self._read_lock = asyncio.Lock()
+        super().__init__(path)
         self._log_id = ""
 
-    @property
-    def writer(self) -> aiosqlite.Connection:
-        assert self._writer is not None, "open() first"
-        return self._writer
-
-    @property
-    def reader(self) -> aiosqlite.Connection:
-        assert self._reader is not None, "open() first"
-        return self._reader
-
     async def open(self) -> LogInfo:
-        self._writer = await connect(self._path)
-        await self._writer.executescript(SCHEMA)
-        self._reader = await connect(self._path)
+        await self._connect(SCHEMA)
         async with transaction(self.writer):
             rows = list(await self.writer.execute_fetchall("SELECT value FROM meta WHERE key = 'log_id'"))
             if rows:
@@ -107,12 +88,6 @@ class SqliteEventStore:
         self._log_id = log_id
         latest = await self._latest_seq(self.writer)
         return LogInfo(log_id=log_id, latest_seq=latest)
-
-    async def close(self) -> None:
-        for db in (self._reader, self._writer):
-            if db is not None:
-                await db.close()
-        self._reader = self._writer = None
 
     async def append(
         self, events: Sequence[tuple[records_pb2.StepEvent, bytes]], new_jobs: Sequence[NewJob]

@@ -9,9 +9,7 @@ transaction.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import aiosqlite
@@ -22,7 +20,7 @@ from status_svc.domain.views import freshness, job_fold
 from status_svc.storage.base import ChangeFilter, JobSnapshot, SourceRow, StoredChange, WriteBatch
 from stepstream_common.errors import CursorOutOfRange
 from stepstream_common.paging import decode_token, encode_token
-from stepstream_common.sqlite import connect, transaction
+from stepstream_common.sqlite import SqliteFile, transaction
 from stepstream_common.states import TERMINAL_JOB_STATES
 from stepstream_common.timeutil import seconds, timestamp
 
@@ -212,40 +210,14 @@ def _job_filter(states: Sequence[int], name: str) -> tuple[list[str], list[Any]]
 # --- the store ---------------------------------------------------------------------------------------------
 
 
-class SqliteStatusStore:
-    def __init__(self, path: Path) -> None:
-        self._path = path
-        self._writer: aiosqlite.Connection | None = None
-        self._reader: aiosqlite.Connection | None = None
-        # Every request reads through one connection: its statements and read
-        # transactions must not interleave (a second BEGIN fails, and a query
-        # run inside another request's transaction reads that one's snapshot).
-        self._read_lock = asyncio.Lock()
-
-    @property
-    def writer(self) -> aiosqlite.Connection:
-        assert self._writer is not None, "open() first"
-        return self._writer
-
-    @property
-    def reader(self) -> aiosqlite.Connection:
-        assert self._reader is not None, "open() first"
-        return self._reader
+class SqliteStatusStore(SqliteFile):
 
     async def open(self) -> tuple[int, dict[str, SourceRow]]:
         """Create the schema if needed; returns the latest revision and the sources."""
-        self._writer = await connect(self._path)
-        await self._writer.executescript(SCHEMA)
-        self._reader = await connect(self._path)
+        await self._connect(SCHEMA)
         rows = await self.writer.execute_fetchall(f"SELECT {', '.join(SOURCE_COLUMNS)} FROM sources")
         sources = {row[0]: SourceRow(*row) for row in rows}
         return await self.latest_revision(self.writer), sources
-
-    async def close(self) -> None:
-        for db in (self._reader, self._writer):
-            if db is not None:
-                await db.close()
-        self._reader = self._writer = None
 
     async def commit(self, batch: WriteBatch) -> None:
         db = self.writer
