@@ -69,7 +69,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stepstream.v1 import definition_pb2, records_pb2
+from stepstream.v1 import records_pb2
 from stepstream.v1 import states_pb2 as s
 
 from bench.common import (
@@ -82,13 +82,10 @@ from bench.common import (
     watch_clients,
 )
 from bench.report import Report, fmt_rate
+from bench.workload import BENCH_DEFINITION, recording
 from orchestrator_svc.app import DATABASE_FILE as ORCHESTRATOR_DB
-from orchestrator_svc.engine.journal import Journal, Retention, StoredEvent
-from orchestrator_svc.engine.recorder import Recorder
 from orchestrator_svc.storage.base import NewJob
-from orchestrator_svc.storage.sqlite import SqliteEventStore
 from status_svc.app import DATABASE_FILE as STATUS_DB
-from stepstream_common.feed import Feed
 
 WATCHER_PROCESSES = 4
 CATCH_UP_TIMEOUT = 120.0
@@ -110,51 +107,40 @@ class Workload:
 
 async def write_log(data_dir: Path, workload: Workload) -> tuple[int, int, list[str]]:
     """Write the log; returns (last seq of the first part, last seq, job ids)."""
-    store = SqliteEventStore(data_dir / ORCHESTRATOR_DB)
-    info = await store.open()
-    feed: Feed[StoredEvent] = Feed(max_pending=1)
-    journal = Journal(store, feed, latest_seq=info.latest_seq, retention=Retention(every_seconds=1e9))
-    task = journal.start()
-    recorder = Recorder(journal)
-    definition = definition_pb2.JobDefinition(name="bench").SerializeToString()
     job_ids = [f"watch-{n:04d}" for n in range(workload.jobs)]
     jobs = [records_pb2.Job(id=job_id, name="bench-watchers") for job_id in job_ids]
     steps = [records_pb2.Step(job_id=job_id, name="crawl", index=0, type="fanout", max_attempts=1)
              for job_id in job_ids]
-    for job, step in zip(jobs, steps, strict=True):
-        recorder.create_job(job, [step], NewJob(job.id, "", definition))
-        recorder.job(job, s.JOB_STATE_RUNNING)
-        recorder.step(step, s.STEP_STATE_RUNNING, attempt=1)
-    await journal.durable(journal.appended_seq)
-    first_part = journal.appended_seq
-    kids: list[list[records_pb2.Child]] = []
-    for n, (job, step) in enumerate(zip(jobs, steps, strict=True)):
-        count = workload.busy_children if n == 0 else workload.children
-        kids.append([records_pb2.Child(job_id=job.id, step_name="crawl", index=i, item=str(i))
-                     for i in range(count)])
-        recorder.create_children(kids[-1])
-        recorder.step(step, s.STEP_STATE_WAITING)
-    # Interleaved: in each round every job moves its share of children, so all of them stay busy to the end.
-    rounds = max(len(group) for group in kids[1:]) if workload.jobs > 1 else len(kids[0])
-    position = [0] * workload.jobs
-    for round_number in range(rounds):
-        for n, group in enumerate(kids):
-            share = math.ceil(len(group) * (round_number + 1) / rounds) - position[n]
-            for child in group[position[n]:position[n] + share]:
-                recorder.child(child, s.STEP_STATE_RUNNING, attempt=1)
-                recorder.child(child, s.STEP_STATE_COMPLETED, message="ok")
-            position[n] += share
-        if round_number % 10 == 9:
-            await journal.durable(journal.appended_seq)
-    for job, step in zip(jobs, steps, strict=True):
-        recorder.step(step, s.STEP_STATE_COMPLETED)
-        recorder.job(job, s.JOB_STATE_COMPLETED)
-    await journal.durable(journal.appended_seq)
-    last = journal.committed_seq
-    await journal.close()
-    await task
-    await store.close()
-    return first_part, last, job_ids
+    async with recording(data_dir) as (recorder, journal):
+        for job, step in zip(jobs, steps, strict=True):
+            recorder.create_job(job, [step], NewJob(job.id, "", BENCH_DEFINITION))
+            recorder.job(job, s.JOB_STATE_RUNNING)
+            recorder.step(step, s.STEP_STATE_RUNNING, attempt=1)
+        await journal.durable(journal.appended_seq)
+        first_part = journal.appended_seq
+        kids: list[list[records_pb2.Child]] = []
+        for n, (job, step) in enumerate(zip(jobs, steps, strict=True)):
+            count = workload.busy_children if n == 0 else workload.children
+            kids.append([records_pb2.Child(job_id=job.id, step_name="crawl", index=i, item=str(i))
+                         for i in range(count)])
+            recorder.create_children(kids[-1])
+            recorder.step(step, s.STEP_STATE_WAITING)
+        # Interleaved: in each round every job moves its share of children, so all of them stay busy to the end.
+        rounds = max(len(group) for group in kids[1:]) if workload.jobs > 1 else len(kids[0])
+        position = [0] * workload.jobs
+        for round_number in range(rounds):
+            for n, group in enumerate(kids):
+                share = math.ceil(len(group) * (round_number + 1) / rounds) - position[n]
+                for child in group[position[n]:position[n] + share]:
+                    recorder.child(child, s.STEP_STATE_RUNNING, attempt=1)
+                    recorder.child(child, s.STEP_STATE_COMPLETED, message="ok")
+                position[n] += share
+            if round_number % 10 == 9:
+                await journal.durable(journal.appended_seq)
+        for job, step in zip(jobs, steps, strict=True):
+            recorder.step(step, s.STEP_STATE_COMPLETED)
+            recorder.job(job, s.JOB_STATE_COMPLETED)
+    return first_part, journal.committed_seq, job_ids
 
 
 def cut_copy(source: Path, target: Path, last_seq: int) -> None:

@@ -8,6 +8,8 @@ orchestrator would have logged; only the waiting for work is skipped.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 from stepstream.v1 import definition_pb2, records_pb2
@@ -28,38 +30,52 @@ def events_per_job(children: int) -> int:
     return EVENTS_PER_JOB_BASE + 3 * children
 
 
-async def write_fanout_log(data_dir: Path, jobs: int, children: int) -> int:
-    """Log `jobs` completed fan-out jobs of `children` children each; returns the last seq."""
+@asynccontextmanager
+async def recording(data_dir: Path) -> AsyncIterator[tuple[Recorder, Journal]]:
+    """The orchestrator's own Recorder and Journal on `data_dir`, with nothing
+    running; everything recorded in the block is committed when it ends."""
     store = SqliteEventStore(data_dir / DATABASE_FILE)
     info = await store.open()
     feed: Feed[StoredEvent] = Feed(max_pending=1)
     journal = Journal(store, feed, latest_seq=info.latest_seq, retention=Retention(every_seconds=1e9))
     task = journal.start()
-    recorder = Recorder(journal)
-    definition = definition_pb2.JobDefinition(name="bench").SerializeToString()
-    for number in range(jobs):
-        job_id = f"bench-{number:06d}"
-        job = records_pb2.Job(id=job_id, name="bench-fanout")
-        step = records_pb2.Step(job_id=job_id, name="crawl", index=0, type="fanout", max_attempts=1)
-        recorder.create_job(job, [step], NewJob(job_id, "", definition))
-        recorder.job(job, s.JOB_STATE_RUNNING)
-        recorder.step(step, s.STEP_STATE_RUNNING, attempt=1)
-        kids = [records_pb2.Child(job_id=job_id, step_name="crawl", index=i, item=str(i)) for i in range(children)]
-        recorder.create_children(kids)
-        recorder.step(step, s.STEP_STATE_WAITING)
-        for child in kids:
-            recorder.child(child, s.STEP_STATE_RUNNING, attempt=1)
-            recorder.child(child, s.STEP_STATE_COMPLETED, message="ok")
-        recorder.step(step, s.STEP_STATE_COMPLETED)
-        recorder.job(job, s.JOB_STATE_COMPLETED)
-        if number % 20 == 19:
-            await journal.durable(journal.appended_seq)
-    await journal.durable(journal.appended_seq)
-    await journal.close()
-    await task
-    await store.close()
+    try:
+        yield Recorder(journal), journal
+        await journal.durable(journal.appended_seq)
+    finally:
+        await journal.close()
+        await task
+        await store.close()
+
+
+BENCH_DEFINITION = definition_pb2.JobDefinition(name="bench").SerializeToString()
+
+
+async def write_fanout_log(data_dir: Path, jobs: int, children: int) -> int:
+    """Log `jobs` completed fan-out jobs of `children` children each; returns the last seq."""
+    async with recording(data_dir) as (recorder, journal):
+        for number in range(jobs):
+            record_fanout_job(recorder, f"bench-{number:06d}", children)
+            if number % 20 == 19:
+                await journal.durable(journal.appended_seq)
     return journal.committed_seq
 
+
+def record_fanout_job(recorder: Recorder, job_id: str, children: int) -> None:
+    """One fan-out job, from submission to completion, with every child transition."""
+    job = records_pb2.Job(id=job_id, name="bench-fanout")
+    step = records_pb2.Step(job_id=job_id, name="crawl", index=0, type="fanout", max_attempts=1)
+    recorder.create_job(job, [step], NewJob(job_id, "", BENCH_DEFINITION))
+    recorder.job(job, s.JOB_STATE_RUNNING)
+    recorder.step(step, s.STEP_STATE_RUNNING, attempt=1)
+    kids = [records_pb2.Child(job_id=job_id, step_name="crawl", index=i, item=str(i)) for i in range(children)]
+    recorder.create_children(kids)
+    recorder.step(step, s.STEP_STATE_WAITING)
+    for child in kids:
+        recorder.child(child, s.STEP_STATE_RUNNING, attempt=1)
+        recorder.child(child, s.STEP_STATE_COMPLETED, message="ok")
+    recorder.step(step, s.STEP_STATE_COMPLETED)
+    recorder.job(job, s.JOB_STATE_COMPLETED)
 
 if __name__ == "__main__":
     import sys

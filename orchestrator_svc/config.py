@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
-from stepstream_common.config import default_data_dir, env_option, host_port, positive_float, positive_int
+from stepstream_common.config import env_option, positive_float, positive_int, service_parser
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
 
@@ -28,24 +27,17 @@ class OrchestratorConfig:
 
 
 def parse_args(argv: list[str] | None = None) -> OrchestratorConfig:
-    parser = argparse.ArgumentParser(
-        prog="python -m orchestrator_svc",
-        description="stepstream orchestrator: runs jobs and streams every step transition.",
+    parser = service_parser(
+        "orchestrator", "stepstream orchestrator: runs jobs and streams every step transition.",
+        default_listen=DEFAULT_LISTEN, data_help="where the event log lives",
+        heartbeat_help="seconds between heartbeats on an idle event stream",
     )
-    env_option(parser, "--listen", "STEPSTREAM_ORCHESTRATOR_LISTEN", default=DEFAULT_LISTEN, type=host_port,
-               help="address to serve on (port 0 picks a free port)")
-    env_option(parser, "--data-dir", "STEPSTREAM_ORCHESTRATOR_DATA_DIR",
-               default=str(default_data_dir("orchestrator")), type=Path, help="where the event log lives")
-    env_option(parser, "--heartbeat-interval", "STEPSTREAM_HEARTBEAT_INTERVAL", default="5",
-               type=positive_float, help="seconds between heartbeats on an idle event stream")
     env_option(parser, "--kill-grace", "STEPSTREAM_KILL_GRACE", default="5", type=positive_float,
                help="seconds between SIGTERM and SIGKILL when stopping a command")
     env_option(parser, "--retain-events", "STEPSTREAM_RETAIN_EVENTS", default="1000000", type=positive_int,
                help="how many of the newest events the log keeps for resuming streams")
     env_option(parser, "--job-retention-days", "STEPSTREAM_JOB_RETENTION_DAYS", default="7",
                type=positive_float, help="finished jobs older than this are forgotten")
-    env_option(parser, "--log-level", "STEPSTREAM_LOG_LEVEL", default="info",
-               choices=["debug", "info", "warning", "error"], help="log verbosity (to stderr)")
     args = parser.parse_args(argv)
     return OrchestratorConfig(
         listen=args.listen,

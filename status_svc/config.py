@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from stepstream_common.config import (
-    default_data_dir,
     env_option,
-    host_port,
     host_ports,
     positive_float,
     positive_int,
+    service_parser,
 )
 
 DEFAULT_LISTEN = "127.0.0.1:50052"
@@ -36,24 +34,17 @@ class StatusConfig:
 
 
 def parse_args(argv: list[str] | None = None) -> StatusConfig:
-    parser = argparse.ArgumentParser(
-        prog="python -m status_svc",
-        description="stepstream status service: persists step_stats and serves snapshots and watches.",
+    parser = service_parser(
+        "status", "stepstream status service: persists step_stats and serves snapshots and watches.",
+        default_listen=DEFAULT_LISTEN, data_help="where the step_stats database lives",
+        heartbeat_help="seconds between heartbeats on an idle watch",
     )
-    env_option(parser, "--listen", "STEPSTREAM_STATUS_LISTEN", default=DEFAULT_LISTEN, type=host_port,
-               help="address to serve on (port 0 picks a free port)")
-    env_option(parser, "--data-dir", "STEPSTREAM_STATUS_DATA_DIR", default=str(default_data_dir("status")),
-               type=Path, help="where the step_stats database lives")
     env_option(parser, "--orchestrator", "STEPSTREAM_ORCHESTRATOR", default=DEFAULT_ORCHESTRATOR, type=host_ports,
                help="orchestrator(s) to follow, comma-separated HOST:PORT")
-    env_option(parser, "--heartbeat-interval", "STEPSTREAM_HEARTBEAT_INTERVAL", default="5",
-               type=positive_float, help="seconds between heartbeats on an idle watch")
     env_option(parser, "--stale-after", "STEPSTREAM_STALE_AFTER", default="15", type=positive_float,
                help="seconds without a message from an orchestrator before its jobs are shown stale")
     env_option(parser, "--retain-changes", "STEPSTREAM_RETAIN_CHANGES", default="1000000", type=positive_int,
                help="how many of the newest revisions the change log keeps for resuming watches")
-    env_option(parser, "--log-level", "STEPSTREAM_LOG_LEVEL", default="info",
-               choices=["debug", "info", "warning", "error"], help="log verbosity (to stderr)")
     args = parser.parse_args(argv)
     return StatusConfig(
         listen=args.listen,

@@ -29,7 +29,8 @@ from stepstream_client.models import (
 )
 from stepstream_client.sdk import DEFAULT_ORCHESTRATOR, DEFAULT_STATUS, Client
 from stepstream_client.sync import SyncClient
-from stepstream_client.watch import Applied, Backoff, JobWatch
+from stepstream_client.watch import Applied, JobWatch
+from stepstream_common.backoff import Backoff
 
 __all__ = [
     "DEFAULT_ORCHESTRATOR",

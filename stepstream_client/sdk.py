@@ -41,13 +41,13 @@ from stepstream_client.models import (
     job_view,
     submitted_job,
 )
-from stepstream_client.watch import Applied, Backoff, Follower, IngestGrace, JobWatch
+from stepstream_client.watch import Applied, Follower, IngestGrace, JobWatch
+from stepstream_common.backoff import DEFAULT_BACKOFF, Backoff
 from stepstream_common.rpc import channel_options
 from stepstream_common.states import job_state_from_word, step_state_from_word
 
 DEFAULT_ORCHESTRATOR = "127.0.0.1:50051"
 DEFAULT_STATUS = "127.0.0.1:50052"
-DEFAULT_BACKOFF = Backoff()
 
 # Reconnect quickly once a restarted service is back (gRPC's own default backs off to 2 minutes).
 _CHANNEL_OPTIONS = [

@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import random
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ from stepstream.v1 import status_service_pb2_grpc as pb_grpc
 
 from stepstream_client.errors import from_rpc_error
 from stepstream_client.models import JobView, job_view, step_view
+from stepstream_common.backoff import Backoff
 
 # Codes after which a watch that has shown the job reconnects from its revision.
 RESUMABLE = frozenset({
@@ -54,17 +54,6 @@ class Applied:
 
     revision: int
     snapshot: bool
-
-
-@dataclass(frozen=True)
-class Backoff:
-    """Capped exponential backoff with jitter, so many clients do not reconnect in step."""
-
-    initial: float = 0.1
-    cap: float = 5.0
-
-    def delay(self, failures: int) -> float:
-        return random.uniform(0.5, 1.0) * min(self.cap, self.initial * 2.0 ** min(failures, 30))
 
 
 class IngestGrace:

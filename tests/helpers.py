@@ -84,6 +84,16 @@ def job_events(events: list[records_pb2.StepEvent], job_id: str) -> list[records
     return [event for event in events if owner(event) == job_id]
 
 
+def entity_key(event: records_pb2.StepEvent) -> tuple[Any, ...]:
+    """Which entity (within one job) an event is about: ("job",), ("step", name) or ("child", step, index)."""
+    kind = event.WhichOneof("record")
+    if kind == "job":
+        return ("job",)
+    if kind == "step":
+        return ("step", event.step.name)
+    return ("child", event.child.step_name, event.child.index)
+
+
 def finished(job_id: str) -> Callable[[list[records_pb2.StepEvent]], bool]:
     """`until` predicate: the job's terminal event has arrived."""
 

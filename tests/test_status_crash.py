@@ -35,6 +35,7 @@ from stepstream_common.timeutil import seconds
 from tests.helpers import (
     ServiceProcess,
     channel,
+    entity_key,
     job_definition,
     open_sqlite_readonly,
     read_whole_log,
@@ -108,15 +109,6 @@ async def crash_loop(
 # --- the independent fold of the orchestrator's log ---------------------------------------------------------
 
 
-def key_of(event: Event) -> tuple[Any, ...]:
-    kind = event.WhichOneof("record")
-    if kind == "job":
-        return ("job",)
-    if kind == "step":
-        return ("step", event.step.name)
-    return ("child", event.child.step_name, event.child.index)
-
-
 def time_of(ts: Any) -> float | None:
     return seconds(ts)
 
@@ -169,7 +161,7 @@ def assert_database_matches_the_log(
             step_name = recorded[0].child.step_name
             counts = child_counts.setdefault(step_name, Counter())
             for event in recorded:
-                key = key_of(event)
+                key = entity_key(event)
                 previous = last.get(key)
                 if previous is not None:
                     counts[previous.child.state] -= 1
@@ -182,7 +174,7 @@ def assert_database_matches_the_log(
             stats_revision[step_name] = revision
             continue
         (event,) = recorded
-        key = key_of(event)
+        key = entity_key(event)
         if key[0] == "job":
             assert header is not None and stats == [], f"seq {event.seq}"
             decoded = status_pb.JobStatus.FromString(header)

@@ -29,6 +29,7 @@ from stepstream.v1 import states_pb2 as s
 from status_svc.domain import views
 from status_svc.domain.fold import NO_VERSION, Change, JobFold, Version
 from stepstream_common.states import TERMINAL_JOB_STATES, TERMINAL_STEP_STATES
+from tests.helpers import entity_key
 
 Event = records_pb2.StepEvent
 Key = tuple[Any, ...]
@@ -225,15 +226,6 @@ def histories(draw: st.DrawFn) -> History:
 # --- observing a fold ------------------------------------------------------------------------------------------
 
 
-def key_of(event: Event) -> Key:
-    kind = event.WhichOneof("record")
-    if kind == "job":
-        return ("job",)
-    if kind == "step":
-        return ("step", event.step.name)
-    return ("child", event.child.step_name, event.child.index)
-
-
 def versions(fold: JobFold) -> dict[Key, Version]:
     held: dict[Key, Version] = {("job",): fold.job_version}
     held.update({("step", name): entry.version for name, entry in fold.steps.items()})
@@ -290,7 +282,7 @@ def last_records(events: Sequence[Event]) -> dict[Key, Event]:
     """The independent oracle: each entity's last event in seq order."""
     last: dict[Key, Event] = {}
     for event in sorted(events, key=lambda e: e.seq):
-        last[key_of(event)] = event
+        last[entity_key(event)] = event
     return last
 
 
@@ -341,7 +333,7 @@ def test_any_order_with_duplicates_folds_to_the_in_order_result(history: History
         before_versions, before_records, before_states = versions(fold), records(fold), states(fold)
         change = fold.apply(event)
         after_versions, after_states = versions(fold), states(fold)
-        key = key_of(event)
+        key = entity_key(event)
         # The event wins exactly when it is newer, by (terminal, seq), than what is held.
         newer = (event_version(event) > before_versions.get(key, NO_VERSION))
         assert (change is not None) == newer, (event.seq, before_versions.get(key))
@@ -394,7 +386,7 @@ def event_version(event: Event) -> Version:
 
 def assert_change_describes(change: Change, event: Event, before: dict[Key, int], after: dict[Key, int]) -> None:
     """What a winning event reports as changed is exactly what changed."""
-    key = key_of(event)
+    key = entity_key(event)
     assert change.job_id == JOB_ID
     state_changed = before.get(key, s.STEP_STATE_UNSPECIFIED) != after[key]
     if key[0] == "job":

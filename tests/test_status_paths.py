@@ -12,9 +12,9 @@ from __future__ import annotations
 import asyncio
 import shlex
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 import pytest
@@ -293,22 +293,32 @@ async def _exists(path: Path) -> bool | None:
 # --- ListChildren ---------------------------------------------------------------------------------------------
 
 
-async def list_all_children(status: StatusStub, job_id: str, step: str, page_size: int,
-                            states: list[int] | None = None) -> tuple[list[status_pb.ChildStatus], list[int]]:
-    """Every page; returns the children and the size of each page."""
-    children: list[status_pb.ChildStatus] = []
+Item = TypeVar("Item")
+
+
+async def every_page(fetch: Callable[[str], Awaitable[tuple[Sequence[Item], str]]]) -> tuple[list[Item], list[int]]:
+    """Follow page tokens to the end: every item, and the size of each page."""
+    items: list[Item] = []
     sizes: list[int] = []
     token = ""
     while True:
+        page, token = await fetch(token)
+        items.extend(page)
+        sizes.append(len(page))
+        if not token:
+            return items, sizes
+        assert len(sizes) < 100, "paging does not end"
+
+
+async def list_all_children(status: StatusStub, job_id: str, step: str, page_size: int,
+                            states: list[int] | None = None) -> tuple[list[status_pb.ChildStatus], list[int]]:
+    async def fetch(token: str) -> tuple[Sequence[status_pb.ChildStatus], str]:
         page = await status.ListChildren(status_pb.ListChildrenRequest(
             job_id=job_id, step_name=step, states=states or [], page_size=page_size, page_token=token,  # type: ignore[arg-type]
         ))
-        children.extend(page.children)
-        sizes.append(len(page.children))
-        token = page.next_page_token
-        if not token:
-            return children, sizes
-        assert len(sizes) < 100, "paging does not end"
+        return page.children, page.next_page_token
+
+    return await every_page(fetch)
 
 
 async def test_list_children_pages_and_filters(
@@ -366,20 +376,14 @@ async def test_list_children_pages_and_filters(
 
 async def list_all_jobs(status: StatusStub, page_size: int, states: list[int] | None = None,
                         name: str = "") -> tuple[list[str], list[int]]:
-    ids: list[str] = []
-    sizes: list[int] = []
-    token = ""
-    while True:
+    async def fetch(token: str) -> tuple[Sequence[str], str]:
         page = await status.ListJobs(status_pb.ListJobsRequest(
             filter=status_pb.JobFilter(states=states or [], name=name),  # type: ignore[arg-type]
             page_size=page_size, page_token=token,
         ))
-        ids.extend(job.id for job in page.jobs)
-        sizes.append(len(page.jobs))
-        token = page.next_page_token
-        if not token:
-            return ids, sizes
-        assert len(sizes) < 100, "paging does not end"
+        return [job.id for job in page.jobs], page.next_page_token
+
+    return await every_page(fetch)
 
 
 async def test_list_jobs_filters_by_state_and_name_and_pages(

@@ -93,6 +93,17 @@ def long_running(response: status_pb.GetJobResponse) -> bool:
     return response.steps[0].state == s.STEP_STATE_RUNNING
 
 
+async def a_finished_and_a_running_job(
+    orch: OrchStub, stub: StatusStub
+) -> tuple[str, str, status_pb.GetJobResponse]:
+    """A job that has ended and one whose long step runs, both known to the status
+    service: the ids, and the running one as the status service shows it."""
+    done = await submit(orch, QUICK)
+    await wait_status_job(stub, done, status_job_finished, "the quick job to end")
+    running = await submit(orch, LONG)
+    return done, running, await wait_status_job(stub, running, long_running, "the long step to run")
+
+
 def without_freshness(job: status_pb.JobStatus) -> status_pb.JobStatus:
     copy = status_pb.JobStatus()
     copy.CopyFrom(job)
@@ -146,10 +157,7 @@ async def test_a_dead_orchestrator_makes_its_running_jobs_stale_and_its_return_e
     async with orchestrator_subprocess(tmp_path / "orchestrator", port) as (first, orch):
         address = first.address
         async with status_service(tmp_path / "status", address) as (status, stub):
-            done = await submit(orch, QUICK)
-            await wait_status_job(stub, done, status_job_finished, "the quick job to end")
-            running = await submit(orch, LONG)
-            before = await wait_status_job(stub, running, long_running, "the long step to run")
+            done, running, before = await a_finished_and_a_running_job(orch, stub)
             assert before.job.freshness == status_pb.Freshness(source=address)
             watch = stub.WatchJob(status_pb.WatchJobRequest(job_id=running))
             assert (await first_update(watch)).job.freshness.stale is False
@@ -283,10 +291,7 @@ async def test_a_replaced_orchestrator_log_is_resynced_and_unknown_jobs_are_stal
     async with orchestrator_subprocess(tmp_path / "orchestrator-a", port) as (first, orch):
         address = first.address
         async with status_service(tmp_path / "status", address) as (status, stub):
-            done = await submit(orch, QUICK)
-            await wait_status_job(stub, done, status_job_finished, "the quick job to end")
-            lost = await submit(orch, LONG)
-            before = await wait_status_job(stub, lost, long_running, "the long step to run")
+            done, lost, before = await a_finished_and_a_running_job(orch, stub)
             old_log = status.writer.source(address).log_id
             assert old_log
             await asyncio.to_thread(first.kill)

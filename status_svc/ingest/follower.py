@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import time
 from collections.abc import Callable
 
@@ -27,6 +26,7 @@ from stepstream.v1 import orchestrator_service_pb2_grpc as orch_grpc
 from stepstream.v1 import records_pb2
 
 from status_svc.ingest.writer import Events, IngestWriter, SnapshotApplied, SourceHealth
+from stepstream_common.backoff import DEFAULT_BACKOFF, Backoff
 from stepstream_common.rpc import channel_options
 
 log = logging.getLogger(__name__)
@@ -46,15 +46,13 @@ class OrchestratorFollower:
         writer: IngestWriter,
         *,
         stale_after: float,
-        backoff_initial: float = 0.1,
-        backoff_max: float = 5.0,
+        backoff: Backoff = DEFAULT_BACKOFF,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.address = address
         self._writer = writer
         self._stale_after = stale_after
-        self._backoff_initial = backoff_initial
-        self._backoff_max = backoff_max
+        self._backoff = backoff
         self._clock = clock
         known = writer.source(address)
         # Where to resume: everything up to here has been handed to the writer.
@@ -68,7 +66,7 @@ class OrchestratorFollower:
 
     async def run(self) -> None:
         watchdog = asyncio.create_task(self._watch_staleness(), name=f"staleness-{self.address}")
-        backoff = self._backoff_initial
+        failures = 0
         try:
             async with grpc.aio.insecure_channel(self.address, options=channel_options()) as channel:
                 stub = orch_grpc.OrchestratorServiceStub(channel)
@@ -81,17 +79,18 @@ class OrchestratorFollower:
                         if error.code() == grpc.StatusCode.OUT_OF_RANGE:
                             log.warning("%s: %s; resyncing from a snapshot", self.address, error.details())
                             await self._resync(stub)
-                            backoff = self._backoff_initial
+                            failures = 0
                             continue
                         self._last_error = f"{error.code().name}: {error.details()}"
                     except _Silent:
                         self._last_error = f"no message for {self._stale_after:g}s"
                     if self._last_heard != heard_before:
-                        backoff = self._backoff_initial  # it was a working stream: a new run of failures
+                        failures = 0  # it was a working stream: a new run of failures
+                    delay = self._backoff.delay(failures)
+                    failures += 1
                     self.reconnects += 1
-                    log.info("%s: %s; reconnecting in %.2fs", self.address, self._last_error, backoff)
-                    await asyncio.sleep(backoff * random.uniform(0.8, 1.2))
-                    backoff = min(self._backoff_max, backoff * 2)
+                    log.info("%s: %s; reconnecting in %.2fs", self.address, self._last_error, delay)
+                    await asyncio.sleep(delay)
         finally:
             watchdog.cancel()
             with contextlib.suppress(asyncio.CancelledError):
