@@ -16,9 +16,9 @@ from stepstream.v1 import definition_pb2, records_pb2
 from stepstream.v1 import states_pb2 as s
 
 from orchestrator_svc.app import DATABASE_FILE
-from orchestrator_svc.engine.journal import Journal, Retention, StoredEvent
+from orchestrator_svc.engine.journal import Journal, Retention
 from orchestrator_svc.engine.recorder import Recorder
-from orchestrator_svc.storage.base import NewJob
+from orchestrator_svc.storage.base import NewJob, StoredEvent
 from orchestrator_svc.storage.sqlite import SqliteEventStore
 from stepstream_common.feed import Feed
 

@@ -11,9 +11,10 @@ from stepstream.v1 import orchestrator_service_pb2
 from orchestrator_svc.api.servicer import OrchestratorServicer
 from orchestrator_svc.config import OrchestratorConfig
 from orchestrator_svc.engine.engine import Engine
-from orchestrator_svc.engine.journal import Journal, Retention, StoredEvent
+from orchestrator_svc.engine.journal import Journal, Retention
 from orchestrator_svc.engine.recorder import Recorder
 from orchestrator_svc.engine.runner import RunSettings
+from orchestrator_svc.storage.base import StoredEvent
 from orchestrator_svc.storage.sqlite import SqliteEventStore
 from orchestrator_svc.workers.base import WorkerRegistry
 from orchestrator_svc.workers.processes import ProcessRegistry

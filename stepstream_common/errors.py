@@ -34,6 +34,10 @@ class FailedPrecondition(ServiceError):
     pass
 
 
+class Unavailable(ServiceError):
+    """The service cannot answer correctly right now; the same call may succeed later."""
+
+
 class CursorOutOfRange(ServiceError):
     """A resume cursor the server cannot serve; the caller must resync from a snapshot.
 

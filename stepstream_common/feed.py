@@ -15,15 +15,25 @@ Both services stream the same way: the orchestrator streams its event log by
   The subscription is always registered before storage is read, so an item
   committed in between arrives through the queue and is dropped by position if
   the read already returned it: no gap, no duplicate.
+- The seam between storage and the live queue is checked, not assumed: the
+  queue holds everything published after `live_from`, so a storage read that
+  ends must have seen at least that far (its `horizon`). A read that saw less
+  (a stale or broken store) raises StreamGap instead of letting the stream
+  jump from old stored items to newer live ones.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
+
+from stepstream_common.errors import Unavailable
+
+log = logging.getLogger(__name__)
 
 
 class Positioned(Protocol):
@@ -40,6 +50,8 @@ class Subscription(Generic[T]):
 
     key: str | None
     max_pending: int
+    # Everything published after this position is in `pending` (unless overflowed).
+    live_from: int = 0
     pending: deque[Sequence[T]] = field(default_factory=deque)
     pending_count: int = 0
     overflowed: bool = False
@@ -67,8 +79,9 @@ class Subscription(Generic[T]):
         if waiter is not None and not waiter.done():
             waiter.set_result(True)
 
-    def restart_from_storage(self) -> None:
+    def restart_from_storage(self, latest: int) -> None:
         """Forget the queue: the caller is about to read storage from its cursor."""
+        self.live_from = latest
         self.overflowed = False
         self.pending.clear()
         self.pending_count = 0
@@ -126,7 +139,7 @@ class Feed(Generic[T]):
 
     def subscribe(self, key: str | None = None) -> Subscription[T]:
         """Start queueing published items: all of them, or those of one key."""
-        sub: Subscription[T] = Subscription(key=key, max_pending=self._max_pending)
+        sub: Subscription[T] = Subscription(key=key, max_pending=self._max_pending, live_from=self.latest)
         if key is None:
             self._everything.add(sub)
         else:
@@ -178,7 +191,21 @@ def _group(items: Sequence[T], key_of: Callable[[T], str]) -> dict[str, list[T]]
     return groups
 
 
-ReadPage = Callable[[int, int], Awaitable[Sequence[T]]]
+@dataclass(frozen=True)
+class Page(Generic[T]):
+    """Stored items after a cursor, and the latest position committed when they were read."""
+
+    items: Sequence[T]
+    horizon: int
+
+
+class StreamGap(Unavailable):
+    """Storage ended before the live queue begins: streaming on would skip items.
+
+    The stream ends UNAVAILABLE; its client resumes from its own cursor."""
+
+
+ReadPage = Callable[[int, int], Awaitable[Page[T]]]
 
 
 async def follow(
@@ -196,20 +223,25 @@ async def follow(
     `read_page(cursor, limit)` returns stored items with position > cursor in
     order, and raises CursorOutOfRange if the cursor is older than what storage
     retains. The subscription must have been taken before whatever produced
-    `after` (a snapshot, a client's cursor) was read.
+    `after` (a snapshot, a client's cursor) was read. Raises StreamGap if
+    storage cannot reach the live queue (see the module docstring).
     """
     cursor = after
     behind = after < feed.latest
     while not feed.closed:
         if behind or subscription.overflowed:
-            subscription.restart_from_storage()
+            subscription.restart_from_storage(feed.latest)
             while True:
                 page = await read_page(cursor, page_size)
-                if page:
-                    yield page
-                    cursor = page[-1].position
-                if len(page) < page_size:
+                if page.items:
+                    yield page.items
+                    cursor = page.items[-1].position
+                if len(page.items) < page_size:
                     break
+            if page.horizon < subscription.live_from:
+                gap = StreamGap(f"storage ends at {page.horizon} but live items start after {subscription.live_from}")
+                log.error("ending a stream rather than skipping: %s", gap)
+                raise gap
             behind = False
             continue
         items = subscription.take_after(cursor)

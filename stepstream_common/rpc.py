@@ -27,6 +27,7 @@ from stepstream_common.errors import (
     InvalidArgument,
     NotFound,
     ServiceError,
+    Unavailable,
 )
 
 log = logging.getLogger(__name__)
@@ -38,12 +39,13 @@ _CODES: dict[type[ServiceError], tuple[grpc.StatusCode, int]] = {
     NotFound: (grpc.StatusCode.NOT_FOUND, code_pb2.NOT_FOUND),
     FailedPrecondition: (grpc.StatusCode.FAILED_PRECONDITION, code_pb2.FAILED_PRECONDITION),
     CursorOutOfRange: (grpc.StatusCode.OUT_OF_RANGE, code_pb2.OUT_OF_RANGE),
+    Unavailable: (grpc.StatusCode.UNAVAILABLE, code_pb2.UNAVAILABLE),
 }
 
 
 def to_status(error: ServiceError) -> grpc.Status:
     """The gRPC status (with google.rpc details in the trailer) for an error."""
-    _, code = _CODES[type(error)]
+    _, code = next(codes for kind, codes in _CODES.items() if isinstance(error, kind))
     details: list[any_pb2.Any] = []
     if isinstance(error, InvalidArgument) and error.violations:
         bad_request = error_details_pb2.BadRequest(

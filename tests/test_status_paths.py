@@ -10,6 +10,7 @@ requests are INVALID_ARGUMENT with field violations.
 from __future__ import annotations
 
 import asyncio
+import base64
 import shlex
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -27,7 +28,6 @@ from stepstream.v1 import status_service_pb2_grpc as status_grpc
 
 from status_svc.app import StatusService
 from stepstream_client.errors import from_rpc_error
-from stepstream_common.paging import encode_token
 from tests.helpers import (
     DEADLINE,
     eventually,
@@ -489,9 +489,25 @@ async def test_bad_requests_are_invalid_argument_with_field_violations(
 ) -> None:
     job_id = await submit(orchestrator_stub, [fanout("fan", {"type": "sleep", "seconds": 0}, count=3)])
     await wait_status_job(status_stub, job_id, status_job_finished, "the job to end")
-    # Well-formed tokens, but of the other list.
-    jobs_token = encode_token([1.5, job_id])
-    children_token = encode_token([0])
+    # Real tokens, each used where it was not issued: another list, another filter;
+    # and edited copies (truncated, one character changed, a forged key) of a real one.
+    second = await submit(orchestrator_stub, [{"name": "second", "type": "sleep", "seconds": 0}])
+    await wait_status_job(status_stub, second, status_job_finished, "the second job to end")
+    jobs_token = (await status_stub.ListJobs(status_pb.ListJobsRequest(page_size=1))).next_page_token
+    children_token = (await status_stub.ListChildren(status_pb.ListChildrenRequest(
+        job_id=job_id, step_name="fan", page_size=1))).next_page_token
+    assert jobs_token and children_token
+    raw = base64.urlsafe_b64decode(children_token)
+    forged = base64.urlsafe_b64encode(raw.replace(b"[0]", b"[1]")).decode()
+    flipped = children_token[:5] + ("A" if children_token[5] != "A" else "B") + children_token[6:]
+    for token in (children_token[:-4], flipped, forged, "x" * 5000):
+        assert await invalid_fields(status_stub.ListChildren(status_pb.ListChildrenRequest(
+            job_id=job_id, step_name="fan", page_token=token))) == ["page_token"], token
+    assert await invalid_fields(status_stub.ListChildren(status_pb.ListChildrenRequest(
+        job_id=job_id, step_name="fan", page_token=children_token,
+        states=[s.STEP_STATE_COMPLETED]))) == ["page_token"]
+    assert await invalid_fields(status_stub.ListJobs(status_pb.ListJobsRequest(
+        page_token=jobs_token, filter=status_pb.JobFilter(name="other")))) == ["page_token"]
 
     assert await invalid_fields(status_stub.GetJob(status_pb.GetJobRequest())) == ["job_id"]
     assert await invalid_fields(status_stub.ListChildren(status_pb.ListChildrenRequest())) == ["job_id", "step_name"]
@@ -519,6 +535,7 @@ async def test_bad_requests_are_invalid_argument_with_field_violations(
     # The valid forms of the same requests work.
     page = await status_stub.ListChildren(status_pb.ListChildrenRequest(
         job_id=job_id, step_name="fan", page_size=2, page_token=children_token))
+    assert raw.startswith(b"[") and forged != children_token
     assert [c.index for c in page.children] == [1, 2] and page.next_page_token == ""
 
 

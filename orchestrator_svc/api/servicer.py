@@ -11,8 +11,7 @@ from stepstream.v1 import orchestrator_service_pb2 as pb
 from stepstream.v1 import states_pb2
 
 from orchestrator_svc.engine.engine import Engine
-from orchestrator_svc.engine.journal import StoredEvent
-from orchestrator_svc.storage.base import EventStore
+from orchestrator_svc.storage.base import EventStore, StoredEvent
 from stepstream_common import wire
 from stepstream_common.errors import CursorOutOfRange
 from stepstream_common.feed import Feed, follow
@@ -97,7 +96,7 @@ class OrchestratorServicer:
             if request.after_seq > latest:
                 raise self._unknown_cursor(f"after_seq {request.after_seq} is ahead of this log (latest {latest})")
             async for items in follow(
-                self._feed, subscription, after=request.after_seq, read_page=self._read_page,
+                self._feed, subscription, after=request.after_seq, read_page=self._store.read_events,
                 idle_timeout=self._heartbeat_interval, page_size=MAX_EVENTS_PER_MESSAGE,
             ):
                 if not items:
@@ -122,9 +121,6 @@ class OrchestratorServicer:
                     sent = True
             if not sent:
                 yield header
-
-    async def _read_page(self, after: int, limit: int) -> list[StoredEvent]:
-        return [StoredEvent(seq, data) for seq, data in await self._store.read_events(after, limit)]
 
     def _heartbeat(self) -> pb.StreamStepEventsResponse:
         return pb.StreamStepEventsResponse(

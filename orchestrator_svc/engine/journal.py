@@ -15,23 +15,15 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
 
 from stepstream.v1 import records_pb2
 
-from orchestrator_svc.storage.base import EventStore, NewJob
+from orchestrator_svc.storage.base import EventStore, NewJob, StoredEvent
 from stepstream_common.feed import Feed
 
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 5000
-
-
-class StoredEvent(NamedTuple):
-    """A committed event as streamed: its seq and its serialized StepEvent."""
-
-    position: int
-    data: bytes
 
 
 @dataclass(frozen=True)

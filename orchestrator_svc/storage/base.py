@@ -11,9 +11,18 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from stepstream.v1 import definition_pb2, records_pb2
+
+from stepstream_common.feed import Page
+
+
+class StoredEvent(NamedTuple):
+    """A committed event as streamed: its seq and its serialized StepEvent."""
+
+    position: int
+    data: bytes
 
 
 @dataclass(frozen=True)
@@ -78,8 +87,9 @@ class EventStore(Protocol):
         """Commit events (in seq order, with their encodings) and the records they
         carry, in one transaction."""
 
-    async def read_events(self, after_seq: int, limit: int) -> list[tuple[int, bytes]]:
-        """Events with seq > after_seq in order; CursorOutOfRange if some were pruned."""
+    async def read_events(self, after_seq: int, limit: int) -> Page[StoredEvent]:
+        """Events with seq > after_seq in order, and the latest seq when read;
+        CursorOutOfRange if some were pruned."""
 
     async def get_job(self, job_id: str) -> JobView | None: ...
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -14,10 +14,19 @@ import aiosqlite
 from stepstream.v1 import definition_pb2, records_pb2
 from stepstream.v1 import states_pb2 as s
 
-from orchestrator_svc.storage.base import JobView, LogInfo, NewJob, RequestedJob, Snapshot, UnfinishedJob
+from orchestrator_svc.storage.base import (
+    JobView,
+    LogInfo,
+    NewJob,
+    RequestedJob,
+    Snapshot,
+    StoredEvent,
+    UnfinishedJob,
+)
 from stepstream_common.errors import CursorOutOfRange
-from stepstream_common.paging import decode_token, encode_token
-from stepstream_common.sqlite import SqliteFile, connect, transaction
+from stepstream_common.feed import Page
+from stepstream_common.paging import PageTokens, new_secret, scope
+from stepstream_common.sqlite import SqliteFile
 from stepstream_common.states import TERMINAL_JOB_STATES, TERMINAL_STEP_STATES
 from stepstream_common.timeutil import seconds
 
@@ -75,19 +84,23 @@ class SqliteEventStore(SqliteFile):
     def __init__(self, path: Path) -> None:
         super().__init__(path)
         self._log_id = ""
+        self._tokens = PageTokens("")
 
     async def open(self) -> LogInfo:
         await self._connect(SCHEMA)
-        async with transaction(self.writer):
-            rows = list(await self.writer.execute_fetchall("SELECT value FROM meta WHERE key = 'log_id'"))
-            if rows:
-                log_id = str(rows[0][0])
-            else:
-                log_id = uuid.uuid4().hex
-                await self.writer.execute("INSERT INTO meta (key, value) VALUES ('log_id', ?)", (log_id,))
-        self._log_id = log_id
-        latest = await self._latest_seq(self.writer)
-        return LogInfo(log_id=log_id, latest_seq=latest)
+
+        async def unit(db: aiosqlite.Connection) -> tuple[LogInfo, str]:
+            await db.executemany(
+                "INSERT OR IGNORE INTO meta (key, value) VALUES (?, ?)",
+                [("log_id", uuid.uuid4().hex), ("page_secret", new_secret())],
+            )
+            meta = {str(key): str(value) for key, value in await db.execute_fetchall("SELECT key, value FROM meta")}
+            return LogInfo(log_id=meta["log_id"], latest_seq=await _latest_seq(db)), meta["page_secret"]
+
+        info, secret = await self.write(unit)
+        self._log_id = info.log_id
+        self._tokens = PageTokens(secret)
+        return info
 
     async def append(
         self, events: Sequence[tuple[records_pb2.StepEvent, bytes]], new_jobs: Sequence[NewJob]
@@ -110,12 +123,12 @@ class SqliteEventStore(SqliteFile):
             else:
                 child = event.child
                 child_rows.append((child.job_id, child.step_name, child.index, child.state, event.seq, data))
-        db = self.writer
-        async with transaction(db):
-            if new_jobs:
+        job_inserts = [(j.job_id, j.request_id or None, j.definition, first_seqs[j.job_id]) for j in new_jobs]
+
+        async def unit(db: aiosqlite.Connection) -> None:
+            if job_inserts:
                 await db.executemany(
-                    "INSERT INTO jobs (job_id, request_id, definition, first_seq) VALUES (?, ?, ?, ?)",
-                    [(j.job_id, j.request_id or None, j.definition, first_seqs[j.job_id]) for j in new_jobs],
+                    "INSERT INTO jobs (job_id, request_id, definition, first_seq) VALUES (?, ?, ?, ?)", job_inserts
                 )
             await db.executemany("INSERT INTO events (seq, data) VALUES (?, ?)", event_rows)
             if job_rows:
@@ -125,34 +138,39 @@ class SqliteEventStore(SqliteFile):
             if child_rows:
                 await db.executemany(UPSERT_CHILD, child_rows)
 
-    async def read_events(self, after_seq: int, limit: int) -> list[tuple[int, bytes]]:
-        async with self._read_lock:
+        await self.write(unit)
+
+    async def read_events(self, after_seq: int, limit: int) -> Page[StoredEvent]:
+        async def unit(db: aiosqlite.Connection) -> Page[StoredEvent]:
             rows = [
-                (int(seq), bytes(data))
-                for seq, data in await self.reader.execute_fetchall(
+                StoredEvent(int(seq), bytes(data))
+                for seq, data in await db.execute_fetchall(
                     "SELECT seq, data FROM events WHERE seq > ? ORDER BY seq LIMIT ?", (after_seq, limit)
                 )
             ]
-            if rows and rows[0][0] != after_seq + 1:
-                latest = await self._latest_seq(self.reader)
+            latest = await _latest_seq(db)
+            if rows and rows[0].position != after_seq + 1:
                 raise CursorOutOfRange(
                     "CURSOR_TOO_OLD",
-                    f"events after seq {after_seq} are no longer retained; the oldest is {rows[0][0]}: "
+                    f"events after seq {after_seq} are no longer retained; the oldest is {rows[0].position}: "
                     "resync with StreamSnapshot",
-                    oldest=rows[0][0],
+                    oldest=rows[0].position,
                     latest=latest,
                     log_id=self._log_id,
                 )
-        return rows
+            return Page(rows, latest)
+
+        return await self.read(unit)
 
     async def oldest_seq(self) -> int:
-        async with self._read_lock:
-            rows = list(await self.reader.execute_fetchall("SELECT MIN(seq) FROM events"))
-        return int(rows[0][0] or 0)
+        async def unit(db: aiosqlite.Connection) -> int:
+            rows = list(await db.execute_fetchall("SELECT MIN(seq) FROM events"))
+            return int(rows[0][0] or 0)
+
+        return await self.read(unit)
 
     async def get_job(self, job_id: str) -> JobView | None:
-        db = self.reader
-        async with self._read_lock, transaction(db, "DEFERRED"):
+        async def unit(db: aiosqlite.Connection) -> JobView | None:
             rows = list(await db.execute_fetchall(
                 "SELECT record, definition FROM jobs WHERE job_id = ? AND seq > 0", (job_id,)
             ))
@@ -164,30 +182,22 @@ class SqliteEventStore(SqliteFile):
             counts = await db.execute_fetchall(
                 "SELECT step, state, COUNT(*) FROM children WHERE job_id = ? GROUP BY step, state", (job_id,)
             )
-            seq = await self._latest_seq(db)
-        child_counts: dict[str, records_pb2.ChildCounts] = {}
-        for step_name, state, count in counts:
-            tally = child_counts.setdefault(step_name, records_pb2.ChildCounts())
-            tally.total += count
-            field = s.StepState.Name(state).removeprefix("STEP_STATE_").lower()
-            setattr(tally, field, getattr(tally, field) + count)
-        return JobView(
-            job=_event(rows[0][0]).job,
-            steps=[_event(row[0]).step for row in steps],
-            child_counts=child_counts,
-            definition=definition_pb2.JobDefinition.FromString(rows[0][1]),
-            seq=seq,
-        )
+            seq = await _latest_seq(db)
+            return _job_view(rows[0], steps, counts, seq)
+
+        return await self.read(unit)
 
     async def job_for_request(self, request_id: str) -> RequestedJob | None:
-        async with self._read_lock:
-            rows = list(await self.reader.execute_fetchall(
+        async def unit(db: aiosqlite.Connection) -> RequestedJob | None:
+            rows = list(await db.execute_fetchall(
                 "SELECT record, first_seq, definition FROM jobs WHERE request_id = ? AND seq > 0", (request_id,)
             ))
-        if not rows:
-            return None
-        record, first_seq, definition = rows[0]
-        return RequestedJob(_event(record).job, int(first_seq), bytes(definition))
+            if not rows:
+                return None
+            record, first_seq, definition = rows[0]
+            return RequestedJob(_event(record).job, int(first_seq), bytes(definition))
+
+        return await self.read(unit)
 
     async def list_jobs(
         self, states: Sequence[int], name: str, page_size: int, page_token: str
@@ -200,45 +210,36 @@ class SqliteEventStore(SqliteFile):
         if name:
             where.append("name = ?")
             params.append(name)
-        after = decode_token(page_token, 2)
+        query = scope("orchestrator.ListJobs", sorted(states), name)
+        after = self._tokens.decode(page_token, query, (float, str))
         if after is not None:
             where.append("(created_at, job_id) < (?, ?)")
             params.extend(after)
-        async with self._read_lock:
-            rows = list(await self.reader.execute_fetchall(
+
+        async def unit(db: aiosqlite.Connection) -> list[Any]:
+            return list(await db.execute_fetchall(
                 f"SELECT record, created_at, job_id FROM jobs WHERE {' AND '.join(where)} "
                 "ORDER BY created_at DESC, job_id DESC LIMIT ?",
                 (*params, page_size + 1),
             ))
-        token = encode_token([rows[page_size - 1][1], rows[page_size - 1][2]]) if len(rows) > page_size else ""
+
+        rows = await self.read(unit)
+        token = ""
+        if len(rows) > page_size:
+            token = self._tokens.encode(query, [rows[page_size - 1][1], rows[page_size - 1][2]])
         return [_event(row[0]).job for row in rows[:page_size]], token
 
     @asynccontextmanager
     async def snapshot(self) -> AsyncIterator[Snapshot]:
-        db = await connect(self._path)
-        try:
-            async with transaction(db, "DEFERRED"):
-                seq = await self._latest_seq(db)
-                yield Snapshot(seq=seq, pages=self._snapshot_pages(db))
-        finally:
-            await db.close()
-
-    async def _snapshot_pages(self, db: aiosqlite.Connection) -> AsyncIterator[list[bytes]]:
-        for query in (
-            "SELECT record FROM jobs WHERE seq > 0",
-            "SELECT record FROM steps",
-            "SELECT record FROM children",
-        ):
-            async with db.execute(query) as cursor:
-                while rows := await cursor.fetchmany(_SNAPSHOT_PAGE):
-                    yield [bytes(row[0]) for row in rows]
+        async with self.private_reader() as db:
+            yield Snapshot(seq=await _latest_seq(db), pages=_snapshot_pages(db))
 
     async def unfinished_jobs(self) -> list[UnfinishedJob]:
-        db = self.reader
         marks = ", ".join("?" * len(_UNFINISHED_JOB_STATES))
         terminal = ", ".join("?" * len(_TERMINAL_STEP_STATES))
-        found: dict[str, UnfinishedJob] = {}
-        async with self._read_lock, transaction(db, "DEFERRED"):
+
+        async def unit(db: aiosqlite.Connection) -> list[UnfinishedJob]:
+            found: dict[str, UnfinishedJob] = {}
             for (data,) in await db.execute_fetchall(
                 f"SELECT record FROM jobs WHERE state IN ({marks}) AND seq > 0", _UNFINISHED_JOB_STATES
             ):
@@ -255,15 +256,17 @@ class SqliteEventStore(SqliteFile):
                 (*_UNFINISHED_JOB_STATES, *_TERMINAL_STEP_STATES),
             ):
                 found[job_id].children.setdefault(step, []).append(_event(data).child)
-        return list(found.values())
+            return list(found.values())
+
+        return await self.read(unit)
 
     async def prune(self, keep_events: int, job_age_seconds: float) -> None:
         cutoff = time.time() - job_age_seconds
         finished = f"SELECT job_id FROM jobs WHERE state IN ({', '.join('?' * len(TERMINAL_JOB_STATES))}) " \
                    "AND finished_at < ?"
         terminal = (*sorted(TERMINAL_JOB_STATES), cutoff)
-        db = self.writer
-        async with transaction(db):
+
+        async def unit(db: aiosqlite.Connection) -> None:
             await db.execute(
                 "DELETE FROM events WHERE seq <= (SELECT MAX(seq) FROM events) - ?", (max(1, keep_events),)
             )
@@ -271,7 +274,36 @@ class SqliteEventStore(SqliteFile):
             await db.execute(f"DELETE FROM steps WHERE job_id IN ({finished})", terminal)
             await db.execute(f"DELETE FROM jobs WHERE job_id IN ({finished})", terminal)
 
-    @staticmethod
-    async def _latest_seq(db: aiosqlite.Connection) -> int:
-        rows = list(await db.execute_fetchall("SELECT MAX(seq) FROM events"))
-        return int(rows[0][0] or 0)
+        await self.write(unit)
+
+
+def _job_view(job: Sequence[Any], steps: Iterable[Any], counts: Iterable[Any], seq: int) -> JobView:
+    child_counts: dict[str, records_pb2.ChildCounts] = {}
+    for step_name, state, count in counts:
+        tally = child_counts.setdefault(step_name, records_pb2.ChildCounts())
+        tally.total += count
+        field = s.StepState.Name(state).removeprefix("STEP_STATE_").lower()
+        setattr(tally, field, getattr(tally, field) + count)
+    return JobView(
+        job=_event(job[0]).job,
+        steps=[_event(row[0]).step for row in steps],
+        child_counts=child_counts,
+        definition=definition_pb2.JobDefinition.FromString(job[1]),
+        seq=seq,
+    )
+
+
+async def _snapshot_pages(db: aiosqlite.Connection) -> AsyncIterator[list[bytes]]:
+    for query in (
+        "SELECT record FROM jobs WHERE seq > 0",
+        "SELECT record FROM steps",
+        "SELECT record FROM children",
+    ):
+        async with db.execute(query) as cursor:
+            while rows := await cursor.fetchmany(_SNAPSHOT_PAGE):
+                yield [bytes(row[0]) for row in rows]
+
+
+async def _latest_seq(db: aiosqlite.Connection) -> int:
+    rows = list(await db.execute_fetchall("SELECT MAX(seq) FROM events"))
+    return int(rows[0][0] or 0)

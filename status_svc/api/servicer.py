@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import grpc
@@ -14,7 +14,7 @@ from stepstream.v1 import status_service_pb2 as pb
 from status_svc.storage.base import ChangeFilter, StatusStore, StoredChange
 from stepstream_common import wire
 from stepstream_common.errors import NotFound
-from stepstream_common.feed import Feed, Subscription, follow
+from stepstream_common.feed import Feed, Page, ReadPage, Subscription, follow
 from stepstream_common.paging import page_size
 from stepstream_common.rpc import maps_errors, require
 from stepstream_common.timeutil import duration, timestamp
@@ -119,7 +119,7 @@ class StatusServicer:
                 yield pb.WatchJobResponse(initial_state_complete=pb.InitialStateComplete(revision=snapshot.revision))
                 after = snapshot.revision
 
-            async def read(cursor: int, limit: int) -> list[StoredChange]:
+            async def read(cursor: int, limit: int) -> Page[StoredChange]:
                 return await self._store.read_changes(cursor, limit, job_id=request.job_id)
 
             async for message in self._changes(subscription, after, read, None, with_steps=True,
@@ -148,7 +148,7 @@ class StatusServicer:
                     yield pb.WatchJobsResponse(updates=pb.JobUpdateBatch(updates=updates))
                 yield pb.WatchJobsResponse(initial_state_complete=pb.InitialStateComplete(revision=after))
 
-            async def read(cursor: int, limit: int) -> list[StoredChange]:
+            async def read(cursor: int, limit: int) -> Page[StoredChange]:
                 return await self._store.read_changes(cursor, limit, matching=matching)
 
             async for message in self._changes(subscription, after, read, matching, with_steps=False,
@@ -161,7 +161,7 @@ class StatusServicer:
         self,
         subscription: Subscription[StoredChange],
         after: int,
-        read: Callable[[int, int], Any],
+        read: ReadPage[StoredChange],
         matching: ChangeFilter | None,
         *,
         with_steps: bool,

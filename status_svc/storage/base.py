@@ -15,6 +15,7 @@ from typing import Any, NamedTuple, Protocol
 from stepstream.v1 import status_service_pb2
 
 from status_svc.domain.fold import JobFold
+from stepstream_common.feed import Page
 
 
 class SourceRow(NamedTuple):
@@ -106,7 +107,7 @@ class StatusStore(Protocol):
 
     async def read_changes(
         self, after: int, limit: int, job_id: str | None = None, matching: ChangeFilter | None = None
-    ) -> list[StoredChange]: ...
+    ) -> Page[StoredChange]: ...
 
     async def check_retained(self, after: int) -> None: ...
 

@@ -10,6 +10,7 @@ transaction.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import aiosqlite
@@ -19,12 +20,14 @@ from status_svc.domain.fold import JobFold
 from status_svc.domain.views import freshness, job_fold
 from status_svc.storage.base import ChangeFilter, JobSnapshot, SourceRow, StoredChange, WriteBatch
 from stepstream_common.errors import CursorOutOfRange
-from stepstream_common.paging import decode_token, encode_token
-from stepstream_common.sqlite import SqliteFile, transaction
+from stepstream_common.feed import Page
+from stepstream_common.paging import PageTokens, new_secret, scope
+from stepstream_common.sqlite import SqliteFile
 from stepstream_common.states import TERMINAL_JOB_STATES
 from stepstream_common.timeutil import seconds, timestamp
 
 SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS sources (
     address TEXT PRIMARY KEY,
     log_id TEXT NOT NULL DEFAULT '',
@@ -211,17 +214,26 @@ def _job_filter(states: Sequence[int], name: str) -> tuple[list[str], list[Any]]
 
 
 class SqliteStatusStore(SqliteFile):
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self._tokens = PageTokens("")
 
     async def open(self) -> tuple[int, dict[str, SourceRow]]:
         """Create the schema if needed; returns the latest revision and the sources."""
         await self._connect(SCHEMA)
-        rows = await self.writer.execute_fetchall(f"SELECT {', '.join(SOURCE_COLUMNS)} FROM sources")
-        sources = {row[0]: SourceRow(*row) for row in rows}
-        return await self.latest_revision(self.writer), sources
+
+        async def unit(db: aiosqlite.Connection) -> tuple[int, dict[str, SourceRow], str]:
+            await db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('page_secret', ?)", (new_secret(),))
+            secret = next(iter(await db.execute_fetchall("SELECT value FROM meta WHERE key = 'page_secret'")))[0]
+            rows = await db.execute_fetchall(f"SELECT {', '.join(SOURCE_COLUMNS)} FROM sources")
+            return await _latest_revision(db), {row[0]: SourceRow(*row) for row in rows}, str(secret)
+
+        latest, sources, secret = await self.write(unit)
+        self._tokens = PageTokens(secret)
+        return latest, sources
 
     async def commit(self, batch: WriteBatch) -> None:
-        db = self.writer
-        async with transaction(db):
+        async def unit(db: aiosqlite.Connection) -> None:
             for table, columns, rows in (
                 ("jobs", JOB_COLUMNS, batch.jobs),
                 ("step_stats", STEP_COLUMNS, batch.steps),
@@ -232,6 +244,8 @@ class SqliteStatusStore(SqliteFile):
                 if rows:
                     await db.executemany(_replace(table, columns), rows)
 
+        await self.write(unit)
+
     async def load_folds(self, job_ids: Sequence[str]) -> dict[str, tuple[JobFold, str, tuple[float | None, str]]]:
         """The committed folds of these jobs (missing ids are new jobs), with source and lost marker.
 
@@ -240,14 +254,14 @@ class SqliteStatusStore(SqliteFile):
         """
         if not job_ids:
             return {}
-        db = self.reader
-        marks = ", ".join("?" * len(job_ids))
-        async with self._read_lock, transaction(db, "DEFERRED"):
-            jobs = await db.execute_fetchall(
+
+        async def unit(db: aiosqlite.Connection) -> tuple[list[Any], list[Any], list[Any]]:
+            marks = ", ".join("?" * len(job_ids))
+            jobs = list(await db.execute_fetchall(
                 f"SELECT {', '.join(JOB_COLUMNS)} FROM jobs WHERE job_id IN ({marks})", job_ids
-            )
+            ))
             if not jobs:
-                return {}
+                return [], [], []
             found = [row[0] for row in jobs]
             marks = ", ".join("?" * len(found))
             step_rows = await db.execute_fetchall(
@@ -256,6 +270,9 @@ class SqliteStatusStore(SqliteFile):
             child_rows = await db.execute_fetchall(
                 f"SELECT job_id, step, idx, state, seq FROM children WHERE job_id IN ({marks})", found
             )
+            return jobs, list(step_rows), list(child_rows)
+
+        jobs, step_rows, child_rows = await self.read(unit)
         steps: dict[str, list[tuple[status_service_pb2.StepStats, int]]] = {}
         for row in step_rows:
             steps.setdefault(row[0], []).append((_step_stats(row), row[STEP_COLUMNS.index("seq")]))
@@ -272,18 +289,22 @@ class SqliteStatusStore(SqliteFile):
 
     async def unfinished_jobs(self, source: str) -> list[str]:
         marks = ", ".join("?" * len(_TERMINAL_JOB_STATES))
-        async with self._read_lock:
-            rows = await self.reader.execute_fetchall(
+
+        async def unit(db: aiosqlite.Connection) -> list[str]:
+            rows = await db.execute_fetchall(
                 f"SELECT job_id FROM jobs WHERE source = ? AND state NOT IN ({marks})",
                 (source, *_TERMINAL_JOB_STATES),
             )
-        return [row[0] for row in rows]
+            return [row[0] for row in rows]
+
+        return await self.read(unit)
 
     async def get_job(self, job_id: str) -> JobSnapshot | None:
-        """The job, its steps and the revision they are valid at, in one statement
-        (one consistent read, one round trip to the database thread)."""
-        async with self._read_lock:
-            rows = list(await self.reader.execute_fetchall(_SNAPSHOT_SELECT, (job_id,)))
+        """The job, its steps and the revision they are valid at, from one consistent read."""
+        async def unit(db: aiosqlite.Connection) -> list[Any]:
+            return list(await db.execute_fetchall(_SNAPSHOT_SELECT, (job_id,)))
+
+        rows = await self.read(unit)
         if not rows:
             return None
         revision_at = len(JOB_COLUMNS) + 2  # after the job's columns and its source's two
@@ -294,33 +315,38 @@ class SqliteStatusStore(SqliteFile):
         self, states: Sequence[int], name: str, page_size: int, page_token: str
     ) -> tuple[list[status_service_pb2.JobStatus], str, int]:
         where, params = _job_filter(states, name)
-        after = decode_token(page_token, 2)
+        query = scope("status.ListJobs", sorted(states), name)
+        after = self._tokens.decode(page_token, query, (float, str))
         if after is not None:
             where.append("(j.created_at, j.job_id) < (?, ?)")
             params.extend(after)
-        db = self.reader
-        async with self._read_lock, transaction(db, "DEFERRED"):
+
+        async def unit(db: aiosqlite.Connection) -> tuple[list[Any], int]:
             rows = list(await db.execute_fetchall(
                 f"{_JOB_SELECT} WHERE {' AND '.join(where)} ORDER BY j.created_at DESC, j.job_id DESC LIMIT ?",
                 (*params, page_size + 1),
             ))
-            revision = await self.latest_revision(db)
+            return rows, await _latest_revision(db)
+
+        rows, revision = await self.read(unit)
         jobs = [_job_from_joined(row) for row in rows[:page_size]]
         token = ""
         if len(rows) > page_size:
             last = rows[page_size - 1]
-            token = encode_token([last[JOB_COLUMNS.index("created_at")], last[0]])
+            token = self._tokens.encode(query, [last[JOB_COLUMNS.index("created_at")], last[0]])
         return jobs, token, revision
 
     async def all_jobs(self, states: Sequence[int], name: str) -> tuple[list[status_service_pb2.JobStatus], int]:
         """Every matching job and the revision they are valid at, from one consistent read."""
         where, params = _job_filter(states, name)
-        db = self.reader
-        async with self._read_lock, transaction(db, "DEFERRED"):
+
+        async def unit(db: aiosqlite.Connection) -> tuple[list[Any], int]:
             rows = await db.execute_fetchall(
                 f"{_JOB_SELECT} WHERE {' AND '.join(where)} ORDER BY j.created_at DESC, j.job_id DESC", params
             )
-            revision = await self.latest_revision(db)
+            return list(rows), await _latest_revision(db)
+
+        rows, revision = await self.read(unit)
         return [_job_from_joined(row) for row in rows], revision
 
     async def list_children(
@@ -332,12 +358,13 @@ class SqliteStatusStore(SqliteFile):
         if states:
             where.append(f"state IN ({', '.join('?' * len(states))})")
             params.extend(states)
-        after = decode_token(page_token, 1)
+        query = scope("status.ListChildren", job_id, step, sorted(states))
+        after = self._tokens.decode(page_token, query, (int,))
         if after is not None:
             where.append("idx > ?")
             params.append(after[0])
-        db = self.reader
-        async with self._read_lock, transaction(db, "DEFERRED"):
+
+        async def unit(db: aiosqlite.Connection) -> tuple[list[Any], int] | None:
             known = list(await db.execute_fetchall(
                 "SELECT 1 FROM step_stats WHERE job_id = ? AND name = ?", (job_id, step)
             ))
@@ -347,20 +374,26 @@ class SqliteStatusStore(SqliteFile):
                 f"SELECT {', '.join(CHILD_COLUMNS)} FROM children WHERE {' AND '.join(where)} ORDER BY idx LIMIT ?",
                 (*params, page_size + 1),
             ))
-            revision = await self.latest_revision(db)
-        token = encode_token([rows[page_size - 1][2]]) if len(rows) > page_size else ""
+            return rows, await _latest_revision(db)
+
+        found = await self.read(unit)
+        if found is None:
+            return None
+        rows, revision = found
+        token = self._tokens.encode(query, [rows[page_size - 1][2]]) if len(rows) > page_size else ""
         return [_child_status(row) for row in rows[:page_size]], token, revision
 
     async def job_exists(self, job_id: str) -> bool:
-        async with self._read_lock:
-            rows = list(await self.reader.execute_fetchall("SELECT 1 FROM jobs WHERE job_id = ?", (job_id,)))
-        return bool(rows)
+        async def unit(db: aiosqlite.Connection) -> bool:
+            return bool(list(await db.execute_fetchall("SELECT 1 FROM jobs WHERE job_id = ?", (job_id,))))
+
+        return await self.read(unit)
 
     async def read_changes(
         self, after: int, limit: int, job_id: str | None = None, matching: ChangeFilter | None = None
-    ) -> list[StoredChange]:
-        """Changes after revision `after`, in order; CursorOutOfRange if some were pruned."""
-        db = self.reader
+    ) -> Page[StoredChange]:
+        """Changes after revision `after`, in order, and the latest revision when read;
+        CursorOutOfRange if some were pruned."""
         where: list[str] = ["revision > ?"]
         params: list[Any] = [after]
         if job_id is not None:
@@ -375,41 +408,48 @@ class SqliteStatusStore(SqliteFile):
                 marks = ", ".join("?" * len(matching.states))
                 where.append(f"(state_before IN ({marks}) OR state_after IN ({marks}))")
                 params.extend([*matching.states, *matching.states])
-        async with self._read_lock, transaction(db, "DEFERRED"):
-            await self._check_retained(db, after)
+
+        async def unit(db: aiosqlite.Connection) -> Page[StoredChange]:
+            latest = await _check_retained(db, after)
             rows = await db.execute_fetchall(
                 f"SELECT {', '.join(CHANGE_COLUMNS)} FROM changes WHERE {' AND '.join(where)} "
                 "ORDER BY revision LIMIT ?",
                 (*params, limit),
             )
-        return [StoredChange(*row) for row in rows]
+            return Page([StoredChange(*row) for row in rows], latest)
+
+        return await self.read(unit)
 
     async def check_retained(self, after: int) -> None:
-        async with self._read_lock:
-            await self._check_retained(self.reader, after)
-
-    async def _check_retained(self, db: aiosqlite.Connection, after: int) -> None:
-        rows = list(await db.execute_fetchall("SELECT MIN(revision), MAX(revision) FROM changes"))
-        oldest, latest = rows[0]
-        if oldest is not None and after < oldest - 1:
-            raise CursorOutOfRange(
-                "CURSOR_TOO_OLD",
-                f"changes after revision {after} are no longer retained (oldest {oldest}): take a new snapshot",
-                oldest=oldest, latest=latest,
-            )
-        if after > (latest or 0):
-            raise CursorOutOfRange(
-                "CURSOR_UNKNOWN", f"revision {after} is ahead of this service (latest {latest or 0})",
-                oldest=oldest or 0, latest=latest or 0,
-            )
+        await self.read(lambda db: _check_retained(db, after))
 
     async def prune(self, keep_changes: int) -> None:
-        async with transaction(self.writer):
-            await self.writer.execute(
+        async def unit(db: aiosqlite.Connection) -> None:
+            await db.execute(
                 "DELETE FROM changes WHERE revision <= (SELECT MAX(revision) FROM changes) - ?", (max(1, keep_changes),)
             )
 
-    @staticmethod
-    async def latest_revision(db: aiosqlite.Connection) -> int:
-        rows = list(await db.execute_fetchall("SELECT MAX(revision) FROM changes"))
-        return int(rows[0][0] or 0)
+        await self.write(unit)
+
+
+async def _check_retained(db: aiosqlite.Connection, after: int) -> int:
+    """The latest revision; CursorOutOfRange unless `after` can be resumed from."""
+    rows = list(await db.execute_fetchall("SELECT MIN(revision), MAX(revision) FROM changes"))
+    oldest, latest = rows[0]
+    if oldest is not None and after < oldest - 1:
+        raise CursorOutOfRange(
+            "CURSOR_TOO_OLD",
+            f"changes after revision {after} are no longer retained (oldest {oldest}): take a new snapshot",
+            oldest=oldest, latest=latest,
+        )
+    if after > (latest or 0):
+        raise CursorOutOfRange(
+            "CURSOR_UNKNOWN", f"revision {after} is ahead of this service (latest {latest or 0})",
+            oldest=oldest or 0, latest=latest or 0,
+        )
+    return int(latest or 0)
+
+
+async def _latest_revision(db: aiosqlite.Connection) -> int:
+    rows = list(await db.execute_fetchall("SELECT MAX(revision) FROM changes"))
+    return int(rows[0][0] or 0)
