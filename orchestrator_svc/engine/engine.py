@@ -6,6 +6,7 @@ import asyncio
 import logging
 import secrets
 from collections.abc import Sequence
+from typing import Any
 
 from stepstream.v1 import definition_pb2, records_pb2
 from stepstream.v1 import states_pb2 as s
@@ -48,8 +49,8 @@ class Engine:
         self._workers = workers
         self._settings = settings
         self._runs: dict[str, JobRun] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._submitting: dict[str, asyncio.Future[tuple[records_pb2.Job, int]]] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._submitting: dict[str, asyncio.Task[tuple[records_pb2.Job, int]]] = {}
         self._accepting = True
 
     @property
@@ -70,27 +71,29 @@ class Engine:
     async def submit(
         self, definition: definition_pb2.JobDefinition, request_id: str = ""
     ) -> tuple[records_pb2.Job, int]:
-        """Validate, durably record and start a job; returns it and its first seq."""
+        """Validate, durably record and start a job; returns it and its first seq.
+
+        The submission runs as a task of its own that the caller awaits through a
+        shield: a caller cancelled between recording the job and starting it would
+        otherwise leave a job PENDING forever. Concurrent submits with one
+        request_id share that task.
+        """
         if not self._accepting:
             raise FailedPrecondition("the orchestrator is shutting down")
-        if request_id:
-            inflight = self._submitting.get(request_id)
-            if inflight is not None:
-                return await asyncio.shield(inflight)
-            future: asyncio.Future[tuple[records_pb2.Job, int]] = asyncio.get_running_loop().create_future()
-            self._submitting[request_id] = future
-            try:
-                result = await self._submit_once(definition, request_id)
-            except BaseException as error:
-                future.set_exception(error)
-                future.exception()
-                raise
-            else:
-                future.set_result(result)
-                return result
-            finally:
-                del self._submitting[request_id]
-        return await self._submit_once(definition, "")
+        submission = self._submitting.get(request_id) if request_id else None
+        if submission is None:
+            submission = asyncio.create_task(self._submit_once(definition, request_id), name="submit")
+            self._tasks.add(submission)
+            submission.add_done_callback(self._submitted)
+            if request_id:
+                self._submitting[request_id] = submission
+                submission.add_done_callback(lambda _: self._submitting.pop(request_id, None))
+        return await asyncio.shield(submission)
+
+    def _submitted(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: a caller that left must not turn it into a log line
 
     async def _submit_once(
         self, definition: definition_pb2.JobDefinition, request_id: str

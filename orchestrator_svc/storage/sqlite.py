@@ -86,6 +86,10 @@ class SqliteEventStore(SqliteFile):
         self._log_id = ""
         self._tokens = PageTokens("")
 
+    @property
+    def log_id(self) -> str:
+        return self._log_id
+
     async def open(self) -> LogInfo:
         await self._connect(SCHEMA)
 
