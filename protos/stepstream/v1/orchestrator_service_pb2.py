@@ -29,7 +29,7 @@ from stepstream.v1 import records_pb2 as stepstream_dot_v1_dot_records__pb2
 from stepstream.v1 import states_pb2 as stepstream_dot_v1_dot_states__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(stepstream/v1/orchestrator_service.proto\x12\rstepstream.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1estepstream/v1/definition.proto\x1a\x1bstepstream/v1/records.proto\x1a\x1astepstream/v1/states.proto\"X\n\x10SubmitJobRequest\x12\x30\n\ndefinition\x18\x01 \x01(\x0b\x32\x1c.stepstream.v1.JobDefinition\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"A\n\x11SubmitJobResponse\x12\x1f\n\x03job\x18\x01 \x01(\x0b\x32\x12.stepstream.v1.Job\x12\x0b\n\x03seq\x18\x02 \x01(\x03\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"4\n\x11\x43\x61ncelJobResponse\x12\x1f\n\x03job\x18\x01 \x01(\x0b\x32\x12.stepstream.v1.Job\"2\n OrchestratorServiceGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\xab\x01\n!OrchestratorServiceGetJobResponse\x12\x1f\n\x03job\x18\x01 \x01(\x0b\x32\x12.stepstream.v1.Job\x12&\n\x05steps\x18\x02 \x03(\x0b\x32\x17.stepstream.v1.StepView\x12\x30\n\ndefinition\x18\x03 \x01(\x0b\x32\x1c.stepstream.v1.JobDefinition\x12\x0b\n\x03seq\x18\x04 \x01(\x03\"[\n\x08StepView\x12!\n\x04step\x18\x01 \x01(\x0b\x32\x13.stepstream.v1.Step\x12,\n\x08\x63hildren\x18\x02 \x01(\x0b\x32\x1a.stepstream.v1.ChildCounts\"\x82\x01\n\"OrchestratorServiceListJobsRequest\x12\'\n\x06states\x18\x01 \x03(\x0e\x32\x17.stepstream.v1.JobState\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"`\n#OrchestratorServiceListJobsResponse\x12 \n\x04jobs\x18\x01 \x03(\x0b\x32\x12.stepstream.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"<\n\x17StreamStepEventsRequest\x12\x11\n\tafter_seq\x18\x01 \x01(\x03\x12\x0e\n\x06log_id\x18\x02 \x01(\t\"\x9f\x01\n\x18StreamStepEventsResponse\x12\x0e\n\x06log_id\x18\x01 \x01(\t\x12.\n\x05\x62\x61tch\x18\x02 \x01(\x0b\x32\x1d.stepstream.v1.StepEventBatchH\x00\x12\x38\n\theartbeat\x18\x03 \x01(\x0b\x32#.stepstream.v1.EventStreamHeartbeatH\x00\x42\t\n\x07payload\":\n\x0eStepEventBatch\x12(\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x18.stepstream.v1.StepEvent\"\x81\x01\n\x14\x45ventStreamHeartbeat\x12\x12\n\nlatest_seq\x18\x01 \x01(\x03\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x08interval\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x17\n\x15StreamSnapshotRequest\"`\n\x16StreamSnapshotResponse\x12\x0e\n\x06log_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x03\x12)\n\x07records\x18\x03 \x03(\x0b\x32\x18.stepstream.v1.StepEvent2\xdd\x04\n\x13OrchestratorService\x12N\n\tSubmitJob\x12\x1f.stepstream.v1.SubmitJobRequest\x1a .stepstream.v1.SubmitJobResponse\x12N\n\tCancelJob\x12\x1f.stepstream.v1.CancelJobRequest\x1a .stepstream.v1.CancelJobResponse\x12k\n\x06GetJob\x12/.stepstream.v1.OrchestratorServiceGetJobRequest\x1a\x30.stepstream.v1.OrchestratorServiceGetJobResponse\x12q\n\x08ListJobs\x12\x31.stepstream.v1.OrchestratorServiceListJobsRequest\x1a\x32.stepstream.v1.OrchestratorServiceListJobsResponse\x12\x65\n\x10StreamStepEvents\x12&.stepstream.v1.StreamStepEventsRequest\x1a\'.stepstream.v1.StreamStepEventsResponse0\x01\x12_\n\x0eStreamSnapshot\x12$.stepstream.v1.StreamSnapshotRequest\x1a%.stepstream.v1.StreamSnapshotResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(stepstream/v1/orchestrator_service.proto\x12\rstepstream.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1estepstream/v1/definition.proto\x1a\x1bstepstream/v1/records.proto\x1a\x1astepstream/v1/states.proto\"X\n\x10SubmitJobRequest\x12\x30\n\ndefinition\x18\x01 \x01(\x0b\x32\x1c.stepstream.v1.JobDefinition\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"Q\n\x11SubmitJobResponse\x12\x1f\n\x03job\x18\x01 \x01(\x0b\x32\x12.stepstream.v1.Job\x12\x0b\n\x03seq\x18\x02 \x01(\x03\x12\x0e\n\x06log_id\x18\x03 \x01(\t\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"4\n\x11\x43\x61ncelJobResponse\x12\x1f\n\x03job\x18\x01 \x01(\x0b\x32\x12.stepstream.v1.Job\"2\n OrchestratorServiceGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\xab\x01\n!OrchestratorServiceGetJobResponse\x12\x1f\n\x03job\x18\x01 \x01(\x0b\x32\x12.stepstream.v1.Job\x12&\n\x05steps\x18\x02 \x03(\x0b\x32\x17.stepstream.v1.StepView\x12\x30\n\ndefinition\x18\x03 \x01(\x0b\x32\x1c.stepstream.v1.JobDefinition\x12\x0b\n\x03seq\x18\x04 \x01(\x03\"[\n\x08StepView\x12!\n\x04step\x18\x01 \x01(\x0b\x32\x13.stepstream.v1.Step\x12,\n\x08\x63hildren\x18\x02 \x01(\x0b\x32\x1a.stepstream.v1.ChildCounts\"\x82\x01\n\"OrchestratorServiceListJobsRequest\x12\'\n\x06states\x18\x01 \x03(\x0e\x32\x17.stepstream.v1.JobState\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"`\n#OrchestratorServiceListJobsResponse\x12 \n\x04jobs\x18\x01 \x03(\x0b\x32\x12.stepstream.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"<\n\x17StreamStepEventsRequest\x12\x11\n\tafter_seq\x18\x01 \x01(\x03\x12\x0e\n\x06log_id\x18\x02 \x01(\t\"\x9f\x01\n\x18StreamStepEventsResponse\x12\x0e\n\x06log_id\x18\x01 \x01(\t\x12.\n\x05\x62\x61tch\x18\x02 \x01(\x0b\x32\x1d.stepstream.v1.StepEventBatchH\x00\x12\x38\n\theartbeat\x18\x03 \x01(\x0b\x32#.stepstream.v1.EventStreamHeartbeatH\x00\x42\t\n\x07payload\":\n\x0eStepEventBatch\x12(\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x18.stepstream.v1.StepEvent\"\x81\x01\n\x14\x45ventStreamHeartbeat\x12\x12\n\nlatest_seq\x18\x01 \x01(\x03\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x08interval\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x17\n\x15StreamSnapshotRequest\"`\n\x16StreamSnapshotResponse\x12\x0e\n\x06log_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x03\x12)\n\x07records\x18\x03 \x03(\x0b\x32\x18.stepstream.v1.StepEvent2\xdd\x04\n\x13OrchestratorService\x12N\n\tSubmitJob\x12\x1f.stepstream.v1.SubmitJobRequest\x1a .stepstream.v1.SubmitJobResponse\x12N\n\tCancelJob\x12\x1f.stepstream.v1.CancelJobRequest\x1a .stepstream.v1.CancelJobResponse\x12k\n\x06GetJob\x12/.stepstream.v1.OrchestratorServiceGetJobRequest\x1a\x30.stepstream.v1.OrchestratorServiceGetJobResponse\x12q\n\x08ListJobs\x12\x31.stepstream.v1.OrchestratorServiceListJobsRequest\x1a\x32.stepstream.v1.OrchestratorServiceListJobsResponse\x12\x65\n\x10StreamStepEvents\x12&.stepstream.v1.StreamStepEventsRequest\x1a\'.stepstream.v1.StreamStepEventsResponse0\x01\x12_\n\x0eStreamSnapshot\x12$.stepstream.v1.StreamSnapshotRequest\x1a%.stepstream.v1.StreamSnapshotResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,33 +39,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SUBMITJOBREQUEST']._serialized_start=213
   _globals['_SUBMITJOBREQUEST']._serialized_end=301
   _globals['_SUBMITJOBRESPONSE']._serialized_start=303
-  _globals['_SUBMITJOBRESPONSE']._serialized_end=368
-  _globals['_CANCELJOBREQUEST']._serialized_start=370
-  _globals['_CANCELJOBREQUEST']._serialized_end=404
-  _globals['_CANCELJOBRESPONSE']._serialized_start=406
-  _globals['_CANCELJOBRESPONSE']._serialized_end=458
-  _globals['_ORCHESTRATORSERVICEGETJOBREQUEST']._serialized_start=460
-  _globals['_ORCHESTRATORSERVICEGETJOBREQUEST']._serialized_end=510
-  _globals['_ORCHESTRATORSERVICEGETJOBRESPONSE']._serialized_start=513
-  _globals['_ORCHESTRATORSERVICEGETJOBRESPONSE']._serialized_end=684
-  _globals['_STEPVIEW']._serialized_start=686
-  _globals['_STEPVIEW']._serialized_end=777
-  _globals['_ORCHESTRATORSERVICELISTJOBSREQUEST']._serialized_start=780
-  _globals['_ORCHESTRATORSERVICELISTJOBSREQUEST']._serialized_end=910
-  _globals['_ORCHESTRATORSERVICELISTJOBSRESPONSE']._serialized_start=912
-  _globals['_ORCHESTRATORSERVICELISTJOBSRESPONSE']._serialized_end=1008
-  _globals['_STREAMSTEPEVENTSREQUEST']._serialized_start=1010
-  _globals['_STREAMSTEPEVENTSREQUEST']._serialized_end=1070
-  _globals['_STREAMSTEPEVENTSRESPONSE']._serialized_start=1073
-  _globals['_STREAMSTEPEVENTSRESPONSE']._serialized_end=1232
-  _globals['_STEPEVENTBATCH']._serialized_start=1234
-  _globals['_STEPEVENTBATCH']._serialized_end=1292
-  _globals['_EVENTSTREAMHEARTBEAT']._serialized_start=1295
-  _globals['_EVENTSTREAMHEARTBEAT']._serialized_end=1424
-  _globals['_STREAMSNAPSHOTREQUEST']._serialized_start=1426
-  _globals['_STREAMSNAPSHOTREQUEST']._serialized_end=1449
-  _globals['_STREAMSNAPSHOTRESPONSE']._serialized_start=1451
-  _globals['_STREAMSNAPSHOTRESPONSE']._serialized_end=1547
-  _globals['_ORCHESTRATORSERVICE']._serialized_start=1550
-  _globals['_ORCHESTRATORSERVICE']._serialized_end=2155
+  _globals['_SUBMITJOBRESPONSE']._serialized_end=384
+  _globals['_CANCELJOBREQUEST']._serialized_start=386
+  _globals['_CANCELJOBREQUEST']._serialized_end=420
+  _globals['_CANCELJOBRESPONSE']._serialized_start=422
+  _globals['_CANCELJOBRESPONSE']._serialized_end=474
+  _globals['_ORCHESTRATORSERVICEGETJOBREQUEST']._serialized_start=476
+  _globals['_ORCHESTRATORSERVICEGETJOBREQUEST']._serialized_end=526
+  _globals['_ORCHESTRATORSERVICEGETJOBRESPONSE']._serialized_start=529
+  _globals['_ORCHESTRATORSERVICEGETJOBRESPONSE']._serialized_end=700
+  _globals['_STEPVIEW']._serialized_start=702
+  _globals['_STEPVIEW']._serialized_end=793
+  _globals['_ORCHESTRATORSERVICELISTJOBSREQUEST']._serialized_start=796
+  _globals['_ORCHESTRATORSERVICELISTJOBSREQUEST']._serialized_end=926
+  _globals['_ORCHESTRATORSERVICELISTJOBSRESPONSE']._serialized_start=928
+  _globals['_ORCHESTRATORSERVICELISTJOBSRESPONSE']._serialized_end=1024
+  _globals['_STREAMSTEPEVENTSREQUEST']._serialized_start=1026
+  _globals['_STREAMSTEPEVENTSREQUEST']._serialized_end=1086
+  _globals['_STREAMSTEPEVENTSRESPONSE']._serialized_start=1089
+  _globals['_STREAMSTEPEVENTSRESPONSE']._serialized_end=1248
+  _globals['_STEPEVENTBATCH']._serialized_start=1250
+  _globals['_STEPEVENTBATCH']._serialized_end=1308
+  _globals['_EVENTSTREAMHEARTBEAT']._serialized_start=1311
+  _globals['_EVENTSTREAMHEARTBEAT']._serialized_end=1440
+  _globals['_STREAMSNAPSHOTREQUEST']._serialized_start=1442
+  _globals['_STREAMSNAPSHOTREQUEST']._serialized_end=1465
+  _globals['_STREAMSNAPSHOTRESPONSE']._serialized_start=1467
+  _globals['_STREAMSNAPSHOTRESPONSE']._serialized_end=1563
+  _globals['_ORCHESTRATORSERVICE']._serialized_start=1566
+  _globals['_ORCHESTRATORSERVICE']._serialized_end=2171
 # @@protoc_insertion_point(module_scope)

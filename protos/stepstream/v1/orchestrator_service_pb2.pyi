@@ -56,8 +56,13 @@ class SubmitJobResponse(_message.Message):
 
     JOB_FIELD_NUMBER: _builtins.int
     SEQ_FIELD_NUMBER: _builtins.int
+    LOG_ID_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
     """The seq of the job's first event; the job is durably recorded."""
+    log_id: _builtins.str
+    """The log `seq` belongs to. Pass both to a status service read as
+    `not_older_than` to read your own write (see status_service.proto).
+    """
     @_builtins.property
     def job(self) -> _records_pb2.Job: ...
     def __init__(
@@ -65,10 +70,11 @@ class SubmitJobResponse(_message.Message):
         *,
         job: _records_pb2.Job | None = ...,
         seq: _builtins.int = ...,
+        log_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["job", b"job", "seq", b"seq"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job", b"job", "log_id", b"log_id", "seq", b"seq"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

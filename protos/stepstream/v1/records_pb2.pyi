@@ -238,12 +238,17 @@ class ChildCounts(_message.Message):
     COMPLETED_FIELD_NUMBER: _builtins.int
     FAILED_FIELD_NUMBER: _builtins.int
     CANCELLED_FIELD_NUMBER: _builtins.int
+    UNKNOWN_FIELD_NUMBER: _builtins.int
     total: _builtins.int
     pending: _builtins.int
     running: _builtins.int
     completed: _builtins.int
     failed: _builtins.int
     cancelled: _builtins.int
+    unknown: _builtins.int
+    """In a state this reader does not know (sent by a newer orchestrator); each
+    record keeps the raw state value.
+    """
     def __init__(
         self,
         *,
@@ -253,10 +258,11 @@ class ChildCounts(_message.Message):
         completed: _builtins.int = ...,
         failed: _builtins.int = ...,
         cancelled: _builtins.int = ...,
+        unknown: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancelled", b"cancelled", "completed", b"completed", "failed", b"failed", "pending", b"pending", "running", b"running", "total", b"total"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancelled", b"cancelled", "completed", b"completed", "failed", b"failed", "pending", b"pending", "running", b"running", "total", b"total", "unknown", b"unknown"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

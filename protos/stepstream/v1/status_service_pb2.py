@@ -28,7 +28,7 @@ from stepstream.v1 import records_pb2 as stepstream_dot_v1_dot_records__pb2
 from stepstream.v1 import states_pb2 as stepstream_dot_v1_dot_states__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"stepstream/v1/status_service.proto\x12\rstepstream.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1bstepstream/v1/records.proto\x1a\x1astepstream/v1/states.proto\"\x95\x01\n\nStepCounts\x12\r\n\x05total\x18\x01 \x01(\x05\x12\x0f\n\x07pending\x18\x02 \x01(\x05\x12\x0f\n\x07running\x18\x03 \x01(\x05\x12\x0f\n\x07waiting\x18\x04 \x01(\x05\x12\x11\n\tcompleted\x18\x05 \x01(\x05\x12\x0e\n\x06\x66\x61iled\x18\x06 \x01(\x05\x12\x11\n\tcancelled\x18\x07 \x01(\x05\x12\x0f\n\x07skipped\x18\x08 \x01(\x05\"k\n\tFreshness\x12\r\n\x05stale\x18\x01 \x01(\x08\x12/\n\x0bstale_since\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06source\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\"\xb8\x03\n\tJobStatus\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12&\n\x05state\x18\x03 \x01(\x0e\x32\x17.stepstream.v1.JobState\x12%\n\x06reason\x18\x04 \x01(\x0e\x32\x15.stepstream.v1.Reason\x12\x0f\n\x07message\x18\x05 \x01(\t\x12.\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x37\n\x13\x63\x61ncel_requested_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12(\n\x05steps\x18\n \x01(\x0b\x32\x19.stepstream.v1.StepCounts\x12+\n\tfreshness\x18\x0b \x01(\x0b\x32\x18.stepstream.v1.Freshness\x12\x10\n\x08revision\x18\x0c \x01(\x03\"\x8c\x03\n\tStepStats\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\x12\x0c\n\x04type\x18\x03 \x01(\t\x12\'\n\x05state\x18\x04 \x01(\x0e\x32\x18.stepstream.v1.StepState\x12%\n\x06reason\x18\x05 \x01(\x0e\x32\x15.stepstream.v1.Reason\x12\x0f\n\x07message\x18\x06 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x07 \x01(\x05\x12\x14\n\x0cmax_attempts\x18\x08 \x01(\x05\x12.\n\nstarted_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x08\x64uration\x18\x0b \x01(\x0b\x32\x19.google.protobuf.Duration\x12,\n\x08\x63hildren\x18\x0c \x01(\x0b\x32\x1a.stepstream.v1.ChildCounts\x12\x10\n\x08revision\x18\r \x01(\x03\"\xbc\x02\n\x0b\x43hildStatus\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04item\x18\x02 \x01(\t\x12\'\n\x05state\x18\x03 \x01(\x0e\x32\x18.stepstream.v1.StepState\x12%\n\x06reason\x18\x04 \x01(\x0e\x32\x15.stepstream.v1.Reason\x12\x0f\n\x07message\x18\x05 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x06 \x01(\x05\x12.\n\nstarted_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x08\x64uration\x18\t \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x10\n\x08revision\x18\n \x01(\x03\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"r\n\x0eGetJobResponse\x12%\n\x03job\x18\x01 \x01(\x0b\x32\x18.stepstream.v1.JobStatus\x12\'\n\x05steps\x18\x02 \x03(\x0b\x32\x18.stepstream.v1.StepStats\x12\x10\n\x08revision\x18\x03 \x01(\x03\"B\n\tJobFilter\x12\'\n\x06states\x18\x01 \x03(\x0e\x32\x17.stepstream.v1.JobState\x12\x0c\n\x04name\x18\x02 \x01(\t\"b\n\x0fListJobsRequest\x12(\n\x06\x66ilter\x18\x01 \x01(\x0b\x32\x18.stepstream.v1.JobFilter\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"e\n\x10ListJobsResponse\x12&\n\x04jobs\x18\x01 \x03(\x0b\x32\x18.stepstream.v1.JobStatus\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x10\n\x08revision\x18\x03 \x01(\x03\"\x89\x01\n\x13ListChildrenRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tstep_name\x18\x02 \x01(\t\x12(\n\x06states\x18\x03 \x03(\x0e\x32\x18.stepstream.v1.StepState\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\npage_token\x18\x05 \x01(\t\"o\n\x14ListChildrenResponse\x12,\n\x08\x63hildren\x18\x01 \x03(\x0b\x32\x1a.stepstream.v1.ChildStatus\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x10\n\x08revision\x18\x03 \x01(\x03\"Q\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x1b\n\x0e\x61\x66ter_revision\x18\x02 \x01(\x03H\x00\x88\x01\x01\x42\x11\n\x0f_after_revision\"\xc8\x01\n\x10WatchJobResponse\x12\x30\n\x07updates\x18\x01 \x01(\x0b\x32\x1d.stepstream.v1.JobUpdateBatchH\x00\x12\x45\n\x16initial_state_complete\x18\x02 \x01(\x0b\x32#.stepstream.v1.InitialStateCompleteH\x00\x12\x32\n\theartbeat\x18\x03 \x01(\x0b\x32\x1d.stepstream.v1.WatchHeartbeatH\x00\x42\x07\n\x05\x65vent\"l\n\x10WatchJobsRequest\x12(\n\x06\x66ilter\x18\x01 \x01(\x0b\x32\x18.stepstream.v1.JobFilter\x12\x1b\n\x0e\x61\x66ter_revision\x18\x02 \x01(\x03H\x00\x88\x01\x01\x42\x11\n\x0f_after_revision\"\xc9\x01\n\x11WatchJobsResponse\x12\x30\n\x07updates\x18\x01 \x01(\x0b\x32\x1d.stepstream.v1.JobUpdateBatchH\x00\x12\x45\n\x16initial_state_complete\x18\x02 \x01(\x0b\x32#.stepstream.v1.InitialStateCompleteH\x00\x12\x32\n\theartbeat\x18\x03 \x01(\x0b\x32\x1d.stepstream.v1.WatchHeartbeatH\x00\x42\x07\n\x05\x65vent\";\n\x0eJobUpdateBatch\x12)\n\x07updates\x18\x01 \x03(\x0b\x32\x18.stepstream.v1.JobUpdate\"}\n\tJobUpdate\x12\x10\n\x08revision\x18\x01 \x01(\x03\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12%\n\x03job\x18\x03 \x01(\x0b\x32\x18.stepstream.v1.JobStatus\x12\'\n\x05steps\x18\x04 \x03(\x0b\x32\x18.stepstream.v1.StepStats\"(\n\x14InitialStateComplete\x12\x10\n\x08revision\x18\x01 \x01(\x03\"y\n\x0eWatchHeartbeat\x12\x10\n\x08revision\x18\x01 \x01(\x03\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x08interval\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration2\x9d\x03\n\rStatusService\x12\x45\n\x06GetJob\x12\x1c.stepstream.v1.GetJobRequest\x1a\x1d.stepstream.v1.GetJobResponse\x12K\n\x08ListJobs\x12\x1e.stepstream.v1.ListJobsRequest\x1a\x1f.stepstream.v1.ListJobsResponse\x12W\n\x0cListChildren\x12\".stepstream.v1.ListChildrenRequest\x1a#.stepstream.v1.ListChildrenResponse\x12M\n\x08WatchJob\x12\x1e.stepstream.v1.WatchJobRequest\x1a\x1f.stepstream.v1.WatchJobResponse0\x01\x12P\n\tWatchJobs\x12\x1f.stepstream.v1.WatchJobsRequest\x1a .stepstream.v1.WatchJobsResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"stepstream/v1/status_service.proto\x12\rstepstream.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1bstepstream/v1/records.proto\x1a\x1astepstream/v1/states.proto\"\xa6\x01\n\nStepCounts\x12\r\n\x05total\x18\x01 \x01(\x05\x12\x0f\n\x07pending\x18\x02 \x01(\x05\x12\x0f\n\x07running\x18\x03 \x01(\x05\x12\x0f\n\x07waiting\x18\x04 \x01(\x05\x12\x11\n\tcompleted\x18\x05 \x01(\x05\x12\x0e\n\x06\x66\x61iled\x18\x06 \x01(\x05\x12\x11\n\tcancelled\x18\x07 \x01(\x05\x12\x0f\n\x07skipped\x18\x08 \x01(\x05\x12\x0f\n\x07unknown\x18\t \x01(\x05\"k\n\tFreshness\x12\r\n\x05stale\x18\x01 \x01(\x08\x12/\n\x0bstale_since\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06source\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\"\xb8\x03\n\tJobStatus\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12&\n\x05state\x18\x03 \x01(\x0e\x32\x17.stepstream.v1.JobState\x12%\n\x06reason\x18\x04 \x01(\x0e\x32\x15.stepstream.v1.Reason\x12\x0f\n\x07message\x18\x05 \x01(\t\x12.\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x37\n\x13\x63\x61ncel_requested_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12(\n\x05steps\x18\n \x01(\x0b\x32\x19.stepstream.v1.StepCounts\x12+\n\tfreshness\x18\x0b \x01(\x0b\x32\x18.stepstream.v1.Freshness\x12\x10\n\x08revision\x18\x0c \x01(\x03\"\x8c\x03\n\tStepStats\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\x12\x0c\n\x04type\x18\x03 \x01(\t\x12\'\n\x05state\x18\x04 \x01(\x0e\x32\x18.stepstream.v1.StepState\x12%\n\x06reason\x18\x05 \x01(\x0e\x32\x15.stepstream.v1.Reason\x12\x0f\n\x07message\x18\x06 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x07 \x01(\x05\x12\x14\n\x0cmax_attempts\x18\x08 \x01(\x05\x12.\n\nstarted_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x08\x64uration\x18\x0b \x01(\x0b\x32\x19.google.protobuf.Duration\x12,\n\x08\x63hildren\x18\x0c \x01(\x0b\x32\x1a.stepstream.v1.ChildCounts\x12\x10\n\x08revision\x18\r \x01(\x03\"\xbc\x02\n\x0b\x43hildStatus\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04item\x18\x02 \x01(\t\x12\'\n\x05state\x18\x03 \x01(\x0e\x32\x18.stepstream.v1.StepState\x12%\n\x06reason\x18\x04 \x01(\x0e\x32\x15.stepstream.v1.Reason\x12\x0f\n\x07message\x18\x05 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x06 \x01(\x05\x12.\n\nstarted_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x08\x64uration\x18\t \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x10\n\x08revision\x18\n \x01(\x03\"*\n\x0bLogPosition\x12\x0e\n\x06log_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x03\"S\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x32\n\x0enot_older_than\x18\x02 \x01(\x0b\x32\x1a.stepstream.v1.LogPosition\"r\n\x0eGetJobResponse\x12%\n\x03job\x18\x01 \x01(\x0b\x32\x18.stepstream.v1.JobStatus\x12\'\n\x05steps\x18\x02 \x03(\x0b\x32\x18.stepstream.v1.StepStats\x12\x10\n\x08revision\x18\x03 \x01(\x03\"B\n\tJobFilter\x12\'\n\x06states\x18\x01 \x03(\x0e\x32\x17.stepstream.v1.JobState\x12\x0c\n\x04name\x18\x02 \x01(\t\"\x96\x01\n\x0fListJobsRequest\x12(\n\x06\x66ilter\x18\x01 \x01(\x0b\x32\x18.stepstream.v1.JobFilter\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12\x32\n\x0enot_older_than\x18\x04 \x01(\x0b\x32\x1a.stepstream.v1.LogPosition\"e\n\x10ListJobsResponse\x12&\n\x04jobs\x18\x01 \x03(\x0b\x32\x18.stepstream.v1.JobStatus\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x10\n\x08revision\x18\x03 \x01(\x03\"\xbd\x01\n\x13ListChildrenRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tstep_name\x18\x02 \x01(\t\x12(\n\x06states\x18\x03 \x03(\x0e\x32\x18.stepstream.v1.StepState\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\npage_token\x18\x05 \x01(\t\x12\x32\n\x0enot_older_than\x18\x06 \x01(\x0b\x32\x1a.stepstream.v1.LogPosition\"o\n\x14ListChildrenResponse\x12,\n\x08\x63hildren\x18\x01 \x03(\x0b\x32\x1a.stepstream.v1.ChildStatus\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x10\n\x08revision\x18\x03 \x01(\x03\"\x9d\x01\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x1b\n\x0e\x61\x66ter_revision\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12\x16\n\x0euntil_finished\x18\x03 \x01(\x08\x12\x32\n\x0enot_older_than\x18\x04 \x01(\x0b\x32\x1a.stepstream.v1.LogPositionB\x11\n\x0f_after_revision\"\xc8\x01\n\x10WatchJobResponse\x12\x30\n\x07updates\x18\x01 \x01(\x0b\x32\x1d.stepstream.v1.JobUpdateBatchH\x00\x12\x45\n\x16initial_state_complete\x18\x02 \x01(\x0b\x32#.stepstream.v1.InitialStateCompleteH\x00\x12\x32\n\theartbeat\x18\x03 \x01(\x0b\x32\x1d.stepstream.v1.WatchHeartbeatH\x00\x42\x07\n\x05\x65vent\"\xa0\x01\n\x10WatchJobsRequest\x12(\n\x06\x66ilter\x18\x01 \x01(\x0b\x32\x18.stepstream.v1.JobFilter\x12\x1b\n\x0e\x61\x66ter_revision\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12\x32\n\x0enot_older_than\x18\x03 \x01(\x0b\x32\x1a.stepstream.v1.LogPositionB\x11\n\x0f_after_revision\"\xc9\x01\n\x11WatchJobsResponse\x12\x30\n\x07updates\x18\x01 \x01(\x0b\x32\x1d.stepstream.v1.JobUpdateBatchH\x00\x12\x45\n\x16initial_state_complete\x18\x02 \x01(\x0b\x32#.stepstream.v1.InitialStateCompleteH\x00\x12\x32\n\theartbeat\x18\x03 \x01(\x0b\x32\x1d.stepstream.v1.WatchHeartbeatH\x00\x42\x07\n\x05\x65vent\";\n\x0eJobUpdateBatch\x12)\n\x07updates\x18\x01 \x03(\x0b\x32\x18.stepstream.v1.JobUpdate\"}\n\tJobUpdate\x12\x10\n\x08revision\x18\x01 \x01(\x03\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12%\n\x03job\x18\x03 \x01(\x0b\x32\x18.stepstream.v1.JobStatus\x12\'\n\x05steps\x18\x04 \x03(\x0b\x32\x18.stepstream.v1.StepStats\"(\n\x14InitialStateComplete\x12\x10\n\x08revision\x18\x01 \x01(\x03\"y\n\x0eWatchHeartbeat\x12\x10\n\x08revision\x18\x01 \x01(\x03\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x08interval\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration2\x9d\x03\n\rStatusService\x12\x45\n\x06GetJob\x12\x1c.stepstream.v1.GetJobRequest\x1a\x1d.stepstream.v1.GetJobResponse\x12K\n\x08ListJobs\x12\x1e.stepstream.v1.ListJobsRequest\x1a\x1f.stepstream.v1.ListJobsResponse\x12W\n\x0cListChildren\x12\".stepstream.v1.ListChildrenRequest\x1a#.stepstream.v1.ListChildrenResponse\x12M\n\x08WatchJob\x12\x1e.stepstream.v1.WatchJobRequest\x1a\x1f.stepstream.v1.WatchJobResponse0\x01\x12P\n\tWatchJobs\x12\x1f.stepstream.v1.WatchJobsRequest\x1a .stepstream.v1.WatchJobsResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,45 +36,47 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'stepstream.v1.status_servic
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_STEPCOUNTS']._serialized_start=176
-  _globals['_STEPCOUNTS']._serialized_end=325
-  _globals['_FRESHNESS']._serialized_start=327
-  _globals['_FRESHNESS']._serialized_end=434
-  _globals['_JOBSTATUS']._serialized_start=437
-  _globals['_JOBSTATUS']._serialized_end=877
-  _globals['_STEPSTATS']._serialized_start=880
-  _globals['_STEPSTATS']._serialized_end=1276
-  _globals['_CHILDSTATUS']._serialized_start=1279
-  _globals['_CHILDSTATUS']._serialized_end=1595
-  _globals['_GETJOBREQUEST']._serialized_start=1597
-  _globals['_GETJOBREQUEST']._serialized_end=1628
-  _globals['_GETJOBRESPONSE']._serialized_start=1630
-  _globals['_GETJOBRESPONSE']._serialized_end=1744
-  _globals['_JOBFILTER']._serialized_start=1746
-  _globals['_JOBFILTER']._serialized_end=1812
-  _globals['_LISTJOBSREQUEST']._serialized_start=1814
-  _globals['_LISTJOBSREQUEST']._serialized_end=1912
-  _globals['_LISTJOBSRESPONSE']._serialized_start=1914
-  _globals['_LISTJOBSRESPONSE']._serialized_end=2015
-  _globals['_LISTCHILDRENREQUEST']._serialized_start=2018
-  _globals['_LISTCHILDRENREQUEST']._serialized_end=2155
-  _globals['_LISTCHILDRENRESPONSE']._serialized_start=2157
-  _globals['_LISTCHILDRENRESPONSE']._serialized_end=2268
-  _globals['_WATCHJOBREQUEST']._serialized_start=2270
-  _globals['_WATCHJOBREQUEST']._serialized_end=2351
-  _globals['_WATCHJOBRESPONSE']._serialized_start=2354
-  _globals['_WATCHJOBRESPONSE']._serialized_end=2554
-  _globals['_WATCHJOBSREQUEST']._serialized_start=2556
-  _globals['_WATCHJOBSREQUEST']._serialized_end=2664
-  _globals['_WATCHJOBSRESPONSE']._serialized_start=2667
-  _globals['_WATCHJOBSRESPONSE']._serialized_end=2868
-  _globals['_JOBUPDATEBATCH']._serialized_start=2870
-  _globals['_JOBUPDATEBATCH']._serialized_end=2929
-  _globals['_JOBUPDATE']._serialized_start=2931
-  _globals['_JOBUPDATE']._serialized_end=3056
-  _globals['_INITIALSTATECOMPLETE']._serialized_start=3058
-  _globals['_INITIALSTATECOMPLETE']._serialized_end=3098
-  _globals['_WATCHHEARTBEAT']._serialized_start=3100
-  _globals['_WATCHHEARTBEAT']._serialized_end=3221
-  _globals['_STATUSSERVICE']._serialized_start=3224
-  _globals['_STATUSSERVICE']._serialized_end=3637
+  _globals['_STEPCOUNTS']._serialized_end=342
+  _globals['_FRESHNESS']._serialized_start=344
+  _globals['_FRESHNESS']._serialized_end=451
+  _globals['_JOBSTATUS']._serialized_start=454
+  _globals['_JOBSTATUS']._serialized_end=894
+  _globals['_STEPSTATS']._serialized_start=897
+  _globals['_STEPSTATS']._serialized_end=1293
+  _globals['_CHILDSTATUS']._serialized_start=1296
+  _globals['_CHILDSTATUS']._serialized_end=1612
+  _globals['_LOGPOSITION']._serialized_start=1614
+  _globals['_LOGPOSITION']._serialized_end=1656
+  _globals['_GETJOBREQUEST']._serialized_start=1658
+  _globals['_GETJOBREQUEST']._serialized_end=1741
+  _globals['_GETJOBRESPONSE']._serialized_start=1743
+  _globals['_GETJOBRESPONSE']._serialized_end=1857
+  _globals['_JOBFILTER']._serialized_start=1859
+  _globals['_JOBFILTER']._serialized_end=1925
+  _globals['_LISTJOBSREQUEST']._serialized_start=1928
+  _globals['_LISTJOBSREQUEST']._serialized_end=2078
+  _globals['_LISTJOBSRESPONSE']._serialized_start=2080
+  _globals['_LISTJOBSRESPONSE']._serialized_end=2181
+  _globals['_LISTCHILDRENREQUEST']._serialized_start=2184
+  _globals['_LISTCHILDRENREQUEST']._serialized_end=2373
+  _globals['_LISTCHILDRENRESPONSE']._serialized_start=2375
+  _globals['_LISTCHILDRENRESPONSE']._serialized_end=2486
+  _globals['_WATCHJOBREQUEST']._serialized_start=2489
+  _globals['_WATCHJOBREQUEST']._serialized_end=2646
+  _globals['_WATCHJOBRESPONSE']._serialized_start=2649
+  _globals['_WATCHJOBRESPONSE']._serialized_end=2849
+  _globals['_WATCHJOBSREQUEST']._serialized_start=2852
+  _globals['_WATCHJOBSREQUEST']._serialized_end=3012
+  _globals['_WATCHJOBSRESPONSE']._serialized_start=3015
+  _globals['_WATCHJOBSRESPONSE']._serialized_end=3216
+  _globals['_JOBUPDATEBATCH']._serialized_start=3218
+  _globals['_JOBUPDATEBATCH']._serialized_end=3277
+  _globals['_JOBUPDATE']._serialized_start=3279
+  _globals['_JOBUPDATE']._serialized_end=3404
+  _globals['_INITIALSTATECOMPLETE']._serialized_start=3406
+  _globals['_INITIALSTATECOMPLETE']._serialized_end=3446
+  _globals['_WATCHHEARTBEAT']._serialized_start=3448
+  _globals['_WATCHHEARTBEAT']._serialized_end=3569
+  _globals['_STATUSSERVICE']._serialized_start=3572
+  _globals['_STATUSSERVICE']._serialized_end=3985
 # @@protoc_insertion_point(module_scope)

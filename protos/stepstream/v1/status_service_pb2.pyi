@@ -36,6 +36,7 @@ class StepCounts(_message.Message):
     FAILED_FIELD_NUMBER: _builtins.int
     CANCELLED_FIELD_NUMBER: _builtins.int
     SKIPPED_FIELD_NUMBER: _builtins.int
+    UNKNOWN_FIELD_NUMBER: _builtins.int
     total: _builtins.int
     pending: _builtins.int
     running: _builtins.int
@@ -44,6 +45,10 @@ class StepCounts(_message.Message):
     failed: _builtins.int
     cancelled: _builtins.int
     skipped: _builtins.int
+    unknown: _builtins.int
+    """In a state this service does not know (sent by a newer orchestrator);
+    each StepStats keeps the raw state value.
+    """
     def __init__(
         self,
         *,
@@ -55,10 +60,11 @@ class StepCounts(_message.Message):
         failed: _builtins.int = ...,
         cancelled: _builtins.int = ...,
         skipped: _builtins.int = ...,
+        unknown: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancelled", b"cancelled", "completed", b"completed", "failed", b"failed", "pending", b"pending", "running", b"running", "skipped", b"skipped", "total", b"total", "waiting", b"waiting"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancelled", b"cancelled", "completed", b"completed", "failed", b"failed", "pending", b"pending", "running", b"running", "skipped", b"skipped", "total", b"total", "unknown", b"unknown", "waiting", b"waiting"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -280,19 +286,61 @@ class ChildStatus(_message.Message):
 Global___ChildStatus: _TypeAlias = ChildStatus  # noqa: Y015
 
 @_typing.final
+class LogPosition(_message.Message):
+    """"Read your own writes": a position in one orchestrator's event log that an
+    answer must not be older than. Kubernetes' resourceVersion with
+    resourceVersionMatch=NotOlderThan is the model.
+
+    A read that carries it waits until this service has applied that
+    orchestrator's events up to `seq`, bounded by the call's deadline (and the
+    service's --max-wait-applied): pass SubmitJobResponse's `seq` and `log_id`
+    and the job you just submitted is there. When the wait runs out the call
+    fails UNAVAILABLE (google.rpc.ErrorInfo reason NOT_YET_APPLIED, metadata
+    `applied`): retry. An unknown `log_id` is FAILED_PRECONDITION (this service
+    does not follow that log).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LOG_ID_FIELD_NUMBER: _builtins.int
+    SEQ_FIELD_NUMBER: _builtins.int
+    log_id: _builtins.str
+    """The orchestrator's log id; may be empty when this service follows exactly
+    one orchestrator.
+    """
+    seq: _builtins.int
+    def __init__(
+        self,
+        *,
+        log_id: _builtins.str = ...,
+        seq: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["log_id", b"log_id", "seq", b"seq"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LogPosition: _TypeAlias = LogPosition  # noqa: Y015
+
+@_typing.final
 class GetJobRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     JOB_ID_FIELD_NUMBER: _builtins.int
+    NOT_OLDER_THAN_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
+    @_builtins.property
+    def not_older_than(self) -> Global___LogPosition: ...
     def __init__(
         self,
         *,
         job_id: _builtins.str = ...,
+        not_older_than: Global___LogPosition | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["not_older_than", b"not_older_than"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "not_older_than", b"not_older_than"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -365,21 +413,25 @@ class ListJobsRequest(_message.Message):
     FILTER_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    NOT_OLDER_THAN_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """At most this many (default 100, at most 1000)."""
     page_token: _builtins.str
     @_builtins.property
     def filter(self) -> Global___JobFilter: ...
+    @_builtins.property
+    def not_older_than(self) -> Global___LogPosition: ...
     def __init__(
         self,
         *,
         filter: Global___JobFilter | None = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        not_older_than: Global___LogPosition | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "not_older_than", b"not_older_than"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "not_older_than", b"not_older_than", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -420,6 +472,7 @@ class ListChildrenRequest(_message.Message):
     STATES_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    NOT_OLDER_THAN_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     step_name: _builtins.str
     page_size: _builtins.int
@@ -429,6 +482,8 @@ class ListChildrenRequest(_message.Message):
     def states(self) -> _containers.RepeatedScalarFieldContainer[_states_pb2.StepState.ValueType]:
         """Only children in these states; empty means all."""
 
+    @_builtins.property
+    def not_older_than(self) -> Global___LogPosition: ...
     def __init__(
         self,
         *,
@@ -437,10 +492,11 @@ class ListChildrenRequest(_message.Message):
         states: _abc.Iterable[_states_pb2.StepState.ValueType] | None = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        not_older_than: Global___LogPosition | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["not_older_than", b"not_older_than"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "page_size", b"page_size", "page_token", b"page_token", "states", b"states", "step_name", b"step_name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "not_older_than", b"not_older_than", "page_size", b"page_size", "page_token", b"page_token", "states", b"states", "step_name", b"step_name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -478,18 +534,26 @@ class WatchJobRequest(_message.Message):
 
     JOB_ID_FIELD_NUMBER: _builtins.int
     AFTER_REVISION_FIELD_NUMBER: _builtins.int
+    UNTIL_FINISHED_FIELD_NUMBER: _builtins.int
+    NOT_OLDER_THAN_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     after_revision: _builtins.int
     """Unset: start with the current state. Set: only changes after it."""
+    until_finished: _builtins.bool
+    """End the stream (status OK) once the job's final state has been sent."""
+    @_builtins.property
+    def not_older_than(self) -> Global___LogPosition: ...
     def __init__(
         self,
         *,
         job_id: _builtins.str = ...,
         after_revision: _builtins.int | None = ...,
+        until_finished: _builtins.bool = ...,
+        not_older_than: Global___LogPosition | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_after_revision", b"_after_revision", "after_revision", b"after_revision"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_after_revision", b"_after_revision", "after_revision", b"after_revision", "not_older_than", b"not_older_than"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_after_revision", b"_after_revision", "after_revision", b"after_revision", "job_id", b"job_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_after_revision", b"_after_revision", "after_revision", b"after_revision", "job_id", b"job_id", "not_older_than", b"not_older_than", "until_finished", b"until_finished"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__after_revision: _TypeAlias = _typing.Literal["after_revision"]  # noqa: Y015
     _WhichOneofArgType__after_revision: _TypeAlias = _typing.Literal["_after_revision", b"_after_revision"]  # noqa: Y015
@@ -533,18 +597,22 @@ class WatchJobsRequest(_message.Message):
 
     FILTER_FIELD_NUMBER: _builtins.int
     AFTER_REVISION_FIELD_NUMBER: _builtins.int
+    NOT_OLDER_THAN_FIELD_NUMBER: _builtins.int
     after_revision: _builtins.int
     @_builtins.property
     def filter(self) -> Global___JobFilter: ...
+    @_builtins.property
+    def not_older_than(self) -> Global___LogPosition: ...
     def __init__(
         self,
         *,
         filter: Global___JobFilter | None = ...,
         after_revision: _builtins.int | None = ...,
+        not_older_than: Global___LogPosition | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_after_revision", b"_after_revision", "after_revision", b"after_revision", "filter", b"filter"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_after_revision", b"_after_revision", "after_revision", b"after_revision", "filter", b"filter", "not_older_than", b"not_older_than"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_after_revision", b"_after_revision", "after_revision", b"after_revision", "filter", b"filter"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_after_revision", b"_after_revision", "after_revision", b"after_revision", "filter", b"filter", "not_older_than", b"not_older_than"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__after_revision: _TypeAlias = _typing.Literal["after_revision"]  # noqa: Y015
     _WhichOneofArgType__after_revision: _TypeAlias = _typing.Literal["_after_revision", b"_after_revision"]  # noqa: Y015
