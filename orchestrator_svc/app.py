@@ -1,4 +1,13 @@
-"""Builds the orchestrator from its configuration, runs it, and shuts it down in order."""
+"""Builds the orchestrator from its configuration, runs it, and shuts it down in order.
+
+The journal's writer task is essential: if it ends while the orchestrator
+runs (the event log cannot be written), nothing it decides can be recorded,
+so it says so and exits non-zero (stepstream_common.rpc.RunningServer.fail):
+health NOT_SERVING, then EXIT_FATAL within seconds. Its runs are interrupted
+on the way out (bounded by rpc.FAIL_CLEANUP); commands still running then are
+stopped by the next start (ProcessRegistry.stop_leftovers), whose recovery
+ends the unfinished jobs ORCHESTRATOR_RESTARTED.
+"""
 
 from __future__ import annotations
 
@@ -46,12 +55,14 @@ class Orchestrator:
 
     async def stop(self) -> None:
         """Health NOT_SERVING; stop every run (recording why); commit; end streams; close."""
-        await self.server.stop(self.config.shutdown_grace)
-        await self.store.close()
+        try:
+            await self.server.stop(self.config.shutdown_grace)
+        finally:
+            await self.store.close()
 
     async def run_until_stopped(self) -> None:
-        """Serve until stop() (or a journal failure, which stops the process loudly)."""
-        await self.server.serve_while(self.journal_task, "the event log")
+        """Serve until stop(); if the journal's writer ends first, fail loudly (see the module docstring)."""
+        await self.server.serve_while({self.journal_task: "the event log (journal writer)"})
 
 
 async def start(config: OrchestratorConfig, workers: WorkerRegistry | None = None) -> Orchestrator:

@@ -2,6 +2,11 @@
 
 Run `python scripts/gen_protos.py` after editing a .proto file and commit the
 result; tests/test_contract.py fails while the committed code is out of date.
+
+Besides the code it writes stepstream/v1/descriptors.binpb: a FileDescriptorSet
+of the same files with their comments (protoc --include_source_info), which
+server reflection serves so that `grpcurl describe` shows the documentation;
+generated code never carries comments (see stepstream_common.rpc.enable_reflection).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from pathlib import Path
 PROTO_ROOT = Path(__file__).resolve().parent.parent / "protos"
 PACKAGE_DIR = Path("stepstream") / "v1"
 GENERATED_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py", "_pb2_grpc.pyi")
+DESCRIPTOR_SET = "descriptors.binpb"
 
 
 def _plugin(name: str) -> str:
@@ -28,11 +34,12 @@ def _plugin(name: str) -> str:
 
 
 def generate(out_root: Path) -> list[Path]:
-    """Generate into out_root/stepstream/v1 and return the generated files."""
+    """Generate into out_root/stepstream/v1 and return the generated code files
+    (the descriptor set, also written there, is descriptor_set(out_root))."""
     protos = sorted(str(p.relative_to(PROTO_ROOT)) for p in (PROTO_ROOT / PACKAGE_DIR).glob("*.proto"))
     (out_root / PACKAGE_DIR).mkdir(parents=True, exist_ok=True)
     for stale in (out_root / PACKAGE_DIR).iterdir():
-        if stale.name.endswith(GENERATED_SUFFIXES):
+        if stale.name.endswith(GENERATED_SUFFIXES) or stale.name == DESCRIPTOR_SET:
             stale.unlink()
     subprocess.run(
         [
@@ -44,6 +51,8 @@ def generate(out_root: Path) -> list[Path]:
             f"--mypy_grpc_out={out_root}",
             f"--plugin=protoc-gen-mypy={_plugin('protoc-gen-mypy')}",
             f"--plugin=protoc-gen-mypy_grpc={_plugin('protoc-gen-mypy_grpc')}",
+            f"--descriptor_set_out={descriptor_set(out_root)}",
+            "--include_source_info",
             *protos,
         ],
         check=True,
@@ -54,12 +63,17 @@ def generate(out_root: Path) -> list[Path]:
     return sorted(p for p in (out_root / PACKAGE_DIR).iterdir() if p.name.endswith(GENERATED_SUFFIXES))
 
 
+def descriptor_set(out_root: Path) -> Path:
+    return out_root / PACKAGE_DIR / DESCRIPTOR_SET
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=PROTO_ROOT, help="output root (default: protos/)")
     args = parser.parse_args()
     for path in generate(args.out):
         print(path)
+    print(descriptor_set(args.out))
 
 
 if __name__ == "__main__":

@@ -1,9 +1,17 @@
-"""Builds the status service from its configuration, runs it, and shuts it down in order."""
+"""Builds the status service from its configuration, runs it, and shuts it down in order.
+
+Ingest (the writer task and one follower task per orchestrator) is essential:
+if any of those tasks ends while the service runs (a storage error in the
+writer, a bug), the service cannot keep its data current, so it says so and
+exits non-zero (stepstream_common.rpc.RunningServer.fail): health NOT_SERVING,
+reads show every unfinished job stale with the reason, then EXIT_FATAL within
+seconds. A supervisor restarts it and it resumes from its committed cursors.
+(A follower restarts its own stream after an error; see ingest/follower.py.)
+"""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from dataclasses import dataclass
 
@@ -43,22 +51,26 @@ class StatusService:
 
     async def stop(self) -> None:
         """Health NOT_SERVING; stop following; commit what arrived; end watches; close."""
-        await self.server.stop(self.config.shutdown_grace)
-        await self.store.close()
+        try:
+            await self.server.stop(self.config.shutdown_grace)
+        finally:
+            await self.store.close()
 
     async def _stop_ingest(self) -> None:
+        """Followers first (whatever became of them), then the writer commits what they queued."""
         for task in self.follower_tasks:
             task.cancel()
-        for task in self.follower_tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await asyncio.gather(*self.follower_tasks, return_exceptions=True)
         if not self.writer_task.done():
             await self.writer.stop()
             await self.writer_task
 
     async def run_until_stopped(self) -> None:
-        """Serve until stop() (or a storage failure in ingest, which stops the process loudly)."""
-        await self.server.serve_while(self.writer_task, "ingest")
+        """Serve until stop(); if ingest ends first, fail loudly (see the module docstring)."""
+        essential = {self.writer_task: "ingest (the writer)"}
+        for follower, task in zip(self.followers, self.follower_tasks, strict=True):
+            essential[task] = f"ingest (following {follower.address})"
+        await self.server.serve_while(essential)
 
 
 async def start(config: StatusConfig) -> StatusService:
@@ -67,17 +79,18 @@ async def start(config: StatusConfig) -> StatusService:
     feed: Feed[StoredChange] = Feed(max_pending=config.watcher_queue, key_of=lambda change: change.job_id)
     writer = IngestWriter(
         store, feed, latest_revision=latest_revision, sources=sources,
-        keep_changes=config.retain_changes, prune_every=config.prune_interval,
+        keep_changes=config.retain_changes, prune_every=config.prune_interval, followed=config.orchestrators,
     )
     writer_task = asyncio.create_task(writer.run(), name="ingest-writer")
     followers = [
         OrchestratorFollower(address, writer, stale_after=config.stale_after) for address in config.orchestrators
     ]
     follower_tasks = [asyncio.create_task(f.run(), name=f"follow-{f.address}") for f in followers]
-    servicer = StatusServicer(store, feed, config.heartbeat_interval)
+    servicer = StatusServicer(store, feed, config.heartbeat_interval, writer.applied, config.max_wait_applied)
     service = status_service_pb2.DESCRIPTOR.services_by_name["StatusService"]
     server = await start_server(config.listen, lambda grpc_server: [add_servicer(grpc_server, service, servicer)])
     running = StatusService(config, server, store, feed, writer, writer_task, followers, follower_tasks)
     server.on_stop.extend([running._stop_ingest, feed.close])
+    server.on_fail.append(lambda reason: servicer.ingest_stopped(f"ingest stopped: {reason}"))
     log.info("revision %d in %s, following %s", latest_revision, config.data_dir, ", ".join(config.orchestrators))
     return running

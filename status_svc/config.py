@@ -30,6 +30,8 @@ class StatusConfig:
     # A watcher more than this many changes behind reads from the change log instead.
     watcher_queue: int = 10_000
     shutdown_grace: float = 5.0
+    # The longest a read with not_older_than waits for ingest to catch up (the call's deadline may be shorter).
+    max_wait_applied: float = 30.0
     log_level: str = "info"
 
 
@@ -45,6 +47,8 @@ def parse_args(argv: list[str] | None = None) -> StatusConfig:
                help="seconds without a message from an orchestrator before its jobs are shown stale")
     env_option(parser, "--retain-changes", "STEPSTREAM_RETAIN_CHANGES", default="1000000", type=positive_int,
                help="how many of the newest revisions the change log keeps for resuming watches")
+    env_option(parser, "--max-wait-applied", "STEPSTREAM_MAX_WAIT_APPLIED", default="30", type=positive_float,
+               help="longest wait, in seconds, of a read that asks for not_older_than an orchestrator position")
     args = parser.parse_args(argv)
     return StatusConfig(
         listen=args.listen,
@@ -53,5 +57,6 @@ def parse_args(argv: list[str] | None = None) -> StatusConfig:
         heartbeat_interval=args.heartbeat_interval,
         stale_after=args.stale_after,
         retain_changes=args.retain_changes,
+        max_wait_applied=args.max_wait_applied,
         log_level=args.log_level,
     )

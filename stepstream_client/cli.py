@@ -5,12 +5,14 @@ Exit codes (watch and submit --watch follow the job's final state):
   2 usage   4 cannot reach a service   5 no such job or step
   6 invalid definition or argument   7 refused by the service (e.g. cancelling
   a finished job) or another service error   130 interrupted (Ctrl-C)
+  141 stdout closed early (e.g. `stepstream list | head -1`), as for any tool a pipe left behind
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import sys
 import tempfile
@@ -36,6 +38,7 @@ from stepstream_client.render import (
     dumps,
     header_line,
     iso,
+    printable,
     show_table,
     show_view,
     show_views,
@@ -44,7 +47,7 @@ from stepstream_client.render import (
 )
 from stepstream_client.sdk import DEFAULT_ORCHESTRATOR, DEFAULT_STATUS, Client
 from stepstream_common.config import default_data_dir, env_option, host_port, positive_int
-from stepstream_common.states import job_state_word, step_state_word
+from stepstream_common.states import CHILD_STATES, job_state_word, step_state_word
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -54,24 +57,45 @@ EXIT_NOT_FOUND = 5
 EXIT_INVALID = 6
 EXIT_REFUSED = 7
 EXIT_INTERRUPTED = 130
+EXIT_STDOUT_CLOSED = 141  # 128 + SIGPIPE
 
 EXIT_BY_JOB_STATE = {"completed": EXIT_OK, "failed": EXIT_FAILED, "cancelled": EXIT_CANCELLED}
 
 Handler = Callable[[argparse.Namespace], Awaitable[int]]
 
 JOB_STATE_WORDS = [job_state_word(v) for v in states_pb2.JobState.values() if v != states_pb2.JOB_STATE_UNSPECIFIED]
-STEP_STATE_WORDS = [
-    step_state_word(v) for v in states_pb2.StepState.values() if v != states_pb2.STEP_STATE_UNSPECIFIED
-]
+# The states the status service accepts when filtering children (never waiting or skipped).
+CHILD_STATE_WORDS = [step_state_word(v) for v in sorted(CHILD_STATES)]
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    """The console script: exits with the command's code, never with a traceback for Ctrl-C
+    or a closed stdout."""
+    args = build_parser().parse_args(argv)  # argparse ignores a closed stdout itself
     try:
-        code = asyncio.run(_run(args))
-    except KeyboardInterrupt:
-        code = EXIT_INTERRUPTED
+        try:
+            code = asyncio.run(_run(args))
+        except KeyboardInterrupt:
+            code = EXIT_INTERRUPTED
+        sys.stdout.flush()  # now, so that a closed stdout is noticed here rather than at exit
+    except BrokenPipeError:
+        code = _stdout_closed()
     sys.exit(code)
+
+
+def _stdout_closed() -> int:
+    """The reader of stdout went away (`stepstream list | head -1`): end quietly.
+
+    stdout now points at /dev/null, so the interpreter's final flush cannot fail
+    ("Exception ignored ... BrokenPipeError"). The exit code is 141 (128 + SIGPIPE),
+    what a shell shows for any tool whose pipe closed under it (`yes | head -1`),
+    rather than 0: the output was cut short, and a watch cut short never saw the
+    job's final state. Under `set -o pipefail` this fails the pipeline, as `yes` does.
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return EXIT_STDOUT_CLOSED
 
 
 async def _run(args: argparse.Namespace) -> int:
@@ -92,9 +116,11 @@ async def _run(args: argparse.Namespace) -> int:
 
 
 def _fail(message: str, code: int, violations: list[Violation] | None = None) -> int:
-    print(f"stepstream: {message}", file=sys.stderr)
+    """The error on stderr, one line (plus one per bad field), control characters escaped:
+    messages quote what a user or the server wrote."""
+    print(f"stepstream: {printable(message)}", file=sys.stderr)
     for violation in violations or []:
-        print(f"  {readable_field(violation.field)}: {violation.description}", file=sys.stderr)
+        print(f"  {printable(readable_field(violation.field))}: {printable(violation.description)}", file=sys.stderr)
     return code
 
 
@@ -131,7 +157,7 @@ async def cmd_up(args: argparse.Namespace) -> int:
         stopping.cancel()
         if exited.done():
             service = exited.result()
-            return _fail(f"the {service.name} exited with code {service.returncode}; stopping", EXIT_FAILED)
+            return _fail(services.exit_notice(service), EXIT_FAILED)  # the other stops on leaving the block
         exited.cancel()
         codes = await services.stop()
     print("stopped", flush=True)
@@ -147,7 +173,7 @@ async def cmd_demo(args: argparse.Namespace) -> int:
                       flush=True)
                 async with Client(services.orchestrator, services.status) as client:
                     job = await client.submit(demo_definition(work))
-                    print(f"demo: submitted job {job.id}", flush=True)
+                    print(f"demo: submitted job {printable(job.id)}", flush=True)
                     async with client.watch(job.id) as views:
                         final = await show_views(views, "text", sys.stdout)
         print(f"demo: job {final.state if final else 'unknown'}; services stopped", flush=True)
@@ -160,7 +186,7 @@ async def cmd_submit(args: argparse.Namespace) -> int:
         if args.output == "json":
             print(dumps(submitted_json(job)), flush=True)
         else:
-            print(f"submitted job {job.id} ({job.name})", flush=True)
+            print(f"submitted job {printable(job.id)} ({printable(job.name)})", flush=True)
         if not args.watch:
             return EXIT_OK
         return await _follow(client, job.id, args.output)
@@ -226,7 +252,7 @@ async def cmd_children(args: argparse.Namespace) -> int:
 async def cmd_cancel(args: argparse.Namespace) -> int:
     async with _client(args) as client:
         job = await client.cancel(args.job)
-    print(f"cancel requested for job {job.id} ({job.name}): it is {job.state}")
+    print(f"cancel requested for job {printable(job.id)} ({printable(job.name)}): it is {job.state}")
     return EXIT_OK
 
 
@@ -270,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "~/.local/share/stepstream)")
     command("demo", cmd_demo, "start throwaway services, run a demo job live, and stop them")
 
-    submit = command("submit", cmd_submit, "submit a job definition file (.toml, .yaml, .yml)")
+    submit = command("submit", cmd_submit, "submit a job definition file (.toml, .yaml, .yml, .json)")
     submit.add_argument("file")
     submit.add_argument("--watch", action="store_true", help="then watch it to the end (exit code as `watch`)")
     submit.add_argument("--request-id", default="", help="idempotency key: a repeated submit returns the same job")
@@ -294,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     children = command("children", cmd_children, "list the children of a fan-out step")
     children.add_argument("job")
     children.add_argument("step")
-    children.add_argument("--state", nargs="+", action="extend", default=[], choices=STEP_STATE_WORDS,
+    children.add_argument("--state", nargs="+", action="extend", default=[], choices=CHILD_STATE_WORDS,
                           help="only children in these states")
     children.add_argument("--limit", type=positive_int, default=None, help="at most this many (default all)")
     _output(children)

@@ -5,6 +5,13 @@ is how a port-0 address is learned. The children get their own session, so a
 Ctrl-C in the terminal reaches only the CLI, which then stops them in order:
 the status service first (so it does not record its orchestrator going away),
 then the orchestrator, each with SIGTERM (graceful), SIGKILL only if it hangs.
+
+If either service exits on its own while they run, `stepstream up` stops the
+other and exits non-zero with one line naming the one that died and how
+(exit_notice). It does not restart it: a service exits only when it cannot do
+its job (or was killed), the two are only useful together, and a restart loop
+would hide the cause; supervising belongs to systemd, Compose or Kubernetes
+(see deploy/), which restart with backoff and keep the history.
 """
 
 from __future__ import annotations
@@ -20,6 +27,8 @@ from typing import IO
 
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 20.0
+ORCHESTRATOR = "orchestrator"
+STATUS = "status service"
 
 
 class ServiceStartError(Exception):
@@ -35,6 +44,17 @@ class Service:
     @property
     def returncode(self) -> int | None:
         return self.process.returncode
+
+    def how_it_ended(self) -> str:
+        """`exited with code N`, or `was killed by SIGNAME (exit code -N)`."""
+        code = self.returncode
+        if code is not None and code < 0:
+            try:
+                name = signal.Signals(-code).name
+            except ValueError:
+                name = f"signal {-code}"
+            return f"was killed by {name} (exit code {code})"
+        return f"exited with code {code}"
 
 
 @dataclass
@@ -63,11 +83,11 @@ class LocalServices:
     async def __aenter__(self) -> LocalServices:
         try:
             orchestrator = await self._start(
-                "orchestrator", "orchestrator_svc",
+                ORCHESTRATOR, "orchestrator_svc",
                 ["--listen", self.orchestrator_listen, "--data-dir", str(self.data_dir / "orchestrator")],
             )
             await self._start(
-                "status", "status_svc",
+                STATUS, "status_svc",
                 ["--listen", self.status_listen, "--data-dir", str(self.data_dir / "status"),
                  "--orchestrator", orchestrator.address],
             )
@@ -100,6 +120,12 @@ class LocalServices:
             raise ServiceStartError(f"the {name} did not start within {START_TIMEOUT:g}s") from None
         await process.wait()
         raise ServiceStartError(f"the {name} exited with code {process.returncode} before it was listening")
+
+    def exit_notice(self, dead: Service) -> str:
+        """The one line that says which service died, how, and what happens to the others."""
+        others = [service.name for service in self.services if service is not dead and service.returncode is None]
+        after = f"; stopping the {' and the '.join(others)}" if others else ""
+        return f"the {dead.name} (pid {dead.process.pid}) {dead.how_it_ended()}{after}"
 
     async def wait_any_exit(self) -> Service:
         """The first service to exit on its own."""

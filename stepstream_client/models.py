@@ -38,6 +38,9 @@ class ChildCounts:
     completed: int = 0
     failed: int = 0
     cancelled: int = 0
+    # In a state the status service does not know (a newer orchestrator's); each
+    # child keeps its raw state on the server.
+    unknown: int = 0
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,9 @@ class StepCounts:
     failed: int = 0
     cancelled: int = 0
     skipped: int = 0
+    # In a state the status service does not know (a newer orchestrator's); each
+    # step keeps its raw state on the server.
+    unknown: int = 0
 
 
 @dataclass(frozen=True)
@@ -157,8 +163,25 @@ class JobRecord:
 
 @dataclass(frozen=True)
 class SubmittedJob(JobRecord):
-    # The seq of the job's first event in the orchestrator's log.
+    # The seq of the job's first event in the orchestrator's log, and that log's id.
     seq: int = 0
+    log_id: str = ""
+
+    @property
+    def position(self) -> LogPosition:
+        """Pass as `not_older_than` to read this job from the status service at once."""
+        return LogPosition(self.log_id, self.seq)
+
+
+@dataclass(frozen=True)
+class LogPosition:
+    """A point in one orchestrator's event log: reads that name it wait until it is applied."""
+
+    log_id: str
+    seq: int
+
+    def message(self) -> status_service_pb2.LogPosition:
+        return status_service_pb2.LogPosition(log_id=self.log_id, seq=self.seq)
 
 
 def when(message: Message, name: str) -> datetime | None:
@@ -178,12 +201,12 @@ def seconds_of(message: Message, name: str) -> float | None:
 
 def child_counts(counts: records_pb2.ChildCounts) -> ChildCounts:
     return ChildCounts(counts.total, counts.pending, counts.running, counts.completed, counts.failed,
-                       counts.cancelled)
+                       counts.cancelled, counts.unknown)
 
 
 def step_counts(counts: status_service_pb2.StepCounts) -> StepCounts:
     return StepCounts(counts.total, counts.pending, counts.running, counts.waiting, counts.completed,
-                      counts.failed, counts.cancelled, counts.skipped)
+                      counts.failed, counts.cancelled, counts.skipped, counts.unknown)
 
 
 def step_view(stats: status_service_pb2.StepStats) -> StepView:
@@ -250,4 +273,4 @@ def job_record(job: records_pb2.Job) -> JobRecord:
 
 
 def submitted_job(response: orchestrator_service_pb2.SubmitJobResponse) -> SubmittedJob:
-    return SubmittedJob(**_record_fields(response.job), seq=response.seq)
+    return SubmittedJob(**_record_fields(response.job), seq=response.seq, log_id=response.log_id)

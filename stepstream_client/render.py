@@ -18,6 +18,12 @@ JSON fields (states and reasons are lower-case words, times ISO 8601 UTC or null
 - children: an array of {index, item, state, reason, message, attempt,
   started_at, finished_at, duration_seconds, revision}
 - submit: {id, name, state, created_at, seq}
+
+Names, messages, items and reasons come from the server (and from whoever named
+a job or wrote a step's output), so nothing here sends them to a terminal raw:
+the tree and tables show them as plain text (never as rich markup) with control
+characters as visible escapes (`\\x1b`, `\\n`); key=value lines JSON-quote any
+value holding a control character; JSON escapes them as `\\u001b`.
 """
 
 from __future__ import annotations
@@ -52,6 +58,22 @@ STYLES = {
 
 
 # --- values -----------------------------------------------------------------
+
+# C0 controls, DEL and C1 controls: the characters a terminal acts on instead of showing.
+CONTROL_CHARACTERS = frozenset(chr(code) for code in (*range(0x20), *range(0x7F, 0xA0)))
+_VISIBLE = str.maketrans(
+    {ord(c): f"\\x{ord(c):02x}" for c in CONTROL_CHARACTERS} | {ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t"}
+)
+# json.dumps escapes C0 controls itself but, with ensure_ascii=False, writes DEL and C1 raw.
+_JSON_ESCAPES = str.maketrans({code: f"\\u{code:04x}" for code in range(0x7F, 0xA0)})
+
+
+def printable(text: str) -> str:
+    """`text` with every control character shown as an escape (`\\x1b`, `\\n`), so a job name
+    or message cannot clear the screen, move the cursor, retitle the window, ring the bell
+    or hide a link in a terminal; all other unicode is kept as it is."""
+    return text.translate(_VISIBLE)
+
 
 def iso(moment: datetime | None) -> str | None:
     """ISO 8601 in UTC with a Z, or None."""
@@ -119,7 +141,8 @@ def submitted_json(job: SubmittedJob) -> dict[str, Any]:
 
 
 def dumps(data: Any) -> str:
-    return json.dumps(data, ensure_ascii=False)
+    """Exact JSON with readable unicode, but no raw control character a terminal would act on."""
+    return json.dumps(data, ensure_ascii=False).translate(_JSON_ESCAPES)
 
 
 # --- key=value lines ----------------------------------------------------------
@@ -132,11 +155,12 @@ def _value(value: object) -> str:
     if isinstance(value, float):
         return f"{value:.3f}"
     text = str(value)
-    return json.dumps(text, ensure_ascii=False) if any(c.isspace() or c in "\"'=" for c in text) else text
+    quote = any(c.isspace() or c in "\"'=" or c in CONTROL_CHARACTERS for c in text)
+    return dumps(text) if quote else text
 
 
 def kv_line(**fields: object) -> str:
-    """`key=value ...`; values with spaces, quotes or '=' are JSON-quoted."""
+    """`key=value ...`; values with spaces, quotes, '=' or control characters are JSON-quoted."""
     return " ".join(f"{key}={_value(value)}" for key, value in fields.items())
 
 
@@ -204,27 +228,33 @@ def _header(view: JobView) -> JobView:
 
 def _state(word: str) -> Text:
     icon, style = STYLES.get(word, ("?", ""))
-    return Text(f"{icon} {word}", style=style)
+    return Text(f"{icon} {printable(word)}", style=style)
+
+
+def _plain(text: str, style: str = "") -> Text:
+    """A server string for rich: a Text (never parsed as markup or emoji codes), controls escaped."""
+    return Text(printable(text), style=style)
 
 
 def job_tree(view: JobView, now: datetime) -> RenderableType:
     """The job as a tree: a header line, one row per step, and a stale line when it applies."""
     counts = view.step_counts
     header = Text.assemble(
-        (view.name or "(unnamed)", "bold"), "  ", (view.id, "dim"), "  ", _state(view.state),
+        _plain(view.name or "(unnamed)", "bold"), "  ", _plain(view.id, "dim"), "  ", _state(view.state),
         f"   steps {counts.completed}/{counts.total} completed",
         f"   elapsed {span(_since(view.started_at, view.finished_at, now)) or '-'}",
         (f"   rev {view.revision}", "dim"),
     )
     if view.reason or view.message:
-        header.append(f"\n  {' — '.join(part for part in (view.reason, view.message) if part)}", style="italic")
+        header.append("\n  ")
+        header.append(_plain(" — ".join(part for part in (view.reason, view.message) if part), "italic"))
     rows = Table.grid(padding=(0, 2))
     for column in ("tree", "name", "state", "duration", "attempt", "detail"):
         rows.add_column(column, no_wrap=column != "detail", overflow="fold")
     for position, step in enumerate(view.steps):
         branch = "└─" if position == len(view.steps) - 1 else "├─"
         rows.add_row(
-            Text(branch, style="dim"), Text(step.name, style="bold"), _state(step.state),
+            Text(branch, style="dim"), _plain(step.name, "bold"), _state(step.state),
             span(step.duration if step.duration is not None else _since(step.started_at, None, now)),
             f"{step.attempt}/{step.max_attempts}" if step.attempt else "", _step_detail(step),
         )
@@ -245,7 +275,7 @@ def _step_detail(step: StepView) -> Text:
         detail.append("  ")
     words = " — ".join(part for part in (step.reason, step.message) if part)
     if words:
-        detail.append(words, style="red" if step.state == "failed" else "dim")
+        detail.append(_plain(words, "red" if step.state == "failed" else "dim"))
     return detail
 
 
@@ -255,7 +285,7 @@ def _stale_lines(view: JobView) -> list[Text]:
         lines.append(Text(f"⚠ stale since {wall_clock(view.last_heard)}: no word from the status service, "
                           "reconnecting", style="bold yellow"))
     if view.stale and view.stale_since is not None:
-        detail = f" ({view.stale_detail})" if view.stale_detail else ""
+        detail = f" ({printable(view.stale_detail)})" if view.stale_detail else ""
         lines.append(Text(f"⚠ stale since {wall_clock(view.stale_since)}: the status service cannot follow "
                           f"the job's orchestrator{detail}", style="bold yellow"))
     return lines
@@ -342,7 +372,8 @@ def show_table(rows: Iterable[dict[str, Any]], columns: list[str], out: TextIO) 
     Console(file=out).print(table)
 
 
-def _cell(column: str, value: object) -> Text | str:
+def _cell(column: str, value: object) -> Text:
+    """A Text, not a str: rich would read a str as markup ("[bold red]x" would lose its brackets)."""
     if column == "state" and isinstance(value, str):
         return _state(value)
-    return "" if value is None else str(value)
+    return _plain("" if value is None else str(value))

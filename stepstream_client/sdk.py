@@ -34,6 +34,7 @@ from stepstream_client.models import (
     JobRecord,
     JobSummary,
     JobView,
+    LogPosition,
     SubmittedJob,
     child_view,
     job_record,
@@ -62,7 +63,7 @@ T = TypeVar("T")
 
 
 def as_definition(definition: Definition) -> definition_pb2.JobDefinition:
-    """A file path (.toml, .yaml, .yml), a mapping of the file's shape, or the message itself."""
+    """A file path (.toml, .yaml, .yml, .json), a mapping of the file's shape, or the message itself."""
     if isinstance(definition, definition_pb2.JobDefinition):
         return definition
     if isinstance(definition, str | Path):
@@ -98,6 +99,9 @@ class Client:
         self._call_timeout = call_timeout
         self._backoff = reconnect_backoff
         self._channels: dict[str, grpc.aio.Channel] = {}
+        # Jobs this client submitted, and where: reads of them wait until the status
+        # service has applied that far, so a job just submitted is never NOT_FOUND.
+        self._positions: dict[str, LogPosition] = {}
 
     async def __aenter__(self) -> Client:
         return self
@@ -148,7 +152,9 @@ class Client:
         response = await self._call(
             self._orchestrator_target, self._orchestrator.SubmitJob(request, timeout=self._call_timeout)
         )
-        return submitted_job(response)
+        submitted = submitted_job(response)
+        self._positions[submitted.id] = submitted.position
+        return submitted
 
     async def cancel(self, job_id: str) -> JobRecord:
         """Request cancellation (a no-op for a cancelled job; FailedPreconditionError
@@ -159,11 +165,17 @@ class Client:
         )
         return job_record(response.job)
 
-    async def get(self, job_id: str) -> JobView:
-        """The job and its steps from the status service, valid at `revision`."""
+    async def get(self, job_id: str, *, not_older_than: LogPosition | None = None) -> JobView:
+        """The job and its steps from the status service, valid at `revision`.
+
+        `not_older_than` (e.g. SubmittedJob.position from another process): the
+        answer includes everything the orchestrator had logged up to there. Jobs
+        this client submitted get that by themselves.
+        """
         grace = self._grace()
         failures = 0
         request = status_pb.GetJobRequest(job_id=job_id)
+        self._position_of(job_id, not_older_than, request)
         while True:
             try:
                 response = await self._status.GetJob(request, timeout=self._call_timeout)
@@ -200,6 +212,7 @@ class Client:
             request = status_pb.ListChildrenRequest(
                 job_id=job_id, step_name=step, states=wanted, page_size=page_size, page_token=token
             )
+            self._position_of(job_id, None, request)
             response = await self._call(self._status_target,
                                         self._status.ListChildren(request, timeout=self._call_timeout))
             return [child_view(child) for child in response.children], response.next_page_token
@@ -212,18 +225,31 @@ class Client:
         *,
         since: JobView | None = None,
         on_apply: Callable[[Applied], None] | None = None,
+        not_older_than: LogPosition | None = None,
     ) -> JobWatch:
         """Live views of one job until it ends (see stepstream_client.watch).
 
         `since`: a view you already hold (e.g. from get()): continue after its
         revision instead of starting with a new snapshot. `on_apply` is called
-        with every update applied, in order (for audits and tests).
+        with every update applied, in order (for audits and tests). `not_older_than`:
+        as for get().
         """
+        request = status_pb.WatchJobRequest(job_id=job_id)
+        self._position_of(job_id, not_older_than, request)
         return JobWatch(Follower(
             self._status, self._status_target, job_id, since=since,
+            not_older_than=request.not_older_than if request.HasField("not_older_than") else None,
             stale_after_heartbeats=self._stale_after_heartbeats, grace=self._grace(), backoff=self._backoff,
             on_apply=on_apply,
         ))
+
+    def _position_of(
+        self, job_id: str, given: LogPosition | None,
+        request: status_pb.GetJobRequest | status_pb.ListChildrenRequest | status_pb.WatchJobRequest,
+    ) -> None:
+        position = given or self._positions.get(job_id)
+        if position is not None:
+            request.not_older_than.CopyFrom(position.message())
 
     def _grace(self) -> IngestGrace:
         return IngestGrace(self._ingest_grace, self._orchestrator_may_know)

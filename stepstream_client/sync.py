@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterat
 from types import TracebackType
 from typing import Any, TypeVar
 
-from stepstream_client.models import ChildView, JobRecord, JobSummary, JobView, SubmittedJob
+from stepstream_client.models import ChildView, JobRecord, JobSummary, JobView, LogPosition, SubmittedJob
 from stepstream_client.sdk import DEFAULT_ORCHESTRATOR, DEFAULT_STATUS, Client, Definition
 from stepstream_client.watch import Applied
 
@@ -76,8 +76,8 @@ class SyncClient:
     def cancel(self, job_id: str) -> JobRecord:
         return self._run(self._client.cancel(job_id))
 
-    def get(self, job_id: str) -> JobView:
-        return self._run(self._client.get(job_id))
+    def get(self, job_id: str, *, not_older_than: LogPosition | None = None) -> JobView:
+        return self._run(self._client.get(job_id, not_older_than=not_older_than))
 
     def list(self, *, states: Iterable[str] = (), name: str = "", page_size: int = 100) -> Iterator[JobSummary]:
         return self._iterate(lambda: self._client.list(states=states, name=name, page_size=page_size))
@@ -88,9 +88,12 @@ class SyncClient:
         return self._iterate(lambda: self._client.children(job_id, step, states=states, page_size=page_size))
 
     def watch(
-        self, job_id: str, *, since: JobView | None = None, on_apply: Callable[[Applied], None] | None = None
+        self, job_id: str, *, since: JobView | None = None, on_apply: Callable[[Applied], None] | None = None,
+        not_older_than: LogPosition | None = None,
     ) -> Iterator[JobView]:
-        return self._iterate(lambda: self._client.watch(job_id, since=since, on_apply=on_apply))
+        return self._iterate(
+            lambda: self._client.watch(job_id, since=since, on_apply=on_apply, not_older_than=not_older_than)
+        )
 
 
 async def _on_loop(make: Callable[[], T]) -> T:

@@ -139,8 +139,10 @@ class Follower:
         grace: IngestGrace,
         backoff: Backoff,
         on_apply: Callable[[Applied], None] | None = None,
+        not_older_than: pb.LogPosition | None = None,
     ) -> None:
         self._stub = stub
+        self._not_older_than = not_older_than
         self._target = target
         self._job_id = job_id
         self._stale_after_heartbeats = stale_after_heartbeats
@@ -168,7 +170,7 @@ class Follower:
         snapshot = self._view is None
         failures = 0
         while True:
-            request = pb.WatchJobRequest(job_id=self._job_id)
+            request = pb.WatchJobRequest(job_id=self._job_id, not_older_than=self._not_older_than)
             if not snapshot:
                 assert self._view is not None
                 request.after_revision = self._view.revision

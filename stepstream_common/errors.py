@@ -7,6 +7,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# How much of a client's string an error message quotes: errors travel in gRPC
+# trailers, which clients cap at a few KB, so a message echoing a 1 MB job id
+# whole would reach the caller as a transport failure instead of the error.
+MAX_QUOTED_CHARS = 64
+
+
+def quoted(value: object, limit: int = MAX_QUOTED_CHARS) -> str:
+    """`repr(value)` for an error message that quotes client input, bounded: of a
+    longer string, its first `limit` characters and its length; of anything
+    else, the first `limit` characters of its repr."""
+    if isinstance(value, str):
+        if len(value) <= limit:
+            return repr(value)
+        return f"{value[:limit]!r}… ({len(value)} characters)"
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}…"
+
 
 @dataclass(frozen=True)
 class FieldViolation:
@@ -35,7 +52,14 @@ class FailedPrecondition(ServiceError):
 
 
 class Unavailable(ServiceError):
-    """The service cannot answer correctly right now; the same call may succeed later."""
+    """The service cannot answer correctly right now; the same call may succeed later.
+
+    `reason` and `metadata`, if given, travel as google.rpc.ErrorInfo."""
+
+    def __init__(self, message: str, reason: str = "", metadata: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.metadata = metadata or {}
 
 
 class CursorOutOfRange(ServiceError):

@@ -23,6 +23,13 @@ def _words(enum: EnumDescriptor, prefix: str) -> dict[int, str]:
 TERMINAL_JOB_STATES = _terminal_values(states_pb2.JobState.DESCRIPTOR)
 TERMINAL_STEP_STATES = _terminal_values(states_pb2.StepState.DESCRIPTOR)
 
+# The states a fan-out child takes (never WAITING or SKIPPED, as states.proto says):
+# what ListChildren accepts as a filter, and what the CLI offers for `children --state`.
+CHILD_STATES = frozenset({
+    states_pb2.STEP_STATE_PENDING, states_pb2.STEP_STATE_RUNNING, states_pb2.STEP_STATE_COMPLETED,
+    states_pb2.STEP_STATE_FAILED, states_pb2.STEP_STATE_CANCELLED,
+})
+
 _JOB_WORDS = _words(states_pb2.JobState.DESCRIPTOR, "JOB_STATE_")
 _STEP_WORDS = _words(states_pb2.StepState.DESCRIPTOR, "STEP_STATE_")
 _REASON_WORDS = _words(states_pb2.Reason.DESCRIPTOR, "REASON_")

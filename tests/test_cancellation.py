@@ -274,7 +274,7 @@ async def test_status_handlers_and_store_survive_cancellation_at_every_await(
     ])
     job_id = (await orchestrator_stub.SubmitJob(orch_pb.SubmitJobRequest(definition=definition))).job.id
     await wait_status_job(status_stub, job_id, status_job_finished, "the job to end")
-    servicer = StatusServicer(status.store, status.feed, 0.05)
+    servicer = StatusServicer(status.store, status.feed, 0.05, status.writer.applied, 5.0)
     context: Any = _Context()
     store = status.store
 

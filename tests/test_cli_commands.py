@@ -23,7 +23,7 @@ STEP_FIELDS = {
     "name", "index", "type", "state", "reason", "message", "attempt", "max_attempts", "started_at", "finished_at",
     "duration_seconds", "revision", "children",
 }
-CHILD_COUNT_FIELDS = {"total", "pending", "running", "completed", "failed", "cancelled"}
+CHILD_COUNT_FIELDS = {"total", "pending", "running", "completed", "failed", "cancelled", "unknown"}
 
 
 class Cli:
@@ -94,7 +94,7 @@ async def test_submit_watch_get_list_and_children_as_json(cli: Cli, tmp_path: Pa
     spread = got["steps"][1]
     assert set(spread) == STEP_FIELDS and set(spread["children"]) == CHILD_COUNT_FIELDS
     assert spread["children"] == {"total": 4, "pending": 0, "running": 0, "completed": 3, "failed": 1,
-                                  "cancelled": 0}
+                                  "cancelled": 0, "unknown": 0}
     assert (spread["type"], spread["attempt"], spread["max_attempts"]) == ("fanout", 1, 1)
     assert isinstance(spread["duration_seconds"], float)
 

@@ -121,14 +121,19 @@ async def test_unknown_jobs_raise_not_found(client: Client) -> None:
 
 async def test_not_found_is_retried_only_for_a_bounded_time(orchestrator: Orchestrator, tmp_path: Path) -> None:
     """The orchestrator knows the job but this status service never will (it follows nobody)."""
-    blind = await start_status(status_config(tmp_path / "blind", f"127.0.0.1:{free_port()}"))
+    blind = await start_status(status_config(tmp_path / "blind", f"127.0.0.1:{free_port()}", max_wait_applied=0.5))
     try:
         async with Client(orchestrator.address, blind.address, ingest_grace=0.5) as client:
             job = await client.submit(QUICK)
-            with pytest.raises(NotFoundError):
+            # This client knows where its job is in the log: the service says it has not got there.
+            with pytest.raises(UnavailableError):
                 await client.get(job.id)
+        async with Client(orchestrator.address, blind.address, ingest_grace=0.5) as other:
+            # Another client only has the id: NOT_FOUND, retried for the grace period.
             with pytest.raises(NotFoundError):
-                async with client.watch(job.id) as views:
+                await other.get(job.id)
+            with pytest.raises(NotFoundError):
+                async with other.watch(job.id) as views:
                     await anext(views)
     finally:
         await blind.stop()

@@ -13,7 +13,7 @@ from stepstream.v1 import states_pb2
 from orchestrator_svc.engine.engine import Engine
 from orchestrator_svc.storage.base import EventStore, StoredEvent
 from stepstream_common import wire
-from stepstream_common.errors import CursorOutOfRange
+from stepstream_common.errors import CursorOutOfRange, quoted
 from stepstream_common.feed import Feed, follow
 from stepstream_common.paging import page_size
 from stepstream_common.rpc import maps_errors, require
@@ -49,7 +49,7 @@ class OrchestratorServicer:
     async def SubmitJob(self, request: pb.SubmitJobRequest, context: Context) -> pb.SubmitJobResponse:
         require([("request_id", "must be at most 200 characters")] if len(request.request_id) > 200 else [])
         job, seq = await self._engine.submit(request.definition, request.request_id)
-        return pb.SubmitJobResponse(job=job, seq=seq)
+        return pb.SubmitJobResponse(job=job, seq=seq, log_id=self._log_id)
 
     @maps_errors
     async def CancelJob(self, request: pb.CancelJobRequest, context: Context) -> pb.CancelJobResponse:
@@ -92,7 +92,9 @@ class OrchestratorServicer:
         try:
             latest = self._feed.latest
             if request.log_id and request.log_id != self._log_id:
-                raise self._unknown_cursor(f"the cursor belongs to log {request.log_id}, this is log {self._log_id}")
+                raise self._unknown_cursor(
+                    f"the cursor belongs to log {quoted(request.log_id)}, this is log {self._log_id}"
+                )
             if request.after_seq > latest:
                 raise self._unknown_cursor(f"after_seq {request.after_seq} is ahead of this log (latest {latest})")
             async for items in follow(

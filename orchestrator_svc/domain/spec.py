@@ -2,21 +2,31 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from google.protobuf import json_format
+from google.protobuf import json_format, struct_pb2
 from stepstream.v1 import definition_pb2
 
 from orchestrator_svc.domain.durations import parse_duration
-from stepstream_common.errors import FieldViolation, InvalidArgument
+from stepstream_common.errors import FieldViolation, InvalidArgument, quoted
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 MAX_RETRIES = 100
 DEFAULT_RETRY_BACKOFF = 1.0
 MAX_STEPS = 200
+# What a step's params (a google.protobuf.Struct) may hold, beyond protobuf's own
+# limit (100 levels of messages, about 32 of tables): tables and lists nested at
+# most this deep; finite numbers (JSON has no NaN or Infinity) within ±2^53, the
+# range where a double still holds every whole number exactly (as I-JSON, RFC 7493).
+MAX_PARAMS_DEPTH = 16
+MAX_NUMBER = 2**53
+# The range of google.protobuf.Duration (10,000 years), in which every duration
+# the API reports must fit.
+MAX_DURATION_SECONDS = 315_576_000_000
 
 Violations = list[tuple[str, str]]
 Params = Mapping[str, Any]
@@ -74,7 +84,10 @@ def _duration(text: str, path: str, violations: Violations) -> float | None:
         violations.append((path, str(error)))
         return None
     if value <= 0:
-        violations.append((path, f"must be greater than zero, got {text!r}"))
+        violations.append((path, f"must be greater than zero, got {quoted(text)}"))
+    elif value > MAX_DURATION_SECONDS:
+        violations.append((path, f"must be at most {MAX_DURATION_SECONDS}s (10,000 years), got {quoted(text)}"))
+        return None
     return value
 
 
@@ -84,7 +97,7 @@ def execution_options(
     """Validate the fields every unit of work has: retries, timeout, retry_backoff."""
     retry_count = 0
     if isinstance(retries, bool) or not isinstance(retries, int | float) or int(retries) != retries:
-        violations.append((f"{path}.retries", f"must be a whole number, got {retries!r}"))
+        violations.append((f"{path}.retries", f"must be a whole number, got {quoted(retries)}"))
     elif not 0 <= retries <= MAX_RETRIES:
         violations.append((f"{path}.retries", f"must be between 0 and {MAX_RETRIES}, got {int(retries)}"))
     else:
@@ -92,7 +105,7 @@ def execution_options(
     limits: list[float | None] = []
     for name, value in (("timeout", timeout), ("retry_backoff", retry_backoff)):
         if not isinstance(value, str):
-            violations.append((f"{path}.{name}", f"must be a duration string like '30s', got {value!r}"))
+            violations.append((f"{path}.{name}", f"must be a duration string like '30s', got {quoted(value)}"))
             limits.append(None)
         else:
             limits.append(_duration(value, f"{path}.{name}", violations))
@@ -121,11 +134,11 @@ def validate_job(definition: definition_pb2.JobDefinition, workers: WorkerCatalo
         if not name:
             violations.append((path, "is required"))
         elif not NAME_PATTERN.match(name):
-            violations.append(
-                (path, f"{name!r} must be 1-100 letters, digits, '_', '.' or '-', starting with a letter or digit")
-            )
+            violations.append((
+                path, f"{quoted(name)} must be 1-100 letters, digits, '_', '.' or '-', starting with a letter or digit"
+            ))
         elif name in first_index:
-            violations.append((path, f"duplicate step name {name!r} (also steps[{first_index[name]}])"))
+            violations.append((path, f"duplicate step name {quoted(name)} (also steps[{first_index[name]}])"))
         else:
             first_index[name] = index
 
@@ -136,7 +149,7 @@ def validate_job(definition: definition_pb2.JobDefinition, workers: WorkerCatalo
         depends_on = _dependencies(step, index, names, first_index, path, violations)
         if first_index.get(step.name) == index:
             graph[step.name] = (index, depends_on)
-        params = json_format.MessageToDict(step.params) if step.HasField("params") else {}
+        params = _params(step, f"{path}.params", violations)
         execution = _execution(step, params, path, workers, violations)
         if execution is not None:
             steps.append(StepSpec(step.name, index, depends_on, step.always_run, execution))
@@ -164,38 +177,81 @@ def _dependencies(
     for position, dep in enumerate(step.depends_on.steps):
         dep_path = f"{path}.depends_on.steps[{position}]"
         if dep == step.name:
-            violations.append((dep_path, f"step {step.name!r} cannot depend on itself"))
+            violations.append((dep_path, f"step {quoted(step.name)} cannot depend on itself"))
         elif dep not in first_index:
-            violations.append((dep_path, f"unknown step {dep!r}"))
+            violations.append((dep_path, f"unknown step {quoted(dep)}"))
         elif dep in deps:
-            violations.append((dep_path, f"{dep!r} is listed twice"))
+            violations.append((dep_path, f"{quoted(dep)} is listed twice"))
         else:
             deps.append(dep)
     return tuple(deps)
 
 
+def _params(step: definition_pb2.StepDefinition, path: str, violations: Violations) -> Params | None:
+    """The step's params as plain values; None (with the problems added) when they
+    hold what no worker should be handed (see MAX_PARAMS_DEPTH)."""
+    if not step.HasField("params"):
+        return {}
+    problems: Violations = []
+    _check_struct(step.params, path, 1, problems)
+    if problems:
+        violations.extend(problems)
+        return None
+    params: dict[str, Any] = json_format.MessageToDict(step.params)
+    return params
+
+
+def _check_struct(struct: struct_pb2.Struct, path: str, depth: int, problems: Violations) -> None:
+    if depth > MAX_PARAMS_DEPTH:
+        problems.append((path, f"nested too deeply: at most {MAX_PARAMS_DEPTH} levels of tables and lists"))
+        return
+    for key, value in struct.fields.items():
+        _check_value(value, f"{path}.{key}", depth, problems)
+
+
+def _check_value(value: struct_pb2.Value, path: str, depth: int, problems: Violations) -> None:
+    kind = value.WhichOneof("kind")
+    if kind == "number_value":
+        number = value.number_value
+        if not math.isfinite(number):
+            problems.append((path, f"must be a finite number, got {number}"))
+        elif abs(number) > MAX_NUMBER:
+            problems.append((path, f"must be between -2^53 and 2^53, got {number:g}"))
+    elif kind == "struct_value":
+        _check_struct(value.struct_value, path, depth + 1, problems)
+    elif kind == "list_value":
+        if depth + 1 > MAX_PARAMS_DEPTH:
+            problems.append((path, f"nested too deeply: at most {MAX_PARAMS_DEPTH} levels of tables and lists"))
+            return
+        for position, item in enumerate(value.list_value.values):
+            _check_value(item, f"{path}[{position}]", depth + 1, problems)
+
+
 def _execution(
     step: definition_pb2.StepDefinition,
-    params: Params,
+    params: Params | None,
     path: str,
     workers: WorkerCatalog,
     violations: Violations,
 ) -> Execution | None:
+    """The step's execution; None when it has problems. `params` is None when
+    they were rejected already: then only the step's own fields are checked."""
     retries, timeout, backoff = execution_options(
         step.retries, step.timeout, step.retry_backoff, path, violations
     )
     if not step.type:
         violations.append((f"{path}.type", f"is required (one of: {', '.join(workers.known_types())})"))
         return None
-    problems = workers.validate_params(step.type, params, f"{path}.params")
-    if problems is None:
+    if step.type not in workers.known_types():
         violations.append(
-            (f"{path}.type", f"unknown worker type {step.type!r} (one of: {', '.join(workers.known_types())})")
+            (f"{path}.type", f"unknown worker type {quoted(step.type)} (one of: {', '.join(workers.known_types())})")
         )
         return None
-    violations.extend(problems)
     if retries and workers.is_fanout(step.type):
         violations.append((f"{path}.retries", "a fan-out step is not retried; set `child.retries` instead"))
+    if params is None:
+        return None
+    violations.extend(workers.validate_params(step.type, params, f"{path}.params") or [])
     return Execution(step.type, params, timeout, retries, backoff)
 
 

@@ -19,7 +19,7 @@ from orchestrator_svc.engine.recorder import Recorder
 from orchestrator_svc.engine.runner import JobRun, RunSettings, stop_everything
 from orchestrator_svc.storage.base import EventStore, JobView, NewJob
 from orchestrator_svc.workers.base import WorkerRegistry
-from stepstream_common.errors import FailedPrecondition, NotFound
+from stepstream_common.errors import FailedPrecondition, NotFound, quoted
 from stepstream_common.states import job_state_word
 from stepstream_common.wire import clone
 
@@ -149,7 +149,7 @@ class Engine:
         else:
             view = await self._store.get_job(job_id)
             if view is None:
-                raise NotFound(f"no job {job_id!r}")
+                raise NotFound(f"no job {quoted(job_id)}")
             job = view.job
         if machine.job_is_terminal(job.state) and job.state != s.JOB_STATE_CANCELLED:
             raise FailedPrecondition(
@@ -160,7 +160,7 @@ class Engine:
     async def get(self, job_id: str) -> JobView:
         view = await self._store.get_job(job_id)
         if view is None:
-            raise NotFound(f"no job {job_id!r}")
+            raise NotFound(f"no job {quoted(job_id)}")
         return view
 
     async def list(

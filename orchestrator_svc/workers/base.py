@@ -13,6 +13,7 @@ constructor.
 from __future__ import annotations
 
 import logging
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -70,11 +71,13 @@ class FanoutPlan:
     child: Execution
 
     def child_execution(self, index: int) -> Execution:
-        item = self.items[index]
-        params = _substitute(self.child.params, lambda text: text.replace("{item}", item).replace(
-            "{index}", str(index)
-        ))
+        # One pass over each template string: an item's own text is never scanned again.
+        values = {"{item}": self.items[index], "{index}": str(index)}
+        params = _substitute(self.child.params, lambda text: _PLACEHOLDER.sub(lambda m: values[m[0]], text))
         return Execution(self.child.type, params, self.child.timeout, self.child.retries, self.child.retry_backoff)
+
+
+_PLACEHOLDER = re.compile(r"\{item\}|\{index\}")
 
 
 def _substitute(value: Any, replace: Callable[[str], str]) -> Any:

@@ -6,7 +6,9 @@
     max_child_failures = 1      # default 0
     child = { type = "command", command = ["echo", "{item}"], timeout = "5s", retries = 1 }
 
-`{item}` and `{index}` (0-based) are substituted in every string of `child`.
+`{item}` and `{index}` (0-based) are substituted in every string of `child`,
+in one pass over that string: text an item brings in is never scanned again, so
+an item may itself contain "{index}" or "{item}" (see FanoutPlan.child_execution).
 How the step's outcome follows from its children is in domain/rules.py.
 """
 
@@ -16,6 +18,7 @@ from typing import Any
 
 from orchestrator_svc.domain.spec import Execution, Params, Violations, WorkerCatalog, execution_options
 from orchestrator_svc.workers.base import FanoutPlan, FanoutWorker, Field, check_fields
+from stepstream_common.errors import quoted
 
 MAX_CHILDREN = 100_000
 DEFAULT_CONCURRENCY = 10
@@ -27,7 +30,8 @@ FIELDS = (
     Field("child", "table", required=True),
 )
 CHILD_OPTIONS = ("type", "timeout", "retries", "retry_backoff")
-
+# More than MAX_CHILDREN would mean nothing for either, so a larger value is a mistake.
+BOUNDED_BY_MAX_CHILDREN = ("concurrency", "max_child_failures")
 
 
 class ItemsFanoutWorker(FanoutWorker):
@@ -39,9 +43,13 @@ class ItemsFanoutWorker(FanoutWorker):
         if isinstance(size, int | float) and size > MAX_CHILDREN:
             violations.append((f"{path}.{'items' if 'items' in params else 'count'}",
                                f"at most {MAX_CHILDREN} children, got {int(size)}"))
+        for name in BOUNDED_BY_MAX_CHILDREN:
+            value = params.get(name)
+            if isinstance(value, int | float) and not isinstance(value, bool) and value > MAX_CHILDREN:
+                violations.append((f"{path}.{name}", f"must be at most {MAX_CHILDREN}, got {value:.15g}"))
         for position, item in enumerate(params.get("items", []) if isinstance(params.get("items"), list) else []):
             if not isinstance(item, str | int | float) or isinstance(item, bool):
-                violations.append((f"{path}.items[{position}]", f"must be a string or number, got {item!r}"))
+                violations.append((f"{path}.items[{position}]", f"must be a string or number, got {quoted(item)}"))
         child = params.get("child")
         if isinstance(child, dict):
             violations.extend(_validate_child(child, f"{path}.child", catalog))
@@ -88,7 +96,7 @@ def _validate_child(child: dict[str, Any], path: str, catalog: WorkerCatalog) ->
     problems = catalog.validate_params(worker_type, params, path)
     if problems is None:
         violations.append(
-            (f"{path}.type", f"unknown worker type {worker_type!r} (one of: {', '.join(catalog.known_types())})")
+            (f"{path}.type", f"unknown worker type {quoted(worker_type)} (one of: {', '.join(catalog.known_types())})")
         )
     else:
         violations.extend(problems)

@@ -11,25 +11,30 @@ import grpc
 from stepstream.v1 import states_pb2
 from stepstream.v1 import status_service_pb2 as pb
 
+from status_svc.ingest.progress import AppliedPositions
 from status_svc.storage.base import ChangeFilter, StatusStore, StoredChange
 from stepstream_common import wire
-from stepstream_common.errors import NotFound
+from stepstream_common.errors import NotFound, quoted
 from stepstream_common.feed import Feed, Page, ReadPage, Subscription, follow
 from stepstream_common.paging import page_size
 from stepstream_common.rpc import maps_errors, require
+from stepstream_common.states import CHILD_STATES, TERMINAL_JOB_STATES
 from stepstream_common.timeutil import duration, timestamp
 
 Context = grpc.aio.ServicerContext[Any, Any]
+Request = (
+    pb.GetJobRequest | pb.ListJobsRequest | pb.ListChildrenRequest | pb.WatchJobRequest | pb.WatchJobsRequest
+)
 Response = pb.WatchJobResponse | pb.WatchJobsResponse
 
 MAX_UPDATES_PER_MESSAGE = 500
 MAX_BYTES_PER_MESSAGE = 1 << 20
 
 _JOB_STATES = frozenset(states_pb2.JobState.values()) - {states_pb2.JOB_STATE_UNSPECIFIED}
-_CHILD_STATES = frozenset({
-    states_pb2.STEP_STATE_PENDING, states_pb2.STEP_STATE_RUNNING, states_pb2.STEP_STATE_COMPLETED,
-    states_pb2.STEP_STATE_FAILED, states_pb2.STEP_STATE_CANCELLED,
-})
+
+
+def _finished(job: pb.JobStatus) -> bool:
+    return job.state in TERMINAL_JOB_STATES
 
 
 def _check_states(field: str, states: Sequence[int], allowed: frozenset[int]) -> list[tuple[str, str]]:
@@ -58,40 +63,78 @@ def update_batches(entries: list[bytes]) -> list[bytes]:
 
 
 class StatusServicer:
-    def __init__(self, store: StatusStore, feed: Feed[StoredChange], heartbeat_interval: float) -> None:
+    def __init__(
+        self,
+        store: StatusStore,
+        feed: Feed[StoredChange],
+        heartbeat_interval: float,
+        applied: AppliedPositions,
+        max_wait_applied: float,
+    ) -> None:
         self._store = store
         self._feed = feed
         self._heartbeat_interval = heartbeat_interval
+        self._applied = applied
+        self._max_wait_applied = max_wait_applied
+        self._ingest_stopped: tuple[float, str] | None = None
+
+    def ingest_stopped(self, detail: str) -> None:
+        """Nothing will update what is stored any more: from now on, reads show
+        every unfinished job stale, with why (the service is about to exit)."""
+        self._ingest_stopped = (time.time(), detail)
+
+    def _fresh(self, job: pb.JobStatus) -> pb.JobStatus:
+        if self._ingest_stopped is not None and job.state not in TERMINAL_JOB_STATES:
+            since, detail = self._ingest_stopped
+            if not job.freshness.stale:
+                job.freshness.stale = True
+                job.freshness.stale_since.FromNanoseconds(round(since * 1e9))
+            job.freshness.detail = detail
+        return job
+
+    async def _not_older_than(self, request: Request, context: Context) -> None:
+        """Wait until the orchestrator position the client names is applied (read your writes),
+        within the call's deadline and --max-wait-applied."""
+        if not request.HasField("not_older_than"):
+            return
+        position = request.not_older_than
+        require([("not_older_than.seq", "must not be negative")] if position.seq < 0 else [])
+        remaining = context.time_remaining()
+        timeout = self._max_wait_applied if remaining is None else min(remaining, self._max_wait_applied)
+        await self._applied.wait(position.log_id, position.seq, timeout)
 
     @maps_errors
     async def GetJob(self, request: pb.GetJobRequest, context: Context) -> pb.GetJobResponse:
         require([("job_id", "is required")] if not request.job_id else [])
+        await self._not_older_than(request, context)
         snapshot = await self._store.get_job(request.job_id)
         if snapshot is None:
-            raise NotFound(f"no job {request.job_id!r}")
-        return pb.GetJobResponse(job=snapshot.job, steps=snapshot.steps, revision=snapshot.revision)
+            raise NotFound(f"no job {quoted(request.job_id)}")
+        return pb.GetJobResponse(job=self._fresh(snapshot.job), steps=snapshot.steps, revision=snapshot.revision)
 
     @maps_errors
     async def ListJobs(self, request: pb.ListJobsRequest, context: Context) -> pb.ListJobsResponse:
         require(_check_states("filter.states", request.filter.states, _JOB_STATES))
+        await self._not_older_than(request, context)
         jobs, token, revision = await self._store.list_jobs(
             list(request.filter.states), request.filter.name, page_size(request.page_size), request.page_token
         )
-        return pb.ListJobsResponse(jobs=jobs, next_page_token=token, revision=revision)
+        return pb.ListJobsResponse(jobs=[self._fresh(job) for job in jobs], next_page_token=token, revision=revision)
 
     @maps_errors
     async def ListChildren(self, request: pb.ListChildrenRequest, context: Context) -> pb.ListChildrenResponse:
         require(
             [("job_id", "is required")] * (not request.job_id)
             + [("step_name", "is required")] * (not request.step_name)
-            + _check_states("states", request.states, _CHILD_STATES)
+            + _check_states("states", request.states, CHILD_STATES)
         )
+        await self._not_older_than(request, context)
         found = await self._store.list_children(
             request.job_id, request.step_name, list(request.states), page_size(request.page_size),
             request.page_token,
         )
         if found is None:
-            raise NotFound(f"no step {request.step_name!r} in job {request.job_id!r}")
+            raise NotFound(f"no step {quoted(request.step_name)} in job {quoted(request.job_id)}")
         children, token, revision = found
         return pb.ListChildrenResponse(children=children, next_page_token=token, revision=revision)
 
@@ -101,29 +144,35 @@ class StatusServicer:
             [("job_id", "is required")] * (not request.job_id)
             + [("after_revision", "must not be negative")] * (request.after_revision < 0)
         )
+        await self._not_older_than(request, context)
         subscription = self._feed.subscribe(request.job_id)
         try:
             if request.HasField("after_revision"):
-                if not await self._store.job_exists(request.job_id):
-                    raise NotFound(f"no job {request.job_id!r}")
+                found = await self._store.get_job(request.job_id)
+                if found is None:
+                    raise NotFound(f"no job {quoted(request.job_id)}")
                 await self._store.check_retained(request.after_revision)
                 after = request.after_revision
+                if request.until_finished and _finished(found.job) and found.job.revision <= after:
+                    return
             else:
                 snapshot = await self._store.get_job(request.job_id)
                 if snapshot is None:
-                    raise NotFound(f"no job {request.job_id!r}")
+                    raise NotFound(f"no job {quoted(request.job_id)}")
                 initial = pb.JobUpdate(
                     revision=snapshot.revision, job_id=request.job_id, job=snapshot.job, steps=snapshot.steps
                 )
                 yield pb.WatchJobResponse(updates=pb.JobUpdateBatch(updates=[initial]))
                 yield pb.WatchJobResponse(initial_state_complete=pb.InitialStateComplete(revision=snapshot.revision))
+                if request.until_finished and _finished(snapshot.job):
+                    return
                 after = snapshot.revision
 
             async def read(cursor: int, limit: int) -> Page[StoredChange]:
                 return await self._store.read_changes(cursor, limit, job_id=request.job_id)
 
             async for message in self._changes(subscription, after, read, None, with_steps=True,
-                                               heartbeat=pb.WatchJobResponse):
+                                               heartbeat=pb.WatchJobResponse, until_finished=request.until_finished):
                 yield message
         finally:
             self._feed.unsubscribe(subscription)
@@ -134,6 +183,7 @@ class StatusServicer:
             _check_states("filter.states", request.filter.states, _JOB_STATES)
             + [("after_revision", "must not be negative")] * (request.after_revision < 0)
         )
+        await self._not_older_than(request, context)
         matching = ChangeFilter(frozenset(request.filter.states), request.filter.name)
         subscription = self._feed.subscribe()
         try:
@@ -166,7 +216,9 @@ class StatusServicer:
         *,
         with_steps: bool,
         heartbeat: type[pb.WatchJobResponse] | type[pb.WatchJobsResponse],
+        until_finished: bool = False,
     ) -> AsyncIterator[bytes | Response]:
+        """Changes after `after`; with until_finished, up to the one that ends the job."""
         async for items in follow(self._feed, subscription, after=after, read_page=read,
                                   idle_timeout=self._heartbeat_interval, page_size=MAX_UPDATES_PER_MESSAGE):
             if not items:
@@ -178,3 +230,7 @@ class StatusServicer:
             selected = items if matching is None else [item for item in items if matching.matches(item)]
             for message in update_batches([update_entry(change, with_steps) for change in selected]):
                 yield message
+            if until_finished and any(
+                change.header is not None and change.state_after in TERMINAL_JOB_STATES for change in selected
+            ):
+                return

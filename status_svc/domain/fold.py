@@ -14,6 +14,16 @@ and its seq. A record replaces the one held for the same entity only if
 Counts (a job's steps by state, a step's children by state) are kept by
 applying the difference between an entity's old and new state each time a
 record wins, so they always equal what the records say.
+
+Unknown states. Enums are open: a newer orchestrator may send a state (or a
+reason) this service does not know, and the record keeps that raw value. For
+counting, every state is put in a bucket: itself if it has a count of its own
+(STEP_COUNTED, CHILD_COUNTED), else UNKNOWN (also a child's WAITING or SKIPPED,
+which children never take, and an explicit UNSPECIFIED). Counters hold
+buckets, not raw states, so that what is persisted (the `unknown` count) reloads
+into the same counter, and a later move out of any unknown state takes one from
+UNKNOWN. Unknown states are not terminal: a later known record replaces one,
+and one never replaces a terminal record.
 """
 
 from __future__ import annotations
@@ -29,6 +39,25 @@ from stepstream_common.states import TERMINAL_JOB_STATES, TERMINAL_STEP_STATES
 Version = tuple[bool, int]
 NO_VERSION: Version = (False, 0)
 
+# The count bucket of every state without a count of its own (see the module docstring).
+UNKNOWN = -1
+STEP_COUNTED = frozenset({
+    s.STEP_STATE_PENDING, s.STEP_STATE_RUNNING, s.STEP_STATE_WAITING, s.STEP_STATE_COMPLETED,
+    s.STEP_STATE_FAILED, s.STEP_STATE_CANCELLED, s.STEP_STATE_SKIPPED,
+})
+# Children never take WAITING or SKIPPED (states.proto): ChildCounts has no field for them.
+CHILD_COUNTED = STEP_COUNTED - {s.STEP_STATE_WAITING, s.STEP_STATE_SKIPPED}
+
+
+def step_bucket(state: int) -> int:
+    """Where a step in `state` is counted."""
+    return state if state in STEP_COUNTED else UNKNOWN
+
+
+def child_bucket(state: int) -> int:
+    """Where a child in `state` is counted."""
+    return state if state in CHILD_COUNTED else UNKNOWN
+
 
 def job_version(state: int, seq: int) -> Version:
     return (state in TERMINAL_JOB_STATES, seq)
@@ -42,7 +71,8 @@ def work_version(state: int, seq: int) -> Version:
 @dataclass
 class StepEntry:
     """A step as held: its record (None until its first event arrives, which
-    can come after its children's in a resync) and its children by state."""
+    can come after its children's in a resync) and its children by count
+    bucket (see child_bucket)."""
 
     record: records_pb2.Step | None = None
     version: Version = NO_VERSION
@@ -76,7 +106,9 @@ class JobFold:
     job: records_pb2.Job | None = None
     job_version: Version = NO_VERSION
     steps: dict[str, StepEntry] = field(default_factory=dict)
+    # (step, index) -> the child's raw state and version.
     children: dict[tuple[str, int], tuple[int, Version]] = field(default_factory=dict)
+    # Steps by count bucket (see step_bucket).
     step_counts: Counter[int] = field(default_factory=Counter)
     # The held job record's state (kept apart: read for every event).
     state: int = s.JOB_STATE_UNSPECIFIED
@@ -121,41 +153,48 @@ class JobFold:
         version = work_version(step.state, seq)
         if version <= entry.version:
             return None
-        old_state = entry.state
+        held = entry.record
         entry.record, entry.version = step, version
         change = Change(self.job_id, steps=[step.name], job_state_before=self.state, job_state_after=self.state)
-        if old_state != step.state:
-            _move(self.step_counts, old_state, step.state)
+        old = step_bucket(held.state) if held is not None else None
+        new = step_bucket(step.state)
+        if old != new:
+            _move(self.step_counts, old, new)
             change.header = True
         return change
 
     def apply_child(self, child: records_pb2.Child, seq: int) -> bool | None:
-        """None if the event was superseded; else whether the child changed state
-        (and so its step's counts). The hot path of ingest: no Change is built."""
+        """None if the event was superseded; else whether its step's child counts
+        changed (the child moved to another bucket). The hot path of ingest: no
+        Change is built."""
         step_name, state = child.step_name, int(child.state)
         key = (step_name, child.index)
         version = (state in TERMINAL_STEP_STATES, seq)
         held = self.children.get(key)
-        old_state: int
+        old: int | None
         if held is None:
-            old_state = s.STEP_STATE_UNSPECIFIED
+            old = None
         elif version <= held[1]:
             return None
+        elif held[0] == state:
+            self.children[key] = (state, version)
+            return False
         else:
-            old_state = held[0]
+            old = held[0] if held[0] in CHILD_COUNTED else UNKNOWN
         self.children[key] = (state, version)
-        if old_state == state:
+        new = state if state in CHILD_COUNTED else UNKNOWN  # child_bucket, inlined on the hot path
+        if old == new:
             return False
         entry = self.steps.get(step_name)
         if entry is None:
             entry = self.steps[step_name] = StepEntry()
-        _move(entry.children, old_state, state)
+        _move(entry.children, old, new)
         return True
 
 
-def _move(counts: Counter[int], old: int, new: int) -> None:
-    """Move one entity from `old` to `new`; UNSPECIFIED means "did not exist"."""
-    if old != s.STEP_STATE_UNSPECIFIED:
+def _move(counts: Counter[int], old: int | None, new: int) -> None:
+    """Move one entity from bucket `old` to bucket `new`; None means "did not exist"."""
+    if old is not None:
         left = counts[old] - 1
         if left:
             counts[old] = left

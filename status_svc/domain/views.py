@@ -1,4 +1,9 @@
-"""What clients see, made from what the fold holds (and back, to reload a fold)."""
+"""What clients see, made from what the fold holds (and back, to reload a fold).
+
+Counts are kept by bucket (status_svc.domain.fold): a bucket of its own for
+each state with a count field, UNKNOWN for the rest, which maps to the
+`unknown` field. Records keep their raw state and reason, whatever the value.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,14 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from stepstream.v1 import records_pb2, status_service_pb2
 from stepstream.v1 import states_pb2 as s
 
-from status_svc.domain.fold import JobFold, StepEntry, job_version, work_version
+from status_svc.domain.fold import (
+    CHILD_COUNTED,
+    UNKNOWN,
+    JobFold,
+    StepEntry,
+    job_version,
+    work_version,
+)
 from stepstream_common.states import TERMINAL_JOB_STATES
 from stepstream_common.timeutil import seconds
 
@@ -20,30 +32,37 @@ _STEP_COUNT_FIELDS: dict[int, str] = {
     s.STEP_STATE_FAILED: "failed",
     s.STEP_STATE_CANCELLED: "cancelled",
     s.STEP_STATE_SKIPPED: "skipped",
+    UNKNOWN: "unknown",
 }
 _CHILD_COUNT_FIELDS: dict[int, str] = {
-    state: name for state, name in _STEP_COUNT_FIELDS.items()
-    if state not in (s.STEP_STATE_WAITING, s.STEP_STATE_SKIPPED)
+    bucket: name for bucket, name in _STEP_COUNT_FIELDS.items() if bucket in CHILD_COUNTED or bucket == UNKNOWN
 }
+
+
+def _fill(message: records_pb2.ChildCounts | status_service_pb2.StepCounts, fields: dict[int, str],
+          counts: Counter[int]) -> None:
+    # Added, not set: a key without a field of its own (never one the fold makes) is still counted, as unknown.
+    for bucket, count in counts.items():
+        name = fields.get(bucket, "unknown")
+        setattr(message, name, getattr(message, name) + count)
 
 
 def step_counts(counts: Counter[int]) -> status_service_pb2.StepCounts:
     message = status_service_pb2.StepCounts(total=sum(counts.values()))
-    for state, count in counts.items():
-        setattr(message, _STEP_COUNT_FIELDS[state], count)
+    _fill(message, _STEP_COUNT_FIELDS, counts)
     return message
 
 
 def child_counts(counts: Counter[int]) -> records_pb2.ChildCounts:
     message = records_pb2.ChildCounts(total=sum(counts.values()))
-    for state, count in counts.items():
-        setattr(message, _CHILD_COUNT_FIELDS[state], count)
+    _fill(message, _CHILD_COUNT_FIELDS, counts)
     return message
 
 
 def counter_of(counts: records_pb2.ChildCounts | status_service_pb2.StepCounts) -> Counter[int]:
+    """The fold's counter (by bucket) of persisted counts: `unknown` becomes UNKNOWN."""
     fields = _STEP_COUNT_FIELDS if isinstance(counts, status_service_pb2.StepCounts) else _CHILD_COUNT_FIELDS
-    return Counter({state: getattr(counts, name) for state, name in fields.items() if getattr(counts, name)})
+    return Counter({bucket: getattr(counts, name) for bucket, name in fields.items() if getattr(counts, name)})
 
 
 def _duration_of(message: status_service_pb2.StepStats | status_service_pb2.ChildStatus,
@@ -69,9 +88,12 @@ def step_stats(name: str, entry: StepEntry, revision: int) -> status_service_pb2
 
 
 def step_entry(job_id: str, stats: status_service_pb2.StepStats, seq: int) -> StepEntry:
-    """The fold's entry for persisted stats (a step with no record yet has state UNSPECIFIED)."""
+    """The fold's entry for persisted stats. A step with no record yet (only
+    children so far) is stored with seq 0 and state UNSPECIFIED; any record that
+    won has a seq or a terminal state, so a record in an unknown state, or even
+    an explicit UNSPECIFIED, is reloaded as the record it was."""
     record = None
-    if stats.state != s.STEP_STATE_UNSPECIFIED:
+    if seq > 0 or stats.state != s.STEP_STATE_UNSPECIFIED:
         record = records_pb2.Step(
             job_id=job_id, name=stats.name, index=stats.index, type=stats.type, state=stats.state,
             reason=stats.reason, message=stats.message, attempt=stats.attempt, max_attempts=stats.max_attempts,
@@ -110,9 +132,11 @@ def job_status(
     return status
 
 
-def job_record(status: status_service_pb2.JobStatus) -> records_pb2.Job | None:
-    """The fold's job record for a persisted header (None if no job event arrived yet)."""
-    if status.state == s.JOB_STATE_UNSPECIFIED:
+def job_record(status: status_service_pb2.JobStatus, seq: int) -> records_pb2.Job | None:
+    """The fold's job record for a persisted header and the seq of its last job
+    event (None if no job event arrived yet: seq 0 and state UNSPECIFIED, as
+    in step_entry)."""
+    if seq <= 0 and status.state == s.JOB_STATE_UNSPECIFIED:
         return None
     job = records_pb2.Job(id=status.id, name=status.name, state=status.state, reason=status.reason,
                           message=status.message)
@@ -131,7 +155,7 @@ def job_fold(
     """Rebuild the fold of a persisted job: its header (with the seq of its last
     job event), its steps' stats with their seqs, and (step, index, state, seq)
     of every child."""
-    job = job_record(status)
+    job = job_record(status, seq)
     fold = JobFold(
         job_id=status.id,
         job=job,

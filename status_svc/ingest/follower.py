@@ -1,24 +1,40 @@
 """Follows one orchestrator's event stream for as long as the service runs.
 
 - Resumes StreamStepEvents after the last seq handed to the writer (the
-  committed cursor after a restart), with the log id it belongs to.
+  committed cursor after a restart), with the log id it belongs to. What was
+  handed to the writer is applied in order before anything later, so resuming
+  there neither skips nor repeats (the writer also ignores seqs it has).
+- Checks contiguity: within a stream every event must have the log id the
+  cursor belongs to and seq == previous seq + 1, starting at cursor + 1. At a
+  gap (or a foreign log id) it logs an error naming it, hands the writer only
+  the contiguous events before it, and reconnects from its cursor: nothing
+  after a gap is ever applied.
 - Reconnects by itself after any error, with capped, jittered exponential
   backoff; a stream silent for `stale_after` (no events, no heartbeat) is
   treated as broken.
 - On OUT_OF_RANGE (cursor too old, or from another log) it resyncs from
   StreamSnapshot and carries on after the snapshot's seq; it never skips.
 - When the orchestrator cannot be followed for `stale_after`, it reports the
-  source stale (since the last message heard); the first message after that
-  reports it fresh again. It never invents a job or step state.
+  source stale (since the last message heard); the first message handled
+  after that reports it fresh again. It never invents a job or step state.
+- An unexpected exception while following (a bug, not a gRPC error) is logged
+  with its traceback and treated like a broken stream: the follower restarts
+  from its cursor after a backoff that is not reset by that attempt, and the
+  source turns stale (detail: the error) if it persists: an attempt that
+  breaks (a gap, a bug) does not count as hearing from it. Chosen over stopping
+  the service so one orchestrator's poison cannot stop the following of the
+  others nor the serving of reads; it is never left unfollowed silently.
+- run() itself ends only if the staleness watchdog fails; the service treats
+  that (any follower task ending) as fatal and exits (see status_svc.app).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import grpc
 from stepstream.v1 import orchestrator_service_pb2 as orch_pb
@@ -37,6 +53,24 @@ _SNAPSHOT_ORDER = {"child": 0, "step": 1, "job": 2, None: 3}
 
 class _Silent(Exception):
     pass
+
+
+class _Broken(Exception):
+    """The stream broke the protocol (a gap, a foreign log id): reconnect from the cursor."""
+
+
+def _short(text: str, limit: int = 64) -> str:
+    """A peer's string as quoted in a log line or a stale detail: bounded, whatever it sent."""
+    return repr(text if len(text) <= limit else text[:limit] + "…")
+
+
+def _contiguous(events: Sequence[records_pb2.StepEvent], cursor: int) -> int:
+    """How many of `events`, from the first, continue `cursor` one seq at a time."""
+    expected = cursor + 1
+    for count, event in enumerate(events):
+        if event.seq != expected + count:
+            return count
+    return len(events)
 
 
 class OrchestratorFollower:
@@ -58,71 +92,118 @@ class OrchestratorFollower:
         # Where to resume: everything up to here has been handed to the writer.
         self._cursor = known.cursor
         self._log_id = known.log_id
+        self._must_resync = False
         self._stale_reported = known.stale_since is not None
         self._last_heard = known.stale_since if known.stale_since is not None else clock()
+        # When the last message was received that was also handled without error.
+        self._last_handled = self._last_heard
         self._last_error = known.detail
         self.resyncs = 0
         self.reconnects = 0
+        self.gaps = 0
+        self.crashes = 0
 
     async def run(self) -> None:
-        watchdog = asyncio.create_task(self._watch_staleness(), name=f"staleness-{self.address}")
+        """Follow until cancelled; raises only if the staleness watchdog fails."""
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self._watch_staleness(), name=f"staleness-{self.address}")
+            group.create_task(self._follow_forever(), name=f"stream-{self.address}")
+
+    async def _follow_forever(self) -> None:
         failures = 0
+        async with grpc.aio.insecure_channel(self.address, options=channel_options()) as channel:
+            stub = orch_grpc.OrchestratorServiceStub(channel)
+            while True:
+                heard_before = self._last_heard
+                worked = True
+                try:
+                    if self._must_resync:
+                        await self._resync(stub)
+                        self._must_resync = False
+                        failures = 0
+                        continue
+                    await self._follow(stub)
+                    self._last_error = "the orchestrator ended the stream"
+                except grpc.aio.AioRpcError as error:
+                    if error.code() == grpc.StatusCode.OUT_OF_RANGE:
+                        log.warning("%s: %s; resyncing from a snapshot", self.address, error.details())
+                        self._must_resync = True
+                        continue
+                    self._last_error = f"{error.code().name}: {error.details()}"
+                except _Silent:
+                    self._last_error = f"no message for {self._stale_after:g}s"
+                except _Broken as error:
+                    self.gaps += 1
+                    worked = False
+                    self._last_heard = self._last_handled
+                    self._last_error = str(error)
+                    log.error("%s: %s; reconnecting from seq %d", self.address, error, self._cursor)
+                except Exception as error:
+                    self.crashes += 1
+                    worked = False
+                    self._last_heard = self._last_handled
+                    self._last_error = f"internal error: {type(error).__name__}: {error}"
+                    log.exception("%s: internal error while following; restarting from seq %d",
+                                  self.address, self._cursor)
+                if worked and self._last_heard != heard_before:
+                    failures = 0  # it was a working stream: a new run of failures
+                delay = self._backoff.delay(failures)
+                failures += 1
+                self.reconnects += 1
+                log.info("%s: %s; reconnecting in %.2fs", self.address, self._last_error, delay)
+                await asyncio.sleep(delay)
+
+    async def _read(self, call: Any) -> Any:
+        """The next message of `call` (EOF at its end); _Silent after stale_after without one."""
         try:
-            async with grpc.aio.insecure_channel(self.address, options=channel_options()) as channel:
-                stub = orch_grpc.OrchestratorServiceStub(channel)
-                while True:
-                    heard_before = self._last_heard
-                    try:
-                        await self._follow(stub)
-                        self._last_error = "the orchestrator ended the stream"
-                    except grpc.aio.AioRpcError as error:
-                        if error.code() == grpc.StatusCode.OUT_OF_RANGE:
-                            log.warning("%s: %s; resyncing from a snapshot", self.address, error.details())
-                            await self._resync(stub)
-                            failures = 0
-                            continue
-                        self._last_error = f"{error.code().name}: {error.details()}"
-                    except _Silent:
-                        self._last_error = f"no message for {self._stale_after:g}s"
-                    if self._last_heard != heard_before:
-                        failures = 0  # it was a working stream: a new run of failures
-                    delay = self._backoff.delay(failures)
-                    failures += 1
-                    self.reconnects += 1
-                    log.info("%s: %s; reconnecting in %.2fs", self.address, self._last_error, delay)
-                    await asyncio.sleep(delay)
-        finally:
-            watchdog.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watchdog
+            async with asyncio.timeout(self._stale_after):
+                return await call.read()
+        except TimeoutError:
+            raise _Silent from None
 
     async def _follow(self, stub: orch_grpc.OrchestratorServiceAsyncStub) -> None:
         call = stub.StreamStepEvents(orch_pb.StreamStepEventsRequest(after_seq=self._cursor, log_id=self._log_id))
         try:
             while True:
-                try:
-                    async with asyncio.timeout(self._stale_after):
-                        message = await call.read()
-                except TimeoutError:
-                    raise _Silent from None
+                message = await self._read(call)
                 if message is grpc.aio.EOF:
                     return
                 assert isinstance(message, orch_pb.StreamStepEventsResponse)
-                await self._heard()
+                self._heard()
                 if message.HasField("batch") and message.batch.events:
-                    events = list(message.batch.events)
-                    await self._writer.submit(Events(self.address, message.log_id, events))
-                    self._cursor, self._log_id = events[-1].seq, message.log_id
+                    await self._take(message.log_id, list(message.batch.events))
+                else:
+                    await self._handled()
         finally:
             call.cancel()
+
+    async def _take(self, log_id: str, events: list[records_pb2.StepEvent]) -> None:
+        """Hand the writer the events that continue the cursor; _Broken at the first that does not.
+
+        A whole batch is handled (the source fresh again) before its events are
+        submitted, so what it changes is shown fresh.
+        """
+        if self._log_id and log_id != self._log_id:
+            raise _Broken(f"events of log {_short(log_id)} on a stream of log {_short(self._log_id)}")
+        good = _contiguous(events, self._cursor)
+        if good == len(events):
+            await self._handled()
+        if good:
+            await self._writer.submit(Events(self.address, log_id, events[:good]))
+            self._cursor, self._log_id = events[good - 1].seq, log_id
+        if good < len(events):
+            raise _Broken(f"gap in the event stream of log {_short(log_id)}: expected seq {self._cursor + 1}, "
+                          f"got {events[good].seq}")
 
     async def _resync(self, stub: orch_grpc.OrchestratorServiceAsyncStub) -> None:
         call = stub.StreamSnapshot(orch_pb.StreamSnapshotRequest())
         records: list[records_pb2.StepEvent] = []
         seq, log_id = 0, ""
         try:
-            async for message in call:
-                await self._heard()
+            while (message := await self._read(call)) is not grpc.aio.EOF:
+                assert isinstance(message, orch_pb.StreamSnapshotResponse)
+                self._heard()
+                await self._handled()
                 seq, log_id = message.seq, message.log_id
                 records.extend(message.records)
         finally:
@@ -138,8 +219,14 @@ class OrchestratorFollower:
         self._cursor, self._log_id = seq, log_id
         self.resyncs += 1
 
-    async def _heard(self) -> None:
+    def _heard(self) -> None:
+        """A message arrived (while it is handled, however long the writer makes that take)."""
         self._last_heard = self._clock()
+
+    async def _handled(self) -> None:
+        """The messages heard so far are good: only now is the source fresh again, so a
+        stream that breaks on every attempt (a gap, a bug) keeps it stale."""
+        self._last_handled = self._last_heard
         if self._stale_reported:
             self._stale_reported = False
             await self._writer.submit(SourceHealth(self.address, None))

@@ -14,6 +14,18 @@ revision (its change-log row says how many: `child_events`); a job's pending
 child revisions are assigned before its next job or step transition, so
 within a job the change log keeps the order of the events. Each child row
 carries the revision that last changed it.
+
+Sources. A service may follow several orchestrators; each keeps its own jobs.
+Job ids stay the key of the API (an orchestrator draws them at random), and the
+first source whose `job` record creates a job owns it: an event from any other
+source for that job is rejected, whatever it says. So is an event for a job
+this service does not know unless the same item brings that job's creation (a
+`job` record): the orchestrator sends a job's record before its steps, and a
+snapshot item holds its job records (after their steps and children). Rejected
+events are not applied but are passed over like applied ones (the cursor still
+moves past them: a hostile or confused source cannot stall its own ingest),
+and each (source, job, owner) is logged once per transaction, as a warning
+naming the sources.
 """
 
 from __future__ import annotations
@@ -30,6 +42,7 @@ from stepstream.v1 import records_pb2
 
 from status_svc.domain.fold import Change, JobFold
 from status_svc.domain.views import freshness, job_status, step_stats
+from status_svc.ingest.progress import AppliedPositions
 from status_svc.storage.base import SourceRow, StatusStore, StoredChange, WriteBatch
 from status_svc.storage.sqlite import child_row, job_row, step_row
 from stepstream_common import wire
@@ -114,6 +127,8 @@ class _Pending:
     revision: int = 0
     # Jobs this transaction changes.
     touched: set[str] = field(default_factory=set)
+    # (source, job id, owner: "" if none) -> events rejected, logged after the fold.
+    rejected: dict[tuple[str, str, str], int] = field(default_factory=dict)
 
 
 class IngestWriter:
@@ -128,6 +143,7 @@ class IngestWriter:
         prune_every: float = 60.0,
         queue_size: int = 64,
         clock: Callable[[], float] = time.time,
+        followed: Sequence[str] = (),
     ) -> None:
         self._store = store
         self._feed = feed
@@ -140,6 +156,9 @@ class IngestWriter:
         self._stopping = False
         self._jobs: dict[str, _Job] = {}
         self.events_applied = 0
+        self.events_rejected = 0
+        # What each log has committed up to: reads that must not be older wait on it.
+        self.applied = AppliedPositions(sources.values(), followed)
         feed.latest = latest_revision
 
     @property
@@ -207,6 +226,14 @@ class IngestWriter:
                 self._apply_health(item, pending)
         for job_id in list(pending.groups):
             self._flush_children(self._jobs[job_id], pending)
+        for (address, job_id, owner), count in pending.rejected.items():
+            self.events_rejected += count
+            if owner:
+                log.warning("rejected %d event(s) from %s for job %s: the job belongs to %s",
+                            count, address, job_id, owner)
+            else:
+                log.warning("rejected %d event(s) from %s for job %s: its source never created it "
+                            "(no job record for it)", count, address, job_id)
         pending.batch.jobs.extend(pending.jobs.values())
         pending.batch.steps.extend(pending.steps.values())
         pending.batch.children.extend(pending.children.values())
@@ -220,6 +247,7 @@ class IngestWriter:
     async def _commit(self, pending: _Pending) -> None:
         await self._store.commit(pending.batch)
         self._feed.publish(pending.changes, pending.revision)
+        self.applied.advance(SourceRow(*row) for row in pending.batch.sources)
         # A finished job receives no more events; once all its changes are
         # committed it leaves memory (a stray event reads it back).
         for job_id in pending.touched:
@@ -269,15 +297,26 @@ class IngestWriter:
             return
         cursor = source.cursor
         from_stream = item.from_stream
+        address = item.source
         jobs = self._jobs
         applied = 0
+        # Jobs this item creates, found only when it mentions a job not yet known (rare).
+        created: set[str] | None = None
         for event, (kind, record, job_id) in zip(item.events, records, strict=True):
             seq = event.seq
             if from_stream and seq <= cursor:
                 continue
             job = jobs.get(job_id)
             if job is None:
-                job = jobs[job_id] = _Job(JobFold(job_id), item.source)
+                if created is None:
+                    created = _created(item, records, cursor)
+                if job_id not in created:
+                    _reject(pending, address, job_id, "")
+                    continue
+                job = jobs[job_id] = _Job(JobFold(job_id), address)
+            elif job.source != address:
+                _reject(pending, address, job_id, job.source)
+                continue
             applied += 1
             if kind is not CHILD:
                 change = job.fold.apply_step(record, seq) if kind is STEP else job.fold.apply_job(record, seq)
@@ -366,6 +405,20 @@ class IngestWriter:
     def _log_change(pending: _Pending, change: StoredChange) -> None:
         pending.batch.changes.append(tuple(change))
         pending.changes.append(change)
+
+
+def _created(item: Events, records: list[_Record], cursor: int) -> set[str]:
+    """The jobs whose `job` record `item` brings (and would apply): the jobs it may create."""
+    return {
+        job_id for event, (kind, _, job_id) in zip(item.events, records, strict=True)
+        if kind is JOB and job_id and not (item.from_stream and event.seq <= cursor)
+    }
+
+
+def _reject(pending: _Pending, address: str, job_id: str, owner: str) -> None:
+    """Count an event of `address` for a job it does not own (owner "": nobody)."""
+    key = (address, job_id, owner)
+    pending.rejected[key] = pending.rejected.get(key, 0) + 1
 
 
 def _name(fold: JobFold) -> str:

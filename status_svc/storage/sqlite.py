@@ -41,7 +41,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     cancel_requested_at REAL, steps_total INTEGER NOT NULL, steps_pending INTEGER NOT NULL,
     steps_running INTEGER NOT NULL, steps_waiting INTEGER NOT NULL, steps_completed INTEGER NOT NULL,
     steps_failed INTEGER NOT NULL, steps_cancelled INTEGER NOT NULL, steps_skipped INTEGER NOT NULL,
-    seq INTEGER NOT NULL, revision INTEGER NOT NULL, lost_since REAL, lost_detail TEXT NOT NULL DEFAULT ''
+    seq INTEGER NOT NULL, revision INTEGER NOT NULL, lost_since REAL, lost_detail TEXT NOT NULL DEFAULT '',
+    steps_unknown INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS jobs_newest_first ON jobs (created_at DESC, job_id DESC);
 CREATE INDEX IF NOT EXISTS jobs_by_source_state ON jobs (source, state);
@@ -51,7 +52,7 @@ CREATE TABLE IF NOT EXISTS step_stats (
     max_attempts INTEGER NOT NULL, started_at REAL, finished_at REAL, duration REAL,
     children_total INTEGER NOT NULL, children_pending INTEGER NOT NULL, children_running INTEGER NOT NULL,
     children_completed INTEGER NOT NULL, children_failed INTEGER NOT NULL, children_cancelled INTEGER NOT NULL,
-    seq INTEGER NOT NULL, revision INTEGER NOT NULL,
+    seq INTEGER NOT NULL, revision INTEGER NOT NULL, children_unknown INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (job_id, name)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS children (
@@ -68,15 +69,28 @@ CREATE TABLE IF NOT EXISTS changes (
 CREATE INDEX IF NOT EXISTS changes_by_job ON changes (job_id, revision);
 """
 
+# Columns added after the first release, each (table, column, definition). A
+# database file made before them lacks them and CREATE TABLE IF NOT EXISTS does
+# not add them, so open() adds each one that is missing (ALTER TABLE ADD COLUMN
+# appends it with its default, where SCHEMA puts it for a new file): an existing
+# data directory keeps working. steps_unknown and children_unknown count steps
+# and children in a state this service does not know (StepCounts.unknown,
+# ChildCounts.unknown).
+ADDED_COLUMNS = (
+    ("jobs", "steps_unknown", "INTEGER NOT NULL DEFAULT 0"),
+    ("step_stats", "children_unknown", "INTEGER NOT NULL DEFAULT 0"),
+)
+
 JOB_COLUMNS = (
     "job_id", "source", "name", "state", "reason", "message", "created_at", "started_at", "finished_at",
     "cancel_requested_at", "steps_total", "steps_pending", "steps_running", "steps_waiting", "steps_completed",
-    "steps_failed", "steps_cancelled", "steps_skipped", "seq", "revision", "lost_since", "lost_detail",
+    "steps_failed", "steps_cancelled", "steps_skipped", "steps_unknown", "seq", "revision", "lost_since",
+    "lost_detail",
 )
 STEP_COLUMNS = (
     "job_id", "name", "idx", "type", "state", "reason", "message", "attempt", "max_attempts", "started_at",
     "finished_at", "duration", "children_total", "children_pending", "children_running", "children_completed",
-    "children_failed", "children_cancelled", "seq", "revision",
+    "children_failed", "children_cancelled", "children_unknown", "seq", "revision",
 )
 CHILD_COLUMNS = (
     "job_id", "step", "idx", "item", "state", "reason", "message", "attempt", "started_at", "finished_at",
@@ -107,7 +121,7 @@ def job_row(
         status.id, source, status.name, status.state, status.reason, status.message,
         seconds(status.created_at), seconds(status.started_at), seconds(status.finished_at),
         seconds(status.cancel_requested_at), c.total, c.pending, c.running, c.waiting, c.completed, c.failed,
-        c.cancelled, c.skipped, seq, status.revision, lost[0], lost[1],
+        c.cancelled, c.skipped, c.unknown, seq, status.revision, lost[0], lost[1],
     )
 
 
@@ -135,7 +149,7 @@ def step_row(job_id: str, stats: status_service_pb2.StepStats, seq: int) -> tupl
     return (
         job_id, stats.name, stats.index, stats.type, stats.state, stats.reason, stats.message, stats.attempt,
         stats.max_attempts, seconds(stats.started_at), seconds(stats.finished_at), duration, c.total, c.pending,
-        c.running, c.completed, c.failed, c.cancelled, seq, stats.revision,
+        c.running, c.completed, c.failed, c.cancelled, c.unknown, seq, stats.revision,
     )
 
 
@@ -219,10 +233,12 @@ class SqliteStatusStore(SqliteFile):
         self._tokens = PageTokens("")
 
     async def open(self) -> tuple[int, dict[str, SourceRow]]:
-        """Create the schema if needed; returns the latest revision and the sources."""
+        """Create the schema if needed (and add the columns an older file lacks);
+        returns the latest revision and the sources."""
         await self._connect(SCHEMA)
 
         async def unit(db: aiosqlite.Connection) -> tuple[int, dict[str, SourceRow], str]:
+            await _add_missing_columns(db)
             await db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('page_secret', ?)", (new_secret(),))
             secret = next(iter(await db.execute_fetchall("SELECT value FROM meta WHERE key = 'page_secret'")))[0]
             rows = await db.execute_fetchall(f"SELECT {', '.join(SOURCE_COLUMNS)} FROM sources")
@@ -430,6 +446,14 @@ class SqliteStatusStore(SqliteFile):
             )
 
         await self.write(unit)
+
+
+async def _add_missing_columns(db: aiosqlite.Connection) -> None:
+    """The in-place migration: ADDED_COLUMNS that the file lacks (see there)."""
+    for table, column, definition in ADDED_COLUMNS:
+        present = {row[1] for row in await db.execute_fetchall(f"PRAGMA table_info({table})")}
+        if column not in present:
+            await db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
 
 
 async def _check_retained(db: aiosqlite.Connection, after: int) -> int:
