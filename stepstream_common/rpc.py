@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import importlib.resources
 import inspect
 import logging
@@ -125,40 +124,6 @@ def _pack(message: Any) -> any_pb2.Any:
 async def abort(context: grpc.aio.ServicerContext[Any, Any], error: ServiceError) -> NoReturn:
     await context.abort_with_status(to_status(error))
     raise AssertionError("abort_with_status returned")  # pragma: no cover
-
-
-Handler = TypeVar("Handler", bound=Callable[..., Any])
-
-
-def maps_errors(handler: Handler) -> Handler:
-    """Turn ServiceErrors raised by a servicer method into their gRPC status.
-
-    Keeps the handler's kind (coroutine or async generator): grpc.aio decides how
-    to drive a handler by inspecting it.
-    """
-    if inspect.isasyncgenfunction(handler):
-
-        @functools.wraps(handler)
-        async def stream(self: Any, request: Any, context: Any) -> AsyncIterator[Any]:
-            # aclosing: a stream abandoned at a yield (its client went away) runs the
-            # handler's finally blocks now, not whenever the generator is collected.
-            try:
-                async with contextlib.aclosing(handler(self, request, context)) as items:
-                    async for item in items:
-                        yield item
-            except ServiceError as error:
-                await abort(context, error)
-
-        return stream  # type: ignore[return-value]
-
-    @functools.wraps(handler)
-    async def unary(self: Any, request: Any, context: Any) -> Any:
-        try:
-            return await handler(self, request, context)
-        except ServiceError as error:
-            await abort(context, error)
-
-    return unary  # type: ignore[return-value]
 
 
 def require(violations: list[tuple[str, str]]) -> None:

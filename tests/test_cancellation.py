@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import grpc
 import pytest
 from stepstream.v1 import orchestrator_service_pb2 as orch_pb
 from stepstream.v1 import orchestrator_service_pb2_grpc as orch_grpc
@@ -36,6 +35,7 @@ from orchestrator_svc.storage.sqlite import SqliteEventStore
 from status_svc.api.servicer import StatusServicer
 from status_svc.app import StatusService
 from status_svc.storage.base import ChangeFilter, WriteBatch
+from stepstream_common.errors import ServiceError
 from stepstream_common.sqlite import SqliteFile
 from tests.helpers import DEADLINE, job_definition, status_job_finished, wait_job_state, wait_status_job
 
@@ -72,20 +72,12 @@ async def cancel_at(work: Coroutine[Any, Any, Any], n: int) -> Outcome:
             await asyncio.sleep(0)
 
 
-class _Aborted(Exception):
-    def __init__(self, status: grpc.Status) -> None:
-        super().__init__(status.code)
-        self.code = status.code
-
-
 class _Context:
-    """The part of grpc.aio.ServicerContext the servicers use."""
+    """The part of grpc.aio.ServicerContext the servicers use (errors are raised, not aborted:
+    turning them into statuses is rpc._boundary's job, outside the servicer)."""
 
-    async def abort_with_status(self, status: grpc.Status) -> None:
-        raise _Aborted(status)
-
-    def invocation_metadata(self) -> tuple[()]:
-        return ()
+    def time_remaining(self) -> None:
+        return None
 
 
 async def _settled(*files: SqliteFile) -> None:
@@ -105,14 +97,14 @@ async def every_await(
 ) -> int:
     """Cancel `work` at each of its awaits in turn; returns how many there were.
 
-    An aborted call's answer is its status code (a refused cancel is an answer too).
+    A refused call's answer is its error (a refused cancel is an answer too).
     """
 
     async def answer() -> Any:
         try:
             return await work()
-        except _Aborted as aborted:
-            return aborted.code
+        except ServiceError as refused:
+            return type(refused), str(refused)
 
     expected = await answer()
     await _settled(*files)

@@ -12,6 +12,7 @@ OrchestratorService that sends a stream with gaps.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import socket
@@ -312,12 +313,11 @@ class GappyOrchestrator:
             ORCHESTRATOR_SERVICE, {"StreamStepEvents": handler}),))
 
 
-async def test_follower_applies_nothing_after_a_gap_and_resumes_from_its_cursor(tmp_path: Path) -> None:
-    """A gap inside a batch (1, 2, 4) and one between batches (3 | 5): each time the status
-    service logs an error naming the gap, applies only the contiguous events before it, and
-    asks again after its cursor (0, then 2, then 3); so the change log holds every transition,
-    in seq order, once. Without the check it would apply 4 before 3 and ask after 4."""
-    peer = GappyOrchestrator([[[1, 2, 4]], [[3], [5]], [[4, 5, 6]]])
+@contextlib.asynccontextmanager
+async def following(
+    peer: GappyOrchestrator, tmp_path: Path
+) -> AsyncIterator[tuple[LoggedService, status_grpc.StatusServiceAsyncStub]]:
+    """`peer` served on a loopback port, and a status service (a subprocess) following it."""
     server = grpc.aio.server()
     peer.add_to(server)
     port = server.add_insecure_port("127.0.0.1:0")
@@ -326,19 +326,28 @@ async def test_follower_applies_nothing_after_a_gap_and_resumes_from_its_cursor(
     try:
         await asyncio.to_thread(status.start)
         async with channel(status.address) as ch:
-            stub = status_grpc.StatusServiceStub(ch)
-
-            async def finished() -> status_pb.GetJobResponse | None:
-                try:
-                    response = await stub.GetJob(status_pb.GetJobRequest(job_id=JOB_ID))
-                except grpc.aio.AioRpcError:
-                    return None
-                return response if response.job.state == s.JOB_STATE_COMPLETED else None
-
-            done = await eventually(finished, "the job to be completed in the status service")
+            yield status, status_grpc.StatusServiceStub(ch)
     finally:
         status.stop()
         await server.stop(None)
+
+
+async def test_follower_applies_nothing_after_a_gap_and_resumes_from_its_cursor(tmp_path: Path) -> None:
+    """A gap inside a batch (1, 2, 4) and one between batches (3 | 5): each time the status
+    service logs an error naming the gap, applies only the contiguous events before it, and
+    asks again after its cursor (0, then 2, then 3); so the change log holds every transition,
+    in seq order, once. Without the check it would apply 4 before 3 and ask after 4."""
+    peer = GappyOrchestrator([[[1, 2, 4]], [[3], [5]], [[4, 5, 6]]])
+    async with following(peer, tmp_path) as (status, stub):
+
+        async def finished() -> status_pb.GetJobResponse | None:
+            try:
+                response = await stub.GetJob(status_pb.GetJobRequest(job_id=JOB_ID))
+            except grpc.aio.AioRpcError:
+                return None
+            return response if response.job.state == s.JOB_STATE_COMPLETED else None
+
+        done = await eventually(finished, "the job to be completed in the status service")
     assert peer.requests == [(0, ""), (2, LOG_ID), (3, LOG_ID)]
     assert [step.state for step in done.steps] == [s.STEP_STATE_COMPLETED]
     updates = stored_updates(tmp_path / "status" / STATUS_DB, JOB_ID)
@@ -358,33 +367,22 @@ async def test_a_stream_that_breaks_on_every_attempt_keeps_its_jobs_stale(tmp_pa
     again and again, and as no attempt is handled whole, the job stays stale, saying why,
     instead of flipping back to fresh each time a message arrives."""
     peer = GappyOrchestrator([[[1, 2], [4]], [[4]]])
-    server = grpc.aio.server()
-    peer.add_to(server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    status = status_service(tmp_path, f"127.0.0.1:{port}")
-    try:
-        await asyncio.to_thread(status.start)
-        async with channel(status.address) as ch:
-            stub = status_grpc.StatusServiceStub(ch)
+    async with following(peer, tmp_path) as (_, stub):
 
-            async def stale() -> status_pb.Freshness | None:
-                try:
-                    response = await stub.GetJob(status_pb.GetJobRequest(job_id=JOB_ID))
-                except grpc.aio.AioRpcError:
-                    return None
-                return response.job.freshness if response.job.freshness.stale else None
+        async def stale() -> status_pb.Freshness | None:
+            try:
+                response = await stub.GetJob(status_pb.GetJobRequest(job_id=JOB_ID))
+            except grpc.aio.AioRpcError:
+                return None
+            return response.job.freshness if response.job.freshness.stale else None
 
-            freshness = await eventually(stale, "the job to turn stale")
-            attempts = len(peer.requests)
-            end = time.monotonic() + EXIT_BOUND
-            while len(peer.requests) < attempts + 2:  # two more attempts (its backoff grows)
-                assert time.monotonic() < end, "it stopped reconnecting"
-                assert await stale() is not None, "the job turned fresh again"
-                await asyncio.sleep(0.02)
-    finally:
-        status.stop()
-        await server.stop(None)
+        freshness = await eventually(stale, "the job to turn stale")
+        attempts = len(peer.requests)
+        end = time.monotonic() + EXIT_BOUND
+        while len(peer.requests) < attempts + 2:  # two more attempts (its backoff grows)
+            assert time.monotonic() < end, "it stopped reconnecting"
+            assert await stale() is not None, "the job turned fresh again"
+            await asyncio.sleep(0.02)
     assert "gap in the event stream" in freshness.detail and "expected seq 3, got 4" in freshness.detail
     assert all(after == 2 for after, _ in peer.requests[1:]), "always from its cursor"
 

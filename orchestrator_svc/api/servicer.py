@@ -16,7 +16,7 @@ from stepstream_common import wire
 from stepstream_common.errors import CursorOutOfRange, quoted
 from stepstream_common.feed import Feed, follow
 from stepstream_common.paging import page_size
-from stepstream_common.rpc import maps_errors, require
+from stepstream_common.rpc import require
 from stepstream_common.timeutil import duration, timestamp
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -45,18 +45,15 @@ class OrchestratorServicer:
         self._log_id_field = wire.length_delimited(1, log_id.encode())
         self._heartbeat_interval = heartbeat_interval
 
-    @maps_errors
     async def SubmitJob(self, request: pb.SubmitJobRequest, context: Context) -> pb.SubmitJobResponse:
         require([("request_id", "must be at most 200 characters")] if len(request.request_id) > 200 else [])
         job, seq = await self._engine.submit(request.definition, request.request_id)
         return pb.SubmitJobResponse(job=job, seq=seq, log_id=self._log_id)
 
-    @maps_errors
     async def CancelJob(self, request: pb.CancelJobRequest, context: Context) -> pb.CancelJobResponse:
         _check_job_id(request.job_id)
         return pb.CancelJobResponse(job=await self._engine.cancel(request.job_id))
 
-    @maps_errors
     async def GetJob(
         self, request: pb.OrchestratorServiceGetJobRequest, context: Context
     ) -> pb.OrchestratorServiceGetJobResponse:
@@ -69,7 +66,6 @@ class OrchestratorServicer:
             seq=view.seq,
         )
 
-    @maps_errors
     async def ListJobs(
         self, request: pb.OrchestratorServiceListJobsRequest, context: Context
     ) -> pb.OrchestratorServiceListJobsResponse:
@@ -83,7 +79,6 @@ class OrchestratorServicer:
         )
         return pb.OrchestratorServiceListJobsResponse(jobs=jobs, next_page_token=token)
 
-    @maps_errors
     async def StreamStepEvents(
         self, request: pb.StreamStepEventsRequest, context: Context
     ) -> AsyncIterator[bytes | pb.StreamStepEventsResponse]:
@@ -110,7 +105,6 @@ class OrchestratorServicer:
         finally:
             self._feed.unsubscribe(subscription)
 
-    @maps_errors
     async def StreamSnapshot(
         self, request: pb.StreamSnapshotRequest, context: Context
     ) -> AsyncIterator[bytes]:

@@ -17,7 +17,7 @@ from stepstream_common import wire
 from stepstream_common.errors import NotFound, quoted
 from stepstream_common.feed import Feed, Page, ReadPage, Subscription, follow
 from stepstream_common.paging import page_size
-from stepstream_common.rpc import maps_errors, require
+from stepstream_common.rpc import require
 from stepstream_common.states import CHILD_STATES, TERMINAL_JOB_STATES
 from stepstream_common.timeutil import duration, timestamp
 
@@ -103,7 +103,6 @@ class StatusServicer:
         timeout = self._max_wait_applied if remaining is None else min(remaining, self._max_wait_applied)
         await self._applied.wait(position.log_id, position.seq, timeout)
 
-    @maps_errors
     async def GetJob(self, request: pb.GetJobRequest, context: Context) -> pb.GetJobResponse:
         require([("job_id", "is required")] if not request.job_id else [])
         await self._not_older_than(request, context)
@@ -112,7 +111,6 @@ class StatusServicer:
             raise NotFound(f"no job {quoted(request.job_id)}")
         return pb.GetJobResponse(job=self._fresh(snapshot.job), steps=snapshot.steps, revision=snapshot.revision)
 
-    @maps_errors
     async def ListJobs(self, request: pb.ListJobsRequest, context: Context) -> pb.ListJobsResponse:
         require(_check_states("filter.states", request.filter.states, _JOB_STATES))
         await self._not_older_than(request, context)
@@ -121,7 +119,6 @@ class StatusServicer:
         )
         return pb.ListJobsResponse(jobs=[self._fresh(job) for job in jobs], next_page_token=token, revision=revision)
 
-    @maps_errors
     async def ListChildren(self, request: pb.ListChildrenRequest, context: Context) -> pb.ListChildrenResponse:
         require(
             [("job_id", "is required")] * (not request.job_id)
@@ -138,7 +135,6 @@ class StatusServicer:
         children, token, revision = found
         return pb.ListChildrenResponse(children=children, next_page_token=token, revision=revision)
 
-    @maps_errors
     async def WatchJob(self, request: pb.WatchJobRequest, context: Context) -> AsyncIterator[bytes | Response]:
         require(
             [("job_id", "is required")] * (not request.job_id)
@@ -177,7 +173,6 @@ class StatusServicer:
         finally:
             self._feed.unsubscribe(subscription)
 
-    @maps_errors
     async def WatchJobs(self, request: pb.WatchJobsRequest, context: Context) -> AsyncIterator[bytes | Response]:
         require(
             _check_states("filter.states", request.filter.states, _JOB_STATES)
