@@ -15,8 +15,8 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
-from stepstream.v1 import orchestrator_service_pb2 as pb
-from stepstream.v1 import records_pb2
+from stepstream.common.v1 import records_pb2
+from stepstream.orchestrator.v1 import orchestrator_service_pb2 as pb
 
 from orchestrator_svc.app import DATABASE_FILE
 
@@ -34,7 +34,8 @@ def stream_handler(events: list[records_pb2.StepEvent], batch: int) -> grpc.Gene
         request_deserializer=pb.StreamStepEventsRequest.FromString,
         response_serializer=pb.StreamStepEventsResponse.SerializeToString,
     )
-    return grpc.method_handlers_generic_handler("stepstream.v1.OrchestratorService", {"StreamStepEvents": method})
+    service = pb.DESCRIPTOR.services_by_name["OrchestratorService"].full_name
+    return grpc.method_handlers_generic_handler(service, {"StreamStepEvents": method})
 
 
 async def serve(data_dir: str, batch: int) -> None:

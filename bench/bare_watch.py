@@ -23,8 +23,8 @@ from typing import Any
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
-from stepstream.v1 import states_pb2 as s
-from stepstream.v1 import status_service_pb2 as pb
+from stepstream.common.v1 import states_pb2 as s
+from stepstream.status.v1 import status_service_pb2 as pb
 
 
 def stamp(moment: float) -> Timestamp:
@@ -87,7 +87,7 @@ async def serve(jobs: int, interval: float) -> None:
     )
     server = grpc.aio.server()
     server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler("stepstream.v1.StatusService", {"WatchJob": method}),)
+        (grpc.method_handlers_generic_handler("stepstream.status.v1.StatusService", {"WatchJob": method}),)
     )
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()

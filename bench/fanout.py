@@ -42,11 +42,12 @@ import time
 from pathlib import Path
 
 import grpc
-from stepstream.v1 import orchestrator_service_pb2 as orch_pb
-from stepstream.v1 import orchestrator_service_pb2_grpc as orch_grpc
-from stepstream.v1 import states_pb2 as s
-from stepstream.v1 import status_service_pb2 as status_pb
-from stepstream.v1 import status_service_pb2_grpc as status_grpc
+from stepstream.common.v1 import states_pb2 as s
+from stepstream.orchestrator.v1 import orchestrator_service_pb2 as orch_pb
+from stepstream.orchestrator.v1 import orchestrator_service_pb2_grpc as orch_grpc
+from stepstream.status.v1 import status_service_pb2 as status_pb
+from stepstream.status.v1 import status_service_pb2_grpc as status_grpc
+from stepstream_client.definitions import definition_from_mapping
 
 from bench import tasks
 from bench.common import (
@@ -62,7 +63,6 @@ from bench.common import (
     verdict,
 )
 from bench.report import Report, fmt_rate, percentile, rate
-from stepstream_client.definitions import definition_from_mapping
 from stepstream_common.timeutil import seconds as timestamp_seconds
 
 CONCURRENCY = 100

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import aiosqlite
 import grpc
-from stepstream.v1 import orchestrator_service_pb2 as pb
-from stepstream.v1 import orchestrator_service_pb2_grpc as pb_grpc
-from stepstream.v1 import records_pb2
+from stepstream.common.v1 import records_pb2
+from stepstream.orchestrator.v1 import orchestrator_service_pb2 as pb
+from stepstream.orchestrator.v1 import orchestrator_service_pb2_grpc as pb_grpc
 
 from bench.processes import Service
 from bench.report import Report, fmt_rate, rate

@@ -76,11 +76,12 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from stepstream.v1 import orchestrator_service_pb2 as orch_pb
-from stepstream.v1 import orchestrator_service_pb2_grpc as orch_grpc
-from stepstream.v1 import states_pb2 as s
-from stepstream.v1 import status_service_pb2 as status_pb
-from stepstream.v1 import status_service_pb2_grpc as status_grpc
+from stepstream.common.v1 import states_pb2 as s
+from stepstream.orchestrator.v1 import orchestrator_service_pb2 as orch_pb
+from stepstream.orchestrator.v1 import orchestrator_service_pb2_grpc as orch_grpc
+from stepstream.status.v1 import status_service_pb2 as status_pb
+from stepstream.status.v1 import status_service_pb2_grpc as status_grpc
+from stepstream_client.definitions import definition_from_mapping
 
 from bench.common import (
     WatchClient,
@@ -97,7 +98,6 @@ from bench.common import (
 from bench.ingest import committed_cursor
 from bench.processes import Service
 from bench.report import Report, percentile
-from stepstream_client.definitions import definition_from_mapping
 from stepstream_common.timeutil import seconds
 
 IDLE_STEP = 0.2
@@ -197,7 +197,7 @@ async def scenario(
             async with watch_clients(clients):
                 # Steady state first: the status service has applied everything the orchestrator had
                 # logged a moment ago (the start-up burst of job creations is behind it).
-                latest = (await orch_stub.GetJob(orch_pb.OrchestratorServiceGetJobRequest(job_id=job_ids[0]))).seq
+                latest = (await orch_stub.GetJob(orch_pb.GetJobRequest(job_id=job_ids[0]))).seq
                 async with asyncio.timeout(60):
                     while committed_cursor(status_dir) < latest:
                         await asyncio.sleep(0.01)

@@ -45,9 +45,9 @@ from typing import Any
 
 import grpc
 import psutil
-from stepstream.v1 import states_pb2 as s
-from stepstream.v1 import status_service_pb2 as pb
-from stepstream.v1 import status_service_pb2_grpc as pb_grpc
+from stepstream.common.v1 import states_pb2 as s
+from stepstream.status.v1 import status_service_pb2 as pb
+from stepstream.status.v1 import status_service_pb2_grpc as pb_grpc
 
 from stepstream_common.timeutil import seconds
 

@@ -69,8 +69,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stepstream.v1 import records_pb2
-from stepstream.v1 import states_pb2 as s
+from stepstream.common.v1 import records_pb2
+from stepstream.common.v1 import states_pb2 as s
 
 from bench.common import (
     WatchClient,

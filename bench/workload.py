@@ -12,8 +12,9 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from stepstream.v1 import definition_pb2, records_pb2
-from stepstream.v1 import states_pb2 as s
+from stepstream.common.v1 import records_pb2
+from stepstream.common.v1 import states_pb2 as s
+from stepstream.orchestrator.v1 import definition_pb2
 
 from orchestrator_svc.app import DATABASE_FILE
 from orchestrator_svc.engine.journal import Journal, Retention

@@ -15,7 +15,7 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
-from stepstream.v1 import orchestrator_service_pb2
+from stepstream.orchestrator.v1 import orchestrator_service_pb2
 
 from orchestrator_svc.api.servicer import OrchestratorServicer
 from orchestrator_svc.config import OrchestratorConfig

@@ -5,9 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from stepstream_common.config import env_option, positive_float, positive_int, service_parser
+from stepstream.channel import DEFAULT_ORCHESTRATOR
+from stepstream.flags import env_option, positive_float, positive_int
 
-DEFAULT_LISTEN = "127.0.0.1:50051"
+from stepstream_common.config import service_parser
+
+DEFAULT_LISTEN = DEFAULT_ORCHESTRATOR
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
-from stepstream.v1 import status_service_pb2
+from stepstream.status.v1 import status_service_pb2
 
 from status_svc.api.servicer import StatusServicer
 from status_svc.config import StatusConfig

@@ -5,16 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from stepstream_common.config import (
-    env_option,
-    host_ports,
-    positive_float,
-    positive_int,
-    service_parser,
-)
+from stepstream.channel import DEFAULT_ORCHESTRATOR, DEFAULT_STATUS
+from stepstream.flags import env_option, host_ports, positive_float, positive_int
 
-DEFAULT_LISTEN = "127.0.0.1:50052"
-DEFAULT_ORCHESTRATOR = "127.0.0.1:50051"
+from stepstream_common.config import service_parser
+
+DEFAULT_LISTEN = DEFAULT_STATUS
 
 
 @dataclass(frozen=True)

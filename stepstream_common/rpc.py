@@ -35,7 +35,7 @@ from stepstream_common.errors import (
 
 log = logging.getLogger(__name__)
 
-ERROR_DOMAIN = "stepstream.v1"
+ERROR_DOMAIN = "stepstream"
 
 _CODES: dict[type[ServiceError], tuple[grpc.StatusCode, int]] = {
     InvalidArgument: (grpc.StatusCode.INVALID_ARGUMENT, code_pb2.INVALID_ARGUMENT),
@@ -246,15 +246,6 @@ def server_options() -> list[tuple[str, Any]]:
     ]
 
 
-def channel_options() -> list[tuple[str, Any]]:
-    return [
-        ("grpc.keepalive_time_ms", 30_000),
-        ("grpc.keepalive_timeout_ms", 20_000),
-        ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-    ]
-
-
 # A service that cannot do its job says so, then ends: when one of its essential
 # tasks (a single writer, a follower) ends, health turns NOT_SERVING for every
 # service name and readers are told their data is stale (on_fail hooks), for
@@ -360,7 +351,7 @@ def describe_error(error: BaseException) -> str:
 V1_REFLECTION_SERVICE = "grpc.reflection.v1.ServerReflection"
 # Written by scripts/gen_protos.py beside the generated code: our .proto files as
 # protoc parsed them, with their comments (source info).
-DESCRIPTOR_SET = ("stepstream.v1", "descriptors.binpb")
+DESCRIPTOR_SET = ("stepstream", "descriptors.binpb")
 
 
 def enable_reflection(server: grpc.aio.Server, service_names: Sequence[str]) -> None:

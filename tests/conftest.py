@@ -4,8 +4,8 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-from stepstream.v1 import orchestrator_service_pb2_grpc as orch_grpc
-from stepstream.v1 import status_service_pb2_grpc as status_grpc
+from stepstream.orchestrator.v1 import orchestrator_service_pb2_grpc as orch_grpc
+from stepstream.status.v1 import status_service_pb2_grpc as status_grpc
 
 from orchestrator_svc.app import PROCESSES_DIR, Orchestrator, start
 from orchestrator_svc.config import OrchestratorConfig

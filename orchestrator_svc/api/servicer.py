@@ -7,8 +7,8 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
-from stepstream.v1 import orchestrator_service_pb2 as pb
-from stepstream.v1 import states_pb2
+from stepstream.common.v1 import states_pb2
+from stepstream.orchestrator.v1 import orchestrator_service_pb2 as pb
 
 from orchestrator_svc.engine.engine import Engine
 from orchestrator_svc.storage.base import EventStore, StoredEvent
@@ -55,20 +55,20 @@ class OrchestratorServicer:
         return pb.CancelJobResponse(job=await self._engine.cancel(request.job_id))
 
     async def GetJob(
-        self, request: pb.OrchestratorServiceGetJobRequest, context: Context
-    ) -> pb.OrchestratorServiceGetJobResponse:
+        self, request: pb.GetJobRequest, context: Context
+    ) -> pb.GetJobResponse:
         _check_job_id(request.job_id)
         view = await self._engine.get(request.job_id)
-        return pb.OrchestratorServiceGetJobResponse(
+        return pb.GetJobResponse(
             job=view.job,
-            steps=[pb.StepView(step=step, children=view.child_counts.get(step.name)) for step in view.steps],
+            steps=[pb.StepProgress(step=step, children=view.child_counts.get(step.name)) for step in view.steps],
             definition=view.definition,
             seq=view.seq,
         )
 
     async def ListJobs(
-        self, request: pb.OrchestratorServiceListJobsRequest, context: Context
-    ) -> pb.OrchestratorServiceListJobsResponse:
+        self, request: pb.ListJobsRequest, context: Context
+    ) -> pb.ListJobsResponse:
         known = set(states_pb2.JobState.values()) - {states_pb2.JOB_STATE_UNSPECIFIED}
         require([
             (f"states[{i}]", f"unknown job state {state}") for i, state in enumerate(request.states)
@@ -77,7 +77,7 @@ class OrchestratorServicer:
         jobs, token = await self._engine.list(
             list(request.states), request.name, page_size(request.page_size), request.page_token
         )
-        return pb.OrchestratorServiceListJobsResponse(jobs=jobs, next_page_token=token)
+        return pb.ListJobsResponse(jobs=jobs, next_page_token=token)
 
     async def StreamStepEvents(
         self, request: pb.StreamStepEventsRequest, context: Context

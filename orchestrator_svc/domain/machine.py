@@ -8,9 +8,8 @@ cancellation is requested, a step or child when it starts another attempt.
 
 from __future__ import annotations
 
-from stepstream.v1 import states_pb2 as s
-
-from stepstream_common.states import TERMINAL_JOB_STATES, TERMINAL_STEP_STATES, job_state_word, step_state_word
+from stepstream.common.v1 import states_pb2 as s
+from stepstream.states import TERMINAL_JOB_STATES, TERMINAL_STEP_STATES, job_state_word, step_state_word
 
 JOB_TRANSITIONS: dict[int, frozenset[int]] = {
     s.JOB_STATE_PENDING: frozenset(

@@ -21,9 +21,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import Enum
 
-from stepstream.v1 import states_pb2 as s
-
-from stepstream_common.states import TERMINAL_STEP_STATES
+from stepstream.common.v1 import states_pb2 as s
+from stepstream.states import TERMINAL_STEP_STATES
 
 
 @dataclass(frozen=True)

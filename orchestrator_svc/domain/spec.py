@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from google.protobuf import json_format, struct_pb2
-from stepstream.v1 import definition_pb2
+from stepstream.orchestrator.v1 import definition_pb2
 
 from orchestrator_svc.domain.durations import parse_duration
 from stepstream_common.errors import FieldViolation, InvalidArgument, quoted

@@ -7,7 +7,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from stepstream.v1 import states_pb2 as s
+from stepstream.common.v1 import states_pb2 as s
 
 from orchestrator_svc.domain.rules import Outcome
 from orchestrator_svc.domain.spec import Execution

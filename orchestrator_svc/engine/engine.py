@@ -8,8 +8,10 @@ import secrets
 from collections.abc import Sequence
 from typing import Any
 
-from stepstream.v1 import definition_pb2, records_pb2
-from stepstream.v1 import states_pb2 as s
+from stepstream.common.v1 import records_pb2
+from stepstream.common.v1 import states_pb2 as s
+from stepstream.orchestrator.v1 import definition_pb2
+from stepstream.states import job_state_word
 
 from orchestrator_svc.domain import machine
 from orchestrator_svc.domain.rules import CANCELLED_BY_REQUEST, ORCHESTRATOR_RESTARTED, Interruption
@@ -20,7 +22,6 @@ from orchestrator_svc.engine.runner import JobRun, RunSettings, stop_everything
 from orchestrator_svc.storage.base import EventStore, JobView, NewJob
 from orchestrator_svc.workers.base import WorkerRegistry
 from stepstream_common.errors import FailedPrecondition, NotFound, quoted
-from stepstream_common.states import job_state_word
 from stepstream_common.wire import clone
 
 log = logging.getLogger(__name__)

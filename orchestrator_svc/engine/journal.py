@@ -16,7 +16,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from stepstream.v1 import records_pb2
+from stepstream.common.v1 import records_pb2
 
 from orchestrator_svc.storage.base import EventStore, NewJob, StoredEvent
 from stepstream_common.feed import Feed

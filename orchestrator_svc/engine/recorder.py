@@ -8,8 +8,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 
-from stepstream.v1 import records_pb2
-from stepstream.v1 import states_pb2 as s
+from stepstream.common.v1 import records_pb2
+from stepstream.common.v1 import states_pb2 as s
 
 from orchestrator_svc.domain import machine
 from orchestrator_svc.engine.journal import Journal

@@ -8,8 +8,9 @@ import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from stepstream.v1 import records_pb2
-from stepstream.v1 import states_pb2 as s
+from stepstream.common.v1 import records_pb2
+from stepstream.common.v1 import states_pb2 as s
+from stepstream.states import step_state_word
 
 from orchestrator_svc.domain import machine
 from orchestrator_svc.domain.rules import (
@@ -29,7 +30,6 @@ from orchestrator_svc.engine.attempts import AttemptHooks, run_attempts
 from orchestrator_svc.engine.recorder import Recorder
 from orchestrator_svc.workers.base import FanoutPlan, FanoutWorker, WorkContext, Worker, WorkerRegistry
 from orchestrator_svc.workers.processes import ProcessRegistry
-from stepstream_common.states import step_state_word
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,8 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
-from stepstream.v1 import definition_pb2, records_pb2
+from stepstream.common.v1 import records_pb2
+from stepstream.orchestrator.v1 import definition_pb2
 
 from stepstream_common.feed import Page
 

@@ -11,8 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import aiosqlite
-from stepstream.v1 import definition_pb2, records_pb2
-from stepstream.v1 import states_pb2 as s
+from stepstream.common.v1 import records_pb2
+from stepstream.common.v1 import states_pb2 as s
+from stepstream.orchestrator.v1 import definition_pb2
+from stepstream.states import TERMINAL_JOB_STATES, TERMINAL_STEP_STATES
 
 from orchestrator_svc.storage.base import (
     JobView,
@@ -27,7 +29,6 @@ from stepstream_common.errors import CursorOutOfRange
 from stepstream_common.feed import Page
 from stepstream_common.paging import PageTokens, new_secret, scope
 from stepstream_common.sqlite import SqliteFile
-from stepstream_common.states import TERMINAL_JOB_STATES, TERMINAL_STEP_STATES
 from stepstream_common.timeutil import seconds
 
 SCHEMA = """

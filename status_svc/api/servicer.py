@@ -8,8 +8,9 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import grpc
-from stepstream.v1 import states_pb2
-from stepstream.v1 import status_service_pb2 as pb
+from stepstream.common.v1 import states_pb2
+from stepstream.states import CHILD_STATES, TERMINAL_JOB_STATES
+from stepstream.status.v1 import status_service_pb2 as pb
 
 from status_svc.ingest.progress import AppliedPositions
 from status_svc.storage.base import ChangeFilter, StatusStore, StoredChange
@@ -18,7 +19,6 @@ from stepstream_common.errors import NotFound, quoted
 from stepstream_common.feed import Feed, Page, ReadPage, Subscription, follow
 from stepstream_common.paging import page_size
 from stepstream_common.rpc import require
-from stepstream_common.states import CHILD_STATES, TERMINAL_JOB_STATES
 from stepstream_common.timeutil import duration, timestamp
 
 Context = grpc.aio.ServicerContext[Any, Any]

@@ -31,10 +31,9 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from stepstream.v1 import records_pb2
-from stepstream.v1 import states_pb2 as s
-
-from stepstream_common.states import TERMINAL_JOB_STATES, TERMINAL_STEP_STATES
+from stepstream.common.v1 import records_pb2
+from stepstream.common.v1 import states_pb2 as s
+from stepstream.states import TERMINAL_JOB_STATES, TERMINAL_STEP_STATES
 
 Version = tuple[bool, int]
 NO_VERSION: Version = (False, 0)

@@ -10,8 +10,10 @@ from __future__ import annotations
 from collections import Counter
 
 from google.protobuf.timestamp_pb2 import Timestamp
-from stepstream.v1 import records_pb2, status_service_pb2
-from stepstream.v1 import states_pb2 as s
+from stepstream.common.v1 import records_pb2
+from stepstream.common.v1 import states_pb2 as s
+from stepstream.states import TERMINAL_JOB_STATES
+from stepstream.status.v1 import status_service_pb2
 
 from status_svc.domain.fold import (
     CHILD_COUNTED,
@@ -21,7 +23,6 @@ from status_svc.domain.fold import (
     job_version,
     work_version,
 )
-from stepstream_common.states import TERMINAL_JOB_STATES
 from stepstream_common.timeutil import seconds
 
 _STEP_COUNT_FIELDS: dict[int, str] = {

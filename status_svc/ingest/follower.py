@@ -37,13 +37,13 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import grpc
-from stepstream.v1 import orchestrator_service_pb2 as orch_pb
-from stepstream.v1 import orchestrator_service_pb2_grpc as orch_grpc
-from stepstream.v1 import records_pb2
+from stepstream.backoff import DEFAULT_BACKOFF, Backoff
+from stepstream.channel import channel_options
+from stepstream.common.v1 import records_pb2
+from stepstream.orchestrator.v1 import orchestrator_service_pb2 as orch_pb
+from stepstream.orchestrator.v1 import orchestrator_service_pb2_grpc as orch_grpc
 
 from status_svc.ingest.writer import Events, IngestWriter, SnapshotApplied, SourceHealth
-from stepstream_common.backoff import DEFAULT_BACKOFF, Backoff
-from stepstream_common.rpc import channel_options
 
 log = logging.getLogger(__name__)
 

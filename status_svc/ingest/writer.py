@@ -38,7 +38,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from stepstream.v1 import records_pb2
+from stepstream.common.v1 import records_pb2
 
 from status_svc.domain.fold import Change, JobFold
 from status_svc.domain.views import freshness, job_status, step_stats

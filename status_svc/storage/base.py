@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
-from stepstream.v1 import status_service_pb2
+from stepstream.status.v1 import status_service_pb2
 
 from status_svc.domain.fold import JobFold
 from stepstream_common.feed import Page

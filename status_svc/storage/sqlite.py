@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import aiosqlite
-from stepstream.v1 import records_pb2, status_service_pb2
+from stepstream.common.v1 import records_pb2
+from stepstream.states import TERMINAL_JOB_STATES
+from stepstream.status.v1 import status_service_pb2
 
 from status_svc.domain.fold import JobFold
 from status_svc.domain.views import freshness, job_fold
@@ -23,7 +25,6 @@ from stepstream_common.errors import CursorOutOfRange
 from stepstream_common.feed import Page
 from stepstream_common.paging import PageTokens, new_secret, scope
 from stepstream_common.sqlite import SqliteFile
-from stepstream_common.states import TERMINAL_JOB_STATES
 from stepstream_common.timeutil import seconds, timestamp
 
 SCHEMA = """

@@ -1,0 +1,64 @@
+"""stepstream's Python SDK and CLI.
+
+`Client` (async) and `SyncClient` (blocking) submit and cancel jobs through the
+orchestrator and read and watch them through the status service. Everything
+they return is a frozen dataclass mapped from server data (see models.py);
+every failure is a StepstreamError (see errors.py).
+"""
+
+from stepstream.backoff import Backoff
+from stepstream.channel import DEFAULT_ORCHESTRATOR, DEFAULT_STATUS
+
+from stepstream_client.errors import (
+    DefinitionError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+    OutOfRangeError,
+    RpcError,
+    StepstreamError,
+    UnavailableError,
+    Violation,
+)
+from stepstream_client.models import (
+    ChildCounts,
+    ChildView,
+    JobRecord,
+    JobSummary,
+    JobView,
+    LogPosition,
+    StepCounts,
+    StepView,
+    SubmittedJob,
+)
+from stepstream_client.sdk import Client
+from stepstream_client.sync import SyncClient
+from stepstream_client.watch import Applied, JobWatch
+
+__all__ = [
+    "DEFAULT_ORCHESTRATOR",
+    "DEFAULT_STATUS",
+    "Applied",
+    "Backoff",
+    "ChildCounts",
+    "ChildView",
+    "Client",
+    "DefinitionError",
+    "FailedPreconditionError",
+    "InvalidArgumentError",
+    "JobRecord",
+    "JobSummary",
+    "JobView",
+    "JobWatch",
+    "LogPosition",
+    "NotFoundError",
+    "OutOfRangeError",
+    "RpcError",
+    "StepCounts",
+    "StepView",
+    "StepstreamError",
+    "SubmittedJob",
+    "SyncClient",
+    "UnavailableError",
+    "Violation",
+]

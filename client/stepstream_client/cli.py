@@ -1,0 +1,325 @@
+"""`stepstream`: run the services locally, submit jobs, and watch them live.
+
+Exit codes (watch and submit --watch follow the job's final state):
+  0 completed (or the command succeeded)   1 failed (or a service would not start)   3 cancelled
+  2 usage   4 cannot reach a service   5 no such job or step
+  6 invalid definition or argument   7 refused by the service (e.g. cancelling
+  a finished job) or another service error   130 interrupted (Ctrl-C)
+  141 stdout closed early (e.g. `stepstream list | head -1`), as for any tool a pipe left behind
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Awaitable, Callable
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Protocol
+
+from stepstream.channel import DEFAULT_ORCHESTRATOR, DEFAULT_STATUS
+from stepstream.common.v1 import states_pb2
+from stepstream.flags import env_option, host_port, positive_int
+from stepstream.states import CHILD_STATES, job_state_word, step_state_word
+
+from stepstream_client.errors import (
+    DefinitionError,
+    InvalidArgumentError,
+    NotFoundError,
+    StepstreamError,
+    UnavailableError,
+    Violation,
+)
+from stepstream_client.models import JobView
+from stepstream_client.render import (
+    child_json,
+    child_line,
+    dumps,
+    header_line,
+    iso,
+    printable,
+    show_table,
+    show_view,
+    show_views,
+    submitted_json,
+    summary_json,
+)
+from stepstream_client.sdk import Client
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_CANCELLED = 3
+EXIT_UNREACHABLE = 4
+EXIT_NOT_FOUND = 5
+EXIT_INVALID = 6
+EXIT_REFUSED = 7
+EXIT_INTERRUPTED = 130
+EXIT_STDOUT_CLOSED = 141  # 128 + SIGPIPE
+
+EXIT_BY_JOB_STATE = {"completed": EXIT_OK, "failed": EXIT_FAILED, "cancelled": EXIT_CANCELLED}
+
+Handler = Callable[[argparse.Namespace], Awaitable[int]]
+
+# Commands that run the services on this machine: the services' distribution
+# provides them (stepstream_common.local), the thin client knows only their names.
+LOCAL_COMMAND_GROUP = "stepstream.cli"
+LOCAL_COMMANDS = {
+    "up": "start both services locally (on --orchestrator and --status) until Ctrl-C",
+    "demo": "start throwaway services, run a demo job live, and stop them",
+}
+
+
+class LocalCommand(Protocol):
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None: ...
+
+    @staticmethod
+    async def run(args: argparse.Namespace) -> int: ...
+
+
+def local_command(name: str) -> LocalCommand | None:
+    """The installed implementation of `stepstream NAME`, if the services are installed."""
+    for point in entry_points(group=LOCAL_COMMAND_GROUP, name=name):
+        command: LocalCommand = point.load()
+        return command
+    return None
+
+
+def _not_installed(name: str) -> Handler:
+    async def explain(args: argparse.Namespace) -> int:
+        return fail(f"`stepstream {name}` runs the services, which are not installed here: install the "
+                    "stepstream-server distribution (from a clone of the repository: pip install .)", EXIT_USAGE)
+    return explain
+
+JOB_STATE_WORDS = [job_state_word(v) for v in states_pb2.JobState.values() if v != states_pb2.JOB_STATE_UNSPECIFIED]
+# The states the status service accepts when filtering children (never waiting or skipped).
+CHILD_STATE_WORDS = [step_state_word(v) for v in sorted(CHILD_STATES)]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The console script: exits with the command's code, never with a traceback for Ctrl-C
+    or a closed stdout."""
+    args = build_parser().parse_args(argv)  # argparse ignores a closed stdout itself
+    try:
+        try:
+            code = asyncio.run(_run(args))
+        except KeyboardInterrupt:
+            code = EXIT_INTERRUPTED
+        sys.stdout.flush()  # now, so that a closed stdout is noticed here rather than at exit
+    except BrokenPipeError:
+        code = _stdout_closed()
+    sys.exit(code)
+
+
+def _stdout_closed() -> int:
+    """The reader of stdout went away (`stepstream list | head -1`): end quietly.
+
+    stdout now points at /dev/null, so the interpreter's final flush cannot fail
+    ("Exception ignored ... BrokenPipeError"). The exit code is 141 (128 + SIGPIPE),
+    what a shell shows for any tool whose pipe closed under it (`yes | head -1`),
+    rather than 0: the output was cut short, and a watch cut short never saw the
+    job's final state. Under `set -o pipefail` this fails the pipeline, as `yes` does.
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return EXIT_STDOUT_CLOSED
+
+
+async def _run(args: argparse.Namespace) -> int:
+    """Run the command; every error a user can act on becomes one clear message and an exit code."""
+    handler: Handler = args.handler
+    try:
+        return await handler(args)
+    except UnavailableError as error:
+        return fail(f"{error.message}; is it running? (`stepstream up` starts both services)", EXIT_UNREACHABLE)
+    except NotFoundError as error:
+        return fail(error.message, EXIT_NOT_FOUND)
+    except (DefinitionError, InvalidArgumentError) as error:
+        return fail(error.message, EXIT_INVALID, error.violations)
+    except StepstreamError as error:
+        return fail(error.message, EXIT_REFUSED, error.violations)
+
+
+def fail(message: str, code: int, violations: list[Violation] | None = None) -> int:
+    """The error on stderr, one line (plus one per bad field), control characters escaped:
+    messages quote what a user or the server wrote."""
+    print(f"stepstream: {printable(message)}", file=sys.stderr)
+    for violation in violations or []:
+        print(f"  {printable(readable_field(violation.field))}: {printable(violation.description)}", file=sys.stderr)
+    return code
+
+
+def readable_field(path: str) -> str:
+    """`definition.steps[1].params.command` -> `steps[1].command`: the path as written in the file,
+    where a worker's fields sit next to the step's own."""
+    return path.removeprefix("definition.").replace(".params.", ".").removeprefix("params.")
+
+
+def exit_code_of(view: JobView | None) -> int:
+    """The job's final state as an exit code (EXIT_FAILED if the watch ended without one)."""
+    return EXIT_BY_JOB_STATE.get(view.state, EXIT_FAILED) if view is not None else EXIT_FAILED
+
+
+# --- commands -------------------------------------------------------------------
+
+def _client(args: argparse.Namespace) -> Client:
+    return Client(args.orchestrator, args.status)
+
+
+async def cmd_submit(args: argparse.Namespace) -> int:
+    async with _client(args) as client:
+        job = await client.submit(Path(args.file), request_id=args.request_id)
+        if args.output == "json":
+            print(dumps(submitted_json(job)), flush=True)
+        else:
+            print(f"submitted job {printable(job.id)} ({printable(job.name)})", flush=True)
+        if not args.watch:
+            return EXIT_OK
+        return await _follow(client, job.id, args.output)
+
+
+async def cmd_watch(args: argparse.Namespace) -> int:
+    async with _client(args) as client:
+        return await _follow(client, args.job, args.output)
+
+
+async def _follow(client: Client, job_id: str, output: str) -> int:
+    async with client.watch(job_id) as views:
+        return exit_code_of(await show_views(views, output, sys.stdout))
+
+
+async def cmd_get(args: argparse.Namespace) -> int:
+    async with _client(args) as client:
+        show_view(await client.get(args.job), args.output, sys.stdout)
+    return EXIT_OK
+
+
+async def cmd_list(args: argparse.Namespace) -> int:
+    async with _client(args) as client:
+        jobs = []
+        async for job in client.list(states=args.state, name=args.name, page_size=min(args.limit, 1000)):
+            jobs.append(job)
+            if len(jobs) >= args.limit:
+                break
+    if args.output == "json":
+        print(dumps([summary_json(job) for job in jobs]))
+    elif sys.stdout.isatty():
+        show_table(
+            ({"id": job.id, "name": job.name, "state": job.state,
+              "steps": f"{job.step_counts.completed}/{job.step_counts.total}",
+              "created": iso(job.created_at), "message": job.message} for job in jobs),
+            ["id", "name", "state", "steps", "created", "message"], sys.stdout,
+        )
+    else:
+        for job in jobs:
+            print(header_line(job))
+    return EXIT_OK
+
+
+async def cmd_children(args: argparse.Namespace) -> int:
+    async with _client(args) as client:
+        children = []
+        async for child in client.children(args.job, args.step, states=args.state,
+                                           page_size=min(args.limit or 1000, 1000)):
+            children.append(child)
+            if args.limit and len(children) >= args.limit:
+                break
+    if args.output == "json":
+        print(dumps([child_json(child) for child in children]))
+    elif sys.stdout.isatty():
+        columns = ["index", "item", "state", "attempt", "duration_seconds", "reason", "message"]
+        show_table((child_json(child) for child in children), columns, sys.stdout)
+    else:
+        for child in children:
+            print(child_line(child))
+    return EXIT_OK
+
+
+async def cmd_cancel(args: argparse.Namespace) -> int:
+    async with _client(args) as client:
+        job = await client.cancel(args.job)
+    print(f"cancel requested for job {printable(job.id)} ({printable(job.name)}): it is {job.state}")
+    return EXIT_OK
+
+
+# --- arguments ------------------------------------------------------------------
+
+def _addresses(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
+    """--orchestrator/--status, accepted before or after the command. Only the main
+    parser sets defaults, so a subcommand does not overwrite an earlier value."""
+    if defaults:
+        env_option(parser, "--orchestrator", "STEPSTREAM_ORCHESTRATOR", default=DEFAULT_ORCHESTRATOR,
+                   type=host_port, help="orchestrator address")
+        env_option(parser, "--status", "STEPSTREAM_STATUS", default=DEFAULT_STATUS, type=host_port,
+                   help="status service address")
+        return
+    parser.add_argument("--orchestrator", type=host_port, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    parser.add_argument("--status", type=host_port, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
+def _output(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--output", "-o", choices=["text", "json"], default="text",
+                        help="text (a live tree on a terminal, key=value lines otherwise) or json")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="stepstream", description="Run jobs made of steps and watch every step live.",
+        epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _addresses(parser, defaults=True)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, handler: Handler, help: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help, description=help)
+        _addresses(sub, defaults=False)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    for name, help in LOCAL_COMMANDS.items():
+        local = local_command(name)
+        if local is None:
+            command(name, _not_installed(name), help + " (needs the services installed)")
+        else:
+            local.add_arguments(command(name, local.run, help))
+
+    submit = command("submit", cmd_submit, "submit a job definition file (.toml, .yaml, .yml, .json)")
+    submit.add_argument("file")
+    submit.add_argument("--watch", action="store_true", help="then watch it to the end (exit code as `watch`)")
+    submit.add_argument("--request-id", default="", help="idempotency key: a repeated submit returns the same job")
+    _output(submit)
+
+    watch = command("watch", cmd_watch, "show a job live until it ends; exit code follows its final state")
+    watch.add_argument("job")
+    _output(watch)
+
+    get = command("get", cmd_get, "show a job and its steps")
+    get.add_argument("job")
+    _output(get)
+
+    listing = command("list", cmd_list, "list jobs, newest first")
+    listing.add_argument("--state", nargs="+", action="extend", default=[], choices=JOB_STATE_WORDS,
+                         help="only jobs in these states")
+    listing.add_argument("--name", default="", help="only jobs with exactly this name")
+    listing.add_argument("--limit", type=positive_int, default=50, help="at most this many (default 50)")
+    _output(listing)
+
+    children = command("children", cmd_children, "list the children of a fan-out step")
+    children.add_argument("job")
+    children.add_argument("step")
+    children.add_argument("--state", nargs="+", action="extend", default=[], choices=CHILD_STATE_WORDS,
+                          help="only children in these states")
+    children.add_argument("--limit", type=positive_int, default=None, help="at most this many (default all)")
+    _output(children)
+
+    cancel = command("cancel", cmd_cancel, "cancel a job")
+    cancel.add_argument("job")
+    return parser
+
+
+if __name__ == "__main__":
+    main()

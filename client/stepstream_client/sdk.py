@@ -1,0 +1,275 @@
+"""The async client: submits and cancels through the orchestrator, reads and
+watches through the status service, and raises the typed errors of
+stepstream_client.errors for every failure.
+
+    async with Client() as client:
+        job = await client.submit("examples/nightly-ingest.toml")
+        async with client.watch(job.id) as views:
+            async for view in views:
+                print(view.revision, view.state, [(s.name, s.state) for s in view.steps])
+
+Lists are async iterators that fetch page after page as they are consumed
+(`page_size` per request); stop iterating to stop fetching.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Any, TypeVar
+
+import grpc
+from stepstream.backoff import DEFAULT_BACKOFF, Backoff
+from stepstream.channel import DEFAULT_ORCHESTRATOR, DEFAULT_STATUS, channel_options
+from stepstream.common.v1 import states_pb2
+from stepstream.orchestrator.v1 import definition_pb2
+from stepstream.orchestrator.v1 import orchestrator_service_pb2 as orch_pb
+from stepstream.orchestrator.v1 import orchestrator_service_pb2_grpc as orch_grpc
+from stepstream.states import job_state_from_word, step_state_from_word
+from stepstream.status.v1 import status_service_pb2 as status_pb
+from stepstream.status.v1 import status_service_pb2_grpc as status_grpc
+
+from stepstream_client.definitions import definition_from_mapping, load_definition
+from stepstream_client.errors import from_rpc_error
+from stepstream_client.models import (
+    ChildView,
+    JobRecord,
+    JobSummary,
+    JobView,
+    LogPosition,
+    SubmittedJob,
+    child_view,
+    job_record,
+    job_summary,
+    job_view,
+    submitted_job,
+)
+from stepstream_client.watch import Applied, Follower, IngestGrace, JobWatch
+
+# Reconnect quickly once a restarted service is back (gRPC's own default backs off to 2 minutes).
+_CHANNEL_OPTIONS = [
+    *channel_options(),
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 5_000),
+]
+
+Definition = str | Path | Mapping[str, Any] | definition_pb2.JobDefinition
+T = TypeVar("T")
+
+
+def as_definition(definition: Definition) -> definition_pb2.JobDefinition:
+    """A file path (.toml, .yaml, .yml, .json), a mapping of the file's shape, or the message itself."""
+    if isinstance(definition, definition_pb2.JobDefinition):
+        return definition
+    if isinstance(definition, str | Path):
+        return load_definition(Path(definition))
+    return definition_from_mapping(definition)
+
+
+class Client:
+    """Async client for both services; use `async with Client(...) as client`.
+
+    Channels are opened on first use, inside the running event loop.
+    `stale_after_heartbeats`: a watch with no message for that many of the
+    server's heartbeat intervals shows `live=False` and reconnects.
+    `ingest_grace`: seconds a NOT_FOUND from the status service is retried
+    while the orchestrator knows the job (it was just submitted).
+    `call_timeout`: deadline of each unary call, in seconds.
+    """
+
+    def __init__(
+        self,
+        orchestrator: str = DEFAULT_ORCHESTRATOR,
+        status: str = DEFAULT_STATUS,
+        *,
+        stale_after_heartbeats: float = 3,
+        ingest_grace: float = 10.0,
+        call_timeout: float = 30.0,
+        reconnect_backoff: Backoff = DEFAULT_BACKOFF,
+    ) -> None:
+        self.orchestrator_address = orchestrator
+        self.status_address = status
+        self._stale_after_heartbeats = stale_after_heartbeats
+        self._ingest_grace = ingest_grace
+        self._call_timeout = call_timeout
+        self._backoff = reconnect_backoff
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        # Jobs this client submitted, and where: reads of them wait until the status
+        # service has applied that far, so a job just submitted is never NOT_FOUND.
+        self._positions: dict[str, LogPosition] = {}
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close both channels. Close watches first: one left open fails on its next read."""
+        channels, self._channels = self._channels, {}
+        for channel in channels.values():
+            await channel.close()
+
+    def _channel(self, address: str) -> grpc.aio.Channel:
+        if address not in self._channels:
+            self._channels[address] = grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
+        return self._channels[address]
+
+    @property
+    def _orchestrator(self) -> orch_grpc.OrchestratorServiceAsyncStub:
+        return orch_grpc.OrchestratorServiceStub(self._channel(self.orchestrator_address))
+
+    @property
+    def _status(self) -> status_grpc.StatusServiceAsyncStub:
+        return status_grpc.StatusServiceStub(self._channel(self.status_address))
+
+    @property
+    def _orchestrator_target(self) -> str:
+        return f"the orchestrator at {self.orchestrator_address}"
+
+    @property
+    def _status_target(self) -> str:
+        return f"the status service at {self.status_address}"
+
+    async def _call(self, target: str, call: Awaitable[T]) -> T:
+        """Await `call`; a failure becomes the typed error, naming `target` when it cannot be reached."""
+        try:
+            return await call
+        except grpc.aio.AioRpcError as error:
+            raise from_rpc_error(error, target=target) from None
+
+    async def submit(self, definition: Definition, *, request_id: str = "") -> SubmittedJob:
+        """Start a job. InvalidArgumentError (with `violations`) if the server rejects
+        the definition; DefinitionError if it cannot even be read."""
+        request = orch_pb.SubmitJobRequest(definition=as_definition(definition), request_id=request_id)
+        response = await self._call(
+            self._orchestrator_target, self._orchestrator.SubmitJob(request, timeout=self._call_timeout)
+        )
+        submitted = submitted_job(response)
+        self._positions[submitted.id] = submitted.position
+        return submitted
+
+    async def cancel(self, job_id: str) -> JobRecord:
+        """Request cancellation (a no-op for a cancelled job; FailedPreconditionError
+        for a completed or failed one). Returns the job as recorded right after."""
+        response = await self._call(
+            self._orchestrator_target,
+            self._orchestrator.CancelJob(orch_pb.CancelJobRequest(job_id=job_id), timeout=self._call_timeout),
+        )
+        return job_record(response.job)
+
+    async def get(self, job_id: str, *, not_older_than: LogPosition | None = None) -> JobView:
+        """The job and its steps from the status service, valid at `revision`.
+
+        `not_older_than` (e.g. SubmittedJob.position from another process): the
+        answer includes everything the orchestrator had logged up to there. Jobs
+        this client submitted get that by themselves.
+        """
+        grace = self._grace()
+        failures = 0
+        request = status_pb.GetJobRequest(job_id=job_id)
+        self._position_of(job_id, not_older_than, request)
+        while True:
+            try:
+                response = await self._status.GetJob(request, timeout=self._call_timeout)
+            except grpc.aio.AioRpcError as error:
+                if error.code() != grpc.StatusCode.NOT_FOUND or not await grace.keep_waiting(job_id):
+                    raise from_rpc_error(error, target=self._status_target) from None
+                await self._sleep_backoff(failures)
+                failures += 1
+                continue
+            return job_view(response.job, list(response.steps), response.revision)
+
+    def list(
+        self, *, states: Iterable[str] = (), name: str = "", page_size: int = 100
+    ) -> AsyncIterator[JobSummary]:
+        """Job headers, newest first, filtered by state words ("running", ...) and exact name."""
+        wanted = [states_pb2.JobState.ValueType(job_state_from_word(word)) for word in states]
+        job_filter = status_pb.JobFilter(states=wanted, name=name)
+
+        async def page(token: str) -> tuple[list[JobSummary], str]:
+            request = status_pb.ListJobsRequest(filter=job_filter, page_size=page_size, page_token=token)
+            response = await self._call(self._status_target,
+                                        self._status.ListJobs(request, timeout=self._call_timeout))
+            return [job_summary(job) for job in response.jobs], response.next_page_token
+
+        return _paged(page)
+
+    def children(
+        self, job_id: str, step: str, *, states: Iterable[str] = (), page_size: int = 100
+    ) -> AsyncIterator[ChildView]:
+        """The children of a fan-out step in index order, optionally only those in `states`."""
+        wanted = [states_pb2.StepState.ValueType(step_state_from_word(word)) for word in states]
+
+        async def page(token: str) -> tuple[list[ChildView], str]:
+            request = status_pb.ListChildrenRequest(
+                job_id=job_id, step_name=step, states=wanted, page_size=page_size, page_token=token
+            )
+            self._position_of(job_id, None, request)
+            response = await self._call(self._status_target,
+                                        self._status.ListChildren(request, timeout=self._call_timeout))
+            return [child_view(child) for child in response.children], response.next_page_token
+
+        return _paged(page)
+
+    def watch(
+        self,
+        job_id: str,
+        *,
+        since: JobView | None = None,
+        on_apply: Callable[[Applied], None] | None = None,
+        not_older_than: LogPosition | None = None,
+    ) -> JobWatch:
+        """Live views of one job until it ends (see stepstream_client.watch).
+
+        `since`: a view you already hold (e.g. from get()): continue after its
+        revision instead of starting with a new snapshot. `on_apply` is called
+        with every update applied, in order (for audits and tests). `not_older_than`:
+        as for get().
+        """
+        request = status_pb.WatchJobRequest(job_id=job_id)
+        self._position_of(job_id, not_older_than, request)
+        return JobWatch(Follower(
+            self._status, self._status_target, job_id, since=since,
+            not_older_than=request.not_older_than if request.HasField("not_older_than") else None,
+            stale_after_heartbeats=self._stale_after_heartbeats, grace=self._grace(), backoff=self._backoff,
+            on_apply=on_apply,
+        ))
+
+    def _position_of(
+        self, job_id: str, given: LogPosition | None,
+        request: status_pb.GetJobRequest | status_pb.ListChildrenRequest | status_pb.WatchJobRequest,
+    ) -> None:
+        position = given or self._positions.get(job_id)
+        if position is not None:
+            request.not_older_than.CopyFrom(position.message())
+
+    def _grace(self) -> IngestGrace:
+        return IngestGrace(self._ingest_grace, self._orchestrator_may_know)
+
+    async def _orchestrator_may_know(self, job_id: str) -> bool:
+        """False only when the orchestrator answers that it has no such job."""
+        request = orch_pb.GetJobRequest(job_id=job_id)
+        try:
+            await self._orchestrator.GetJob(request, timeout=self._call_timeout)
+        except grpc.aio.AioRpcError as error:
+            return error.code() != grpc.StatusCode.NOT_FOUND
+        return True
+
+    async def _sleep_backoff(self, failures: int) -> None:
+        await asyncio.sleep(self._backoff.delay(failures))
+
+
+async def _paged(page: Callable[[str], Awaitable[tuple[list[T], str]]]) -> AsyncIterator[T]:
+    token = ""
+    while True:
+        items, token = await page(token)
+        for item in items:
+            yield item
+        if not token:
+            return

@@ -1,0 +1,60 @@
+"""Every benchmark runs (`python -m bench NAME --quick --json FILE`) and writes its figures.
+
+Only that it runs and what it reports are checked: never a speed (figures from
+--quick runs mean nothing, and speed is never asserted by a test).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+LATENCY_SCENARIOS = ("idle_1_watcher", "idle_100_watchers", "load_1_watcher", "load_100_watchers")
+
+EXPECTED: dict[str, list[str]] = {
+    "ingest": ["events_per_second", "baseline_grpc_events_per_second"],
+    "latency": [
+        *(f"{scenario}_{figure}" for scenario in LATENCY_SCENARIOS for figure in (
+            "p50_ms", "p95_ms", "p99_ms", "max_ms", "samples", "missed", "transitions_per_second",
+            "baseline_unary_p50_ms", "baseline_unary_p99_ms", "bare_watch_p50_ms", "bare_watch_p99_ms",
+            "orchestrator_stream_p50_ms", "orchestrator_stream_p99_ms",
+        )),
+        "achieved_transitions_per_second", "baseline_unary_p50_ms", "baseline_unary_p99_ms",
+        "baseline_unary_load_p50_ms", "baseline_unary_load_p99_ms",
+    ],
+    "fanout": [
+        "children", "concurrency", "seconds", "children_per_second", "orchestrator_seconds",
+        "orchestrator_peak_rss_mb", "status_peak_rss_mb", "getjob_median_ms", "getjob_p99_ms",
+        "baseline_children_per_second", "baseline_unary_median_ms", "baseline_unary_p99_ms",
+    ],
+    "watchers": [
+        "events", "events_per_second_0_watchers", "events_per_second_100_split", "events_per_second_1000_split",
+        "events_per_second_1000_one_job", "ratio_1000_split", "ratio_1000_one_job",
+        "lag_revisions_1000_split", "catchup_seconds_1000_split", "incomplete_watchers_1000_split",
+        "slowest_watcher_lag_revisions", "slowest_watcher_lag_seconds", "slowest_watcher_catchup_seconds",
+    ],
+}
+
+
+@pytest.mark.parametrize("name", list(EXPECTED))
+def test_benchmark_runs_and_reports_its_figures(name: str, tmp_path: Path) -> None:
+    output = tmp_path / f"{name}.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "bench", name, "--quick", "--json", str(output)],
+        cwd=REPO, capture_output=True, text=True, timeout=170,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert f"== {name} ==" in result.stdout
+    figures = json.loads(output.read_text())
+    assert figures["benchmark"] == name
+    assert {"cpus", "cpu", "python"} <= set(figures["machine"])
+    missing = [key for key in EXPECTED[name] if key not in figures]
+    assert not missing, f"{name} JSON lacks {missing}"
+    not_numbers = [key for key in EXPECTED[name] if not isinstance(figures[key], int | float)]
+    assert not not_numbers, f"{name} JSON has non-numeric {not_numbers}"

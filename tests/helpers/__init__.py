@@ -1,0 +1,408 @@
+"""Shared test helpers: real services (in-process or as subprocesses) and polling."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+from stepstream.common.v1 import records_pb2
+from stepstream.orchestrator.v1 import definition_pb2
+from stepstream.orchestrator.v1 import orchestrator_service_pb2 as orch_pb
+from stepstream.orchestrator.v1 import orchestrator_service_pb2_grpc as orch_grpc
+from stepstream_client.definitions import definition_from_mapping
+
+T = TypeVar("T")
+
+# Generous upper bounds so a broken test fails instead of hanging; never speed checks.
+DEADLINE = 60.0
+REPO = Path(__file__).resolve().parents[2]
+
+
+def job_definition(
+    steps: list[Mapping[str, Any]], name: str = "test-job", **fields: Any
+) -> definition_pb2.JobDefinition:
+    return definition_from_mapping({"name": name, "steps": steps, **fields})
+
+
+async def eventually(probe: Callable[[], Awaitable[T | None]], what: str, deadline: float = DEADLINE) -> T:
+    """Poll `probe` until it returns something other than None."""
+    end = time.monotonic() + deadline
+    while True:
+        result = await probe()
+        if result is not None:
+            return result
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+async def wait_job_state(
+    stub: orch_grpc.OrchestratorServiceAsyncStub, job_id: str, states: set[int], deadline: float = DEADLINE
+) -> orch_pb.GetJobResponse:
+    async def probe() -> orch_pb.GetJobResponse | None:
+        response = await stub.GetJob(orch_pb.GetJobRequest(job_id=job_id))
+        return response if response.job.state in states else None
+
+    return await eventually(probe, f"job {job_id} to reach {states}", deadline)
+
+
+async def read_events(
+    stub: orch_grpc.OrchestratorServiceAsyncStub,
+    after_seq: int,
+    until: Callable[[list[records_pb2.StepEvent]], bool],
+    deadline: float = DEADLINE,
+) -> list[records_pb2.StepEvent]:
+    """Stream events after `after_seq` until `until(all so far)` holds."""
+    events: list[records_pb2.StepEvent] = []
+    call = stub.StreamStepEvents(orch_pb.StreamStepEventsRequest(after_seq=after_seq))
+    try:
+        async with asyncio.timeout(deadline):
+            async for message in call:
+                events.extend(message.batch.events)
+                if until(events):
+                    return events
+    finally:
+        call.cancel()
+    raise AssertionError("stream ended early")
+
+
+def job_events(events: list[records_pb2.StepEvent], job_id: str) -> list[records_pb2.StepEvent]:
+    def owner(event: records_pb2.StepEvent) -> str:
+        kind = event.WhichOneof("record")
+        if kind == "job":
+            return event.job.id
+        return event.step.job_id if kind == "step" else event.child.job_id
+
+    return [event for event in events if owner(event) == job_id]
+
+
+def entity_key(event: records_pb2.StepEvent) -> tuple[Any, ...]:
+    """Which entity (within one job) an event is about: ("job",), ("step", name) or ("child", step, index)."""
+    kind = event.WhichOneof("record")
+    if kind == "job":
+        return ("job",)
+    if kind == "step":
+        return ("step", event.step.name)
+    return ("child", event.child.step_name, event.child.index)
+
+
+def finished(job_id: str) -> Callable[[list[records_pb2.StepEvent]], bool]:
+    """`until` predicate: the job's terminal event has arrived."""
+
+    def check(events: list[records_pb2.StepEvent]) -> bool:
+        return any(
+            e.WhichOneof("record") == "job" and e.job.id == job_id and e.job.state >= 3 for e in events
+        )
+
+    return check
+
+
+class ServiceProcess:
+    """A service run as a real subprocess (python -m MODULE ARGS)."""
+
+    def __init__(self, module: str, args: list[str], env: Mapping[str, str] | None = None) -> None:
+        self.module = module
+        self.args = args
+        self.env = {**os.environ, **(env or {})}
+        self.process: subprocess.Popen[str] | None = None
+        self.address = ""
+
+    def start(self, deadline: float = 30.0) -> str:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", self.module, *self.args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            env=self.env,
+            cwd=REPO,
+        )
+        assert self.process.stdout is not None
+        end = time.monotonic() + deadline
+        line = ""
+        while time.monotonic() < end:
+            line = self.process.stdout.readline()
+            if " listening on " in line:
+                self.address = line.strip().rsplit(" ", 1)[1]
+                return self.address
+            if not line and self.process.poll() is not None:
+                break
+        raise AssertionError(f"{self.module} did not start (last line: {line!r}, rc={self.process.poll()})")
+
+    def kill(self) -> None:
+        """kill -9: no cleanup of any kind."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(30)
+
+    def terminate(self, deadline: float = 30.0) -> int:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(deadline)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(30)
+        if self.process is not None and self.process.stdout is not None:
+            self.process.stdout.close()
+
+
+def channel(address: str) -> grpc.aio.Channel:
+    return grpc.aio.insecure_channel(address)
+
+
+# --- Status service tests: ports, subprocess services, the SQLite file, watch folding ------------------------
+
+
+def free_port() -> int:
+    """A loopback port that was free a moment ago (for a service restarted on the same address)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def status_process(data_dir: Path, orchestrator: str, *extra: str) -> ServiceProcess:
+    return ServiceProcess("status_svc", [
+        "--listen", "127.0.0.1:0", "--data-dir", str(data_dir), "--orchestrator", orchestrator,
+        "--heartbeat-interval", "0.2", "--stale-after", "1", "--log-level", "warning", *extra,
+    ])
+
+
+def orchestrator_process(data_dir: Path, port: int, *extra: str) -> ServiceProcess:
+    return ServiceProcess("orchestrator_svc", [
+        "--listen", f"127.0.0.1:{port}", "--data-dir", str(data_dir), "--heartbeat-interval", "0.2",
+        "--kill-grace", "1", "--log-level", "warning", *extra,
+    ])
+
+
+async def flaky_child(index: str, fail_every: str = "0", delay: str = "0") -> str:
+    """A fan-out child for the python worker ("tests.helpers:flaky_child"): waits
+    `delay` seconds, then fails when `fail_every` divides its index."""
+    await asyncio.sleep(float(delay))
+    every = int(fail_every)
+    if every and int(index) % every == 0:
+        raise RuntimeError(f"child {index} fails by design")
+    return f"child {index} ok"
+
+
+def open_sqlite_readonly(path: Path) -> Any:
+    """A read-only sqlite3 connection to a service's database file (WAL files included)."""
+    import sqlite3
+
+    return sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+
+
+async def read_whole_log(
+    stub: orch_grpc.OrchestratorServiceAsyncStub, after_seq: int = 0, deadline: float = DEADLINE
+) -> list[records_pb2.StepEvent]:
+    """Every event after `after_seq`: streams until a heartbeat says nothing newer exists."""
+    events: list[records_pb2.StepEvent] = []
+    call = stub.StreamStepEvents(orch_pb.StreamStepEventsRequest(after_seq=after_seq))
+    try:
+        async with asyncio.timeout(deadline):
+            async for message in call:
+                events.extend(message.batch.events)
+                last = events[-1].seq if events else after_seq
+                if message.HasField("heartbeat") and message.heartbeat.latest_seq == last:
+                    return events
+    finally:
+        call.cancel()
+    raise AssertionError("stream ended early")
+
+
+class WatchedJob:
+    """What a watcher of one job holds, folded from JobUpdates the documented way:
+    apply an update only if its revision is newer than the one held; the header
+    is replaced when present, steps are replaced by name."""
+
+    def __init__(self) -> None:
+        self.revision = 0
+        self.job: Any = None
+        self.steps: dict[str, Any] = {}
+        self.updates: list[Any] = []
+
+    def apply(self, update: Any) -> bool:
+        self.updates.append(update)
+        if update.revision <= self.revision:
+            return False
+        self.revision = update.revision
+        if update.HasField("job"):
+            self.job = update.job
+        for stats in update.steps:
+            self.steps[stats.name] = stats
+        return True
+
+    def at(self, revision: int) -> WatchedJob:
+        """The same watcher's view as it was at `revision`."""
+        view = WatchedJob()
+        for update in self.updates:
+            if update.revision <= revision:
+                view.apply(update)
+        return view
+
+    def ordered_steps(self) -> list[Any]:
+        return sorted(self.steps.values(), key=lambda stats: (stats.index, stats.name))
+
+
+async def wait_status_job(
+    stub: Any, job_id: str, until: Callable[[Any], bool], what: str, deadline: float = DEADLINE
+) -> Any:
+    """The status service's GetJob for `job_id` once `until(response)` holds (NOT_FOUND counts as not yet)."""
+    from stepstream.status.v1 import status_service_pb2 as status_pb
+
+    async def probe() -> Any:
+        try:
+            response = await stub.GetJob(status_pb.GetJobRequest(job_id=job_id))
+        except grpc.aio.AioRpcError as error:
+            if error.code() == grpc.StatusCode.NOT_FOUND:
+                return None
+            raise
+        return response if until(response) else None
+
+    return await eventually(probe, what, deadline)
+
+
+def status_job_finished(response: Any) -> bool:
+    from stepstream.states import TERMINAL_JOB_STATES
+
+    return response.job.state in TERMINAL_JOB_STATES
+
+
+# --- client side (SDK and CLI tests) ---------------------------------------------
+
+STEPSTREAM = Path(sys.executable).with_name("stepstream")  # the installed console script
+
+
+def gate_step(name: str, gate: Path, **fields: Any) -> dict[str, Any]:
+    """A command step that runs until the file `gate` exists: the test decides when it ends."""
+    script = "import os, sys, time\nwhile not os.path.exists(sys.argv[1]):\n    time.sleep(0.02)\nprint('gate open')"
+    return {"name": name, "type": "command", "command": [sys.executable, "-c", script, str(gate)], **fields}
+
+
+class CliResult:
+    def __init__(self, code: int, stdout: str, stderr: str) -> None:
+        self.code = code
+        self.stdout = stdout
+        self.stderr = stderr
+
+    def __repr__(self) -> str:
+        return f"CliResult(code={self.code}, stdout={self.stdout[-2000:]!r}, stderr={self.stderr[-2000:]!r})"
+
+
+async def run_cli(*args: str, env: Mapping[str, str] | None = None, deadline: float = DEADLINE) -> CliResult:
+    """Run the real `stepstream` console script without blocking the loop (in-process services live on it)."""
+    process = await asyncio.create_subprocess_exec(
+        str(STEPSTREAM), *args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+        env={**os.environ, **(env or {})}, cwd=REPO,
+    )
+    try:
+        async with asyncio.timeout(deadline):
+            stdout, stderr = await process.communicate()
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        raise
+    assert process.returncode is not None
+    return CliResult(process.returncode, stdout.decode(), stderr.decode())
+
+
+def service_processes(tmp_path: Path) -> tuple[ServiceProcess, ServiceProcess]:
+    """Both services as started subprocesses on free ports (stop() them when done)."""
+    orchestrator = orchestrator_process(tmp_path / "orchestrator", 0)
+    orchestrator.start()
+    status = status_process(tmp_path / "status", orchestrator.address)
+    try:
+        status.start()
+    except BaseException:
+        orchestrator.stop()
+        raise
+    return orchestrator, status
+
+
+# --- Status service tests: the change log and watch streams -----------------------------------------------------
+
+
+def stored_updates(db_path: Path, job_id: str, after: int = 0) -> list[Any]:
+    """The `changes` rows of one job after `after`, read from the status service's
+    SQLite file, as the JobUpdates a watcher of that job must receive."""
+    from stepstream.status.v1 import status_service_pb2 as status_pb
+
+    db = open_sqlite_readonly(db_path)
+    try:
+        rows = db.execute(
+            "SELECT revision, header, steps FROM changes WHERE job_id = ? AND revision > ? ORDER BY revision",
+            (job_id, after),
+        ).fetchall()
+    finally:
+        db.close()
+    updates = []
+    for revision, header, steps in rows:
+        update = status_pb.JobUpdate.FromString(steps or b"")
+        update.revision, update.job_id = revision, job_id
+        if header is not None:
+            update.job.ParseFromString(header)
+        updates.append(update)
+    return updates
+
+
+def folded_child_events(db_path: Path, job_id: str, after: int = 0) -> list[int]:
+    """How many child events each of the job's `changes` rows after `after` folds
+    (0 for a job or step transition), in revision order."""
+    db = open_sqlite_readonly(db_path)
+    try:
+        rows = db.execute(
+            "SELECT child_events FROM changes WHERE job_id = ? AND revision > ? ORDER BY revision", (job_id, after)
+        ).fetchall()
+    finally:
+        db.close()
+    return [row[0] for row in rows]
+
+
+async def read_watch(call: Any, deadline: float = DEADLINE) -> Any:
+    """The next message of a watch (an AssertionError instead of a hang)."""
+    try:
+        async with asyncio.timeout(deadline):
+            message = await call.read()
+    except TimeoutError:
+        raise AssertionError("no watch message in time") from None
+    assert message is not grpc.aio.EOF, "the watch ended"
+    return message
+
+
+async def watch_until(
+    call: Any, done: Callable[[Any], bool], deadline: float = DEADLINE
+) -> tuple[list[Any], list[Any]]:
+    """Read a watch until `done(update)` holds for an update; returns (updates, heartbeats)."""
+    updates: list[Any] = []
+    heartbeats: list[Any] = []
+    end = time.monotonic() + deadline
+    while True:
+        message = await read_watch(call, max(0.1, end - time.monotonic()))
+        kind = message.WhichOneof("event")
+        assert kind != "initial_state_complete", "a second InitialStateComplete"
+        if kind == "heartbeat":
+            heartbeats.append(message.heartbeat)
+            continue
+        finished_now = False
+        for update in message.updates.updates:
+            updates.append(update)
+            finished_now = done(update) or finished_now
+        if finished_now:
+            return updates, heartbeats
+
+
+def ends_job(update: Any) -> bool:
+    """`watch_until` predicate: the update carries a terminal job header."""
+    from stepstream.states import TERMINAL_JOB_STATES
+
+    return bool(update.HasField("job") and update.job.state in TERMINAL_JOB_STATES)
