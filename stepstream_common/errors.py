@@ -37,21 +37,21 @@ class ServiceError(Exception):
     """Base of the errors a caller can act on."""
 
 
-class InvalidArgument(ServiceError):
+class InvalidArgumentError(ServiceError):
     def __init__(self, message: str, violations: list[FieldViolation] | None = None) -> None:
         super().__init__(message)
         self.violations = violations or []
 
 
-class NotFound(ServiceError):
+class NotFoundError(ServiceError):
     pass
 
 
-class FailedPrecondition(ServiceError):
+class FailedPreconditionError(ServiceError):
     pass
 
 
-class Unavailable(ServiceError):
+class UnavailableError(ServiceError):
     """The service cannot answer correctly right now; the same call may succeed later.
 
     `reason` and `metadata`, if given, travel as google.rpc.ErrorInfo."""
@@ -62,7 +62,7 @@ class Unavailable(ServiceError):
         self.metadata = metadata or {}
 
 
-class CursorOutOfRange(ServiceError):
+class CursorOutOfRangeError(ServiceError):
     """A resume cursor the server cannot serve; the caller must resync from a snapshot.
 
     reason is CURSOR_TOO_OLD (older than what is retained) or CURSOR_UNKNOWN

@@ -31,7 +31,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequen
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
 
-from stepstream_common.errors import Unavailable
+from stepstream_common.errors import UnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +172,7 @@ class Feed(Generic[T]):
                 sub.notify()
 
     def close(self) -> None:
-        """End every follow() loop at its next step (graceful shutdown)."""
+        """End every replay_then_live() loop at its next step (graceful shutdown)."""
         self.closed = True
         for sub in self._all():
             sub.closed = True
@@ -199,7 +199,7 @@ class Page(Generic[T]):
     horizon: int
 
 
-class StreamGap(Unavailable):
+class StreamGap(UnavailableError):
     """Storage ended before the live queue begins: streaming on would skip items.
 
     The stream ends UNAVAILABLE; its client resumes from its own cursor."""
@@ -208,7 +208,7 @@ class StreamGap(Unavailable):
 ReadPage = Callable[[int, int], Awaitable[Page[T]]]
 
 
-async def follow(
+async def replay_then_live(
     feed: Feed[T],
     subscription: Subscription[T],
     *,
@@ -221,7 +221,7 @@ async def follow(
     nothing happened for `idle_timeout` seconds (time for a heartbeat).
 
     `read_page(cursor, limit)` returns stored items with position > cursor in
-    order, and raises CursorOutOfRange if the cursor is older than what storage
+    order, and raises CursorOutOfRangeError if the cursor is older than what storage
     retains. The subscription must have been taken before whatever produced
     `after` (a snapshot, a client's cursor) was read. Raises StreamGap if
     storage cannot reach the live queue (see the module docstring).

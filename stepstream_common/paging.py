@@ -19,7 +19,7 @@ import secrets
 from collections.abc import Sequence
 from typing import Any
 
-from stepstream_common.errors import FieldViolation, InvalidArgument
+from stepstream_common.errors import FieldViolation, InvalidArgumentError
 
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
@@ -30,7 +30,7 @@ _SIGNATURE_BYTES = 16
 
 def page_size(requested: int, field: str = "page_size") -> int:
     if requested < 0:
-        raise InvalidArgument(f"{field} must not be negative",
+        raise InvalidArgumentError(f"{field} must not be negative",
                               [FieldViolation(field, f"must not be negative, got {requested}")])
     return min(requested or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
 
@@ -57,14 +57,14 @@ class PageTokens:
     def decode(
         self, token: str, query: str, types: Sequence[type], field: str = "page_token"
     ) -> list[Any] | None:
-        """The key in `token` (None for an empty token); InvalidArgument unless this
+        """The key in `token` (None for an empty token); InvalidArgumentError unless this
         store issued it for this very query."""
         if not token:
             return None
         key = self._verified(token, query)
         valid = key is not None and len(key) == len(types)
         if key is None or not valid or not all(_is(value, kind) for value, kind in zip(key, types, strict=True)):
-            raise InvalidArgument(
+            raise InvalidArgumentError(
                 "invalid page token",
                 [FieldViolation(field, "not a token from the previous page of this same request")],
             )

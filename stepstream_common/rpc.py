@@ -24,13 +24,13 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 from grpc_status import rpc_status
 
 from stepstream_common.errors import (
-    CursorOutOfRange,
-    FailedPrecondition,
+    CursorOutOfRangeError,
+    FailedPreconditionError,
     FieldViolation,
-    InvalidArgument,
-    NotFound,
+    InvalidArgumentError,
+    NotFoundError,
     ServiceError,
-    Unavailable,
+    UnavailableError,
 )
 
 log = logging.getLogger(__name__)
@@ -38,11 +38,11 @@ log = logging.getLogger(__name__)
 ERROR_DOMAIN = "stepstream"
 
 _CODES: dict[type[ServiceError], tuple[grpc.StatusCode, int]] = {
-    InvalidArgument: (grpc.StatusCode.INVALID_ARGUMENT, code_pb2.INVALID_ARGUMENT),
-    NotFound: (grpc.StatusCode.NOT_FOUND, code_pb2.NOT_FOUND),
-    FailedPrecondition: (grpc.StatusCode.FAILED_PRECONDITION, code_pb2.FAILED_PRECONDITION),
-    CursorOutOfRange: (grpc.StatusCode.OUT_OF_RANGE, code_pb2.OUT_OF_RANGE),
-    Unavailable: (grpc.StatusCode.UNAVAILABLE, code_pb2.UNAVAILABLE),
+    InvalidArgumentError: (grpc.StatusCode.INVALID_ARGUMENT, code_pb2.INVALID_ARGUMENT),
+    NotFoundError: (grpc.StatusCode.NOT_FOUND, code_pb2.NOT_FOUND),
+    FailedPreconditionError: (grpc.StatusCode.FAILED_PRECONDITION, code_pb2.FAILED_PRECONDITION),
+    CursorOutOfRangeError: (grpc.StatusCode.OUT_OF_RANGE, code_pb2.OUT_OF_RANGE),
+    UnavailableError: (grpc.StatusCode.UNAVAILABLE, code_pb2.UNAVAILABLE),
 }
 
 
@@ -64,17 +64,17 @@ def to_status(error: ServiceError) -> grpc.Status:
     """The gRPC status (with google.rpc details in the trailer) for an error, bounded in size."""
     _, code = next(codes for kind, codes in _CODES.items() if isinstance(error, kind))
     details: list[any_pb2.Any] = []
-    if isinstance(error, InvalidArgument) and error.violations:
+    if isinstance(error, InvalidArgumentError) and error.violations:
         bad_request = error_details_pb2.BadRequest(field_violations=_field_violations(error.violations))
         details.append(_pack(bad_request))
-    if isinstance(error, CursorOutOfRange):
+    if isinstance(error, CursorOutOfRangeError):
         info = error_details_pb2.ErrorInfo(
             reason=error.reason,
             domain=ERROR_DOMAIN,
             metadata={"oldest": str(error.oldest), "latest": str(error.latest), "log_id": error.log_id},
         )
         details.append(_pack(info))
-    if isinstance(error, Unavailable) and error.reason:
+    if isinstance(error, UnavailableError) and error.reason:
         details.append(_pack(error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN,
                                                           metadata=error.metadata)))
     status = status_pb2.Status(code=code, message=bounded(str(error), MAX_MESSAGE_BYTES), details=details)
@@ -127,9 +127,9 @@ async def abort(context: grpc.aio.ServicerContext[Any, Any], error: ServiceError
 
 
 def require(violations: list[tuple[str, str]]) -> None:
-    """Raise InvalidArgument listing every (field, problem) pair, if any."""
+    """Raise InvalidArgumentError listing every (field, problem) pair, if any."""
     if violations:
-        raise InvalidArgument(
+        raise InvalidArgumentError(
             "invalid request: " + "; ".join(f"{f}: {d}" for f, d in violations),
             [FieldViolation(f, d) for f, d in violations],
         )
@@ -192,7 +192,7 @@ def _boundary(behavior: Callable[..., Any], request_type: type[message.Message],
         try:
             return request_type.FromString(data)
         except message.DecodeError as error:
-            raise InvalidArgument(
+            raise InvalidArgumentError(
                 f"the request does not parse as {request_type.DESCRIPTOR.full_name}: {error}"
             ) from None
 

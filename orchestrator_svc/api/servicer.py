@@ -13,8 +13,8 @@ from stepstream.orchestrator.v1 import orchestrator_service_pb2 as pb
 from orchestrator_svc.engine.engine import Engine
 from orchestrator_svc.storage.base import EventStore, StoredEvent
 from stepstream_common import wire
-from stepstream_common.errors import CursorOutOfRange, quoted
-from stepstream_common.feed import Feed, follow
+from stepstream_common.errors import CursorOutOfRangeError, quoted
+from stepstream_common.feed import Feed, replay_then_live
 from stepstream_common.paging import page_size
 from stepstream_common.rpc import require
 from stepstream_common.timeutil import duration, timestamp
@@ -92,7 +92,7 @@ class OrchestratorServicer:
                 )
             if request.after_seq > latest:
                 raise self._unknown_cursor(f"after_seq {request.after_seq} is ahead of this log (latest {latest})")
-            async for items in follow(
+            async for items in replay_then_live(
                 self._feed, subscription, after=request.after_seq, read_page=self._store.read_events,
                 idle_timeout=self._heartbeat_interval, page_size=MAX_EVENTS_PER_MESSAGE,
             ):
@@ -128,8 +128,8 @@ class OrchestratorServicer:
             ),
         )
 
-    def _unknown_cursor(self, message: str) -> CursorOutOfRange:
-        return CursorOutOfRange(
+    def _unknown_cursor(self, message: str) -> CursorOutOfRangeError:
+        return CursorOutOfRangeError(
             "CURSOR_UNKNOWN", message + ": resync with StreamSnapshot",
             oldest=0, latest=self._feed.latest, log_id=self._log_id,
         )

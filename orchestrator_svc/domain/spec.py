@@ -12,7 +12,7 @@ from google.protobuf import json_format, struct_pb2
 from stepstream.orchestrator.v1 import definition_pb2
 
 from orchestrator_svc.domain.durations import parse_duration
-from stepstream_common.errors import FieldViolation, InvalidArgument, quoted
+from stepstream_common.errors import FieldViolation, InvalidArgumentError, quoted
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 MAX_RETRIES = 100
@@ -114,7 +114,7 @@ def execution_options(
 
 
 def validate_job(definition: definition_pb2.JobDefinition, workers: WorkerCatalog) -> JobSpec:
-    """The spec of a valid definition; InvalidArgument naming every problem otherwise."""
+    """The spec of a valid definition; InvalidArgumentError naming every problem otherwise."""
     violations: Violations = []
     root = "definition"
     if not definition.name.strip():
@@ -156,7 +156,7 @@ def validate_job(definition: definition_pb2.JobDefinition, workers: WorkerCatalo
 
     violations.extend(_cycles(graph, root))
     if violations:
-        raise InvalidArgument(
+        raise InvalidArgumentError(
             f"invalid job definition ({len(violations)} problem{'s' if len(violations) > 1 else ''})",
             [FieldViolation(f, d) for f, d in violations],
         )

@@ -19,9 +19,9 @@ from orchestrator_svc.domain.spec import validate_job
 from orchestrator_svc.engine.journal import Journal
 from orchestrator_svc.engine.recorder import Recorder
 from orchestrator_svc.engine.runner import JobRun, RunSettings, stop_everything
-from orchestrator_svc.storage.base import EventStore, JobView, NewJob
+from orchestrator_svc.storage.base import EventStore, NewJob, StoredJob
 from orchestrator_svc.workers.base import WorkerRegistry
-from stepstream_common.errors import FailedPrecondition, NotFound, quoted
+from stepstream_common.errors import FailedPreconditionError, NotFoundError, quoted
 from stepstream_common.wire import clone
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ class Engine:
         request_id share that task.
         """
         if not self._accepting:
-            raise FailedPrecondition("the orchestrator is shutting down")
+            raise FailedPreconditionError("the orchestrator is shutting down")
         submission = self._submitting.get(request_id) if request_id else None
         if submission is None:
             submission = asyncio.create_task(self._submit_once(definition, request_id), name="submit")
@@ -104,7 +104,7 @@ class Engine:
             existing = await self._store.job_for_request(request_id)
             if existing is not None:
                 if existing.definition != encoded:
-                    raise FailedPrecondition(
+                    raise FailedPreconditionError(
                         f"request_id {request_id!r} already created job {existing.job.id} from another definition"
                     )
                 return existing.job, existing.first_seq
@@ -150,18 +150,18 @@ class Engine:
         else:
             view = await self._store.get_job(job_id)
             if view is None:
-                raise NotFound(f"no job {quoted(job_id)}")
+                raise NotFoundError(f"no job {quoted(job_id)}")
             job = view.job
         if machine.job_is_terminal(job.state) and job.state != s.JOB_STATE_CANCELLED:
-            raise FailedPrecondition(
+            raise FailedPreconditionError(
                 f"job {job_id} already {job_state_word(job.state)}; only a pending or running job can be cancelled"
             )
         return clone(job)
 
-    async def get(self, job_id: str) -> JobView:
+    async def get(self, job_id: str) -> StoredJob:
         view = await self._store.get_job(job_id)
         if view is None:
-            raise NotFound(f"no job {quoted(job_id)}")
+            raise NotFoundError(f"no job {quoted(job_id)}")
         return view
 
     async def list(

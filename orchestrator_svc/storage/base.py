@@ -46,7 +46,7 @@ class RequestedJob:
 
 
 @dataclass
-class JobView:
+class StoredJob:
     """One job as committed, and the seq it is valid at."""
 
     job: records_pb2.Job
@@ -90,16 +90,16 @@ class EventStore(Protocol):
 
     async def read_events(self, after_seq: int, limit: int) -> Page[StoredEvent]:
         """Events with seq > after_seq in order, and the latest seq when read;
-        CursorOutOfRange if some were pruned."""
+        CursorOutOfRangeError if some were pruned."""
 
-    async def get_job(self, job_id: str) -> JobView | None: ...
+    async def get_job(self, job_id: str) -> StoredJob | None: ...
 
     async def job_for_request(self, request_id: str) -> RequestedJob | None: ...
 
     async def list_jobs(
         self, states: Sequence[int], name: str, page_size: int, page_token: str
     ) -> tuple[list[records_pb2.Job], str]:
-        """Newest first; InvalidArgument for a page token this store did not issue."""
+        """Newest first; InvalidArgumentError for a page token this store did not issue."""
 
     def snapshot(self) -> AbstractAsyncContextManager[Snapshot]:
         """A consistent Snapshot, readable while the context is open."""

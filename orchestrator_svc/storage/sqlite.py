@@ -17,15 +17,15 @@ from stepstream.orchestrator.v1 import definition_pb2
 from stepstream.states import TERMINAL_JOB_STATES, TERMINAL_STEP_STATES
 
 from orchestrator_svc.storage.base import (
-    JobView,
     LogInfo,
     NewJob,
     RequestedJob,
     Snapshot,
     StoredEvent,
+    StoredJob,
     UnfinishedJob,
 )
-from stepstream_common.errors import CursorOutOfRange
+from stepstream_common.errors import CursorOutOfRangeError
 from stepstream_common.feed import Page
 from stepstream_common.paging import PageTokens, new_secret, scope
 from stepstream_common.sqlite import SqliteFile
@@ -155,7 +155,7 @@ class SqliteEventStore(SqliteFile):
             ]
             latest = await _latest_seq(db)
             if rows and rows[0].position != after_seq + 1:
-                raise CursorOutOfRange(
+                raise CursorOutOfRangeError(
                     "CURSOR_TOO_OLD",
                     f"events after seq {after_seq} are no longer retained; the oldest is {rows[0].position}: "
                     "resync with StreamSnapshot",
@@ -174,8 +174,8 @@ class SqliteEventStore(SqliteFile):
 
         return await self.read(unit)
 
-    async def get_job(self, job_id: str) -> JobView | None:
-        async def unit(db: aiosqlite.Connection) -> JobView | None:
+    async def get_job(self, job_id: str) -> StoredJob | None:
+        async def unit(db: aiosqlite.Connection) -> StoredJob | None:
             rows = list(await db.execute_fetchall(
                 "SELECT record, definition FROM jobs WHERE job_id = ? AND seq > 0", (job_id,)
             ))
@@ -282,14 +282,14 @@ class SqliteEventStore(SqliteFile):
         await self.write(unit)
 
 
-def _job_view(job: Sequence[Any], steps: Iterable[Any], counts: Iterable[Any], seq: int) -> JobView:
+def _job_view(job: Sequence[Any], steps: Iterable[Any], counts: Iterable[Any], seq: int) -> StoredJob:
     child_counts: dict[str, records_pb2.ChildCounts] = {}
     for step_name, state, count in counts:
         tally = child_counts.setdefault(step_name, records_pb2.ChildCounts())
         tally.total += count
         field = s.StepState.Name(state).removeprefix("STEP_STATE_").lower()
         setattr(tally, field, getattr(tally, field) + count)
-    return JobView(
+    return StoredJob(
         job=_event(job[0]).job,
         steps=[_event(row[0]).step for row in steps],
         child_counts=child_counts,

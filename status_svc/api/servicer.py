@@ -15,8 +15,8 @@ from stepstream.status.v1 import status_service_pb2 as pb
 from status_svc.ingest.progress import AppliedPositions
 from status_svc.storage.base import ChangeFilter, StatusStore, StoredChange
 from stepstream_common import wire
-from stepstream_common.errors import NotFound, quoted
-from stepstream_common.feed import Feed, Page, ReadPage, Subscription, follow
+from stepstream_common.errors import NotFoundError, quoted
+from stepstream_common.feed import Feed, Page, ReadPage, Subscription, replay_then_live
 from stepstream_common.paging import page_size
 from stepstream_common.rpc import require
 from stepstream_common.timeutil import duration, timestamp
@@ -108,7 +108,7 @@ class StatusServicer:
         await self._not_older_than(request, context)
         snapshot = await self._store.get_job(request.job_id)
         if snapshot is None:
-            raise NotFound(f"no job {quoted(request.job_id)}")
+            raise NotFoundError(f"no job {quoted(request.job_id)}")
         return pb.GetJobResponse(job=self._fresh(snapshot.job), steps=snapshot.steps, revision=snapshot.revision)
 
     async def ListJobs(self, request: pb.ListJobsRequest, context: Context) -> pb.ListJobsResponse:
@@ -131,7 +131,7 @@ class StatusServicer:
             request.page_token,
         )
         if found is None:
-            raise NotFound(f"no step {quoted(request.step_name)} in job {quoted(request.job_id)}")
+            raise NotFoundError(f"no step {quoted(request.step_name)} in job {quoted(request.job_id)}")
         children, token, revision = found
         return pb.ListChildrenResponse(children=children, next_page_token=token, revision=revision)
 
@@ -146,7 +146,7 @@ class StatusServicer:
             if request.HasField("after_revision"):
                 found = await self._store.get_job(request.job_id)
                 if found is None:
-                    raise NotFound(f"no job {quoted(request.job_id)}")
+                    raise NotFoundError(f"no job {quoted(request.job_id)}")
                 await self._store.check_retained(request.after_revision)
                 after = request.after_revision
                 if request.until_finished and _finished(found.job) and found.job.revision <= after:
@@ -154,7 +154,7 @@ class StatusServicer:
             else:
                 snapshot = await self._store.get_job(request.job_id)
                 if snapshot is None:
-                    raise NotFound(f"no job {quoted(request.job_id)}")
+                    raise NotFoundError(f"no job {quoted(request.job_id)}")
                 initial = pb.JobUpdate(
                     revision=snapshot.revision, job_id=request.job_id, job=snapshot.job, steps=snapshot.steps
                 )
@@ -214,7 +214,7 @@ class StatusServicer:
         until_finished: bool = False,
     ) -> AsyncIterator[bytes | Response]:
         """Changes after `after`; with until_finished, up to the one that ends the job."""
-        async for items in follow(self._feed, subscription, after=after, read_page=read,
+        async for items in replay_then_live(self._feed, subscription, after=after, read_page=read,
                                   idle_timeout=self._heartbeat_interval, page_size=MAX_UPDATES_PER_MESSAGE):
             if not items:
                 yield heartbeat(heartbeat=pb.WatchHeartbeat(

@@ -14,7 +14,7 @@ import asyncio
 from collections.abc import Iterable
 
 from status_svc.storage.base import SourceRow
-from stepstream_common.errors import FailedPrecondition, FieldViolation, InvalidArgument, Unavailable
+from stepstream_common.errors import FailedPreconditionError, FieldViolation, InvalidArgumentError, UnavailableError
 
 NOT_YET_APPLIED = "NOT_YET_APPLIED"
 
@@ -35,13 +35,13 @@ class AppliedPositions:
                 waiter.set_result(None)
 
     async def wait(self, log_id: str, seq: int, seconds: float) -> None:
-        """Return once `seq` of `log_id` is committed; Unavailable after `seconds`."""
+        """Return once `seq` of `log_id` is committed; UnavailableError after `seconds`."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + seconds
         while not self._reached(log_id, seq):
             remaining = deadline - loop.time()
             if remaining <= 0:
-                raise Unavailable(
+                raise UnavailableError(
                     f"not yet applied: seq {seq} of log {log_id or '(the only one)'} "
                     f"(applied: {self._describe()}); retry",
                     NOT_YET_APPLIED, {"applied": self._describe()},
@@ -58,7 +58,7 @@ class AppliedPositions:
     def _reached(self, log_id: str, seq: int) -> bool:
         if not log_id:
             if len(self._applied) != 1:
-                raise InvalidArgument(
+                raise InvalidArgumentError(
                     "not_older_than.log_id is required: this service follows several orchestrators",
                     [FieldViolation("not_older_than.log_id", f"required with {len(self._applied)} orchestrators")],
                 )
@@ -69,7 +69,9 @@ class AppliedPositions:
                 return cursor >= seq
         if any(not known_log for known_log, _ in self._applied.values()):
             return False  # a source not heard from yet may be that log: wait for it
-        raise FailedPrecondition(f"this service does not follow log {log_id[:64]!r} (it follows {self._describe()})")
+        raise FailedPreconditionError(
+            f"this service does not follow log {log_id[:64]!r} (it follows {self._describe()})"
+        )
 
     def _describe(self) -> str:
         return ", ".join(f"{address} log {log or '?'} seq {cursor}" for address, (log, cursor) in self._applied.items())

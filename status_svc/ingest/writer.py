@@ -41,7 +41,7 @@ from typing import Any
 from stepstream.common.v1 import records_pb2
 
 from status_svc.domain.fold import Change, JobFold
-from status_svc.domain.views import freshness, job_status, step_stats
+from status_svc.domain.projection import freshness, job_status, step_stats
 from status_svc.ingest.progress import AppliedPositions
 from status_svc.storage.base import SourceRow, StatusStore, StoredChange, WriteBatch
 from status_svc.storage.sqlite import child_row, job_row, step_row

@@ -19,9 +19,9 @@ from stepstream.states import TERMINAL_JOB_STATES
 from stepstream.status.v1 import status_service_pb2
 
 from status_svc.domain.fold import JobFold
-from status_svc.domain.views import freshness, job_fold
+from status_svc.domain.projection import freshness, job_fold
 from status_svc.storage.base import ChangeFilter, JobSnapshot, SourceRow, StoredChange, WriteBatch
-from stepstream_common.errors import CursorOutOfRange
+from stepstream_common.errors import CursorOutOfRangeError
 from stepstream_common.feed import Page
 from stepstream_common.paging import PageTokens, new_secret, scope
 from stepstream_common.sqlite import SqliteFile
@@ -410,7 +410,7 @@ class SqliteStatusStore(SqliteFile):
         self, after: int, limit: int, job_id: str | None = None, matching: ChangeFilter | None = None
     ) -> Page[StoredChange]:
         """Changes after revision `after`, in order, and the latest revision when read;
-        CursorOutOfRange if some were pruned."""
+        CursorOutOfRangeError if some were pruned."""
         where: list[str] = ["revision > ?"]
         params: list[Any] = [after]
         if job_id is not None:
@@ -458,17 +458,17 @@ async def _add_missing_columns(db: aiosqlite.Connection) -> None:
 
 
 async def _check_retained(db: aiosqlite.Connection, after: int) -> int:
-    """The latest revision; CursorOutOfRange unless `after` can be resumed from."""
+    """The latest revision; CursorOutOfRangeError unless `after` can be resumed from."""
     rows = list(await db.execute_fetchall("SELECT MIN(revision), MAX(revision) FROM changes"))
     oldest, latest = rows[0]
     if oldest is not None and after < oldest - 1:
-        raise CursorOutOfRange(
+        raise CursorOutOfRangeError(
             "CURSOR_TOO_OLD",
             f"changes after revision {after} are no longer retained (oldest {oldest}): take a new snapshot",
             oldest=oldest, latest=latest,
         )
     if after > (latest or 0):
-        raise CursorOutOfRange(
+        raise CursorOutOfRangeError(
             "CURSOR_UNKNOWN", f"revision {after} is ahead of this service (latest {latest or 0})",
             oldest=oldest or 0, latest=latest or 0,
         )

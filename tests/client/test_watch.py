@@ -21,7 +21,7 @@ from stepstream_client import Applied, Client, JobView
 from orchestrator_svc.app import Orchestrator
 from status_svc.app import StatusService
 from status_svc.app import start as start_status
-from stepstream_common.errors import CursorOutOfRange
+from stepstream_common.errors import CursorOutOfRangeError
 from tests.conftest import status_config
 from tests.helpers import (
     DEADLINE,
@@ -205,7 +205,7 @@ async def test_out_of_range_takes_a_new_snapshot(orchestrator: Orchestrator, tmp
 async def _pruned_past(status: StatusService, revision: int) -> bool | None:
     try:
         await status.store.check_retained(revision)
-    except CursorOutOfRange:
+    except CursorOutOfRangeError:
         return True
     return None
 

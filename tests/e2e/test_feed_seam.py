@@ -7,7 +7,7 @@ from typing import NamedTuple
 
 import pytest
 
-from stepstream_common.feed import Feed, Page, StreamGap, follow
+from stepstream_common.feed import Feed, Page, StreamGap, replay_then_live
 
 
 class Item(NamedTuple):
@@ -24,7 +24,7 @@ async def _first_batches(feed: Feed[Item], stored_until: int, count: int) -> lis
         return Page(items, stored_until)
 
     batches: list[list[int]] = []
-    async for batch in follow(feed, subscription, after=0, read_page=read_page, idle_timeout=0.01):
+    async for batch in replay_then_live(feed, subscription, after=0, read_page=read_page, idle_timeout=0.01):
         batches.append([item.position for item in batch])
         if len(batches) == count:
             break

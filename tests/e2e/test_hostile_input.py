@@ -38,8 +38,8 @@ from stepstream_client.errors import from_rpc_error
 from orchestrator_svc.app import Orchestrator
 from orchestrator_svc.domain.spec import MAX_PARAMS_DEPTH
 from status_svc.app import StatusService
+from stepstream_common import errors as server_errors
 from stepstream_common import rpc, wire
-from stepstream_common.errors import FieldViolation, InvalidArgument, NotFound
 from tests.contract.test_contract import load_generator, tool
 from tests.helpers import DEADLINE, REPO, channel, wait_job_state
 
@@ -363,7 +363,8 @@ async def test_worst_case_violations_still_fit_the_trailer(orchestrator_stub: St
 
 def test_to_status_bounds_any_error_below_the_soft_limit() -> None:
     """The bound holds for any error, not just the ones validation makes today."""
-    worst = InvalidArgument("é" * 100_000, [FieldViolation("f" + "é" * 10_000, "😀" * 10_000)] * 1000)
+    violation = server_errors.FieldViolation("f" + "é" * 10_000, "😀" * 10_000)
+    worst = server_errors.InvalidArgumentError("é" * 100_000, [violation] * 1000)
     status = rpc.to_status(worst)
     message = status.details.encode()
     on_the_wire = sum(1 if 0x20 <= byte < 0x7F and byte != ord("%") else 3 for byte in message)
@@ -375,7 +376,7 @@ def test_to_status_bounds_any_error_below_the_soft_limit() -> None:
     bad_request = error_details_pb2.BadRequest()
     assert sent.details[0].Unpack(bad_request)
     assert bad_request.field_violations[-1].field == "f" + "é" * 98 + "…"  # the shared root, bounded
-    assert rpc.to_status(NotFound("no job " + "x" * 10**6)).details.endswith("…")
+    assert rpc.to_status(server_errors.NotFoundError("no job " + "x" * 10**6)).details.endswith("…")
 
 
 # --- an unexpected exception ---------------------------------------------------------------------------

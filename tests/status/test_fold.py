@@ -28,7 +28,7 @@ from stepstream.common.v1 import states_pb2 as s
 from stepstream.states import TERMINAL_JOB_STATES, TERMINAL_STEP_STATES
 from stepstream.status.v1 import status_service_pb2
 
-from status_svc.domain import views
+from status_svc.domain import projection
 from status_svc.domain.fold import NO_VERSION, Change, JobFold, Version
 from tests.helpers import entity_key
 
@@ -289,10 +289,10 @@ def last_records(events: Sequence[Event]) -> dict[Key, Event]:
 
 def reload(fold: JobFold) -> JobFold:
     """Persist a fold the way the store does (views) and rebuild it, as after a restart."""
-    status = views.job_status(fold, status_service_pb2.Freshness(), revision=1)
-    steps = [(views.step_stats(name, entry, 1), entry.version[1]) for name, entry in fold.steps.items()]
+    status = projection.job_status(fold, status_service_pb2.Freshness(), revision=1)
+    steps = [(projection.step_stats(name, entry, 1), entry.version[1]) for name, entry in fold.steps.items()]
     children = [(step, index, state, version[1]) for (step, index), (state, version) in fold.children.items()]
-    return views.job_fold(status, fold.job_version[1], steps, children)
+    return projection.job_fold(status, fold.job_version[1], steps, children)
 
 
 # --- properties ----------------------------------------------------------------------------------------------
