@@ -23,19 +23,20 @@ MAX_STEPS = 200
 # most this deep; finite numbers (JSON has no NaN or Infinity) within ±2^53, the
 # range where a double still holds every whole number exactly (as I-JSON, RFC 7493).
 MAX_PARAMS_DEPTH = 16
+_TOO_DEEP = f"nested too deeply: at most {MAX_PARAMS_DEPTH} levels of tables and lists"
 MAX_NUMBER = 2**53
 # The range of google.protobuf.Duration (10,000 years), in which every duration
 # the API reports must fit.
 MAX_DURATION_SECONDS = 315_576_000_000
 
-Violations = list[tuple[str, str]]
+# A unit of work's parameters: a step's `params`, or a fan-out child's table.
 Params = Mapping[str, Any]
 
 
 class WorkerCatalog(Protocol):
     """What validation needs to know about the registered workers."""
 
-    def validate_params(self, worker_type: str, params: Params, path: str) -> Violations | None:
+    def validate_params(self, worker_type: str, params: Params, path: str) -> list[FieldViolation] | None:
         """Problems with `params` for `worker_type` (paths under `path`), or None if
         no such worker is registered."""
 
@@ -75,37 +76,41 @@ class JobSpec:
     steps: tuple[StepSpec, ...]
 
 
-def _duration(text: str, path: str, violations: Violations) -> float | None:
+def _duration(text: str, path: str, violations: list[FieldViolation]) -> float | None:
     if not text:
         return None
     try:
         value = parse_duration(text)
     except ValueError as error:
-        violations.append((path, str(error)))
+        violations.append(FieldViolation(path, str(error)))
         return None
     if value <= 0:
-        violations.append((path, f"must be greater than zero, got {quoted(text)}"))
+        violations.append(FieldViolation(path, f"must be greater than zero, got {quoted(text)}"))
     elif value > MAX_DURATION_SECONDS:
-        violations.append((path, f"must be at most {MAX_DURATION_SECONDS}s (10,000 years), got {quoted(text)}"))
+        violations.append(
+            FieldViolation(path, f"must be at most {MAX_DURATION_SECONDS}s (10,000 years), got {quoted(text)}")
+        )
         return None
     return value
 
 
 def execution_options(
-    retries: Any, timeout: Any, retry_backoff: Any, path: str, violations: Violations
+    retries: Any, timeout: Any, retry_backoff: Any, path: str, violations: list[FieldViolation]
 ) -> tuple[int, float | None, float]:
     """Validate the fields every unit of work has: retries, timeout, retry_backoff."""
     retry_count = 0
     if isinstance(retries, bool) or not isinstance(retries, int | float) or int(retries) != retries:
-        violations.append((f"{path}.retries", f"must be a whole number, got {quoted(retries)}"))
+        violations.append(FieldViolation(f"{path}.retries", f"must be a whole number, got {quoted(retries)}"))
     elif not 0 <= retries <= MAX_RETRIES:
-        violations.append((f"{path}.retries", f"must be between 0 and {MAX_RETRIES}, got {int(retries)}"))
+        violations.append(FieldViolation(f"{path}.retries", f"must be between 0 and {MAX_RETRIES}, got {int(retries)}"))
     else:
         retry_count = int(retries)
     limits: list[float | None] = []
     for name, value in (("timeout", timeout), ("retry_backoff", retry_backoff)):
         if not isinstance(value, str):
-            violations.append((f"{path}.{name}", f"must be a duration string like '30s', got {quoted(value)}"))
+            violations.append(
+                FieldViolation(f"{path}.{name}", f"must be a duration string like '30s', got {quoted(value)}")
+            )
             limits.append(None)
         else:
             limits.append(_duration(value, f"{path}.{name}", violations))
@@ -115,30 +120,32 @@ def execution_options(
 
 def validate_job(definition: definition_pb2.JobDefinition, workers: WorkerCatalog) -> JobSpec:
     """The spec of a valid definition; InvalidArgumentError naming every problem otherwise."""
-    violations: Violations = []
+    violations: list[FieldViolation] = []
     root = "definition"
     if not definition.name.strip():
-        violations.append((f"{root}.name", "is required"))
+        violations.append(FieldViolation(f"{root}.name", "is required"))
     elif len(definition.name) > 200:
-        violations.append((f"{root}.name", "must be at most 200 characters"))
+        violations.append(FieldViolation(f"{root}.name", "must be at most 200 characters"))
     job_timeout = _duration(definition.timeout, f"{root}.timeout", violations)
     if not definition.steps:
-        violations.append((f"{root}.steps", "at least one step is required"))
+        violations.append(FieldViolation(f"{root}.steps", "at least one step is required"))
     elif len(definition.steps) > MAX_STEPS:
-        violations.append((f"{root}.steps", f"at most {MAX_STEPS} steps"))
+        violations.append(FieldViolation(f"{root}.steps", f"at most {MAX_STEPS} steps"))
 
     names = [step.name for step in definition.steps]
     first_index: dict[str, int] = {}
     for index, name in enumerate(names):
         path = f"{root}.steps[{index}].name"
         if not name:
-            violations.append((path, "is required"))
+            violations.append(FieldViolation(path, "is required"))
         elif not NAME_PATTERN.match(name):
-            violations.append((
+            violations.append(FieldViolation(
                 path, f"{quoted(name)} must be 1-100 letters, digits, '_', '.' or '-', starting with a letter or digit"
             ))
         elif name in first_index:
-            violations.append((path, f"duplicate step name {quoted(name)} (also steps[{first_index[name]}])"))
+            violations.append(
+                FieldViolation(path, f"duplicate step name {quoted(name)} (also steps[{first_index[name]}])")
+            )
         else:
             first_index[name] = index
 
@@ -157,8 +164,7 @@ def validate_job(definition: definition_pb2.JobDefinition, workers: WorkerCatalo
     violations.extend(_cycles(graph, root))
     if violations:
         raise InvalidArgumentError(
-            f"invalid job definition ({len(violations)} problem{'s' if len(violations) > 1 else ''})",
-            [FieldViolation(f, d) for f, d in violations],
+            f"invalid job definition ({len(violations)} problem{'s' if len(violations) > 1 else ''})", violations
         )
     return JobSpec(definition.name, job_timeout, tuple(steps))
 
@@ -169,7 +175,7 @@ def _dependencies(
     names: list[str],
     first_index: Mapping[str, int],
     path: str,
-    violations: Violations,
+    violations: list[FieldViolation],
 ) -> tuple[str, ...]:
     if not step.HasField("depends_on"):
         return (names[index - 1],) if index > 0 else ()
@@ -177,22 +183,22 @@ def _dependencies(
     for position, dep in enumerate(step.depends_on.steps):
         dep_path = f"{path}.depends_on.steps[{position}]"
         if dep == step.name:
-            violations.append((dep_path, f"step {quoted(step.name)} cannot depend on itself"))
+            violations.append(FieldViolation(dep_path, f"step {quoted(step.name)} cannot depend on itself"))
         elif dep not in first_index:
-            violations.append((dep_path, f"unknown step {quoted(dep)}"))
+            violations.append(FieldViolation(dep_path, f"unknown step {quoted(dep)}"))
         elif dep in deps:
-            violations.append((dep_path, f"{quoted(dep)} is listed twice"))
+            violations.append(FieldViolation(dep_path, f"{quoted(dep)} is listed twice"))
         else:
             deps.append(dep)
     return tuple(deps)
 
 
-def _params(step: definition_pb2.StepDefinition, path: str, violations: Violations) -> Params | None:
+def _params(step: definition_pb2.StepDefinition, path: str, violations: list[FieldViolation]) -> Params | None:
     """The step's params as plain values; None (with the problems added) when they
     hold what no worker should be handed (see MAX_PARAMS_DEPTH)."""
     if not step.HasField("params"):
         return {}
-    problems: Violations = []
+    problems: list[FieldViolation] = []
     _check_struct(step.params, path, 1, problems)
     if problems:
         violations.extend(problems)
@@ -201,27 +207,27 @@ def _params(step: definition_pb2.StepDefinition, path: str, violations: Violatio
     return params
 
 
-def _check_struct(struct: struct_pb2.Struct, path: str, depth: int, problems: Violations) -> None:
+def _check_struct(struct: struct_pb2.Struct, path: str, depth: int, problems: list[FieldViolation]) -> None:
     if depth > MAX_PARAMS_DEPTH:
-        problems.append((path, f"nested too deeply: at most {MAX_PARAMS_DEPTH} levels of tables and lists"))
+        problems.append(FieldViolation(path, _TOO_DEEP))
         return
     for key, value in struct.fields.items():
         _check_value(value, f"{path}.{key}", depth, problems)
 
 
-def _check_value(value: struct_pb2.Value, path: str, depth: int, problems: Violations) -> None:
+def _check_value(value: struct_pb2.Value, path: str, depth: int, problems: list[FieldViolation]) -> None:
     kind = value.WhichOneof("kind")
     if kind == "number_value":
         number = value.number_value
         if not math.isfinite(number):
-            problems.append((path, f"must be a finite number, got {number}"))
+            problems.append(FieldViolation(path, f"must be a finite number, got {number}"))
         elif abs(number) > MAX_NUMBER:
-            problems.append((path, f"must be between -2^53 and 2^53, got {number:g}"))
+            problems.append(FieldViolation(path, f"must be between -2^53 and 2^53, got {number:g}"))
     elif kind == "struct_value":
         _check_struct(value.struct_value, path, depth + 1, problems)
     elif kind == "list_value":
         if depth + 1 > MAX_PARAMS_DEPTH:
-            problems.append((path, f"nested too deeply: at most {MAX_PARAMS_DEPTH} levels of tables and lists"))
+            problems.append(FieldViolation(path, _TOO_DEEP))
             return
         for position, item in enumerate(value.list_value.values):
             _check_value(item, f"{path}[{position}]", depth + 1, problems)
@@ -232,7 +238,7 @@ def _execution(
     params: Params | None,
     path: str,
     workers: WorkerCatalog,
-    violations: Violations,
+    violations: list[FieldViolation],
 ) -> Execution | None:
     """The step's execution; None when it has problems. `params` is None when
     they were rejected already: then only the step's own fields are checked."""
@@ -240,34 +246,36 @@ def _execution(
         step.retries, step.timeout, step.retry_backoff, path, violations
     )
     if not step.type:
-        violations.append((f"{path}.type", f"is required (one of: {', '.join(workers.known_types())})"))
+        violations.append(FieldViolation(f"{path}.type", f"is required (one of: {', '.join(workers.known_types())})"))
         return None
     if step.type not in workers.known_types():
-        violations.append(
-            (f"{path}.type", f"unknown worker type {quoted(step.type)} (one of: {', '.join(workers.known_types())})")
-        )
+        violations.append(FieldViolation(
+            f"{path}.type", f"unknown worker type {quoted(step.type)} (one of: {', '.join(workers.known_types())})"
+        ))
         return None
     if retries and workers.is_fanout(step.type):
-        violations.append((f"{path}.retries", "a fan-out step is not retried; set `child.retries` instead"))
+        violations.append(
+            FieldViolation(f"{path}.retries", "a fan-out step is not retried; set `child.retries` instead")
+        )
     if params is None:
         return None
     violations.extend(workers.validate_params(step.type, params, f"{path}.params") or [])
     return Execution(step.type, params, timeout, retries, backoff)
 
 
-def _cycles(graph: Mapping[str, tuple[int, tuple[str, ...]]], root: str) -> Violations:
+def _cycles(graph: Mapping[str, tuple[int, tuple[str, ...]]], root: str) -> list[FieldViolation]:
     """One violation per dependency cycle among the (index, dependencies) of each step."""
     done: set[str] = set()
-    violations: Violations = []
+    violations: list[FieldViolation] = []
 
     def visit(name: str, trail: list[str]) -> None:
         if name in done:
             return
         if name in trail:
             cycle = [*trail[trail.index(name) :], name]
-            violations.append(
-                (f"{root}.steps[{graph[cycle[0]][0]}].depends_on", "dependency cycle: " + " -> ".join(cycle))
-            )
+            violations.append(FieldViolation(
+                f"{root}.steps[{graph[cycle[0]][0]}].depends_on", "dependency cycle: " + " -> ".join(cycle)
+            ))
             done.update(cycle)
             return
         for dep in graph[name][1]:

@@ -13,26 +13,17 @@ from stepstream.common.v1 import states_pb2 as s
 from stepstream.orchestrator.v1 import definition_pb2
 from stepstream.states import job_state_word
 
-from orchestrator_svc.domain import machine
-from orchestrator_svc.domain.rules import CANCELLED_BY_REQUEST, ORCHESTRATOR_RESTARTED, Interruption
+from orchestrator_svc.domain import machine, rules
 from orchestrator_svc.domain.spec import validate_job
 from orchestrator_svc.engine.journal import Journal
 from orchestrator_svc.engine.recorder import Recorder
 from orchestrator_svc.engine.runner import JobRun, RunSettings, stop_everything
 from orchestrator_svc.storage.base import EventStore, NewJob, StoredJob
-from orchestrator_svc.workers.base import WorkerRegistry
+from orchestrator_svc.workers.registry import WorkerRegistry
 from stepstream_common.errors import FailedPreconditionError, NotFoundError, quoted
 from stepstream_common.wire import clone
 
 log = logging.getLogger(__name__)
-
-SHUT_DOWN = Interruption(
-    s.JOB_STATE_FAILED,
-    s.REASON_ORCHESTRATOR_RESTARTED,
-    "the orchestrator shut down while this was in flight",
-    s.STEP_STATE_FAILED,
-    s.STEP_STATE_CANCELLED,
-)
 
 
 class Engine:
@@ -62,7 +53,7 @@ class Engine:
         """End the jobs a previous process left in flight; returns how many."""
         unfinished = await self._store.unfinished_jobs()
         for found in unfinished:
-            cause = CANCELLED_BY_REQUEST if found.job.HasField("cancel_requested_at") else ORCHESTRATOR_RESTARTED
+            cause = rules.left_in_flight(cancel_requested=found.job.HasField("cancel_requested_at"))
             stop_everything(self._recorder, found.job, found.steps, found.children, cause)
         if unfinished:
             await self._journal.durable(self._journal.appended_seq)
@@ -173,6 +164,6 @@ class Engine:
         """Stop accepting, stop every run (recording why), wait for them."""
         self._accepting = False
         for run in list(self._runs.values()):
-            run.interrupt(SHUT_DOWN)
+            run.interrupt(rules.SHUT_DOWN)
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -1,5 +1,5 @@
-"""Drives one job through its steps. Each status change is decided here (using
-the rules in domain/rules.py) and written through the Recorder."""
+"""Drives one job through its steps: runs, waits, stops and times out its work
+in order, and records through the Recorder the statuses domain/rules.py decides."""
 
 from __future__ import annotations
 
@@ -10,26 +10,15 @@ from dataclasses import dataclass
 
 from stepstream.common.v1 import records_pb2
 from stepstream.common.v1 import states_pb2 as s
-from stepstream.states import step_state_word
 
-from orchestrator_svc.domain import machine
-from orchestrator_svc.domain.rules import (
-    CANCELLED_BY_REQUEST,
-    ChildTally,
-    Interruption,
-    Outcome,
-    Readiness,
-    fanout_outcome,
-    fanout_over_tolerance,
-    job_outcome,
-    job_timed_out,
-    readiness,
-)
+from orchestrator_svc.domain import machine, rules
+from orchestrator_svc.domain.rules import Interruption, Outcome, Stop
 from orchestrator_svc.domain.spec import JobSpec, StepSpec
 from orchestrator_svc.engine.attempts import AttemptHooks, run_attempts
 from orchestrator_svc.engine.recorder import Recorder
-from orchestrator_svc.workers.base import FanoutPlan, FanoutWorker, WorkContext, Worker, WorkerRegistry
+from orchestrator_svc.workers import FanoutPlan, FanoutWorker, WorkContext, Worker
 from orchestrator_svc.workers.processes import ProcessRegistry
+from orchestrator_svc.workers.registry import WorkerRegistry
 
 log = logging.getLogger(__name__)
 
@@ -58,42 +47,18 @@ def stop_everything(
     ever shown finished while something under it is not.
     """
     for step in steps:
-        stop_children(recorder, children.get(step.name, ()), interruption.running_state,
-                      interruption.pending_state, interruption.reason, interruption.message)
-        if not machine.step_is_terminal(step.state):
-            started = step.state in (s.STEP_STATE_RUNNING, s.STEP_STATE_WAITING)
-            state = interruption.running_state if started else interruption.pending_state
+        stop_children(recorder, children.get(step.name, ()), interruption)
+        state = interruption.stopped_state(step.state)
+        if state is not None:
             recorder.step(step, state, interruption.reason, interruption.message)
     recorder.job(job, interruption.job_state, interruption.reason, interruption.message)
 
 
-def stop_children(
-    recorder: Recorder,
-    children: Iterable[records_pb2.Child],
-    running_state: int,
-    pending_state: int,
-    reason: int,
-    message: str,
-) -> None:
+def stop_children(recorder: Recorder, children: Iterable[records_pb2.Child], stop: Stop) -> None:
     for child in children:
-        if not machine.step_is_terminal(child.state):
-            state = running_state if child.state == s.STEP_STATE_RUNNING else pending_state
-            recorder.child(child, state, reason, message)
-
-
-def tally(children: Iterable[records_pb2.Child]) -> ChildTally:
-    counts = {s.STEP_STATE_COMPLETED: 0, s.STEP_STATE_FAILED: 0, s.STEP_STATE_CANCELLED: 0}
-    total = 0
-    for child in children:
-        total += 1
-        if child.state in counts:
-            counts[child.state] += 1
-    return ChildTally(
-        total=total,
-        completed=counts[s.STEP_STATE_COMPLETED],
-        failed=counts[s.STEP_STATE_FAILED],
-        cancelled=counts[s.STEP_STATE_CANCELLED],
-    )
+        state = stop.stopped_state(child.state)
+        if state is not None:
+            recorder.child(child, state, stop.reason, stop.message)
 
 
 class JobRun:
@@ -128,7 +93,7 @@ class JobRun:
         if self.finished or self.job.HasField("cancel_requested_at"):
             return None
         seq = self._recorder.cancel_requested(self.job)
-        self.interrupt(CANCELLED_BY_REQUEST)
+        self.interrupt(rules.CANCELLED_BY_REQUEST)
         return seq
 
     def interrupt(self, interruption: Interruption) -> None:
@@ -145,17 +110,14 @@ class JobRun:
         loop = asyncio.get_running_loop()
         timer = None
         if self._spec.timeout is not None:
-            timer = loop.call_later(self._spec.timeout, self.interrupt, job_timed_out(self._spec.timeout))
+            timer = loop.call_later(self._spec.timeout, self.interrupt, rules.job_timed_out(self._spec.timeout))
         try:
             await self._run()
         except Exception as error:
             log.exception("job %s: internal error", self.job.id)
             if not self.finished:
                 self._interruption = None
-                internal = Interruption(s.JOB_STATE_FAILED, s.REASON_WORK_FAILED,
-                                        f"internal error: {type(error).__name__}: {error}",
-                                        s.STEP_STATE_FAILED, s.STEP_STATE_CANCELLED)
-                self._stop(internal)
+                self._stop(rules.job_internal_error(error))
         finally:
             if timer is not None:
                 timer.cancel()
@@ -173,7 +135,7 @@ class JobRun:
         if self._interruption is not None:
             self._stop(self._interruption)
             return
-        outcome = job_outcome({name: step.state for name, step in self._steps.items()})
+        outcome = rules.job_outcome({name: step.state for name, step in self._steps.items()})
         self._recorder.job(self.job, outcome.state, outcome.reason, outcome.message)
 
     def _stop(self, interruption: Interruption) -> None:
@@ -199,24 +161,23 @@ class JobRun:
                         consider(dependent)
 
             def consider(spec: StepSpec) -> None:
-                dependencies = [self._steps[name] for name in spec.depends_on]
-                if readiness((d.state for d in dependencies), spec.always_run) is Readiness.RUN:
+                skipped = rules.skip_outcome({name: self._steps[name].state for name in spec.depends_on},
+                                             spec.always_run)
+                if skipped is None:
                     group.create_task(self._run_step(spec, ended))
                 else:
-                    self._skip(spec, dependencies)
+                    self._record_step(self._steps[spec.name], skipped)
                     ended(spec.name)
 
             for spec in specs:
                 if not spec.depends_on:
                     consider(spec)
 
-    def _skip(self, spec: StepSpec, dependencies: Sequence[records_pb2.Step]) -> None:
-        unfinished = [f"{d.name} ({step_state_word(d.state)})" for d in dependencies
-                      if d.state != s.STEP_STATE_COMPLETED]
-        self._recorder.step(
-            self._steps[spec.name], s.STEP_STATE_SKIPPED, s.REASON_DEPENDENCY_FAILED,
-            "dependencies did not complete: " + ", ".join(unfinished),
-        )
+    def _record_step(self, record: records_pb2.Step, status: Outcome, attempt: int | None = None) -> None:
+        self._recorder.step(record, status.state, status.reason, status.message, attempt=attempt)
+
+    def _record_child(self, child: records_pb2.Child, status: Outcome, attempt: int | None = None) -> None:
+        self._recorder.child(child, status.state, status.reason, status.message, attempt=attempt)
 
     async def _run_step(self, spec: StepSpec, ended: Callable[[str], None]) -> None:
         record = self._steps[spec.name]
@@ -230,23 +191,15 @@ class JobRun:
                 )
         except Exception as error:
             log.exception("job %s step %s: internal error", self.job.id, spec.name)
-            outcome = Outcome(s.STEP_STATE_FAILED, s.REASON_WORK_FAILED,
-                              f"internal error: {type(error).__name__}: {error}")
-        self._recorder.step(record, outcome.state, outcome.reason, outcome.message)
+            outcome = rules.internal_error(error)
+        self._record_step(record, outcome)
         ended(spec.name)
 
     def _context(self, step_name: str, child_index: int | None) -> WorkContextFactory:
         return WorkContextFactory(self.job.id, step_name, child_index, self._settings)
 
     def _step_hooks(self, record: records_pb2.Step) -> AttemptHooks:
-        def starting(attempt: int, reason: int, message: str) -> None:
-            self._recorder.step(record, s.STEP_STATE_RUNNING, reason, message, attempt=attempt)
-
-        def retrying(attempt: int, failure: Outcome, delay: float) -> None:
-            self._recorder.step(record, s.STEP_STATE_RUNNING, s.REASON_RETRYING,
-                                f"attempt {attempt} failed: {failure.message}; retrying in {delay:g}s")
-
-        return AttemptHooks(starting, retrying, self._may_start)
+        return AttemptHooks(lambda status, attempt: self._record_step(record, status, attempt), self._may_start)
 
     async def _may_start(self) -> None:
         """Return at once while the job runs; once it is being stopped, wait for
@@ -257,18 +210,11 @@ class JobRun:
             await asyncio.get_running_loop().create_future()
 
     def _child_hooks(self, child: records_pb2.Child) -> AttemptHooks:
-        def starting(attempt: int, reason: int, message: str) -> None:
-            self._recorder.child(child, s.STEP_STATE_RUNNING, reason, message, attempt=attempt)
-
-        def retrying(attempt: int, failure: Outcome, delay: float) -> None:
-            self._recorder.child(child, s.STEP_STATE_RUNNING, s.REASON_RETRYING,
-                                 f"attempt {attempt} failed: {failure.message}; retrying in {delay:g}s")
-
-        return AttemptHooks(starting, retrying, self._may_start)
+        return AttemptHooks(lambda status, attempt: self._record_child(child, status, attempt), self._may_start)
 
     async def _run_fanout(self, spec: StepSpec, record: records_pb2.Step, worker: FanoutWorker) -> Outcome:
         await self._may_start()
-        self._recorder.step(record, s.STEP_STATE_RUNNING, attempt=1)
+        self._record_step(record, rules.attempt_started(1, 1, None), attempt=1)
         plan = worker.plan(spec.execution.params)
         children = [
             records_pb2.Child(job_id=self.job.id, step_name=spec.name, index=index, item=item)
@@ -276,23 +222,18 @@ class JobRun:
         ]
         self._children[spec.name] = children
         self._recorder.create_children(children)
-        self._recorder.step(record, s.STEP_STATE_WAITING,
-                            message=f"{len(children)} children, up to {plan.concurrency} at a time")
+        self._record_step(record, rules.fanout_started(len(children), plan.concurrency))
         limit = spec.execution.timeout
         try:
             async with asyncio.timeout(limit):
                 over = await self._run_children(plan, children)
         except TimeoutError:
-            message = f"the fan-out timed out after {limit:g}s"
-            stop_children(self._recorder, children, s.STEP_STATE_FAILED, s.STEP_STATE_CANCELLED,
-                          s.REASON_TIMEOUT, message)
-            result = tally(children)
-            return Outcome(s.STEP_STATE_FAILED, s.REASON_TIMEOUT,
-                           f"{message}: {result.completed} of {result.total} children completed")
+            assert limit is not None  # children catch their own TimeoutErrors: this is the fan-out's
+            stop_children(self._recorder, children, rules.fanout_timeout(limit))
+            return rules.fanout_timed_out(limit, rules.tally(child.state for child in children))
         if over:
-            stop_children(self._recorder, children, s.STEP_STATE_CANCELLED, s.STEP_STATE_CANCELLED,
-                          s.REASON_FANOUT_FAILED, "stopped: more children failed than the step tolerates")
-        return fanout_outcome(tally(children), plan.max_child_failures)
+            stop_children(self._recorder, children, rules.OVER_TOLERANCE)
+        return rules.fanout_outcome(rules.tally(child.state for child in children), plan.max_child_failures)
 
     async def _run_children(self, plan: FanoutPlan, children: Sequence[records_pb2.Child]) -> bool:
         """Run children `plan.concurrency` at a time; True if stopped early
@@ -305,17 +246,17 @@ class JobRun:
         async def take_children() -> None:
             nonlocal failed
             for index in queue:
-                if fanout_over_tolerance(failed, plan.max_child_failures):
+                if rules.fanout_over_tolerance(failed, plan.max_child_failures):
                     return  # the step already failed: start nothing more (the rest are cancelled)
                 child = children[index]
                 outcome = await run_attempts(
                     worker, plan.child_execution(index), self._context(child.step_name, index),
                     self._child_hooks(child),
                 )
-                self._recorder.child(child, outcome.state, outcome.reason, outcome.message)
+                self._record_child(child, outcome)
                 if outcome.state == s.STEP_STATE_FAILED:
                     failed += 1
-                    if fanout_over_tolerance(failed, plan.max_child_failures):
+                    if rules.fanout_over_tolerance(failed, plan.max_child_failures):
                         raise _OverTolerance
 
         over = False

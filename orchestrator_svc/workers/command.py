@@ -8,8 +8,16 @@ import os
 import signal
 from collections import deque
 
-from orchestrator_svc.domain.spec import Params, Violations, WorkerCatalog
-from orchestrator_svc.workers.base import Field, WorkContext, Worker, WorkFailed, check_fields
+from orchestrator_svc.workers import (
+    Field,
+    FieldViolation,
+    Params,
+    WorkContext,
+    Worker,
+    WorkerCatalog,
+    WorkFailed,
+    check_fields,
+)
 
 FIELDS = (
     Field("command", "strings", required=True),
@@ -28,11 +36,11 @@ class CommandWorker(Worker):
     its group is killed too, so a step never leaks processes.
     """
 
-    def validate(self, params: Params, path: str, catalog: WorkerCatalog) -> Violations:
+    def validate(self, params: Params, path: str, catalog: WorkerCatalog) -> list[FieldViolation]:
         violations = check_fields(params, path, FIELDS)
         command = params.get("command")
         if isinstance(command, list) and not command:
-            violations.append((f"{path}.command", "must not be empty"))
+            violations.append(FieldViolation(f"{path}.command", "must not be empty"))
         return violations
 
     async def run(self, params: Params, context: WorkContext) -> str:

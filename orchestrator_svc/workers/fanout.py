@@ -14,11 +14,21 @@ How the step's outcome follows from its children is in domain/rules.py.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
-from orchestrator_svc.domain.spec import Execution, Params, Violations, WorkerCatalog, execution_options
-from orchestrator_svc.workers.base import FanoutPlan, FanoutWorker, Field, check_fields
-from stepstream_common.errors import quoted
+from orchestrator_svc.workers import (
+    FanoutPlan,
+    FanoutWorker,
+    Field,
+    FieldViolation,
+    Params,
+    WorkerCatalog,
+    check_child,
+    check_fields,
+    parse_child,
+    quoted,
+)
 
 MAX_CHILDREN = 100_000
 DEFAULT_CONCURRENCY = 10
@@ -29,30 +39,31 @@ FIELDS = (
     Field("max_child_failures", "integer", minimum=0),
     Field("child", "table", required=True),
 )
-CHILD_OPTIONS = ("type", "timeout", "retries", "retry_backoff")
 # More than MAX_CHILDREN would mean nothing for either, so a larger value is a mistake.
 BOUNDED_BY_MAX_CHILDREN = ("concurrency", "max_child_failures")
 
 
 class ItemsFanoutWorker(FanoutWorker):
-    def validate(self, params: Params, path: str, catalog: WorkerCatalog) -> Violations:
+    def validate(self, params: Params, path: str, catalog: WorkerCatalog) -> list[FieldViolation]:
         violations = check_fields(params, path, FIELDS)
         if ("items" in params) == ("count" in params):
-            violations.append((f"{path}.items", "set exactly one of `items` or `count`"))
+            violations.append(FieldViolation(f"{path}.items", "set exactly one of `items` or `count`"))
         size = len(params["items"]) if isinstance(params.get("items"), list) else params.get("count", 0)
         if isinstance(size, int | float) and size > MAX_CHILDREN:
-            violations.append((f"{path}.{'items' if 'items' in params else 'count'}",
-                               f"at most {MAX_CHILDREN} children, got {int(size)}"))
+            violations.append(FieldViolation(f"{path}.{'items' if 'items' in params else 'count'}",
+                                             f"at most {MAX_CHILDREN} children, got {int(size)}"))
         for name in BOUNDED_BY_MAX_CHILDREN:
             value = params.get(name)
             if isinstance(value, int | float) and not isinstance(value, bool) and value > MAX_CHILDREN:
-                violations.append((f"{path}.{name}", f"must be at most {MAX_CHILDREN}, got {value:.15g}"))
+                violations.append(FieldViolation(f"{path}.{name}", f"must be at most {MAX_CHILDREN}, got {value:.15g}"))
         for position, item in enumerate(params.get("items", []) if isinstance(params.get("items"), list) else []):
             if not isinstance(item, str | int | float) or isinstance(item, bool):
-                violations.append((f"{path}.items[{position}]", f"must be a string or number, got {quoted(item)}"))
+                violations.append(
+                    FieldViolation(f"{path}.items[{position}]", f"must be a string or number, got {quoted(item)}")
+                )
         child = params.get("child")
-        if isinstance(child, dict):
-            violations.extend(_validate_child(child, f"{path}.child", catalog))
+        if isinstance(child, Mapping):
+            violations.extend(check_child(child, f"{path}.child", catalog))
         return violations
 
     def plan(self, params: Params) -> FanoutPlan:
@@ -60,17 +71,11 @@ class ItemsFanoutWorker(FanoutWorker):
             items = [_item_text(item) for item in params["items"]]
         else:
             items = [str(index) for index in range(int(params["count"]))]
-        child = dict(params["child"])
-        options: Violations = []
-        retries, timeout, backoff = execution_options(
-            child.pop("retries", 0), child.pop("timeout", ""), child.pop("retry_backoff", ""), "", options
-        )
-        worker_type = child.pop("type")
         return FanoutPlan(
             items=items,
             concurrency=int(params.get("concurrency", DEFAULT_CONCURRENCY)),
             max_child_failures=int(params.get("max_child_failures", 0)),
-            child=Execution(worker_type, child, timeout, retries, backoff),
+            child=parse_child(params["child"]),
         )
 
 
@@ -78,26 +83,3 @@ def _item_text(item: Any) -> str:
     if isinstance(item, float) and item.is_integer():
         return str(int(item))
     return str(item)
-
-
-def _validate_child(child: dict[str, Any], path: str, catalog: WorkerCatalog) -> Violations:
-    violations: Violations = []
-    execution_options(
-        child.get("retries", 0), child.get("timeout", ""), child.get("retry_backoff", ""), path, violations
-    )
-    worker_type = child.get("type")
-    if not isinstance(worker_type, str) or not worker_type:
-        violations.append((f"{path}.type", f"is required (one of: {', '.join(catalog.known_types())})"))
-        return violations
-    if catalog.is_fanout(worker_type):
-        violations.append((f"{path}.type", "a fan-out child cannot itself be a fan-out"))
-        return violations
-    params = {key: value for key, value in child.items() if key not in CHILD_OPTIONS}
-    problems = catalog.validate_params(worker_type, params, path)
-    if problems is None:
-        violations.append(
-            (f"{path}.type", f"unknown worker type {quoted(worker_type)} (one of: {', '.join(catalog.known_types())})")
-        )
-    else:
-        violations.extend(problems)
-    return violations

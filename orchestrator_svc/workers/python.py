@@ -19,8 +19,16 @@ from collections.abc import Callable
 from importlib.metadata import entry_points
 from typing import Any
 
-from orchestrator_svc.domain.spec import Params, Violations, WorkerCatalog
-from orchestrator_svc.workers.base import Field, WorkContext, Worker, WorkFailed, check_fields
+from orchestrator_svc.workers import (
+    Field,
+    FieldViolation,
+    Params,
+    WorkContext,
+    Worker,
+    WorkerCatalog,
+    WorkFailed,
+    check_fields,
+)
 
 FUNCTION_GROUP = "stepstream.functions"
 FIELDS = (Field("function", "string", required=True), Field("args", "table"))
@@ -56,14 +64,14 @@ def resolve(reference: str) -> Callable[..., Any]:
 
 
 class PythonWorker(Worker):
-    def validate(self, params: Params, path: str, catalog: WorkerCatalog) -> Violations:
+    def validate(self, params: Params, path: str, catalog: WorkerCatalog) -> list[FieldViolation]:
         violations = check_fields(params, path, FIELDS)
         reference = params.get("function")
         if isinstance(reference, str) and "{" not in reference:
             try:
                 resolve(reference)
             except FunctionNotFound as error:
-                violations.append((f"{path}.function", str(error)))
+                violations.append(FieldViolation(f"{path}.function", str(error)))
         return violations
 
     async def run(self, params: Params, context: WorkContext) -> str:
