@@ -62,12 +62,14 @@ class UnavailableError(ServiceError):
         self.metadata = metadata or {}
 
 
-class CursorOutOfRangeError(ServiceError):
-    """A resume cursor the server cannot serve; the caller must resync from a snapshot.
+# The reasons of a CursorOutOfRangeError, as clients read them in its google.rpc.ErrorInfo.
+CURSOR_TOO_OLD = "CURSOR_TOO_OLD"  # older than what is retained
+CURSOR_UNKNOWN = "CURSOR_UNKNOWN"  # from another log, or ahead of this one
 
-    reason is CURSOR_TOO_OLD (older than what is retained) or CURSOR_UNKNOWN
-    (from another log, or ahead of this one).
-    """
+
+class CursorOutOfRangeError(ServiceError):
+    """A resume cursor the server cannot serve; the caller must resync from a
+    snapshot. `reason` is CURSOR_TOO_OLD or CURSOR_UNKNOWN."""
 
     def __init__(self, reason: str, message: str, *, oldest: int, latest: int, log_id: str = "") -> None:
         super().__init__(message)

@@ -25,9 +25,10 @@ Both services stream the same way: the orchestrator streams its event log by
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
 
@@ -146,6 +147,16 @@ class Feed(Generic[T]):
             self._by_key.setdefault(key, set()).add(sub)
         sub.closed = self.closed
         return sub
+
+    @contextlib.contextmanager
+    def subscribed(self, key: str | None = None) -> Iterator[Subscription[T]]:
+        """subscribe() for the length of a block: released however it ends (an
+        error, a cancellation at any await, the stream closed by its caller)."""
+        sub = self.subscribe(key)
+        try:
+            yield sub
+        finally:
+            self.unsubscribe(sub)
 
     def unsubscribe(self, sub: Subscription[T]) -> None:
         if sub.key is None:

@@ -11,7 +11,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NoReturn, Protocol, TypeVar
 
@@ -126,13 +126,42 @@ async def abort(context: grpc.aio.ServicerContext[Any, Any], error: ServiceError
     raise AssertionError("abort_with_status returned")  # pragma: no cover
 
 
-def require(violations: list[tuple[str, str]]) -> None:
-    """Raise InvalidArgumentError listing every (field, problem) pair, if any."""
-    if violations:
-        raise InvalidArgumentError(
-            "invalid request: " + "; ".join(f"{f}: {d}" for f, d in violations),
-            [FieldViolation(f, d) for f, d in violations],
-        )
+# What a servicer method receives beside its request.
+Context = grpc.aio.ServicerContext[Any, Any]
+
+V = TypeVar("V")
+
+
+class Violations:
+    """A request's problems, all collected before one INVALID_ARGUMENT lists
+    them, so a client fixes its request in one round trip:
+    `Violations().require("job_id", bool(job_id), "is required").check()`."""
+
+    def __init__(self) -> None:
+        self._found: list[FieldViolation] = []
+
+    def require(self, field: str, ok: bool, description: str) -> Violations:
+        """Unless `ok`, `field` has the problem `description`."""
+        if not ok:
+            self._found.append(FieldViolation(field, description))
+        return self
+
+    def require_all_in(
+        self, field: str, values: Iterable[V], allowed: Container[V], description: Callable[[V], str]
+    ) -> Violations:
+        """Each value is one of `allowed`; the i-th that is not is `field[i]`."""
+        for i, value in enumerate(values):
+            if value not in allowed:
+                self._found.append(FieldViolation(f"{field}[{i}]", description(value)))
+        return self
+
+    def check(self) -> None:
+        """Raise InvalidArgumentError listing every problem found, if any."""
+        if self._found:
+            raise InvalidArgumentError(
+                "invalid request: " + "; ".join(f"{v.field}: {v.description}" for v in self._found),
+                list(self._found),
+            )
 
 
 def _serialize(response: message.Message | bytes) -> bytes:

@@ -2,31 +2,34 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import AsyncIterator
-from typing import Any
 
-import grpc
 from stepstream.common.v1 import states_pb2
 from stepstream.orchestrator.v1 import orchestrator_service_pb2 as pb
 
 from orchestrator_svc.engine.engine import Engine
 from orchestrator_svc.storage.base import EventStore, StoredEvent
 from stepstream_common import wire
-from stepstream_common.errors import CursorOutOfRangeError, quoted
-from stepstream_common.feed import Feed, replay_then_live
+from stepstream_common.errors import CURSOR_UNKNOWN, CursorOutOfRangeError, quoted
+from stepstream_common.feed import Feed
 from stepstream_common.paging import page_size
-from stepstream_common.rpc import require
+from stepstream_common.rpc import Context, Violations
+from stepstream_common.streaming import enveloped, serve_feed
 from stepstream_common.timeutil import duration, timestamp
 
-Context = grpc.aio.ServicerContext[Any, Any]
-
 MAX_EVENTS_PER_MESSAGE = 500
-MAX_BYTES_PER_MESSAGE = 1 << 20
+
+_JOB_STATES = frozenset(states_pb2.JobState.values()) - {states_pb2.JOB_STATE_UNSPECIFIED}
 
 
 def _check_job_id(job_id: str) -> None:
-    require([("job_id", "is required")] if not job_id else [])
+    Violations().require("job_id", bool(job_id), "is required").check()
+
+
+def _event_data(event: StoredEvent) -> bytes:
+    return event.data
 
 
 class OrchestratorServicer:
@@ -42,11 +45,11 @@ class OrchestratorServicer:
         self._store = store
         self._feed = feed
         self._log_id = log_id
-        self._log_id_field = wire.length_delimited(1, log_id.encode())
+        self._events = functools.partial(wire.step_events, log_id)
         self._heartbeat_interval = heartbeat_interval
 
     async def SubmitJob(self, request: pb.SubmitJobRequest, context: Context) -> pb.SubmitJobResponse:
-        require([("request_id", "must be at most 200 characters")] if len(request.request_id) > 200 else [])
+        Violations().require("request_id", len(request.request_id) <= 200, "must be at most 200 characters").check()
         job, seq = await self._engine.submit(request.definition, request.request_id)
         return pb.SubmitJobResponse(job=job, seq=seq, log_id=self._log_id)
 
@@ -69,11 +72,9 @@ class OrchestratorServicer:
     async def ListJobs(
         self, request: pb.ListJobsRequest, context: Context
     ) -> pb.ListJobsResponse:
-        known = set(states_pb2.JobState.values()) - {states_pb2.JOB_STATE_UNSPECIFIED}
-        require([
-            (f"states[{i}]", f"unknown job state {state}") for i, state in enumerate(request.states)
-            if state not in known
-        ])
+        Violations().require_all_in(
+            "states", request.states, _JOB_STATES, lambda state: f"unknown job state {state}"
+        ).check()
         jobs, token = await self._engine.list(
             list(request.states), request.name, page_size(request.page_size), request.page_token
         )
@@ -82,9 +83,8 @@ class OrchestratorServicer:
     async def StreamStepEvents(
         self, request: pb.StreamStepEventsRequest, context: Context
     ) -> AsyncIterator[bytes | pb.StreamStepEventsResponse]:
-        require([("after_seq", "must not be negative")] if request.after_seq < 0 else [])
-        subscription = self._feed.subscribe()
-        try:
+        Violations().require("after_seq", request.after_seq >= 0, "must not be negative").check()
+        with self._feed.subscribed() as subscription:
             latest = self._feed.latest
             if request.log_id and request.log_id != self._log_id:
                 raise self._unknown_cursor(
@@ -92,31 +92,25 @@ class OrchestratorServicer:
                 )
             if request.after_seq > latest:
                 raise self._unknown_cursor(f"after_seq {request.after_seq} is ahead of this log (latest {latest})")
-            async for items in replay_then_live(
+            async for response in serve_feed(
                 self._feed, subscription, after=request.after_seq, read_page=self._store.read_events,
-                idle_timeout=self._heartbeat_interval, page_size=MAX_EVENTS_PER_MESSAGE,
+                entry=_event_data, envelope=self._events, heartbeat=self._heartbeat,
+                heartbeat_interval=self._heartbeat_interval, max_items=MAX_EVENTS_PER_MESSAGE,
             ):
-                if not items:
-                    yield self._heartbeat()
-                    continue
-                for chunk in wire.chunks([item.data for item in items], MAX_EVENTS_PER_MESSAGE,
-                                         MAX_BYTES_PER_MESSAGE):
-                    yield self._log_id_field + wire.length_delimited(2, wire.repeated(1, chunk))
-        finally:
-            self._feed.unsubscribe(subscription)
+                yield response
 
     async def StreamSnapshot(
         self, request: pb.StreamSnapshotRequest, context: Context
     ) -> AsyncIterator[bytes]:
         async with self._store.snapshot() as snapshot:
-            header = self._log_id_field + wire.varint_field(2, snapshot.seq)
+            records = functools.partial(wire.snapshot_records, self._log_id, snapshot.seq)
             sent = False
             async for page in snapshot.pages:
-                for chunk in wire.chunks(page, MAX_EVENTS_PER_MESSAGE, MAX_BYTES_PER_MESSAGE):
-                    yield header + wire.repeated(3, chunk)
+                for response in enveloped(page, records, MAX_EVENTS_PER_MESSAGE):
+                    yield response
                     sent = True
             if not sent:
-                yield header
+                yield records([])
 
     def _heartbeat(self) -> pb.StreamStepEventsResponse:
         return pb.StreamStepEventsResponse(
@@ -130,6 +124,6 @@ class OrchestratorServicer:
 
     def _unknown_cursor(self, message: str) -> CursorOutOfRangeError:
         return CursorOutOfRangeError(
-            "CURSOR_UNKNOWN", message + ": resync with StreamSnapshot",
+            CURSOR_UNKNOWN, message + ": resync with StreamSnapshot",
             oldest=0, latest=self._feed.latest, log_id=self._log_id,
         )

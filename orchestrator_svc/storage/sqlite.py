@@ -25,7 +25,7 @@ from orchestrator_svc.storage.base import (
     StoredJob,
     UnfinishedJob,
 )
-from stepstream_common.errors import CursorOutOfRangeError
+from stepstream_common.errors import CURSOR_TOO_OLD, CursorOutOfRangeError
 from stepstream_common.feed import Page
 from stepstream_common.paging import PageTokens, new_secret, scope
 from stepstream_common.sqlite import SqliteFile
@@ -156,7 +156,7 @@ class SqliteEventStore(SqliteFile):
             latest = await _latest_seq(db)
             if rows and rows[0].position != after_seq + 1:
                 raise CursorOutOfRangeError(
-                    "CURSOR_TOO_OLD",
+                    CURSOR_TOO_OLD,
                     f"events after seq {after_seq} are no longer retained; the oldest is {rows[0].position}: "
                     "resync with StreamSnapshot",
                     oldest=rows[0].position,
