@@ -1,4 +1,4 @@
-"""Following one job: a snapshot, then every change, resumed by revision across
+"""Watching one job: a snapshot, then every change, resumed by revision across
 any disconnect.
 
 The rules (DESIGN.md invariants 4-6, from the client's side):
@@ -10,7 +10,9 @@ The rules (DESIGN.md invariants 4-6, from the client's side):
   view backwards.
 - After a disconnect (UNAVAILABLE, the stream ended by a server shutdown, or
   silence for `stale_after_heartbeats` heartbeat intervals) the watch resumes
-  with after_revision = the revision held, after a capped, jittered backoff.
+  with after_revision = the revision held, after a capped, jittered backoff
+  (the loop is stepstream.resumable's, shared with the status service). The
+  last view is yielded again with live=False when the stream breaks.
   OUT_OF_RANGE means the server no longer retains that far back: take a new
   snapshot, never continue silently from "now".
 - NOT_FOUND may only mean that the status service has not ingested a job the
@@ -23,7 +25,6 @@ The rules (DESIGN.md invariants 4-6, from the client's side):
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import time
@@ -34,6 +35,7 @@ from types import TracebackType
 
 import grpc
 from stepstream.backoff import Backoff
+from stepstream.resumable import Reconnecting, ResumableStream, Silence, StreamEnded, Verdict
 from stepstream.status.v1 import status_service_pb2 as pb
 from stepstream.status.v1 import status_service_pb2_grpc as pb_grpc
 
@@ -97,15 +99,15 @@ class JobWatch:
     left for the garbage collector).
     """
 
-    def __init__(self, follower: Follower) -> None:
-        self._follower = follower
-        self._views = follower.run()
+    def __init__(self, watch_loop: WatchLoop) -> None:
+        self._watch_loop = watch_loop
+        self._views = watch_loop.run()
 
     @property
     def heartbeat_interval(self) -> float | None:
         """The server's heartbeat interval, once a heartbeat has told it (None before):
         silence for stale_after_heartbeats of these makes the view not live."""
-        return self._follower.heartbeat_interval
+        return self._watch_loop.heartbeat_interval
 
     def __aiter__(self) -> JobWatch:
         return self
@@ -125,8 +127,9 @@ class JobWatch:
         await self.aclose()
 
 
-class Follower:
-    """The state of one watch and the loop that keeps it current (JobWatch is its handle)."""
+class WatchLoop:
+    """The view of one watched job and the resumable stream that keeps it current
+    (JobWatch is its handle)."""
 
     def __init__(
         self,
@@ -150,6 +153,10 @@ class Follower:
         self._backoff = backoff
         self._on_apply = on_apply
         self._view = since
+        # Ask for a snapshot, whose first update replaces the view (at the start, or after OUT_OF_RANGE).
+        self._snapshot = since is None
+        # The current call is still sending the initial state (it was asked for a snapshot).
+        self._initial = False
         self._live = False
         self._last_heard: datetime | None = None
         # Learned from the server's heartbeats; until then only keepalive detects a dead peer.
@@ -167,81 +174,76 @@ class Follower:
     async def run(self) -> AsyncGenerator[JobView, None]:
         if self._view is not None and self._view.terminal:
             return
-        snapshot = self._view is None
-        failures = 0
-        while True:
-            request = pb.WatchJobRequest(job_id=self._job_id, not_older_than=self._not_older_than)
-            if not snapshot:
-                assert self._view is not None
-                request.after_revision = self._view.revision
-            call = self._stub.WatchJob(request)
-            try:
-                async with contextlib.aclosing(self._stream(call, snapshot)) as views:
-                    async for view in views:
-                        snapshot = False
-                        failures = 0
-                        yield view
-                        if view.terminal:
+        stream = ResumableStream(
+            self._open_call, self._take, silence=self._silence_limit, classify=self._classify,
+            resync=self._start_over, backoff=self._backoff,
+        )
+        try:
+            async with contextlib.aclosing(aiter(stream)) as items:
+                async for item in items:
+                    if not isinstance(item, Reconnecting):
+                        yield item
+                        if item.terminal:
                             return
-            except grpc.aio.AioRpcError as error:
-                if error.code() == grpc.StatusCode.OUT_OF_RANGE:
-                    snapshot = True
-                    continue
-                if not await self._should_retry(error):
-                    raise from_rpc_error(error, target=self._target) from None
-            finally:
-                call.cancel()
-            if self._live:
-                self._live = False
-                yield self._current()
-            await asyncio.sleep(self._backoff.delay(failures))
-            failures += 1
+                    elif self._live:
+                        self._live = False
+                        yield self._current()
+        except grpc.aio.AioRpcError as error:
+            raise from_rpc_error(error, target=self._target) from None
 
-    async def _should_retry(self, error: grpc.aio.AioRpcError) -> bool:
+    def _open_call(self) -> grpc.aio.UnaryStreamCall[pb.WatchJobRequest, pb.WatchJobResponse]:
+        """WatchJob after the revision held, or for a snapshot."""
+        request = pb.WatchJobRequest(job_id=self._job_id, not_older_than=self._not_older_than)
+        after = None if self._snapshot else self._view
+        if after is not None:
+            request.after_revision = after.revision
+        self._initial = after is None
+        return self._stub.WatchJob(request)
+
+    async def _start_over(self) -> None:
+        """OUT_OF_RANGE: the server no longer has what follows the view, so take a new snapshot."""
+        self._snapshot = True
+
+    async def _classify(self, error: Exception) -> Verdict:
+        if isinstance(error, Silence | StreamEnded):
+            return Verdict.RETRY
+        if not isinstance(error, grpc.aio.AioRpcError):
+            return Verdict.FAIL
+        if error.code() == grpc.StatusCode.OUT_OF_RANGE:
+            return Verdict.RESYNC
         if error.code() == grpc.StatusCode.NOT_FOUND:
-            return await self._grace.keep_waiting(self._job_id)
+            return Verdict.RETRY if await self._grace.keep_waiting(self._job_id) else Verdict.FAIL
         # Before the job was ever shown, failing fast says more than retrying in silence.
-        return self._view is not None and error.code() in RESUMABLE
+        return Verdict.RETRY if self._view is not None and error.code() in RESUMABLE else Verdict.FAIL
 
-    async def _stream(
-        self, call: grpc.aio.UnaryStreamCall[pb.WatchJobRequest, pb.WatchJobResponse], snapshot: bool
-    ) -> AsyncGenerator[JobView, None]:
-        """Views from one call, until it ends or goes silent (both mean: reconnect)."""
-        initial = snapshot
-        while True:
-            try:
-                message = await asyncio.wait_for(call.read(), self._silence_limit())
-            except TimeoutError:
-                return
-            if not isinstance(message, pb.WatchJobResponse):
-                return  # EOF: the server ended the stream (e.g. it is shutting down)
-            self._grace.reset()
-            was_live, self._live = self._live, True
-            self._last_heard = datetime.now(UTC)
-            kind = message.WhichOneof("event")
-            changed = False
-            if kind == "updates":
-                for update in message.updates.updates:
-                    changed |= self._apply(update, initial, replace=snapshot)
-                    snapshot = False
-            elif kind == "initial_state_complete":
-                initial = False
-            elif kind == "heartbeat" and message.heartbeat.HasField("interval"):
-                self.heartbeat_interval = message.heartbeat.interval.ToNanoseconds() / 1e9 or None
-            if self._view is not None and (changed or not was_live):
-                yield self._current()
+    async def _take(self, message: pb.WatchJobResponse) -> JobView | None:
+        """Apply one message; the view to show if it changed or the watch is live again."""
+        self._grace.reset()
+        was_live, self._live = self._live, True
+        self._last_heard = datetime.now(UTC)
+        kind = message.WhichOneof("event")
+        changed = False
+        if kind == "updates":
+            for update in message.updates.updates:
+                changed |= self._apply(update)
+        elif kind == "initial_state_complete":
+            self._initial = False
+        elif kind == "heartbeat" and message.heartbeat.HasField("interval"):
+            self.heartbeat_interval = message.heartbeat.interval.ToNanoseconds() / 1e9 or None
+        return self._current() if self._view is not None and (changed or not was_live) else None
 
-    def _apply(self, update: pb.JobUpdate, initial: bool, *, replace: bool) -> bool:
+    def _apply(self, update: pb.JobUpdate) -> bool:
         """Apply `update` if it is newer than what is held (any part of the initial state is)."""
         view = self._view
+        replace, self._snapshot = self._snapshot, False
         if replace or view is None:
             if not update.HasField("job"):
                 return False
             self._view = job_view(update.job, list(update.steps), update.revision)
-        elif initial or update.revision > view.revision:
+        elif self._initial or update.revision > view.revision:
             self._view = apply_update(view, update)
         else:
             return False
         if self._on_apply is not None:
-            self._on_apply(Applied(update.revision, initial))
+            self._on_apply(Applied(update.revision, self._initial))
         return True

@@ -11,7 +11,8 @@
   after a gap is ever applied.
 - Reconnects by itself after any error, with capped, jittered exponential
   backoff; a stream silent for `stale_after` (no events, no heartbeat) is
-  treated as broken.
+  treated as broken. (The loop is stepstream.resumable's, shared with the
+  client's watch; this module adds what is particular to an event log.)
 - On OUT_OF_RANGE (cursor too old, or from another log) it resyncs from
   StreamSnapshot and carries on after the snapshot's seq; it never skips.
 - When the orchestrator cannot be followed for `stale_after`, it reports the
@@ -34,7 +35,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Never
 
 import grpc
 from stepstream.backoff import DEFAULT_BACKOFF, Backoff
@@ -42,6 +43,7 @@ from stepstream.channel import channel_options
 from stepstream.common.v1 import records_pb2
 from stepstream.orchestrator.v1 import orchestrator_service_pb2 as orch_pb
 from stepstream.orchestrator.v1 import orchestrator_service_pb2_grpc as orch_grpc
+from stepstream.resumable import ResumableStream, Silence, StreamEnded, Verdict, next_message
 
 from status_svc.ingest.writer import Events, IngestWriter, SnapshotApplied, SourceHealth
 
@@ -49,10 +51,6 @@ log = logging.getLogger(__name__)
 
 
 _SNAPSHOT_ORDER = {"child": 0, "step": 1, "job": 2, None: 3}
-
-
-class _Silent(Exception):
-    pass
 
 
 class _Broken(Exception):
@@ -92,7 +90,6 @@ class OrchestratorFollower:
         # Where to resume: everything up to here has been handed to the writer.
         self._cursor = known.cursor
         self._log_id = known.log_id
-        self._must_resync = False
         self._stale_reported = known.stale_since is not None
         self._last_heard = known.stale_since if known.stale_since is not None else clock()
         # When the last message was received that was also handled without error.
@@ -110,72 +107,58 @@ class OrchestratorFollower:
             group.create_task(self._follow_forever(), name=f"stream-{self.address}")
 
     async def _follow_forever(self) -> None:
-        failures = 0
         async with grpc.aio.insecure_channel(self.address, options=channel_options()) as channel:
             stub = orch_grpc.OrchestratorServiceStub(channel)
-            while True:
-                heard_before = self._last_heard
-                worked = True
-                try:
-                    if self._must_resync:
-                        await self._resync(stub)
-                        self._must_resync = False
-                        failures = 0
-                        continue
-                    await self._follow(stub)
-                    self._last_error = "the orchestrator ended the stream"
-                except grpc.aio.AioRpcError as error:
-                    if error.code() == grpc.StatusCode.OUT_OF_RANGE:
-                        log.warning("%s: %s; resyncing from a snapshot", self.address, error.details())
-                        self._must_resync = True
-                        continue
-                    self._last_error = f"{error.code().name}: {error.details()}"
-                except _Silent:
-                    self._last_error = f"no message for {self._stale_after:g}s"
-                except _Broken as error:
-                    self.gaps += 1
-                    worked = False
-                    self._last_heard = self._last_handled
-                    self._last_error = str(error)
-                    log.error("%s: %s; reconnecting from seq %d", self.address, error, self._cursor)
-                except Exception as error:
-                    self.crashes += 1
-                    worked = False
-                    self._last_heard = self._last_handled
-                    self._last_error = f"internal error: {type(error).__name__}: {error}"
-                    log.exception("%s: internal error while following; restarting from seq %d",
-                                  self.address, self._cursor)
-                if worked and self._last_heard != heard_before:
-                    failures = 0  # it was a working stream: a new run of failures
-                delay = self._backoff.delay(failures)
-                failures += 1
+            # _handle returns nothing, so the stream yields only its Reconnecting items.
+            stream: ResumableStream[orch_pb.StreamStepEventsResponse, Never] = ResumableStream(
+                lambda: stub.StreamStepEvents(
+                    orch_pb.StreamStepEventsRequest(after_seq=self._cursor, log_id=self._log_id)),
+                self._handle,
+                silence=lambda: self._stale_after,
+                classify=self._classify,
+                resync=lambda: self._resync(stub),
+                backoff=self._backoff,
+            )
+            async for reconnecting in stream:
+                self._note_failure(reconnecting.error)
                 self.reconnects += 1
-                log.info("%s: %s; reconnecting in %.2fs", self.address, self._last_error, delay)
-                await asyncio.sleep(delay)
+                log.info("%s: %s; reconnecting in %.2fs", self.address, self._last_error, reconnecting.delay)
 
-    async def _read(self, call: Any) -> Any:
-        """The next message of `call` (EOF at its end); _Silent after stale_after without one."""
-        try:
-            async with asyncio.timeout(self._stale_after):
-                return await call.read()
-        except TimeoutError:
-            raise _Silent from None
+    async def _classify(self, error: Exception) -> Verdict:
+        """Resync from a snapshot on OUT_OF_RANGE; retry anything else (see the module docstring)."""
+        if isinstance(error, grpc.aio.AioRpcError) and error.code() == grpc.StatusCode.OUT_OF_RANGE:
+            log.warning("%s: %s; resyncing from a snapshot", self.address, error.details())
+            return Verdict.RESYNC
+        return Verdict.RETRY
 
-    async def _follow(self, stub: orch_grpc.OrchestratorServiceAsyncStub) -> None:
-        call = stub.StreamStepEvents(orch_pb.StreamStepEventsRequest(after_seq=self._cursor, log_id=self._log_id))
-        try:
-            while True:
-                message = await self._read(call)
-                if message is grpc.aio.EOF:
-                    return
-                assert isinstance(message, orch_pb.StreamStepEventsResponse)
-                self._heard()
-                if message.HasField("batch") and message.batch.events:
-                    await self._take(message.log_id, list(message.batch.events))
-                else:
-                    await self._handled()
-        finally:
-            call.cancel()
+    def _note_failure(self, error: Exception) -> None:
+        """Keep why following failed, for the stale detail. An attempt that broke (a gap,
+        a bug) does not count as hearing from the orchestrator."""
+        if isinstance(error, grpc.aio.AioRpcError):
+            self._last_error = f"{error.code().name}: {error.details()}"
+        elif isinstance(error, Silence):
+            self._last_error = str(error)
+        elif isinstance(error, StreamEnded):
+            self._last_error = "the orchestrator ended the stream"
+        elif isinstance(error, _Broken):
+            self.gaps += 1
+            self._last_heard = self._last_handled
+            self._last_error = str(error)
+            log.error("%s: %s; reconnecting from seq %d", self.address, error, self._cursor)
+        else:
+            self.crashes += 1
+            self._last_heard = self._last_handled
+            self._last_error = f"internal error: {type(error).__name__}: {error}"
+            log.error("%s: internal error while following; restarting from seq %d", self.address, self._cursor,
+                      exc_info=error)
+
+    async def _handle(self, message: orch_pb.StreamStepEventsResponse) -> None:
+        """One message of the event stream; _Broken (a gap) ends the attempt."""
+        self._heard()
+        if message.HasField("batch") and message.batch.events:
+            await self._take(message.log_id, list(message.batch.events))
+        else:
+            await self._handled()
 
     async def _take(self, log_id: str, events: list[records_pb2.StepEvent]) -> None:
         """Hand the writer the events that continue the cursor; _Broken at the first that does not.
@@ -200,8 +183,7 @@ class OrchestratorFollower:
         records: list[records_pb2.StepEvent] = []
         seq, log_id = 0, ""
         try:
-            while (message := await self._read(call)) is not grpc.aio.EOF:
-                assert isinstance(message, orch_pb.StreamSnapshotResponse)
+            while (message := await next_message(call, self._stale_after)) is not None:
                 self._heard()
                 await self._handled()
                 seq, log_id = message.seq, message.log_id
