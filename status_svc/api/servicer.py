@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Callable
 
-import grpc
 from stepstream.common.v1 import states_pb2
 from stepstream.states import CHILD_STATES, TERMINAL_JOB_STATES
 from stepstream.status.v1 import status_service_pb2 as pb
@@ -16,19 +14,18 @@ from status_svc.ingest.progress import AppliedPositions
 from status_svc.storage.base import ChangeFilter, StatusStore, StoredChange
 from stepstream_common import wire
 from stepstream_common.errors import NotFoundError, quoted
-from stepstream_common.feed import Feed, Page, ReadPage, Subscription, replay_then_live
+from stepstream_common.feed import Feed, Page, ReadPage, Subscription
 from stepstream_common.paging import page_size
-from stepstream_common.rpc import require
+from stepstream_common.rpc import Context, Violations
+from stepstream_common.streaming import serve_feed
 from stepstream_common.timeutil import duration, timestamp
 
-Context = grpc.aio.ServicerContext[Any, Any]
 Request = (
     pb.GetJobRequest | pb.ListJobsRequest | pb.ListChildrenRequest | pb.WatchJobRequest | pb.WatchJobsRequest
 )
 Response = pb.WatchJobResponse | pb.WatchJobsResponse
 
 MAX_UPDATES_PER_MESSAGE = 500
-MAX_BYTES_PER_MESSAGE = 1 << 20
 
 _JOB_STATES = frozenset(states_pb2.JobState.values()) - {states_pb2.JOB_STATE_UNSPECIFIED}
 
@@ -37,8 +34,12 @@ def _finished(job: pb.JobStatus) -> bool:
     return job.state in TERMINAL_JOB_STATES
 
 
-def _check_states(field: str, states: Sequence[int], allowed: frozenset[int]) -> list[tuple[str, str]]:
-    return [(f"{field}[{i}]", f"not a valid state: {state}") for i, state in enumerate(states) if state not in allowed]
+def _not_a_state(state: int) -> str:
+    return f"not a valid state: {state}"
+
+
+def _ends_job(change: StoredChange) -> bool:
+    return change.header is not None and change.state_after in TERMINAL_JOB_STATES
 
 
 @functools.lru_cache(maxsize=16384)
@@ -46,20 +47,7 @@ def update_entry(change: StoredChange, with_steps: bool) -> bytes:
     """One JobUpdate as an entry of JobUpdateBatch.updates, assembled from the
     parts committed with the change: once per change, however many watchers
     send it."""
-    data = wire.varint_field(1, change.revision) + wire.length_delimited(2, change.job_id.encode())
-    if change.header is not None:
-        data += wire.length_delimited(3, change.header)
-    if with_steps and change.steps is not None:
-        data += change.steps
-    return wire.length_delimited(1, data)
-
-
-def update_batches(entries: list[bytes]) -> list[bytes]:
-    """Watch responses (field 1, JobUpdateBatch) carrying these entries, bounded in size."""
-    return [
-        wire.length_delimited(1, b"".join(chunk))
-        for chunk in wire.chunks(entries, MAX_UPDATES_PER_MESSAGE, MAX_BYTES_PER_MESSAGE)
-    ]
+    return wire.job_update(change.revision, change.job_id, change.header, change.steps if with_steps else None)
 
 
 class StatusServicer:
@@ -98,13 +86,13 @@ class StatusServicer:
         if not request.HasField("not_older_than"):
             return
         position = request.not_older_than
-        require([("not_older_than.seq", "must not be negative")] if position.seq < 0 else [])
+        Violations().require("not_older_than.seq", position.seq >= 0, "must not be negative").check()
         remaining = context.time_remaining()
         timeout = self._max_wait_applied if remaining is None else min(remaining, self._max_wait_applied)
         await self._applied.wait(position.log_id, position.seq, timeout)
 
     async def GetJob(self, request: pb.GetJobRequest, context: Context) -> pb.GetJobResponse:
-        require([("job_id", "is required")] if not request.job_id else [])
+        Violations().require("job_id", bool(request.job_id), "is required").check()
         await self._not_older_than(request, context)
         snapshot = await self._store.get_job(request.job_id)
         if snapshot is None:
@@ -112,19 +100,20 @@ class StatusServicer:
         return pb.GetJobResponse(job=self._fresh(snapshot.job), steps=snapshot.steps, revision=snapshot.revision)
 
     async def ListJobs(self, request: pb.ListJobsRequest, context: Context) -> pb.ListJobsResponse:
-        require(_check_states("filter.states", request.filter.states, _JOB_STATES))
+        Violations().require_all_in("filter.states", request.filter.states, _JOB_STATES, _not_a_state).check()
         await self._not_older_than(request, context)
-        jobs, token, revision = await self._store.list_jobs(
+        page = await self._store.list_jobs(
             list(request.filter.states), request.filter.name, page_size(request.page_size), request.page_token
         )
-        return pb.ListJobsResponse(jobs=[self._fresh(job) for job in jobs], next_page_token=token, revision=revision)
+        return pb.ListJobsResponse(jobs=[self._fresh(job) for job in page.jobs], next_page_token=page.next_page_token,
+                                   revision=page.revision)
 
     async def ListChildren(self, request: pb.ListChildrenRequest, context: Context) -> pb.ListChildrenResponse:
-        require(
-            [("job_id", "is required")] * (not request.job_id)
-            + [("step_name", "is required")] * (not request.step_name)
-            + _check_states("states", request.states, CHILD_STATES)
-        )
+        (Violations()
+            .require("job_id", bool(request.job_id), "is required")
+            .require("step_name", bool(request.step_name), "is required")
+            .require_all_in("states", request.states, CHILD_STATES, _not_a_state)
+            .check())
         await self._not_older_than(request, context)
         found = await self._store.list_children(
             request.job_id, request.step_name, list(request.states), page_size(request.page_size),
@@ -132,17 +121,16 @@ class StatusServicer:
         )
         if found is None:
             raise NotFoundError(f"no step {quoted(request.step_name)} in job {quoted(request.job_id)}")
-        children, token, revision = found
-        return pb.ListChildrenResponse(children=children, next_page_token=token, revision=revision)
+        return pb.ListChildrenResponse(children=found.children, next_page_token=found.next_page_token,
+                                       revision=found.revision)
 
     async def WatchJob(self, request: pb.WatchJobRequest, context: Context) -> AsyncIterator[bytes | Response]:
-        require(
-            [("job_id", "is required")] * (not request.job_id)
-            + [("after_revision", "must not be negative")] * (request.after_revision < 0)
-        )
+        (Violations()
+            .require("job_id", bool(request.job_id), "is required")
+            .require("after_revision", request.after_revision >= 0, "must not be negative")
+            .check())
         await self._not_older_than(request, context)
-        subscription = self._feed.subscribe(request.job_id)
-        try:
+        with self._feed.subscribed(request.job_id) as subscription:
             if request.HasField("after_revision"):
                 found = await self._store.get_job(request.job_id)
                 if found is None:
@@ -167,26 +155,24 @@ class StatusServicer:
             async def read(cursor: int, limit: int) -> Page[StoredChange]:
                 return await self._store.read_changes(cursor, limit, job_id=request.job_id)
 
-            async for message in self._changes(subscription, after, read, None, with_steps=True,
-                                               heartbeat=pb.WatchJobResponse, until_finished=request.until_finished):
+            async for message in self._changes(subscription, after, read, pb.WatchJobResponse, with_steps=True,
+                                               until=_ends_job if request.until_finished else None):
                 yield message
-        finally:
-            self._feed.unsubscribe(subscription)
 
     async def WatchJobs(self, request: pb.WatchJobsRequest, context: Context) -> AsyncIterator[bytes | Response]:
-        require(
-            _check_states("filter.states", request.filter.states, _JOB_STATES)
-            + [("after_revision", "must not be negative")] * (request.after_revision < 0)
-        )
+        (Violations()
+            .require_all_in("filter.states", request.filter.states, _JOB_STATES, _not_a_state)
+            .require("after_revision", request.after_revision >= 0, "must not be negative")
+            .check())
         await self._not_older_than(request, context)
         matching = ChangeFilter(frozenset(request.filter.states), request.filter.name)
-        subscription = self._feed.subscribe()
-        try:
+        with self._feed.subscribed() as subscription:
             if request.HasField("after_revision"):
                 await self._store.check_retained(request.after_revision)
                 after = request.after_revision
             else:
-                jobs, after = await self._store.all_jobs(list(request.filter.states), request.filter.name)
+                listed = await self._store.all_jobs(list(request.filter.states), request.filter.name)
+                jobs, after = listed.jobs, listed.revision
                 for start in range(0, max(len(jobs), 1), MAX_UPDATES_PER_MESSAGE):
                     chunk = jobs[start:start + MAX_UPDATES_PER_MESSAGE]
                     updates = [pb.JobUpdate(revision=after, job_id=job.id, job=job) for job in chunk]
@@ -196,36 +182,32 @@ class StatusServicer:
             async def read(cursor: int, limit: int) -> Page[StoredChange]:
                 return await self._store.read_changes(cursor, limit, matching=matching)
 
-            async for message in self._changes(subscription, after, read, matching, with_steps=False,
-                                               heartbeat=pb.WatchJobsResponse):
+            async for message in self._changes(subscription, after, read, pb.WatchJobsResponse, with_steps=False,
+                                               select=matching.matches):
                 yield message
-        finally:
-            self._feed.unsubscribe(subscription)
 
-    async def _changes(
+    def _changes(
         self,
         subscription: Subscription[StoredChange],
         after: int,
         read: ReadPage[StoredChange],
-        matching: ChangeFilter | None,
+        response: wire.WatchResponse,
         *,
         with_steps: bool,
-        heartbeat: type[pb.WatchJobResponse] | type[pb.WatchJobsResponse],
-        until_finished: bool = False,
+        select: Callable[[StoredChange], bool] | None = None,
+        until: Callable[[StoredChange], bool] | None = None,
     ) -> AsyncIterator[bytes | Response]:
-        """Changes after `after`; with until_finished, up to the one that ends the job."""
-        async for items in replay_then_live(self._feed, subscription, after=after, read_page=read,
-                                  idle_timeout=self._heartbeat_interval, page_size=MAX_UPDATES_PER_MESSAGE):
-            if not items:
-                yield heartbeat(heartbeat=pb.WatchHeartbeat(
-                    revision=self._feed.latest, time=timestamp(time.time()),
-                    interval=duration(self._heartbeat_interval),
-                ))
-                continue
-            selected = items if matching is None else [item for item in items if matching.matches(item)]
-            for message in update_batches([update_entry(change, with_steps) for change in selected]):
-                yield message
-            if until_finished and any(
-                change.header is not None and change.state_after in TERMINAL_JOB_STATES for change in selected
-            ):
-                return
+        """WatchJob's and WatchJobs' responses after `after`: the same stream, but
+        for the message type and whether updates carry the changed steps."""
+
+        def heartbeat() -> Response:
+            return response(heartbeat=pb.WatchHeartbeat(
+                revision=self._feed.latest, time=timestamp(time.time()), interval=duration(self._heartbeat_interval),
+            ))
+
+        return serve_feed(
+            self._feed, subscription, after=after, read_page=read,
+            entry=functools.partial(update_entry, with_steps=with_steps),
+            envelope=functools.partial(wire.watch_updates, response), heartbeat=heartbeat,
+            heartbeat_interval=self._heartbeat_interval, max_items=MAX_UPDATES_PER_MESSAGE, select=select, until=until,
+        )

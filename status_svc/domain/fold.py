@@ -91,7 +91,7 @@ class Change:
     header: bool = False
     # Steps whose stats changed: their record or their child counts.
     steps: list[str] = field(default_factory=list)
-    # The child record to persist, for child events.
+    # The child's record, for a child event.
     child: records_pb2.Child | None = None
     job_state_before: int = s.JOB_STATE_UNSPECIFIED
     job_state_after: int = s.JOB_STATE_UNSPECIFIED
@@ -121,23 +121,25 @@ class JobFold:
         return self.state in TERMINAL_JOB_STATES
 
     def apply(self, event: records_pb2.StepEvent) -> Change | None:
-        """Apply one event; the change it made, or None if it was superseded."""
+        """Apply one event of this job; the change it made, or None if it was superseded.
+
+        The one way in, for ingest and the property tests alike."""
         kind = event.WhichOneof("record")
-        if kind == "job":
-            return self.apply_job(event.job, event.seq)
-        if kind == "step":
-            return self.apply_step(event.step, event.seq)
-        if kind == "child":
+        if kind == "child":  # the hot path of ingest: most events are children's
             child = event.child
-            moved = self.apply_child(child, event.seq)
+            moved = self._apply_child(child, event.seq)
             if moved is None:
                 return None
             state = self.state
-            return Change(self.job_id, steps=[child.step_name] if moved else [], child=child,
-                          job_state_before=state, job_state_after=state)
+            # Positional: this is built for most events ingest sees.
+            return Change(self.job_id, False, [child.step_name] if moved else [], child, state, state)
+        if kind == "step":
+            return self._apply_step(event.step, event.seq)
+        if kind == "job":
+            return self._apply_job(event.job, event.seq)
         return None
 
-    def apply_job(self, job: records_pb2.Job, seq: int) -> Change | None:
+    def _apply_job(self, job: records_pb2.Job, seq: int) -> Change | None:
         version = job_version(job.state, seq)
         if version <= self.job_version:
             return None
@@ -145,7 +147,7 @@ class JobFold:
         self.job, self.job_version, self.state = job, version, job.state
         return Change(self.job_id, header=True, job_state_before=before, job_state_after=job.state)
 
-    def apply_step(self, step: records_pb2.Step, seq: int) -> Change | None:
+    def _apply_step(self, step: records_pb2.Step, seq: int) -> Change | None:
         entry = self.steps.get(step.name)
         if entry is None:
             entry = self.steps[step.name] = StepEntry()
@@ -162,10 +164,9 @@ class JobFold:
             change.header = True
         return change
 
-    def apply_child(self, child: records_pb2.Child, seq: int) -> bool | None:
+    def _apply_child(self, child: records_pb2.Child, seq: int) -> bool | None:
         """None if the event was superseded; else whether its step's child counts
-        changed (the child moved to another bucket). The hot path of ingest: no
-        Change is built."""
+        changed (the child moved to another bucket)."""
         step_name, state = child.step_name, int(child.state)
         key = (step_name, child.index)
         version = (state in TERMINAL_STEP_STATES, seq)

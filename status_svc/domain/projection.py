@@ -1,4 +1,4 @@
-"""What clients see, made from what the fold holds (and back, to reload a fold).
+"""What clients see, made from what the fold holds.
 
 Counts are kept by bucket (status_svc.domain.fold): a bucket of its own for
 each state with a count field, UNKNOWN for the rest, which maps to the
@@ -8,36 +8,33 @@ each state with a count field, UNKNOWN for the rest, which maps to the
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass
 
-from google.protobuf.timestamp_pb2 import Timestamp
 from stepstream.common.v1 import records_pb2
 from stepstream.common.v1 import states_pb2 as s
 from stepstream.states import TERMINAL_JOB_STATES
 from stepstream.status.v1 import status_service_pb2
 
-from status_svc.domain.fold import (
-    CHILD_COUNTED,
-    UNKNOWN,
-    JobFold,
-    StepEntry,
-    job_version,
-    work_version,
-)
+from status_svc.domain.fold import CHILD_COUNTED, STEP_COUNTED, UNKNOWN, JobFold, StepEntry
 from stepstream_common.timeutil import seconds
 
-_STEP_COUNT_FIELDS: dict[int, str] = {
-    s.STEP_STATE_PENDING: "pending",
-    s.STEP_STATE_RUNNING: "running",
-    s.STEP_STATE_WAITING: "waiting",
-    s.STEP_STATE_COMPLETED: "completed",
-    s.STEP_STATE_FAILED: "failed",
-    s.STEP_STATE_CANCELLED: "cancelled",
-    s.STEP_STATE_SKIPPED: "skipped",
-    UNKNOWN: "unknown",
-}
-_CHILD_COUNT_FIELDS: dict[int, str] = {
-    bucket: name for bucket, name in _STEP_COUNT_FIELDS.items() if bucket in CHILD_COUNTED or bucket == UNKNOWN
-}
+
+def _count_field(state: int) -> str:
+    """StepCounts and ChildCounts name their fields after the states (STEP_STATE_RUNNING: running)."""
+    return s.StepState.Name(s.StepState.ValueType(state)).removeprefix("STEP_STATE_").lower()
+
+
+_STEP_COUNT_FIELDS: dict[int, str] = {state: _count_field(state) for state in STEP_COUNTED} | {UNKNOWN: "unknown"}
+_CHILD_COUNT_FIELDS: dict[int, str] = {state: _count_field(state) for state in CHILD_COUNTED} | {UNKNOWN: "unknown"}
+
+
+@dataclass(frozen=True)
+class Staleness:
+    """Since when, and why, what is held may be out of date: its source cannot
+    be followed, or no longer knows the job."""
+
+    since: float
+    detail: str
 
 
 def _fill(message: records_pb2.ChildCounts | status_service_pb2.StepCounts, fields: dict[int, str],
@@ -66,9 +63,11 @@ def counter_of(counts: records_pb2.ChildCounts | status_service_pb2.StepCounts) 
     return Counter({bucket: getattr(counts, name) for bucket, name in fields.items() if getattr(counts, name)})
 
 
-def _duration_of(message: status_service_pb2.StepStats | status_service_pb2.ChildStatus,
-                 started: Timestamp, finished: Timestamp) -> None:
-    # In whole nanoseconds: through float seconds it would be off by up to ~0.2µs.
+def _set_duration(message: status_service_pb2.StepStats | status_service_pb2.ChildStatus) -> None:
+    """The one place a duration is computed: from the message's own start and end, if both are set.
+
+    In whole nanoseconds: through float seconds it would be off by up to ~0.2µs."""
+    started, finished = message.started_at, message.finished_at
     if seconds(started) is not None and seconds(finished) is not None:
         message.duration.FromNanoseconds(max(0, finished.ToNanoseconds() - started.ToNanoseconds()))
 
@@ -84,37 +83,17 @@ def step_stats(name: str, entry: StepEntry, revision: int) -> status_service_pb2
             stats.started_at.CopyFrom(record.started_at)
         if record.HasField("finished_at"):
             stats.finished_at.CopyFrom(record.finished_at)
-        _duration_of(stats, record.started_at, record.finished_at)
+        _set_duration(stats)
     return stats
 
 
-def step_entry(job_id: str, stats: status_service_pb2.StepStats, seq: int) -> StepEntry:
-    """The fold's entry for persisted stats. A step with no record yet (only
-    children so far) is stored with seq 0 and state UNSPECIFIED; any record that
-    won has a seq or a terminal state, so a record in an unknown state, or even
-    an explicit UNSPECIFIED, is reloaded as the record it was."""
-    record = None
-    if seq > 0 or stats.state != s.STEP_STATE_UNSPECIFIED:
-        record = records_pb2.Step(
-            job_id=job_id, name=stats.name, index=stats.index, type=stats.type, state=stats.state,
-            reason=stats.reason, message=stats.message, attempt=stats.attempt, max_attempts=stats.max_attempts,
-        )
-        for name in ("started_at", "finished_at"):
-            if stats.HasField(name):
-                getattr(record, name).CopyFrom(getattr(stats, name))
-    version = work_version(stats.state, seq) if record is not None else (False, 0)
-    return StepEntry(record=record, version=version, children=counter_of(stats.children))
-
-
-def freshness(
-    job_state: int, source: str, stale_since: float | None, detail: str
-) -> status_service_pb2.Freshness:
+def freshness(job_state: int, source: str, staleness: Staleness | None) -> status_service_pb2.Freshness:
     """A finished job is never stale: its state is final whatever happens to its source."""
     message = status_service_pb2.Freshness(source=source)
-    if stale_since is not None and job_state not in TERMINAL_JOB_STATES:
+    if staleness is not None and job_state not in TERMINAL_JOB_STATES:
         message.stale = True
-        message.stale_since.FromNanoseconds(round(stale_since * 1e9))
-        message.detail = detail
+        message.stale_since.FromNanoseconds(round(staleness.since * 1e9))
+        message.detail = staleness.detail
     return message
 
 
@@ -133,43 +112,6 @@ def job_status(
     return status
 
 
-def job_record(status: status_service_pb2.JobStatus, seq: int) -> records_pb2.Job | None:
-    """The fold's job record for a persisted header and the seq of its last job
-    event (None if no job event arrived yet: seq 0 and state UNSPECIFIED, as
-    in step_entry)."""
-    if seq <= 0 and status.state == s.JOB_STATE_UNSPECIFIED:
-        return None
-    job = records_pb2.Job(id=status.id, name=status.name, state=status.state, reason=status.reason,
-                          message=status.message)
-    for name in ("created_at", "started_at", "finished_at", "cancel_requested_at"):
-        if status.HasField(name):
-            getattr(job, name).CopyFrom(getattr(status, name))
-    return job
-
-
-def job_fold(
-    status: status_service_pb2.JobStatus,
-    seq: int,
-    steps: list[tuple[status_service_pb2.StepStats, int]],
-    children: list[tuple[str, int, int, int]],
-) -> JobFold:
-    """Rebuild the fold of a persisted job: its header (with the seq of its last
-    job event), its steps' stats with their seqs, and (step, index, state, seq)
-    of every child."""
-    job = job_record(status, seq)
-    fold = JobFold(
-        job_id=status.id,
-        job=job,
-        job_version=job_version(job.state, seq) if job is not None else (False, 0),
-        step_counts=counter_of(status.steps),
-    )
-    for stats, step_seq in steps:
-        fold.steps[stats.name] = step_entry(status.id, stats, step_seq)
-    for step_name, index, state, child_seq in children:
-        fold.children[(step_name, index)] = (state, work_version(state, child_seq))
-    return fold
-
-
 def child_status(child: records_pb2.Child, revision: int) -> status_service_pb2.ChildStatus:
     status = status_service_pb2.ChildStatus(
         index=child.index, item=child.item, state=child.state, reason=child.reason, message=child.message,
@@ -179,5 +121,5 @@ def child_status(child: records_pb2.Child, revision: int) -> status_service_pb2.
         status.started_at.CopyFrom(child.started_at)
     if child.HasField("finished_at"):
         status.finished_at.CopyFrom(child.finished_at)
-    _duration_of(status, child.started_at, child.finished_at)
+    _set_duration(status)
     return status

@@ -13,23 +13,23 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterable
 
-from status_svc.storage.base import SourceRow
+from status_svc.storage.base import Source
 from stepstream_common.errors import FailedPreconditionError, FieldViolation, InvalidArgumentError, UnavailableError
 
 NOT_YET_APPLIED = "NOT_YET_APPLIED"
 
 
 class AppliedPositions:
-    def __init__(self, sources: Iterable[SourceRow], addresses: Iterable[str]) -> None:
+    def __init__(self, sources: Iterable[Source], addresses: Iterable[str]) -> None:
         # address -> (log_id, committed cursor); a source not heard from yet has log_id "".
         self._applied: dict[str, tuple[str, int]] = dict.fromkeys(addresses, ("", 0))
         self._waiters: set[asyncio.Future[None]] = set()
         self.advance(sources)
 
-    def advance(self, committed: Iterable[SourceRow]) -> None:
+    def advance(self, committed: Iterable[Source]) -> None:
         """Record committed cursors and wake every waiter to check again."""
-        for row in committed:
-            self._applied[row.address] = (row.log_id, row.cursor)
+        for source in committed:
+            self._applied[source.address] = (source.log_id, source.cursor)
         for waiter in self._waiters:
             if not waiter.done():
                 waiter.set_result(None)

@@ -7,13 +7,9 @@ per message when idle, so batching adds no latency) and never waits on a
 watcher. A crash at any point loses nothing and applies nothing twice: the
 cursor is committed with the state it produced.
 
-Revisions. Every job or step transition gets a revision of its own. Child
-transitions change what watchers see only through their step's child counts,
-so those of one step that arrive in the same transaction are folded into one
-revision (its change-log row says how many: `child_events`); a job's pending
-child revisions are assigned before its next job or step transition, so
-within a job the change log keeps the order of the events. Each child row
-carries the revision that last changed it.
+Revisions are given by the projector (status_svc/domain/projector.py, where
+the rules are): the writer hands it every change the fold makes, and commits
+what it makes of one batch.
 
 Sources. A service may follow several orchestrators; each keeps its own jobs.
 Job ids stay the key of the API (an orchestrator draws them at random), and the
@@ -32,19 +28,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 from stepstream.common.v1 import records_pb2
 
-from status_svc.domain.fold import Change, JobFold
-from status_svc.domain.projection import freshness, job_status, step_stats
+from status_svc.domain.fold import JobFold
+from status_svc.domain.projection import Staleness
+from status_svc.domain.projector import ChangeEntry, HeldJob, Projector, restore
 from status_svc.ingest.progress import AppliedPositions
-from status_svc.storage.base import SourceRow, StatusStore, StoredChange, WriteBatch
-from status_svc.storage.sqlite import child_row, job_row, step_row
+from status_svc.storage.base import Source, StatusStore, StoredChange, WriteBatch
 from stepstream_common import wire
 from stepstream_common.feed import Feed
 
@@ -87,48 +84,17 @@ class SourceHealth:
 
 IngestItem = Events | SnapshotApplied | SourceHealth
 
-# An event's record, with its kind (one of these three, compared by identity) and its job id.
-JOB, STEP, CHILD = "job", "step", "child"
-_Record = tuple[str, Any, str]
-
-
-@dataclass
-class _Job:
-    fold: JobFold
-    source: str
-    lost: tuple[float | None, str] = (None, "")
-    # Folded batches touching this job whose commit has not landed yet: while
-    # any remains, the job must stay in memory (the database is behind it).
-    uncommitted: int = 0
-
-
-@dataclass(slots=True)
-class _ChildGroup:
-    """Child events of one step, folded into one revision: the last record
-    (and its seq) of each child, and how many events there were."""
-
-    children: dict[int, tuple[records_pb2.Child, int]] = field(default_factory=dict)
-    events: int = 0
-
 
 @dataclass
 class _Pending:
-    """What one transaction will write and publish. Rows are keyed so that an
-    entity changed several times in one transaction is written once."""
+    """What one transaction will write, and then publish."""
 
-    batch: WriteBatch = field(default_factory=WriteBatch)
-    changes: list[StoredChange] = field(default_factory=list)
-    jobs: dict[str, tuple[object, ...]] = field(default_factory=dict)
-    steps: dict[tuple[str, str], tuple[object, ...]] = field(default_factory=dict)
-    children: dict[tuple[str, str, int], tuple[object, ...]] = field(default_factory=dict)
-    # job id -> step name -> child events not yet given a revision
-    groups: dict[str, dict[str, _ChildGroup]] = field(default_factory=dict)
+    batch: WriteBatch
+    changes: list[StoredChange]
     # The latest revision once folded: what the feed announces after the commit.
-    revision: int = 0
+    revision: int
     # Jobs this transaction changes.
-    touched: set[str] = field(default_factory=set)
-    # (source, job id, owner: "" if none) -> events rejected, logged after the fold.
-    rejected: dict[tuple[str, str, str], int] = field(default_factory=dict)
+    touched: set[str]
 
 
 class IngestWriter:
@@ -138,7 +104,7 @@ class IngestWriter:
         feed: Feed[StoredChange],
         *,
         latest_revision: int,
-        sources: dict[str, SourceRow],
+        sources: dict[str, Source],
         keep_changes: int = 1_000_000,
         prune_every: float = 60.0,
         queue_size: int = 64,
@@ -147,27 +113,26 @@ class IngestWriter:
     ) -> None:
         self._store = store
         self._feed = feed
-        self._revision = latest_revision
         self._sources = dict(sources)
+        self._projector = Projector(latest_revision, lambda address: self.source(address).staleness)
         self._keep_changes = keep_changes
         self._prune_every = prune_every
         self._clock = clock
         self._queue: asyncio.Queue[IngestItem | None] = asyncio.Queue(queue_size)
         self._stopping = False
-        self._jobs: dict[str, _Job] = {}
+        self._jobs: dict[str, HeldJob] = {}
+        # Folded batches touching each job whose commit has not landed yet: while
+        # any remains, the job must stay in memory (the database is behind it).
+        self._uncommitted: Counter[str] = Counter()
         self.events_applied = 0
         self.events_rejected = 0
         # What each log has committed up to: reads that must not be older wait on it.
         self.applied = AppliedPositions(sources.values(), followed)
         feed.latest = latest_revision
 
-    @property
-    def revision(self) -> int:
-        return self._revision
-
-    def source(self, address: str) -> SourceRow:
+    def source(self, address: str) -> Source:
         """What is known of `address` (its cursor counts everything submitted and applied)."""
-        return self._sources.get(address) or SourceRow(address, "", 0, None, "")
+        return self._sources.get(address) or Source(address)
 
     async def submit(self, item: IngestItem) -> None:
         """Queue `item` (waits while the queue is full: backpressure to the stream)."""
@@ -194,8 +159,8 @@ class IngestWriter:
                     size += len(item.events)
             work = [item for item in items if item is not None]
             if work:
-                records, touched = await self._load_jobs(work)
-                pending = self._fold(work, records, touched)
+                job_ids, touched = await self._load_jobs(work)
+                pending = self._fold(work, job_ids, touched)
                 if committing is not None:
                     await committing
                 committing = asyncio.create_task(self._commit(pending), name="ingest-commit")
@@ -213,20 +178,20 @@ class IngestWriter:
         self._stopping = True
         await self._queue.put(None)
 
-    def _fold(self, items: Sequence[IngestItem], records: Sequence[list[_Record]], touched: set[str]) -> _Pending:
-        pending = _Pending()
+    def _fold(self, items: Sequence[IngestItem], job_ids: Sequence[list[str]], touched: set[str]) -> _Pending:
         touched_sources: set[str] = set()
-        for item, found in zip(items, records, strict=True):
+        # (source, job id, owner: "" if none) -> events rejected, logged after the fold.
+        rejected: Counter[tuple[str, str, str]] = Counter()
+        for item, ids in zip(items, job_ids, strict=True):
             touched_sources.add(item.source)
             if isinstance(item, Events):
-                self._apply_events(item, found, pending)
+                self._apply_events(item, ids, rejected)
             elif isinstance(item, SnapshotApplied):
-                self._apply_snapshot_end(item, pending)
+                self._apply_snapshot_end(item)
             else:
-                self._apply_health(item, pending)
-        for job_id in list(pending.groups):
-            self._flush_children(self._jobs[job_id], pending)
-        for (address, job_id, owner), count in pending.rejected.items():
+                self._apply_health(item)
+        projection = self._projector.finish()
+        for (address, job_id, owner), count in rejected.items():
             self.events_rejected += count
             if owner:
                 log.warning("rejected %d event(s) from %s for job %s: the job belongs to %s",
@@ -234,63 +199,54 @@ class IngestWriter:
             else:
                 log.warning("rejected %d event(s) from %s for job %s: its source never created it "
                             "(no job record for it)", count, address, job_id)
-        pending.batch.jobs.extend(pending.jobs.values())
-        pending.batch.steps.extend(pending.steps.values())
-        pending.batch.children.extend(pending.children.values())
-        pending.batch.sources.extend(tuple(self._sources[address]) for address in touched_sources)
-        pending.revision = self._revision
-        pending.touched = {job_id for job_id in touched if job_id in self._jobs}
-        for job_id in pending.touched:
-            self._jobs[job_id].uncommitted += 1
+        changes = [_stored(entry) for entry in projection.changes]
+        batch = WriteBatch(
+            headers=list(projection.headers.values()), steps=list(projection.steps.values()),
+            children=list(projection.children.values()), changes=changes,
+            sources=[self._sources[address] for address in touched_sources],
+        )
+        pending = _Pending(batch, changes, self._projector.revision, touched & self._jobs.keys())
+        self._uncommitted.update(pending.touched)
         return pending
 
     async def _commit(self, pending: _Pending) -> None:
         await self._store.commit(pending.batch)
         self._feed.publish(pending.changes, pending.revision)
-        self.applied.advance(SourceRow(*row) for row in pending.batch.sources)
+        self.applied.advance(pending.batch.sources)
         # A finished job receives no more events; once all its changes are
         # committed it leaves memory (a stray event reads it back).
         for job_id in pending.touched:
-            job = self._jobs[job_id]
-            job.uncommitted -= 1
-            if not job.uncommitted and job.fold.finished:
-                del self._jobs[job_id]
+            self._uncommitted[job_id] -= 1
+            if not self._uncommitted[job_id]:
+                del self._uncommitted[job_id]
+                if self._jobs[job_id].fold.finished:
+                    del self._jobs[job_id]
 
-    async def _load_jobs(self, items: Sequence[IngestItem]) -> tuple[list[list[_Record]], set[str]]:
+    async def _load_jobs(self, items: Sequence[IngestItem]) -> tuple[list[list[str]], set[str]]:
         """Bring every job the items touch into memory (one read for all of them);
-        return each event's record with its kind and job id (an empty list for
-        other items), and the set of jobs touched.
+        return the job id of each event (an empty list for other items), and the
+        set of jobs touched.
 
         Only jobs not in memory are read, and a job stays in memory until every
         change to it is committed, so what is read is never behind.
         """
         wanted: set[str] = set()
-        records: list[list[_Record]] = []
+        job_ids: list[list[str]] = []
         for item in items:
-            found: list[_Record] = []
+            ids: list[str] = []
             if isinstance(item, Events):
-                for event in item.events:
-                    kind = event.WhichOneof("record")
-                    if kind == "child":
-                        child = event.child
-                        found.append((CHILD, child, child.job_id))
-                    elif kind == "step":
-                        step = event.step
-                        found.append((STEP, step, step.job_id))
-                    else:
-                        job = event.job
-                        found.append((JOB, job, job.id))
-                wanted.update(record[2] for record in found)
+                ids = [_job_id(event) for event in item.events]
+                wanted.update(ids)
             else:
                 wanted.update(await self._store.unfinished_jobs(item.source))
-            records.append(found)
+            job_ids.append(ids)
         missing = [job_id for job_id in wanted if job_id not in self._jobs]
         if missing:
-            for job_id, (fold, source, lost) in (await self._store.load_folds(missing)).items():
-                self._jobs[job_id] = _Job(fold, source, lost)
-        return records, wanted
+            for job_id, loaded in (await self._store.load_jobs(missing)).items():
+                self._jobs[job_id] = restore(loaded)
+        return job_ids, wanted
 
-    def _apply_events(self, item: Events, records: list[_Record], pending: _Pending) -> None:
+    def _apply_events(self, item: Events, job_ids: list[str], rejected: Counter[tuple[str, str, str]]) -> None:
         source = self.source(item.source)
         if source.log_id and item.log_id != source.log_id and item.from_stream:
             log.error("dropping events from %s: log %s, expected %s", item.source, item.log_id, source.log_id)
@@ -299,132 +255,76 @@ class IngestWriter:
         from_stream = item.from_stream
         address = item.source
         jobs = self._jobs
+        project = self._projector.project
         applied = 0
         # Jobs this item creates, found only when it mentions a job not yet known (rare).
         created: set[str] | None = None
-        for event, (kind, record, job_id) in zip(item.events, records, strict=True):
-            seq = event.seq
-            if from_stream and seq <= cursor:
+        for event, job_id in zip(item.events, job_ids, strict=True):
+            if from_stream and event.seq <= cursor:
                 continue
             job = jobs.get(job_id)
             if job is None:
                 if created is None:
-                    created = _created(item, records, cursor)
+                    created = _created(item, job_ids, cursor)
                 if job_id not in created:
-                    _reject(pending, address, job_id, "")
+                    rejected[(address, job_id, "")] += 1
                     continue
-                job = jobs[job_id] = _Job(JobFold(job_id), address)
+                job = jobs[job_id] = HeldJob(JobFold(job_id), address)
             elif job.source != address:
-                _reject(pending, address, job_id, job.source)
+                rejected[(address, job_id, job.source)] += 1
                 continue
             applied += 1
-            if kind is not CHILD:
-                change = job.fold.apply_step(record, seq) if kind is STEP else job.fold.apply_job(record, seq)
-                if change is not None:
-                    self._record(job, change, pending)
-                continue
-            if job.fold.apply_child(record, seq) is None:
-                continue
-            groups = pending.groups.get(job_id)
-            if groups is None:
-                groups = pending.groups[job_id] = {}
-            group = groups.get(record.step_name)
-            if group is None:
-                group = groups[record.step_name] = _ChildGroup()
-            group.children[record.index] = (record, seq)
-            group.events += 1
+            change = job.fold.apply(event)
+            if change is not None:
+                project(job, change)
         self.events_applied += applied
         if from_stream and item.events:
             cursor = max(cursor, item.events[-1].seq)
-        self._sources[item.source] = source._replace(log_id=source.log_id or item.log_id, cursor=cursor)
+        self._sources[address] = dataclasses.replace(source, log_id=source.log_id or item.log_id, cursor=cursor)
 
-    def _apply_snapshot_end(self, item: SnapshotApplied, pending: _Pending) -> None:
+    def _apply_snapshot_end(self, item: SnapshotApplied) -> None:
         source = self.source(item.source)
-        self._sources[item.source] = source._replace(log_id=item.log_id, cursor=item.seq)
-        now = self._clock()
+        self._sources[item.source] = dataclasses.replace(source, log_id=item.log_id, cursor=item.seq)
+        lost = Staleness(
+            self._clock(), f"unknown to {item.source} (log {item.log_id}): its data was replaced or pruned"
+        )
         for job in self._jobs.values():
             if job.source == item.source and not job.fold.finished and job.fold.job_id not in item.jobs_seen:
-                job.lost = (now, f"unknown to {item.source} (log {item.log_id}): its data was replaced or pruned")
-                self._record(job, _header_change(job), pending)
+                job.lost = lost
+                self._projector.refresh(job)
 
-    def _apply_health(self, item: SourceHealth, pending: _Pending) -> None:
+    def _apply_health(self, item: SourceHealth) -> None:
         source = self.source(item.source)
         if (source.stale_since is None) == (item.stale_since is None) and source.detail == item.detail:
             return
-        self._sources[item.source] = source._replace(stale_since=item.stale_since, detail=item.detail)
+        self._sources[item.source] = dataclasses.replace(source, stale_since=item.stale_since, detail=item.detail)
         for job in self._jobs.values():
             if job.source == item.source and not job.fold.finished:
-                self._record(job, _header_change(job), pending)
-
-    def _record(self, job: _Job, change: Change, pending: _Pending) -> None:
-        """Give a job or step transition the next revision, after the job's pending child events."""
-        self._flush_children(job, pending)
-        fold = job.fold
-        revision = self._next_revision()
-        header = None
-        if change.header:
-            source = self.source(job.source)
-            stale_since, detail = (job.lost if job.lost[0] is not None else (source.stale_since, source.detail))
-            status = job_status(fold, freshness(fold.state, job.source, stale_since, detail), revision)
-            header = status.SerializeToString()
-            pending.jobs[fold.job_id] = job_row(status, job.source, fold.job_version[1], job.lost)
-        steps = self._encode_steps(fold, change.steps, revision, pending)
-        self._log_change(pending, StoredChange(revision, fold.job_id, _name(fold), change.job_state_before,
-                                               change.job_state_after, header, steps, 0))
-
-    def _flush_children(self, job: _Job, pending: _Pending) -> None:
-        """Give each step's pending child events of `job` one revision."""
-        groups = pending.groups.pop(job.fold.job_id, None)
-        if not groups:
-            return
-        fold = job.fold
-        for step_name, group in groups.items():
-            revision = self._next_revision()
-            for index, (child, seq) in group.children.items():
-                pending.children[(fold.job_id, step_name, index)] = child_row(child, seq, revision)
-            steps = self._encode_steps(fold, [step_name], revision, pending)
-            state = fold.state
-            self._log_change(pending, StoredChange(revision, fold.job_id, _name(fold), state, state, None, steps,
-                                                   group.events))
-
-    def _next_revision(self) -> int:
-        self._revision += 1
-        return self._revision
-
-    @staticmethod
-    def _encode_steps(fold: JobFold, names: Sequence[str], revision: int, pending: _Pending) -> bytes | None:
-        encoded = []
-        for name in names:
-            entry = fold.steps[name]
-            stats = step_stats(name, entry, revision)
-            encoded.append(stats.SerializeToString())
-            pending.steps[(fold.job_id, name)] = step_row(fold.job_id, stats, entry.version[1])
-        return wire.repeated(4, encoded) if encoded else None
-
-    @staticmethod
-    def _log_change(pending: _Pending, change: StoredChange) -> None:
-        pending.batch.changes.append(tuple(change))
-        pending.changes.append(change)
+                self._projector.refresh(job)
 
 
-def _created(item: Events, records: list[_Record], cursor: int) -> set[str]:
+def _job_id(event: records_pb2.StepEvent) -> str:
+    kind = event.WhichOneof("record")
+    if kind == "child":
+        return event.child.job_id
+    if kind == "step":
+        return event.step.job_id
+    return event.job.id
+
+
+def _created(item: Events, job_ids: list[str], cursor: int) -> set[str]:
     """The jobs whose `job` record `item` brings (and would apply): the jobs it may create."""
     return {
-        job_id for event, (kind, _, job_id) in zip(item.events, records, strict=True)
-        if kind is JOB and job_id and not (item.from_stream and event.seq <= cursor)
+        job_id for event, job_id in zip(item.events, job_ids, strict=True)
+        if job_id and event.HasField("job") and not (item.from_stream and event.seq <= cursor)
     }
 
 
-def _reject(pending: _Pending, address: str, job_id: str, owner: str) -> None:
-    """Count an event of `address` for a job it does not own (owner "": nobody)."""
-    key = (address, job_id, owner)
-    pending.rejected[key] = pending.rejected.get(key, 0) + 1
-
-
-def _name(fold: JobFold) -> str:
-    return fold.job.name if fold.job is not None else ""
-
-
-def _header_change(job: _Job) -> Change:
-    state = job.fold.state
-    return Change(job.fold.job_id, header=True, job_state_before=state, job_state_after=state)
+def _stored(entry: ChangeEntry) -> StoredChange:
+    """A change as stored and sent: its header and steps encoded once, for every watcher."""
+    encoded = [stats.SerializeToString() for stats in entry.steps]
+    return StoredChange(
+        entry.revision, entry.job_id, entry.name, entry.state_before, entry.state_after,
+        entry.header.SerializeToString() if entry.header is not None else None,
+        wire.job_update_steps(encoded) if encoded else None, entry.child_events,
+    )

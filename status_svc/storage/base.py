@@ -1,37 +1,49 @@
-"""What the status service needs from durable storage.
+"""What the status service needs from durable storage, in its own terms.
 
-The single writer commits WriteBatches (state rows, their change-log rows and
-the ingest cursors, in one transaction); readers take consistent snapshots
-and replay the change log by revision. A PostgreSQL implementation would keep
-the same tables and transaction boundaries.
+The single writer commits WriteBatches: what the projector made of the folds
+(status_svc.domain.projector: headers, steps and children with their seqs and
+revisions), the change log, and the ingest cursors, in one transaction.
+Readers take consistent snapshots and replay the change log by revision.
+Every method takes and returns these domain objects; how they become rows is
+each backend's own business (storage/sqlite.py; a PostgreSQL backend would be
+a second module), and tests/status/test_store_conformance.py holds every
+backend to the same behaviour.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Protocol
+from dataclasses import dataclass
+from typing import NamedTuple, Protocol
 
 from stepstream.status.v1 import status_service_pb2
 
-from status_svc.domain.fold import JobFold
+from status_svc.domain.projection import Staleness
+from status_svc.domain.projector import LoadedJob, StoredChild, StoredHeader, StoredStep
 from stepstream_common.feed import Page
 
 
-class SourceRow(NamedTuple):
-    """An orchestrator followed by ingest."""
+@dataclass(frozen=True)
+class Source:
+    """An orchestrator followed by ingest: its log, how far it is applied, and
+    since when (and why) it cannot be followed (stale_since None: it can)."""
 
     address: str
-    log_id: str
-    cursor: int
-    stale_since: float | None
-    detail: str
+    log_id: str = ""
+    cursor: int = 0
+    stale_since: float | None = None
+    detail: str = ""
+
+    @property
+    def staleness(self) -> Staleness | None:
+        return Staleness(self.stale_since, self.detail) if self.stale_since is not None else None
 
 
 class StoredChange(NamedTuple):
     """One revision of one job: the encoded JobStatus if the header changed, the
     encoded StepStats entries (repeated field 4 of JobUpdate) that changed, and
-    how many child events it folds (0 for a job or step transition)."""
+    how many child events it folds (0 for a job or step transition). Kept
+    encoded: every watcher is sent these very bytes."""
 
     revision: int
     job_id: str
@@ -62,53 +74,110 @@ class ChangeFilter:
         return not self.states or change.state_before in self.states or change.state_after in self.states
 
 
-@dataclass
+@dataclass(frozen=True)
+class WriteBatch:
+    """One transaction: everything in it is committed, or none of it. Each
+    entity is written as given (the projector gives its last state in the
+    batch). Committing the last batch again changes nothing: a writer unsure
+    whether its commit landed may."""
+
+    headers: Sequence[StoredHeader] = ()
+    steps: Sequence[StoredStep] = ()
+    children: Sequence[StoredChild] = ()
+    changes: Sequence[StoredChange] = ()
+    sources: Sequence[Source] = ()
+
+
+class OpenedStore(NamedTuple):
+    """Where a reopened store stands: its latest revision and what each source had applied."""
+
+    revision: int
+    sources: dict[str, Source]
+
+
+@dataclass(frozen=True)
 class JobSnapshot:
+    """A job and its steps (by index), as of `revision`."""
+
     job: status_service_pb2.JobStatus
     steps: list[status_service_pb2.StepStats]
     revision: int
 
 
-@dataclass
-class WriteBatch:
-    jobs: list[tuple[Any, ...]] = field(default_factory=list)
-    steps: list[tuple[Any, ...]] = field(default_factory=list)
-    children: list[tuple[Any, ...]] = field(default_factory=list)
-    changes: list[tuple[Any, ...]] = field(default_factory=list)
-    sources: list[tuple[Any, ...]] = field(default_factory=list)
+@dataclass(frozen=True)
+class JobList:
+    """Jobs (newest first) as of `revision`."""
+
+    jobs: list[status_service_pb2.JobStatus]
+    revision: int
+
+
+@dataclass(frozen=True)
+class JobPage:
+    """One page of jobs (newest first) as of `revision`; next_page_token "" on the last."""
+
+    jobs: list[status_service_pb2.JobStatus]
+    next_page_token: str
+    revision: int
+
+
+@dataclass(frozen=True)
+class ChildPage:
+    """One page of a step's children (by index) as of `revision`; next_page_token "" on the last."""
+
+    children: list[status_service_pb2.ChildStatus]
+    next_page_token: str
+    revision: int
 
 
 class StatusStore(Protocol):
-    async def open(self) -> tuple[int, dict[str, SourceRow]]: ...
+    async def open(self) -> OpenedStore:
+        """Create what is missing (or migrate it); where the store stands."""
+        ...
 
     async def close(self) -> None: ...
 
-    async def commit(self, batch: WriteBatch) -> None: ...
+    async def commit(self, batch: WriteBatch) -> None:
+        """All of `batch` or nothing, even if the caller is cancelled meanwhile."""
+        ...
 
-    async def load_folds(
-        self, job_ids: Sequence[str]
-    ) -> dict[str, tuple[JobFold, str, tuple[float | None, str]]]: ...
+    async def load_jobs(self, job_ids: Sequence[str]) -> dict[str, LoadedJob]:
+        """The stored jobs among these ids (a missing id is a new job), to rebuild their folds."""
+        ...
 
-    async def unfinished_jobs(self, source: str) -> list[str]: ...
+    async def unfinished_jobs(self, source: str) -> list[str]:
+        """The ids of the source's jobs that are not in a terminal state."""
+        ...
 
     async def get_job(self, job_id: str) -> JobSnapshot | None: ...
 
-    async def list_jobs(
-        self, states: Sequence[int], name: str, page_size: int, page_token: str
-    ) -> tuple[list[status_service_pb2.JobStatus], str, int]: ...
+    async def list_jobs(self, states: Sequence[int], name: str, page_size: int, page_token: str) -> JobPage:
+        """Jobs in these states (any if empty) with this name (any if ""), newest first
+        (by created_at, then id); InvalidArgumentError for a token not issued for this query."""
+        ...
 
-    async def all_jobs(self, states: Sequence[int], name: str) -> tuple[list[status_service_pb2.JobStatus], int]: ...
+    async def all_jobs(self, states: Sequence[int], name: str) -> JobList:
+        """Every job list_jobs would page through, from one consistent read."""
+        ...
 
     async def list_children(
         self, job_id: str, step: str, states: Sequence[int], page_size: int, page_token: str
-    ) -> tuple[list[status_service_pb2.ChildStatus], str, int] | None: ...
-
-    async def job_exists(self, job_id: str) -> bool: ...
+    ) -> ChildPage | None:
+        """The step's children in these states (any if empty), by index; None if the
+        job or step is unknown; InvalidArgumentError for a token not issued for this query."""
+        ...
 
     async def read_changes(
         self, after: int, limit: int, job_id: str | None = None, matching: ChangeFilter | None = None
-    ) -> Page[StoredChange]: ...
+    ) -> Page[StoredChange]:
+        """Changes after revision `after`, in order, and the latest revision when read;
+        CursorOutOfRangeError if some were pruned or `after` is ahead of the store."""
+        ...
 
-    async def check_retained(self, after: int) -> None: ...
+    async def check_retained(self, after: int) -> None:
+        """CursorOutOfRangeError unless read_changes could resume after `after`."""
+        ...
 
-    async def prune(self, keep_changes: int) -> None: ...
+    async def prune(self, keep_changes: int) -> None:
+        """Drop all but the latest `keep_changes` (at least one) changes."""
+        ...

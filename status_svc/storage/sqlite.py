@@ -4,7 +4,9 @@ Tables: `jobs` (headers with step counts), `step_stats` (one row per step with
 child counts), `children`, `changes` (the revision log that watches replay),
 and `sources` (one row per orchestrator: its log id, the cursor, staleness).
 A batch, its revisions and the cursors that produced it commit in one
-transaction.
+transaction. Rows are this module's own: everything else in the service sees
+the domain objects of storage/base.py, so this is the one place that makes or
+reads one.
 """
 
 from __future__ import annotations
@@ -14,13 +16,24 @@ from pathlib import Path
 from typing import Any
 
 import aiosqlite
+from google.protobuf.message import Message
 from stepstream.common.v1 import records_pb2
 from stepstream.states import TERMINAL_JOB_STATES
 from stepstream.status.v1 import status_service_pb2
 
-from status_svc.domain.fold import JobFold
-from status_svc.domain.projection import freshness, job_fold
-from status_svc.storage.base import ChangeFilter, JobSnapshot, SourceRow, StoredChange, WriteBatch
+from status_svc.domain.projection import Staleness, child_status, freshness
+from status_svc.domain.projector import ChildVersion, LoadedJob, StoredChild, StoredHeader, StoredStep
+from status_svc.storage.base import (
+    ChangeFilter,
+    ChildPage,
+    JobList,
+    JobPage,
+    JobSnapshot,
+    OpenedStore,
+    Source,
+    StoredChange,
+    WriteBatch,
+)
 from stepstream_common.errors import CursorOutOfRangeError
 from stepstream_common.feed import Page
 from stepstream_common.paging import PageTokens, new_secret, scope
@@ -82,16 +95,18 @@ ADDED_COLUMNS = (
     ("step_stats", "children_unknown", "INTEGER NOT NULL DEFAULT 0"),
 )
 
+# The count columns follow the messages' fields, in field order (steps_total, steps_pending, ...).
+_STEP_COUNTS = tuple(f.name for f in status_service_pb2.StepCounts.DESCRIPTOR.fields)
+_CHILD_COUNTS = tuple(f.name for f in records_pb2.ChildCounts.DESCRIPTOR.fields)
+_JOB_TIMES = ("created_at", "started_at", "finished_at", "cancel_requested_at")
+
 JOB_COLUMNS = (
-    "job_id", "source", "name", "state", "reason", "message", "created_at", "started_at", "finished_at",
-    "cancel_requested_at", "steps_total", "steps_pending", "steps_running", "steps_waiting", "steps_completed",
-    "steps_failed", "steps_cancelled", "steps_skipped", "steps_unknown", "seq", "revision", "lost_since",
-    "lost_detail",
+    "job_id", "source", "name", "state", "reason", "message", *_JOB_TIMES,
+    *(f"steps_{name}" for name in _STEP_COUNTS), "seq", "revision", "lost_since", "lost_detail",
 )
 STEP_COLUMNS = (
     "job_id", "name", "idx", "type", "state", "reason", "message", "attempt", "max_attempts", "started_at",
-    "finished_at", "duration", "children_total", "children_pending", "children_running", "children_completed",
-    "children_failed", "children_cancelled", "children_unknown", "seq", "revision",
+    "finished_at", "duration", *(f"children_{name}" for name in _CHILD_COUNTS), "seq", "revision",
 )
 CHILD_COLUMNS = (
     "job_id", "step", "idx", "item", "state", "reason", "message", "attempt", "started_at", "finished_at",
@@ -102,103 +117,109 @@ SOURCE_COLUMNS = ("address", "log_id", "cursor", "stale_since", "detail")
 
 _TERMINAL_JOB_STATES = tuple(sorted(TERMINAL_JOB_STATES))
 
+Row = tuple[object, ...]
+
 
 def _replace(table: str, columns: Sequence[str]) -> str:
     return f"INSERT OR REPLACE INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
 
 
-def _time(value: float | None) -> Any:
-    return timestamp(value) if value is not None else None
+def _set_times(message: Message, values: dict[str, Any], names: Sequence[str]) -> None:
+    for name in names:
+        if values[name] is not None:
+            getattr(message, name).CopyFrom(timestamp(values[name]))
 
 
-# --- rows <-> messages -------------------------------------------------------------------------------------
+def _staleness(since: float | None, detail: str | None) -> Staleness | None:
+    return Staleness(since, detail or "") if since is not None else None
 
 
-def job_row(
-    status: status_service_pb2.JobStatus, source: str, seq: int, lost: tuple[float | None, str]
-) -> tuple[Any, ...]:
-    c = status.steps
+# --- domain objects <-> rows: the only place rows are made or read ----------------------------------------
+
+
+def _header_row(header: StoredHeader) -> Row:
+    status, lost = header.status, header.lost
+    counts = status.steps
     return (
-        status.id, source, status.name, status.state, status.reason, status.message,
-        seconds(status.created_at), seconds(status.started_at), seconds(status.finished_at),
-        seconds(status.cancel_requested_at), c.total, c.pending, c.running, c.waiting, c.completed, c.failed,
-        c.cancelled, c.skipped, c.unknown, seq, status.revision, lost[0], lost[1],
+        status.id, header.source, status.name, status.state, status.reason, status.message,
+        *(seconds(getattr(status, name)) for name in _JOB_TIMES), *(getattr(counts, name) for name in _STEP_COUNTS),
+        header.seq, status.revision, lost.since if lost is not None else None, lost.detail if lost is not None else "",
     )
 
 
-def _job_status(row: Sequence[Any], stale_since: float | None, detail: str) -> status_service_pb2.JobStatus:
-    values = dict(zip(JOB_COLUMNS, row, strict=True))
+# A header is read joined with its source's staleness: _HEADER_SELECT's columns.
+_HEADER_FIELDS = (*JOB_COLUMNS, "source_stale_since", "source_detail")
+_HEADER_SELECT = (
+    f"SELECT {', '.join('j.' + c for c in JOB_COLUMNS)}, src.stale_since, src.detail "
+    "FROM jobs j LEFT JOIN sources src ON src.address = j.source"
+)
+
+
+def _header(row: Sequence[Any]) -> StoredHeader:
+    """A header from _HEADER_SELECT's columns; its freshness from the lost marker, else from its source."""
+    values = dict(zip(_HEADER_FIELDS, row, strict=True))
     status = status_service_pb2.JobStatus(
         id=values["job_id"], name=values["name"], state=values["state"], reason=values["reason"],
         message=values["message"], revision=values["revision"],
-        steps=status_service_pb2.StepCounts(**{
-            name.removeprefix("steps_"): values[name] for name in JOB_COLUMNS if name.startswith("steps_")
-        }),
+        steps=status_service_pb2.StepCounts(**{name: values[f"steps_{name}"] for name in _STEP_COUNTS}),
     )
-    for name in ("created_at", "started_at", "finished_at", "cancel_requested_at"):
-        if values[name] is not None:
-            getattr(status, name).CopyFrom(timestamp(values[name]))
-    if values["lost_since"] is not None:
-        stale_since, detail = values["lost_since"], values["lost_detail"]
-    status.freshness.CopyFrom(freshness(status.state, values["source"], stale_since, detail))
-    return status
+    _set_times(status, values, _JOB_TIMES)
+    lost = _staleness(values["lost_since"], values["lost_detail"])
+    stale = lost if lost is not None else _staleness(values["source_stale_since"], values["source_detail"])
+    status.freshness.CopyFrom(freshness(status.state, values["source"], stale))
+    return StoredHeader(status, values["source"], values["seq"], lost)
 
 
-def step_row(job_id: str, stats: status_service_pb2.StepStats, seq: int) -> tuple[Any, ...]:
-    c = stats.children
+def _step_row(step: StoredStep) -> Row:
+    stats = step.stats
+    counts = stats.children
     duration = stats.duration.ToNanoseconds() / 1e9 if stats.HasField("duration") else None
     return (
-        job_id, stats.name, stats.index, stats.type, stats.state, stats.reason, stats.message, stats.attempt,
-        stats.max_attempts, seconds(stats.started_at), seconds(stats.finished_at), duration, c.total, c.pending,
-        c.running, c.completed, c.failed, c.cancelled, c.unknown, seq, stats.revision,
+        step.job_id, stats.name, stats.index, stats.type, stats.state, stats.reason, stats.message, stats.attempt,
+        stats.max_attempts, seconds(stats.started_at), seconds(stats.finished_at), duration,
+        *(getattr(counts, name) for name in _CHILD_COUNTS), step.seq, stats.revision,
     )
 
 
-def _step_stats(row: Sequence[Any]) -> status_service_pb2.StepStats:
+def _step(row: Sequence[Any]) -> StoredStep:
     values = dict(zip(STEP_COLUMNS, row, strict=True))
     stats = status_service_pb2.StepStats(
         name=values["name"], index=values["idx"], type=values["type"], state=values["state"],
         reason=values["reason"], message=values["message"], attempt=values["attempt"],
         max_attempts=values["max_attempts"], revision=values["revision"],
-        children=records_pb2.ChildCounts(**{
-            name.removeprefix("children_"): values[name] for name in STEP_COLUMNS if name.startswith("children_")
-        }),
+        children=records_pb2.ChildCounts(**{name: values[f"children_{name}"] for name in _CHILD_COUNTS}),
     )
-    for name in ("started_at", "finished_at"):
-        if values[name] is not None:
-            getattr(stats, name).CopyFrom(timestamp(values[name]))
+    _set_times(stats, values, ("started_at", "finished_at"))
     if values["duration"] is not None:
         stats.duration.FromNanoseconds(round(values["duration"] * 1e9))
-    return stats
+    return StoredStep(values["job_id"], stats, values["seq"])
 
 
-def child_row(child: records_pb2.Child, seq: int, revision: int) -> tuple[Any, ...]:
+def _child_row(child: StoredChild) -> Row:
+    record = child.record
     return (
-        child.job_id, child.step_name, child.index, child.item, child.state, child.reason, child.message,
-        child.attempt, seconds(child.started_at), seconds(child.finished_at), seq, revision,
+        record.job_id, record.step_name, record.index, record.item, record.state, record.reason, record.message,
+        record.attempt, seconds(record.started_at), seconds(record.finished_at), child.seq, child.revision,
     )
 
 
-def _child_status(row: Sequence[Any]) -> status_service_pb2.ChildStatus:
+def _child(row: Sequence[Any]) -> StoredChild:
     values = dict(zip(CHILD_COLUMNS, row, strict=True))
-    status = status_service_pb2.ChildStatus(
-        index=values["idx"], item=values["item"], state=values["state"], reason=values["reason"],
-        message=values["message"], attempt=values["attempt"], revision=values["revision"],
+    record = records_pb2.Child(
+        job_id=values["job_id"], step_name=values["step"], index=values["idx"], item=values["item"],
+        state=values["state"], reason=values["reason"], message=values["message"], attempt=values["attempt"],
     )
-    start, end = values["started_at"], values["finished_at"]
-    if start is not None:
-        status.started_at.CopyFrom(timestamp(start))
-    if end is not None:
-        status.finished_at.CopyFrom(timestamp(end))
-    if start is not None and end is not None:
-        status.duration.FromNanoseconds(max(0, status.finished_at.ToNanoseconds() - status.started_at.ToNanoseconds()))
-    return status
+    _set_times(record, values, ("started_at", "finished_at"))
+    return StoredChild(record, values["seq"], values["revision"])
 
 
-_JOB_SELECT = (
-    f"SELECT {', '.join('j.' + c for c in JOB_COLUMNS)}, src.stale_since, src.detail "
-    "FROM jobs j LEFT JOIN sources src ON src.address = j.source"
-)
+def _change_row(change: StoredChange) -> Row:
+    return (change.revision, change.job_id, change.name, change.state_before, change.state_after, change.header,
+            change.steps, change.child_events)
+
+
+def _source_row(source: Source) -> Row:
+    return (source.address, source.log_id, source.cursor, source.stale_since, source.detail)
 
 
 _SNAPSHOT_SELECT = (
@@ -209,13 +230,9 @@ _SNAPSHOT_SELECT = (
 )
 
 
-def _job_from_joined(row: Sequence[Any]) -> status_service_pb2.JobStatus:
-    return _job_status(row[: len(JOB_COLUMNS)], row[-2], row[-1] or "")
-
-
-def _job_filter(states: Sequence[int], name: str) -> tuple[list[str], list[Any]]:
+def _job_filter(states: Sequence[int], name: str) -> tuple[list[str], list[object]]:
     where: list[str] = ["1"]
-    params: list[Any] = []
+    params: list[object] = []
     if states:
         where.append(f"j.state IN ({', '.join('?' * len(states))})")
         params.extend(states)
@@ -233,50 +250,47 @@ class SqliteStatusStore(SqliteFile):
         super().__init__(path)
         self._tokens = PageTokens("")
 
-    async def open(self) -> tuple[int, dict[str, SourceRow]]:
-        """Create the schema if needed (and add the columns an older file lacks);
-        returns the latest revision and the sources."""
+    async def open(self) -> OpenedStore:
+        """Create the schema if needed (and add the columns an older file lacks)."""
         await self._connect(SCHEMA)
 
-        async def unit(db: aiosqlite.Connection) -> tuple[int, dict[str, SourceRow], str]:
+        async def unit(db: aiosqlite.Connection) -> tuple[OpenedStore, str]:
             await _add_missing_columns(db)
             await db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('page_secret', ?)", (new_secret(),))
             secret = next(iter(await db.execute_fetchall("SELECT value FROM meta WHERE key = 'page_secret'")))[0]
             rows = await db.execute_fetchall(f"SELECT {', '.join(SOURCE_COLUMNS)} FROM sources")
-            return await _latest_revision(db), {row[0]: SourceRow(*row) for row in rows}, str(secret)
+            sources = {row[0]: Source(*row) for row in rows}
+            return OpenedStore(await _latest_revision(db), sources), str(secret)
 
-        latest, sources, secret = await self.write(unit)
+        opened, secret = await self.write(unit)
         self._tokens = PageTokens(secret)
-        return latest, sources
+        return opened
 
     async def commit(self, batch: WriteBatch) -> None:
+        tables = (
+            ("jobs", JOB_COLUMNS, [_header_row(header) for header in batch.headers]),
+            ("step_stats", STEP_COLUMNS, [_step_row(step) for step in batch.steps]),
+            ("children", CHILD_COLUMNS, [_child_row(child) for child in batch.children]),
+            ("changes", CHANGE_COLUMNS, [_change_row(change) for change in batch.changes]),
+            ("sources", SOURCE_COLUMNS, [_source_row(source) for source in batch.sources]),
+        )
+
         async def unit(db: aiosqlite.Connection) -> None:
-            for table, columns, rows in (
-                ("jobs", JOB_COLUMNS, batch.jobs),
-                ("step_stats", STEP_COLUMNS, batch.steps),
-                ("children", CHILD_COLUMNS, batch.children),
-                ("changes", CHANGE_COLUMNS, batch.changes),
-                ("sources", SOURCE_COLUMNS, batch.sources),
-            ):
+            for table, columns, rows in tables:
                 if rows:
                     await db.executemany(_replace(table, columns), rows)
 
         await self.write(unit)
 
-    async def load_folds(self, job_ids: Sequence[str]) -> dict[str, tuple[JobFold, str, tuple[float | None, str]]]:
-        """The committed folds of these jobs (missing ids are new jobs), with source and lost marker.
-
-        Read on the reader connection, so it runs beside a commit in flight on the
-        writer's; the writer only asks for jobs none of its uncommitted work touches.
-        """
+    async def load_jobs(self, job_ids: Sequence[str]) -> dict[str, LoadedJob]:
+        """Read on the reader connection, so it runs beside a commit in flight on the
+        writer's; the writer only asks for jobs none of its uncommitted work touches."""
         if not job_ids:
             return {}
 
         async def unit(db: aiosqlite.Connection) -> tuple[list[Any], list[Any], list[Any]]:
             marks = ", ".join("?" * len(job_ids))
-            jobs = list(await db.execute_fetchall(
-                f"SELECT {', '.join(JOB_COLUMNS)} FROM jobs WHERE job_id IN ({marks})", job_ids
-            ))
+            jobs = list(await db.execute_fetchall(f"{_HEADER_SELECT} WHERE j.job_id IN ({marks})", job_ids))
             if not jobs:
                 return [], [], []
             found = [row[0] for row in jobs]
@@ -290,19 +304,19 @@ class SqliteStatusStore(SqliteFile):
             return jobs, list(step_rows), list(child_rows)
 
         jobs, step_rows, child_rows = await self.read(unit)
-        steps: dict[str, list[tuple[status_service_pb2.StepStats, int]]] = {}
+        steps: dict[str, list[StoredStep]] = {}
         for row in step_rows:
-            steps.setdefault(row[0], []).append((_step_stats(row), row[STEP_COLUMNS.index("seq")]))
-        children: dict[str, list[tuple[str, int, int, int]]] = {}
-        for job_id, step, index, state, seq in child_rows:
-            children.setdefault(job_id, []).append((step, index, state, seq))
-        folds = {}
+            step = _step(row)
+            steps.setdefault(step.job_id, []).append(step)
+        children: dict[str, list[ChildVersion]] = {}
+        for job_id, step_name, index, state, seq in child_rows:
+            children.setdefault(job_id, []).append(ChildVersion(step_name, index, state, seq))
+        loaded = {}
         for row in jobs:
-            values = dict(zip(JOB_COLUMNS, row, strict=True))
-            status = _job_status(row, None, "")
-            fold = job_fold(status, values["seq"], steps.get(status.id, []), children.get(status.id, []))
-            folds[status.id] = (fold, values["source"], (values["lost_since"], values["lost_detail"]))
-        return folds
+            header = _header(row)
+            job_id = header.status.id
+            loaded[job_id] = LoadedJob(header, steps.get(job_id, []), children.get(job_id, []))
+        return loaded
 
     async def unfinished_jobs(self, source: str) -> list[str]:
         marks = ", ".join("?" * len(_TERMINAL_JOB_STATES))
@@ -324,13 +338,11 @@ class SqliteStatusStore(SqliteFile):
         rows = await self.read(unit)
         if not rows:
             return None
-        revision_at = len(JOB_COLUMNS) + 2  # after the job's columns and its source's two
-        steps = [_step_stats(row[revision_at + 1:]) for row in rows if row[revision_at + 1] is not None]
-        return JobSnapshot(_job_from_joined(rows[0][:revision_at]), steps, int(rows[0][revision_at] or 0))
+        revision_at = len(_HEADER_FIELDS)  # after the header's columns
+        steps = [_step(row[revision_at + 1:]).stats for row in rows if row[revision_at + 1] is not None]
+        return JobSnapshot(_header(rows[0][:revision_at]).status, steps, int(rows[0][revision_at] or 0))
 
-    async def list_jobs(
-        self, states: Sequence[int], name: str, page_size: int, page_token: str
-    ) -> tuple[list[status_service_pb2.JobStatus], str, int]:
+    async def list_jobs(self, states: Sequence[int], name: str, page_size: int, page_token: str) -> JobPage:
         where, params = _job_filter(states, name)
         query = scope("status.ListJobs", sorted(states), name)
         after = self._tokens.decode(page_token, query, (float, str))
@@ -340,38 +352,36 @@ class SqliteStatusStore(SqliteFile):
 
         async def unit(db: aiosqlite.Connection) -> tuple[list[Any], int]:
             rows = list(await db.execute_fetchall(
-                f"{_JOB_SELECT} WHERE {' AND '.join(where)} ORDER BY j.created_at DESC, j.job_id DESC LIMIT ?",
+                f"{_HEADER_SELECT} WHERE {' AND '.join(where)} ORDER BY j.created_at DESC, j.job_id DESC LIMIT ?",
                 (*params, page_size + 1),
             ))
             return rows, await _latest_revision(db)
 
         rows, revision = await self.read(unit)
-        jobs = [_job_from_joined(row) for row in rows[:page_size]]
+        jobs = [_header(row).status for row in rows[:page_size]]
         token = ""
         if len(rows) > page_size:
             last = rows[page_size - 1]
             token = self._tokens.encode(query, [last[JOB_COLUMNS.index("created_at")], last[0]])
-        return jobs, token, revision
+        return JobPage(jobs, token, revision)
 
-    async def all_jobs(self, states: Sequence[int], name: str) -> tuple[list[status_service_pb2.JobStatus], int]:
-        """Every matching job and the revision they are valid at, from one consistent read."""
+    async def all_jobs(self, states: Sequence[int], name: str) -> JobList:
         where, params = _job_filter(states, name)
 
         async def unit(db: aiosqlite.Connection) -> tuple[list[Any], int]:
             rows = await db.execute_fetchall(
-                f"{_JOB_SELECT} WHERE {' AND '.join(where)} ORDER BY j.created_at DESC, j.job_id DESC", params
+                f"{_HEADER_SELECT} WHERE {' AND '.join(where)} ORDER BY j.created_at DESC, j.job_id DESC", params
             )
             return list(rows), await _latest_revision(db)
 
         rows, revision = await self.read(unit)
-        return [_job_from_joined(row) for row in rows], revision
+        return JobList([_header(row).status for row in rows], revision)
 
     async def list_children(
         self, job_id: str, step: str, states: Sequence[int], page_size: int, page_token: str
-    ) -> tuple[list[status_service_pb2.ChildStatus], str, int] | None:
-        """None if the job or step is unknown."""
+    ) -> ChildPage | None:
         where: list[str] = ["job_id = ?", "step = ?"]
-        params: list[Any] = [job_id, step]
+        params: list[object] = [job_id, step]
         if states:
             where.append(f"state IN ({', '.join('?' * len(states))})")
             params.extend(states)
@@ -397,20 +407,13 @@ class SqliteStatusStore(SqliteFile):
         if found is None:
             return None
         rows, revision = found
-        token = self._tokens.encode(query, [rows[page_size - 1][2]]) if len(rows) > page_size else ""
-        return [_child_status(row) for row in rows[:page_size]], token, revision
-
-    async def job_exists(self, job_id: str) -> bool:
-        async def unit(db: aiosqlite.Connection) -> bool:
-            return bool(list(await db.execute_fetchall("SELECT 1 FROM jobs WHERE job_id = ?", (job_id,))))
-
-        return await self.read(unit)
+        children = [_child(row) for row in rows[:page_size]]
+        token = self._tokens.encode(query, [children[-1].record.index]) if len(rows) > page_size else ""
+        return ChildPage([child_status(child.record, child.revision) for child in children], token, revision)
 
     async def read_changes(
         self, after: int, limit: int, job_id: str | None = None, matching: ChangeFilter | None = None
     ) -> Page[StoredChange]:
-        """Changes after revision `after`, in order, and the latest revision when read;
-        CursorOutOfRangeError if some were pruned."""
         where: list[str] = ["revision > ?"]
         params: list[Any] = [after]
         if job_id is not None:

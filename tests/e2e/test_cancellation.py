@@ -287,14 +287,13 @@ async def test_status_handlers_and_store_survive_cancellation_at_every_await(
         lambda: store.list_jobs([], "", 1, ""),
         lambda: store.all_jobs([s.JOB_STATE_COMPLETED], ""),
         lambda: store.list_children(job_id, "fan", [], 2, ""),
-        lambda: store.job_exists(job_id),
         lambda: store.read_changes(0, 100, job_id=job_id),
         lambda: store.read_changes(0, 100, matching=ChangeFilter()),
         lambda: store.check_retained(0),
         lambda: store.unfinished_jobs(source.address),
-        lambda: store.load_folds([job_id]),
+        lambda: store.load_jobs([job_id]),
         lambda: store.prune(1_000_000),
-        lambda: store.commit(WriteBatch(sources=[tuple(source)])),
+        lambda: store.commit(WriteBatch(sources=[source])),
     ):
         await every_await(work, store, same=lambda a, b: repr(a) == repr(b))
 

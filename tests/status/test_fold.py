@@ -9,6 +9,11 @@ permutation with any duplication must fold to exactly what the in-order sequence
 folds to, and to the last record of every entity; no entity's (terminal, seq)
 version may ever decrease, a terminal record is never replaced, and the counts
 always equal a recount of the held states.
+
+The same histories go through the projector (status_svc/domain/projector.py)
+as ingest sends them, JobFold.apply's changes cut into transactions: the change
+log it writes and the entities it stores must agree with the fold and with each
+other, and what it stores must rebuild the fold after a restart.
 """
 
 from __future__ import annotations
@@ -28,13 +33,26 @@ from stepstream.common.v1 import states_pb2 as s
 from stepstream.states import TERMINAL_JOB_STATES, TERMINAL_STEP_STATES
 from stepstream.status.v1 import status_service_pb2
 
-from status_svc.domain import projection
 from status_svc.domain.fold import NO_VERSION, Change, JobFold, Version
+from status_svc.domain.projection import Staleness, freshness, job_status, step_stats
+from status_svc.domain.projector import (
+    ChangeEntry,
+    ChildVersion,
+    HeldJob,
+    LoadedJob,
+    Projection,
+    Projector,
+    StoredChild,
+    StoredHeader,
+    StoredStep,
+    restore,
+)
 from tests.helpers import entity_key
 
 Event = records_pb2.StepEvent
 Key = tuple[Any, ...]
 JOB_ID = "job-1"
+SOURCE = "orch:1"
 BASE_NANOS = 1_700_000_000 * 10**9
 
 PENDING, RUNNING, WAITING = s.STEP_STATE_PENDING, s.STEP_STATE_RUNNING, s.STEP_STATE_WAITING
@@ -287,12 +305,43 @@ def last_records(events: Sequence[Event]) -> dict[Key, Event]:
     return last
 
 
-def reload(fold: JobFold) -> JobFold:
-    """Persist a fold the way the store does (views) and rebuild it, as after a restart."""
-    status = projection.job_status(fold, status_service_pb2.Freshness(), revision=1)
-    steps = [(projection.step_stats(name, entry, 1), entry.version[1]) for name, entry in fold.steps.items()]
-    children = [(step, index, state, version[1]) for (step, index), (state, version) in fold.children.items()]
-    return projection.job_fold(status, fold.job_version[1], steps, children)
+@dataclass
+class Kept:
+    """What a store keeps of one job's projections: each entity as it was last
+    stored (tests/status/test_store_conformance.py holds every backend to this)."""
+
+    headers: dict[str, StoredHeader] = field(default_factory=dict)
+    steps: dict[tuple[str, str], StoredStep] = field(default_factory=dict)
+    children: dict[tuple[str, str, int], StoredChild] = field(default_factory=dict)
+
+    def keep(self, projected: Projection) -> None:
+        self.headers.update(projected.headers)
+        self.steps.update(projected.steps)
+        self.children.update(projected.children)
+
+    def reopened(self) -> HeldJob:
+        """The job as a restart rebuilds it (a job never stored starts afresh)."""
+        header = self.headers.get(JOB_ID)
+        if header is None:
+            assert not self.steps and not self.children, "steps or children stored without their job"
+            return HeldJob(JobFold(JOB_ID), SOURCE)
+        children = [ChildVersion(c.record.step_name, c.record.index, c.record.state, c.seq)
+                    for c in self.children.values()]
+        return restore(LoadedJob(header, list(self.steps.values()), children))
+
+
+def project_all(events: Sequence[Event], job: HeldJob, projector: Projector) -> None:
+    """Apply and project each event, as the writer does."""
+    for event in events:
+        change = job.fold.apply(event)
+        if change is not None:
+            projector.project(job, change)
+
+
+def first_job_event(events: Sequence[Event], delivery: Sequence[int]) -> int:
+    """Where in `delivery` the job's first record arrives: the writer creates a job
+    (and so stores anything of it) only in a transaction that brings its record."""
+    return next(i for i, position in enumerate(delivery) if events[position].HasField("job"))
 
 
 # --- properties ----------------------------------------------------------------------------------------------
@@ -360,21 +409,171 @@ def test_any_order_with_duplicates_folds_to_the_in_order_result(history: History
 @FOLD_SETTINGS
 @given(history=histories(), data=st.data())
 def test_persisting_and_reloading_midway_changes_nothing(history: History, data: st.DataObject) -> None:
-    """A restart: what the store keeps of a fold (views) is enough to go on
-    applying any later delivery, duplicates included, to the same result."""
+    """A restart: what the projector stores of a fold, read back by restore(), is
+    enough to go on applying any later delivery, duplicates included, to the same result."""
     events = history.events
     expected = picture(fold_all(events))
     delivery = data.draw(st.permutations(range(len(events))), label="delivery")
-    split = data.draw(st.integers(0, len(events)), label="split")
+    split = data.draw(st.sampled_from([0, *range(first_job_event(events, delivery) + 1, len(events) + 1)]),
+                      label="split")
     replayed = data.draw(st.lists(st.integers(0, len(events) - 1), max_size=10), label="replayed")
-    first = fold_all([events[i] for i in delivery[:split]])
-    reloaded = reload(first)
-    assert picture(reloaded) == picture(first)
+    first = HeldJob(JobFold(JOB_ID), SOURCE)
+    projector = Projector(0, lambda _: None)
+    project_all([events[i] for i in delivery[:split]], first, projector)
+    kept = Kept()
+    kept.keep(projector.finish())
+    reloaded = kept.reopened()
+    assert picture(reloaded.fold) == picture(first.fold)
+    assert reloaded.source == SOURCE
     for position in replayed:  # re-delivered after the restart
         if position in delivery[:split]:
-            assert reloaded.apply(events[position]) is None
-    fold_all([events[i] for i in delivery[split:]], reloaded)
-    assert picture(reloaded) == expected
+            assert reloaded.fold.apply(events[position]) is None
+    fold_all([events[i] for i in delivery[split:]], reloaded.fold)
+    assert picture(reloaded.fold) == expected
+
+
+@dataclass
+class Expected:
+    """The change log one transaction should write, by the projector's rules,
+    worked out from the winning events alone: each job or step event (and
+    each freshness change) is an entry of its own, after the child events of
+    the job not yet in one; a step's child events in between are one entry,
+    showing the step as it was during them."""
+
+    entries: list[tuple[Any, ...]] = field(default_factory=list)
+    # step -> [child events awaiting an entry, the step's state meanwhile], in the order their runs began
+    runs: dict[str, list[int]] = field(default_factory=dict)
+    # for each child event taken: (the child, the run's step), resolved to an entry index on flush
+    waiting: list[Key] = field(default_factory=list)
+    # child -> the index of the entry its last event is in
+    child_entry: dict[Key, int] = field(default_factory=dict)
+
+    def child(self, key: Key, step_state: int) -> None:
+        self.runs.setdefault(key[1], [0, step_state])[0] += 1
+        self.waiting.append(key)
+
+    def transition(self, entry: tuple[Any, ...]) -> None:
+        self.flush()
+        self.entries.append(entry)
+
+    def flush(self) -> None:
+        index_of = {}
+        for step, (count, state) in self.runs.items():
+            index_of[step] = len(self.entries)
+            self.entries.append(("children", step, count, state))
+        for key in self.waiting:
+            self.child_entry[key] = index_of[key[1]]
+        self.runs, self.waiting = {}, []
+
+
+def entry_shape(entry: ChangeEntry) -> tuple[Any, ...]:
+    if entry.child_events:
+        assert entry.header is None and len(entry.steps) == 1, entry
+        return ("children", entry.steps[0].name, entry.child_events, entry.steps[0].state)
+    if entry.header is not None and not entry.steps:
+        return ("header",)
+    assert [stats.name for stats in entry.steps] != [], entry
+    return ("step", entry.steps[0].name)
+
+
+@FOLD_SETTINGS
+@given(history=histories(), data=st.data())
+def test_the_change_log_replays_to_what_is_stored(history: History, data: st.DataObject) -> None:
+    """Any delivery (duplicates included), cut into transactions anywhere, with
+    the source going stale and fresh in between: revisions are contiguous; each
+    transaction's change log records every winning event once, in order, a
+    step's run of child events as one entry; a watcher replaying the log ends
+    with exactly the stored header and steps; every stored entity is the
+    fold's own (its last record, seq and the revision that last changed it);
+    and what is stored rebuilds the fold."""
+    events = history.events
+    extra = data.draw(st.lists(st.integers(0, len(events) - 1), max_size=len(events)), label="duplicates")
+    delivery = data.draw(st.permutations([*range(len(events)), *extra]), label="delivery")
+    start = first_job_event(events, delivery) + 1
+    cuts = set(data.draw(st.lists(st.integers(start, len(delivery)), max_size=6), label="cuts"))
+    flips = set(data.draw(st.lists(st.integers(0, len(delivery) - 1), max_size=4), label="staleness flips"))
+
+    stale: list[Staleness | None] = [None]
+    job = HeldJob(JobFold(JOB_ID), SOURCE)
+    projector = Projector(100, lambda source: stale[0] if source == SOURCE else None)
+    kept = Kept()
+    log: list[ChangeEntry] = []
+    winners: dict[Key, Event] = {}
+    child_revision: dict[Key, int] = {}
+    winning_children = 0
+    expected = Expected()
+
+    def finish() -> None:
+        projected = projector.finish()
+        expected.flush()
+        assert [entry_shape(entry) for entry in projected.changes] == expected.entries
+        for key, index in expected.child_entry.items():
+            child_revision[key] = projected.changes[index].revision
+        log.extend(projected.changes)
+        kept.keep(projected)
+        expected.entries, expected.child_entry = [], {}
+
+    for i, position in enumerate(delivery):
+        if i in cuts:
+            finish()
+        if i in flips and i >= start:
+            stale[0] = None if stale[0] is not None else Staleness(1_700_000_000.5, "gone quiet")
+            projector.refresh(job)
+            expected.transition(("header",))
+        event = events[position]
+        change = job.fold.apply(event)
+        if change is None:
+            continue
+        key = entity_key(event)
+        winners[key] = event
+        projector.project(job, change)
+        if key[0] == "child":
+            winning_children += 1
+            expected.child(key, job.fold.steps[key[1]].state)
+        else:
+            expected.transition(("header",) if key[0] == "job" else ("step", key[1]))
+    finish()
+
+    assert [entry.revision for entry in log] == list(range(101, 101 + len(log)))
+    assert projector.revision == 100 + len(log)
+    assert sum(entry.child_events for entry in log) == winning_children
+    assert {entry.job_id for entry in log} == {JOB_ID}
+
+    # A watcher replaying the log ends where a read of the store does.
+    header: status_service_pb2.JobStatus | None = None
+    steps: dict[str, status_service_pb2.StepStats] = {}
+    state: int = s.JOB_STATE_UNSPECIFIED
+    for entry in log:
+        assert entry.state_before == state and entry.name in ("", "prop-job")
+        state = entry.state_after
+        if entry.header is not None:
+            header = entry.header
+            assert entry.header.revision == entry.revision
+        for stats in entry.steps:
+            assert stats.revision == entry.revision
+            steps[stats.name] = stats
+    assert state == job.fold.state
+    stored = kept.headers[JOB_ID]
+    assert header is not None and stored.status == header
+    assert {name: kept_step.stats for (_, name), kept_step in kept.steps.items()} == steps
+
+    # What is stored is the fold's own.
+    fold = job.fold
+    fresh = freshness(fold.state, SOURCE, stale[0])
+    assert stored.status == job_status(fold, stored.status.freshness, stored.status.revision)
+    assert (stored.source, stored.seq, stored.lost) == (SOURCE, fold.job_version[1], None)
+    assert fold.finished or stored.status.freshness == fresh
+    for name, held in fold.steps.items():
+        kept_step = kept.steps[(JOB_ID, name)]
+        assert kept_step.stats == step_stats(name, held, kept_step.stats.revision)
+        assert kept_step.seq == held.version[1]
+    assert set(kept.children) == {(JOB_ID, *key) for key in fold.children}
+    for (_, step_name, index), child in kept.children.items():
+        last = winners[("child", step_name, index)]
+        assert (child.record, child.seq) == (last.child, last.seq)
+        assert child.revision == child_revision[("child", step_name, index)]
+
+    assert picture(kept.reopened().fold) == picture(fold)
 
 
 def event_version(event: Event) -> Version:

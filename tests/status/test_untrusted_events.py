@@ -37,6 +37,7 @@ from stepstream_client.sdk import Client
 from orchestrator_svc.app import Orchestrator
 from status_svc.app import DATABASE_FILE, StatusService
 from status_svc.app import start as start_status
+from status_svc.domain.projector import restore
 from status_svc.ingest.writer import Events, IngestWriter
 from status_svc.storage.base import StoredChange
 from status_svc.storage.sqlite import SCHEMA, SqliteStatusStore
@@ -355,15 +356,14 @@ async def test_a_database_file_from_before_the_unknown_counts_is_migrated_in_pla
     for _ in range(2):  # a second open finds nothing to add
         store = SqliteStatusStore(path)
         try:
-            assert (await store.open())[0] == 2
+            assert (await store.open()).revision == 2
             snapshot = await store.get_job("j1")
             assert snapshot is not None
             assert snapshot.job.steps == status_pb.StepCounts(total=1, running=1)
             assert [(st.name, st.children) for st in snapshot.steps] == [
                 ("fan", records_pb2.ChildCounts(total=1, running=1))]
-            folds = await store.load_folds(["j1"])
-            fold, source, _ = folds["j1"]
-            assert source == "orch" and fold.job is not None and fold.job.state == s.JOB_STATE_RUNNING
+            held = restore((await store.load_jobs(["j1"]))["j1"])
+            assert held.source == "orch" and held.fold.job is not None and held.fold.job.state == s.JOB_STATE_RUNNING
         finally:
             await store.close()
     with sqlite3.connect(path) as db:
@@ -374,9 +374,9 @@ async def test_a_database_file_from_before_the_unknown_counts_is_migrated_in_pla
 
     # The migrated file takes a step in an unknown state like a new one.
     store = SqliteStatusStore(path)
-    latest, sources = await store.open()
+    opened = await store.open()
     feed: Feed[StoredChange] = Feed(max_pending=100)
-    writer = IngestWriter(store, feed, latest_revision=latest, sources=sources)
+    writer = IngestWriter(store, feed, latest_revision=opened.revision, sources=opened.sources)
     running = asyncio.create_task(writer.run())
     try:
         await writer.submit(Events("orch", "log", [_event(4, step("j1", "fan", 0, STEP_99))]))
@@ -402,9 +402,9 @@ def rejections(caplog: pytest.LogCaptureFixture, job_id: str) -> list[str]:
 async def writer_on(path: Path) -> AsyncIterator[tuple[IngestWriter, SqliteStatusStore]]:
     """The real writer on a real store; on exit it applies everything submitted, then closes."""
     store = SqliteStatusStore(path)
-    latest, sources = await store.open()
+    opened = await store.open()
     feed: Feed[StoredChange] = Feed(max_pending=1000)
-    writer = IngestWriter(store, feed, latest_revision=latest, sources=sources)
+    writer = IngestWriter(store, feed, latest_revision=opened.revision, sources=opened.sources)
     running = asyncio.create_task(writer.run())
     try:
         yield writer, store
@@ -466,7 +466,7 @@ async def test_the_writer_creates_jobs_only_from_their_own_records_and_keeps_eac
         assert [(st.state, st.children) for st in first.steps] == [
             (s.STEP_STATE_COMPLETED, records_pb2.ChildCounts(total=1, completed=1))]
         children = await store.list_children(j1, "fan", [], 10, "")
-        assert children is not None and [c.index for c in children[0]] == [0]
+        assert children is not None and [c.index for c in children.children] == [0]
         assert await store.get_job(j2) is None
         third = await store.get_job(j3)
         assert third is not None and third.job.freshness.source == "orch-a"
