@@ -3,13 +3,17 @@
 `Client` (async) and `SyncClient` (blocking) submit and cancel jobs through the
 orchestrator and read and watch them through the status service. Everything
 they return is a frozen dataclass mapped from server data (see models.py);
-every failure is a StepstreamError (see errors.py).
+every failure is a StepstreamError (see errors.py). Idempotent calls are retried
+on UNAVAILABLE and DEADLINE_EXCEEDED under an overall deadline; `RetryPolicy`
+changes how (the per-method table is in _policy.py).
 """
 
 from stepstream.backoff import Backoff
 from stepstream.channel import DEFAULT_ORCHESTRATOR, DEFAULT_STATUS
 
+from stepstream_client._policy import RetryPolicy
 from stepstream_client.errors import (
+    DeadlineExceededError,
     DefinitionError,
     FailedPreconditionError,
     InvalidArgumentError,
@@ -43,6 +47,7 @@ __all__ = [
     "ChildCounts",
     "ChildView",
     "Client",
+    "DeadlineExceededError",
     "DefinitionError",
     "FailedPreconditionError",
     "InvalidArgumentError",
@@ -53,6 +58,7 @@ __all__ = [
     "LogPosition",
     "NotFoundError",
     "OutOfRangeError",
+    "RetryPolicy",
     "RpcError",
     "StepCounts",
     "StepView",

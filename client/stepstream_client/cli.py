@@ -21,9 +21,10 @@ from typing import Protocol
 
 from stepstream.channel import DEFAULT_ORCHESTRATOR, DEFAULT_STATUS
 from stepstream.common.v1 import states_pb2
-from stepstream.flags import env_option, host_port, positive_int
+from stepstream.flags import env_option, host_port, positive_float, positive_int
 from stepstream.states import CHILD_STATES, job_state_word, step_state_word
 
+from stepstream_client._policy import RetryPolicy
 from stepstream_client.errors import (
     DefinitionError,
     InvalidArgumentError,
@@ -166,8 +167,13 @@ def exit_code_of(view: JobView | None) -> int:
 
 # --- commands -------------------------------------------------------------------
 
+# Someone is waiting at a terminal: retry an idempotent call for 5 s by default (long enough
+# to ride over a quick service restart), not the SDK's 20 s, before exit 4 says the service is down.
+CLI_RETRY_SECONDS = "5"
+
+
 def _client(args: argparse.Namespace) -> Client:
-    return Client(args.orchestrator, args.status)
+    return Client(args.orchestrator, args.status, retry=RetryPolicy(deadline=args.retry_for))
 
 
 async def cmd_submit(args: argparse.Namespace) -> int:
@@ -256,6 +262,8 @@ def _addresses(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
                    type=host_port, help="orchestrator address")
         env_option(parser, "--status", "STEPSTREAM_STATUS", default=DEFAULT_STATUS, type=host_port,
                    help="status service address")
+        env_option(parser, "--retry-for", "STEPSTREAM_RETRY_FOR", default=CLI_RETRY_SECONDS, type=positive_float,
+                   help="seconds to keep retrying a call that is safe to repeat while a service is unreachable")
         return
     parser.add_argument("--orchestrator", type=host_port, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     parser.add_argument("--status", type=host_port, default=argparse.SUPPRESS, help=argparse.SUPPRESS)

@@ -41,11 +41,14 @@ class RpcError(StepstreamError):
         violations: list[Violation] | None = None,
         metadata: dict[str, str] | None = None,
         reason: str = "",
+        attempts: int = 1,
     ) -> None:
         super().__init__(message, violations)
         # google.rpc.ErrorInfo, when the server sent one (e.g. OUT_OF_RANGE cursors).
         self.reason = reason
         self.metadata = metadata or {}
+        # How many times the call was sent (more than 1 only for a retried idempotent call).
+        self.attempts = attempts
 
 
 class InvalidArgumentError(RpcError):
@@ -70,17 +73,27 @@ class UnavailableError(RpcError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class DeadlineExceededError(RpcError):
+    """No answer within the call's timeout (a hung or overloaded service, or a slow network)."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
 _BY_CODE: dict[grpc.StatusCode, type[RpcError]] = {
     cls.code: cls
-    for cls in (InvalidArgumentError, NotFoundError, FailedPreconditionError, OutOfRangeError, UnavailableError)
+    for cls in (
+        InvalidArgumentError, NotFoundError, FailedPreconditionError, OutOfRangeError, UnavailableError,
+        DeadlineExceededError,
+    )
 }
 
 
-def from_rpc_error(error: grpc.aio.AioRpcError, *, target: str = "") -> RpcError:
+def from_rpc_error(error: grpc.aio.AioRpcError, *, target: str = "", attempts: int = 1) -> RpcError:
     """The typed error for a failed call, with the google.rpc details it carried.
 
     `target` names what was called (e.g. "the status service at 127.0.0.1:50052")
-    so that UNAVAILABLE says which address could not be reached.
+    so that UNAVAILABLE says which address could not be reached. `attempts`: how
+    many times a retried call was sent; the message says so when more than once.
     """
     violations: list[Violation] = []
     metadata: dict[str, str] = {}
@@ -103,7 +116,9 @@ def from_rpc_error(error: grpc.aio.AioRpcError, *, target: str = "") -> RpcError
     message = error.details() or error.code().name
     if cls is UnavailableError and target:
         message = f"cannot reach {target} ({_last_clause(message)})"
-    typed = cls(message, violations, metadata, reason)
+    if attempts > 1:
+        message = f"{message}; gave up after {attempts} attempts"
+    typed = cls(message, violations, metadata, reason, attempts)
     if cls is RpcError:
         typed.code = error.code()
     return typed

@@ -10,12 +10,16 @@ stepstream_client.errors for every failure.
 
 Lists are async iterators that fetch page after page as they are consumed
 (`page_size` per request); stop iterating to stop fetching.
+
+Every unary call has a timeout, and the idempotent ones are retried on
+UNAVAILABLE and DEADLINE_EXCEEDED under an overall deadline: the per-method
+table, and how to override it, is in stepstream_client._policy.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
@@ -31,8 +35,10 @@ from stepstream.states import job_state_from_word, step_state_from_word
 from stepstream.status.v1 import status_service_pb2 as status_pb
 from stepstream.status.v1 import status_service_pb2_grpc as status_grpc
 
+from stepstream_client import _policy as policy
+from stepstream_client._policy import DEFAULT, CallPolicy, MethodPolicy, Retry
 from stepstream_client.definitions import definition_from_mapping, load_definition
-from stepstream_client.errors import from_rpc_error
+from stepstream_client.errors import NotFoundError, RpcError
 from stepstream_client.models import (
     ChildView,
     JobRecord,
@@ -46,7 +52,7 @@ from stepstream_client.models import (
     job_view,
     submitted_job,
 )
-from stepstream_client.watch import Applied, Follower, IngestGrace, JobWatch
+from stepstream_client.watch import Applied, IngestGrace, JobWatch, WatchLoop
 
 # Reconnect quickly once a restarted service is back (gRPC's own default backs off to 2 minutes).
 _CHANNEL_OPTIONS = [
@@ -77,7 +83,12 @@ class Client:
     server's heartbeat intervals shows `live=False` and reconnects.
     `ingest_grace`: seconds a NOT_FOUND from the status service is retried
     while the orchestrator knows the job (it was just submitted).
-    `call_timeout`: deadline of each unary call, in seconds.
+    `attempt_timeout`: seconds each attempt of every unary call may take, and `retry`:
+    how every idempotent call is retried (None: never), instead of the
+    per-method defaults of stepstream_client._policy; each method takes both
+    for one call too. `reconnect_backoff`: the waits between a watch's reconnects.
+    `interceptors`: grpc.aio client interceptors for both channels (e.g. to add
+    metadata, trace, or count calls).
     """
 
     def __init__(
@@ -87,15 +98,18 @@ class Client:
         *,
         stale_after_heartbeats: float = 3,
         ingest_grace: float = 10.0,
-        call_timeout: float = 30.0,
+        attempt_timeout: float | None = None,
+        retry: Retry = DEFAULT,
         reconnect_backoff: Backoff = DEFAULT_BACKOFF,
+        interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
     ) -> None:
         self.orchestrator_address = orchestrator
         self.status_address = status
         self._stale_after_heartbeats = stale_after_heartbeats
         self._ingest_grace = ingest_grace
-        self._call_timeout = call_timeout
+        self._overrides = CallPolicy(attempt_timeout, retry)
         self._backoff = reconnect_backoff
+        self._interceptors = list(interceptors)
         self._channels: dict[str, grpc.aio.Channel] = {}
         # Jobs this client submitted, and where: reads of them wait until the status
         # service has applied that far, so a job just submitted is never NOT_FOUND.
@@ -117,7 +131,9 @@ class Client:
 
     def _channel(self, address: str) -> grpc.aio.Channel:
         if address not in self._channels:
-            self._channels[address] = grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
+            self._channels[address] = grpc.aio.insecure_channel(
+                address, options=_CHANNEL_OPTIONS, interceptors=self._interceptors
+            )
         return self._channels[address]
 
     @property
@@ -136,34 +152,51 @@ class Client:
     def _status_target(self) -> str:
         return f"the status service at {self.status_address}"
 
-    async def _call(self, target: str, call: Awaitable[T]) -> T:
-        """Await `call`; a failure becomes the typed error, naming `target` when it cannot be reached."""
-        try:
-            return await call
-        except grpc.aio.AioRpcError as error:
-            raise from_rpc_error(error, target=target) from None
+    async def _call(
+        self, method: MethodPolicy, target: str, invoke: Callable[[float], Awaitable[T]],
+        attempt_timeout: float | None = None, retry: Retry = DEFAULT,
+    ) -> T:
+        """`invoke(timeout)` under `method`'s policy (as overridden); failures become typed errors naming `target`."""
+        timeout, retry_policy = self._overrides.resolve(method, attempt_timeout, retry)
+        return await policy.call(invoke, target=target, attempt_timeout=timeout, retry=retry_policy)
 
-    async def submit(self, definition: Definition, *, request_id: str = "") -> SubmittedJob:
+    async def submit(
+        self, definition: Definition, *, request_id: str = "", attempt_timeout: float | None = None,
+        retry: Retry = DEFAULT,
+    ) -> SubmittedJob:
         """Start a job. InvalidArgumentError (with `violations`) if the server rejects
-        the definition; DefinitionError if it cannot even be read."""
+        the definition; DefinitionError if it cannot even be read.
+
+        With a `request_id`, a repeated submit returns the job that id created, so
+        it is retried like a read; without one it is sent once (ValueError if
+        `retry` asks otherwise), since a retry could start a second job.
+        """
         request = orch_pb.SubmitJobRequest(definition=as_definition(definition), request_id=request_id)
+        method = policy.SUBMIT_JOB_WITH_REQUEST_ID if request_id else policy.SUBMIT_JOB
         response = await self._call(
-            self._orchestrator_target, self._orchestrator.SubmitJob(request, timeout=self._call_timeout)
+            method, self._orchestrator_target, lambda t: self._orchestrator.SubmitJob(request, timeout=t),
+            attempt_timeout, retry,
         )
         submitted = submitted_job(response)
         self._positions[submitted.id] = submitted.position
         return submitted
 
-    async def cancel(self, job_id: str) -> JobRecord:
+    async def cancel(
+        self, job_id: str, *, attempt_timeout: float | None = None, retry: Retry = DEFAULT
+    ) -> JobRecord:
         """Request cancellation (a no-op for a cancelled job; FailedPreconditionError
         for a completed or failed one). Returns the job as recorded right after."""
+        request = orch_pb.CancelJobRequest(job_id=job_id)
         response = await self._call(
-            self._orchestrator_target,
-            self._orchestrator.CancelJob(orch_pb.CancelJobRequest(job_id=job_id), timeout=self._call_timeout),
+            policy.CANCEL_JOB, self._orchestrator_target, lambda t: self._orchestrator.CancelJob(request, timeout=t),
+            attempt_timeout, retry,
         )
         return job_record(response.job)
 
-    async def get(self, job_id: str, *, not_older_than: LogPosition | None = None) -> JobView:
+    async def get(
+        self, job_id: str, *, not_older_than: LogPosition | None = None, attempt_timeout: float | None = None,
+        retry: Retry = DEFAULT,
+    ) -> JobView:
         """The job and its steps from the status service, valid at `revision`.
 
         `not_older_than` (e.g. SubmittedJob.position from another process): the
@@ -176,17 +209,21 @@ class Client:
         self._position_of(job_id, not_older_than, request)
         while True:
             try:
-                response = await self._status.GetJob(request, timeout=self._call_timeout)
-            except grpc.aio.AioRpcError as error:
-                if error.code() != grpc.StatusCode.NOT_FOUND or not await grace.keep_waiting(job_id):
-                    raise from_rpc_error(error, target=self._status_target) from None
+                response = await self._call(
+                    policy.GET_JOB, self._status_target, lambda t: self._status.GetJob(request, timeout=t),
+                    attempt_timeout, retry,
+                )
+            except NotFoundError:
+                if not await grace.keep_waiting(job_id):
+                    raise
                 await self._sleep_backoff(failures)
                 failures += 1
                 continue
             return job_view(response.job, list(response.steps), response.revision)
 
     def list(
-        self, *, states: Iterable[str] = (), name: str = "", page_size: int = 100
+        self, *, states: Iterable[str] = (), name: str = "", page_size: int = 100,
+        attempt_timeout: float | None = None, retry: Retry = DEFAULT,
     ) -> AsyncIterator[JobSummary]:
         """Job headers, newest first, filtered by state words ("running", ...) and exact name."""
         wanted = [states_pb2.JobState.ValueType(job_state_from_word(word)) for word in states]
@@ -194,14 +231,17 @@ class Client:
 
         async def page(token: str) -> tuple[list[JobSummary], str]:
             request = status_pb.ListJobsRequest(filter=job_filter, page_size=page_size, page_token=token)
-            response = await self._call(self._status_target,
-                                        self._status.ListJobs(request, timeout=self._call_timeout))
+            response = await self._call(
+                policy.LIST_JOBS, self._status_target, lambda t: self._status.ListJobs(request, timeout=t),
+                attempt_timeout, retry,
+            )
             return [job_summary(job) for job in response.jobs], response.next_page_token
 
         return _paged(page)
 
     def children(
-        self, job_id: str, step: str, *, states: Iterable[str] = (), page_size: int = 100
+        self, job_id: str, step: str, *, states: Iterable[str] = (), page_size: int = 100,
+        attempt_timeout: float | None = None, retry: Retry = DEFAULT,
     ) -> AsyncIterator[ChildView]:
         """The children of a fan-out step in index order, optionally only those in `states`."""
         wanted = [states_pb2.StepState.ValueType(step_state_from_word(word)) for word in states]
@@ -211,8 +251,10 @@ class Client:
                 job_id=job_id, step_name=step, states=wanted, page_size=page_size, page_token=token
             )
             self._position_of(job_id, None, request)
-            response = await self._call(self._status_target,
-                                        self._status.ListChildren(request, timeout=self._call_timeout))
+            response = await self._call(
+                policy.LIST_CHILDREN, self._status_target, lambda t: self._status.ListChildren(request, timeout=t),
+                attempt_timeout, retry,
+            )
             return [child_view(child) for child in response.children], response.next_page_token
 
         return _paged(page)
@@ -234,7 +276,7 @@ class Client:
         """
         request = status_pb.WatchJobRequest(job_id=job_id)
         self._position_of(job_id, not_older_than, request)
-        return JobWatch(Follower(
+        return JobWatch(WatchLoop(
             self._status, self._status_target, job_id, since=since,
             not_older_than=request.not_older_than if request.HasField("not_older_than") else None,
             stale_after_heartbeats=self._stale_after_heartbeats, grace=self._grace(), backoff=self._backoff,
@@ -256,9 +298,12 @@ class Client:
         """False only when the orchestrator answers that it has no such job."""
         request = orch_pb.GetJobRequest(job_id=job_id)
         try:
-            await self._orchestrator.GetJob(request, timeout=self._call_timeout)
-        except grpc.aio.AioRpcError as error:
-            return error.code() != grpc.StatusCode.NOT_FOUND
+            await self._call(
+                policy.ORCHESTRATOR_GET_JOB, self._orchestrator_target,
+                lambda t: self._orchestrator.GetJob(request, timeout=t),
+            )
+        except RpcError as error:
+            return not isinstance(error, NotFoundError)
         return True
 
     async def _sleep_backoff(self, failures: int) -> None:

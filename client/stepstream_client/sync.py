@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 
 from stepstream.channel import DEFAULT_ORCHESTRATOR, DEFAULT_STATUS
 
+from stepstream_client._policy import DEFAULT, Retry
 from stepstream_client.models import ChildView, JobRecord, JobSummary, JobView, LogPosition, SubmittedJob
 from stepstream_client.sdk import Client, Definition
 from stepstream_client.watch import Applied
@@ -22,7 +23,9 @@ T = TypeVar("T")
 class SyncClient:
     """The same methods as Client, blocking; list/children/watch return plain iterators.
 
-    Use as `with SyncClient(...) as client:` or call close().
+    Use as `with SyncClient(...) as client:` or call close(). `options` are
+    Client's (e.g. `retry=RetryPolicy(deadline=60)`), and so are the timeouts,
+    retries and errors of every call.
     """
 
     def __init__(
@@ -72,22 +75,40 @@ class SyncClient:
             if aclose is not None and not self._loop.is_closed():
                 self._run(aclose())
 
-    def submit(self, definition: Definition, *, request_id: str = "") -> SubmittedJob:
-        return self._run(self._client.submit(definition, request_id=request_id))
+    def submit(
+        self, definition: Definition, *, request_id: str = "", attempt_timeout: float | None = None,
+        retry: Retry = DEFAULT,
+    ) -> SubmittedJob:
+        return self._run(
+            self._client.submit(definition, request_id=request_id, attempt_timeout=attempt_timeout, retry=retry)
+        )
 
-    def cancel(self, job_id: str) -> JobRecord:
-        return self._run(self._client.cancel(job_id))
+    def cancel(self, job_id: str, *, attempt_timeout: float | None = None, retry: Retry = DEFAULT) -> JobRecord:
+        return self._run(self._client.cancel(job_id, attempt_timeout=attempt_timeout, retry=retry))
 
-    def get(self, job_id: str, *, not_older_than: LogPosition | None = None) -> JobView:
-        return self._run(self._client.get(job_id, not_older_than=not_older_than))
+    def get(
+        self, job_id: str, *, not_older_than: LogPosition | None = None, attempt_timeout: float | None = None,
+        retry: Retry = DEFAULT,
+    ) -> JobView:
+        return self._run(
+            self._client.get(job_id, not_older_than=not_older_than, attempt_timeout=attempt_timeout, retry=retry)
+        )
 
-    def list(self, *, states: Iterable[str] = (), name: str = "", page_size: int = 100) -> Iterator[JobSummary]:
-        return self._iterate(lambda: self._client.list(states=states, name=name, page_size=page_size))
+    def list(
+        self, *, states: Iterable[str] = (), name: str = "", page_size: int = 100,
+        attempt_timeout: float | None = None, retry: Retry = DEFAULT,
+    ) -> Iterator[JobSummary]:
+        return self._iterate(lambda: self._client.list(
+            states=states, name=name, page_size=page_size, attempt_timeout=attempt_timeout, retry=retry
+        ))
 
     def children(
-        self, job_id: str, step: str, *, states: Iterable[str] = (), page_size: int = 100
+        self, job_id: str, step: str, *, states: Iterable[str] = (), page_size: int = 100,
+        attempt_timeout: float | None = None, retry: Retry = DEFAULT,
     ) -> Iterator[ChildView]:
-        return self._iterate(lambda: self._client.children(job_id, step, states=states, page_size=page_size))
+        return self._iterate(lambda: self._client.children(
+            job_id, step, states=states, page_size=page_size, attempt_timeout=attempt_timeout, retry=retry
+        ))
 
     def watch(
         self, job_id: str, *, since: JobView | None = None, on_apply: Callable[[Applied], None] | None = None,
