@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from orchestrator_svc.app import LABEL, start
-from orchestrator_svc.config import parse_args
+from orchestrator_svc.config import OrchestratorConfig
 from stepstream_common.rpc import run_main
 
 
 def main(argv: list[str] | None = None) -> None:
-    run_main(LABEL, parse_args, start, argv)
+    run_main(LABEL, OrchestratorConfig.from_args, start, argv)
 
 
 if __name__ == "__main__":

@@ -25,8 +25,8 @@ from orchestrator_svc.engine.recorder import Recorder
 from orchestrator_svc.engine.runner import RunSettings
 from orchestrator_svc.storage.base import StoredEvent
 from orchestrator_svc.storage.sqlite import SqliteEventStore
-from orchestrator_svc.workers.base import WorkerRegistry
 from orchestrator_svc.workers.processes import ProcessRegistry
+from orchestrator_svc.workers.registry import WorkerRegistry
 from stepstream_common.feed import Feed
 from stepstream_common.rpc import RunningServer, add_servicer, start_server
 

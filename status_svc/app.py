@@ -75,10 +75,10 @@ class StatusService:
 
 async def start(config: StatusConfig) -> StatusService:
     store = SqliteStatusStore(config.data_dir / DATABASE_FILE)
-    latest_revision, sources = await store.open()
+    opened = await store.open()
     feed: Feed[StoredChange] = Feed(max_pending=config.watcher_queue, key_of=lambda change: change.job_id)
     writer = IngestWriter(
-        store, feed, latest_revision=latest_revision, sources=sources,
+        store, feed, latest_revision=opened.revision, sources=opened.sources,
         keep_changes=config.retain_changes, prune_every=config.prune_interval, followed=config.orchestrators,
     )
     writer_task = asyncio.create_task(writer.run(), name="ingest-writer")
@@ -92,5 +92,5 @@ async def start(config: StatusConfig) -> StatusService:
     running = StatusService(config, server, store, feed, writer, writer_task, followers, follower_tasks)
     server.on_stop.extend([running._stop_ingest, feed.close])
     server.on_fail.append(lambda reason: servicer.ingest_stopped(f"ingest stopped: {reason}"))
-    log.info("revision %d in %s, following %s", latest_revision, config.data_dir, ", ".join(config.orchestrators))
+    log.info("revision %d in %s, following %s", opened.revision, config.data_dir, ", ".join(config.orchestrators))
     return running

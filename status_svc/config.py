@@ -1,4 +1,5 @@
-"""Status service settings from flags and their environment-variable twins."""
+"""Status service settings: each field is a flag with an environment-variable twin
+(stepstream_common.config.setting), its default and help stated only here."""
 
 from __future__ import annotations
 
@@ -6,53 +7,47 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from stepstream.channel import DEFAULT_ORCHESTRATOR, DEFAULT_STATUS
-from stepstream.flags import env_option, host_ports, positive_float, positive_int
+from stepstream.flags import host_ports, positive_float, positive_int
 
-from stepstream_common.config import service_parser
-
-DEFAULT_LISTEN = DEFAULT_STATUS
+from stepstream_common.config import (
+    ServiceConfig,
+    data_dir_setting,
+    default_data_dir,
+    listen_setting,
+    setting,
+)
 
 
 @dataclass(frozen=True)
-class StatusConfig:
-    listen: str = DEFAULT_LISTEN
-    data_dir: Path = Path("data/status")
-    orchestrators: list[str] = field(default_factory=lambda: [DEFAULT_ORCHESTRATOR])
-    heartbeat_interval: float = 5.0
-    # An orchestrator not heard from for this long makes its unfinished jobs stale.
-    stale_after: float = 15.0
-    retain_changes: int = 1_000_000
-    prune_interval: float = 60.0
-    # A watcher more than this many changes behind reads from the change log instead.
-    watcher_queue: int = 10_000
-    shutdown_grace: float = 5.0
-    # The longest a read with not_older_than waits for ingest to catch up (the call's deadline may be shorter).
-    max_wait_applied: float = 30.0
-    log_level: str = "info"
+class StatusConfig(ServiceConfig):
+    prog = "python -m status_svc"
+    description = "stepstream status service: persists step_stats and serves snapshots and watches."
 
+    listen: str = field(default=DEFAULT_STATUS, metadata=listen_setting("status"))
+    data_dir: Path = field(
+        default_factory=lambda: default_data_dir("status"),
+        metadata=data_dir_setting("status", "where the step_stats database (status.sqlite3) lives"),
+    )
+    # Not STEPSTREAM_ORCHESTRATOR: to the CLI that is the one orchestrator it calls.
+    orchestrators: list[str] = field(default_factory=lambda: [DEFAULT_ORCHESTRATOR], metadata=setting(
+        "STEPSTREAM_STATUS_ORCHESTRATORS", "orchestrator(s) to follow, comma-separated HOST:PORT", host_ports,
+        flag="--orchestrator",
+    ))
+    stale_after: float = field(default=15.0, metadata=setting(
+        "STEPSTREAM_STALE_AFTER",
+        "seconds without a message from an orchestrator before its unfinished jobs are shown stale", positive_float,
+    ))
+    retain_changes: int = field(default=1_000_000, metadata=setting(
+        "STEPSTREAM_RETAIN_CHANGES", "how many of the newest revisions the change log keeps for resuming watches",
+        positive_int,
+    ))
+    watcher_queue: int = field(default=10_000, metadata=setting(
+        "STEPSTREAM_STATUS_WATCHER_QUEUE",
+        "a watch more than this many changes behind reads from the change log instead of memory", positive_int,
+    ))
+    max_wait_applied: float = field(default=30.0, metadata=setting(
+        "STEPSTREAM_MAX_WAIT_APPLIED",
+        "longest wait, in seconds, of a read that asks for not_older_than an orchestrator position "
+        "(the call's deadline may be shorter)", positive_float,
+    ))
 
-def parse_args(argv: list[str] | None = None) -> StatusConfig:
-    parser = service_parser(
-        "status", "stepstream status service: persists step_stats and serves snapshots and watches.",
-        default_listen=DEFAULT_LISTEN, data_help="where the step_stats database lives",
-        heartbeat_help="seconds between heartbeats on an idle watch",
-    )
-    env_option(parser, "--orchestrator", "STEPSTREAM_ORCHESTRATOR", default=DEFAULT_ORCHESTRATOR, type=host_ports,
-               help="orchestrator(s) to follow, comma-separated HOST:PORT")
-    env_option(parser, "--stale-after", "STEPSTREAM_STALE_AFTER", default="15", type=positive_float,
-               help="seconds without a message from an orchestrator before its jobs are shown stale")
-    env_option(parser, "--retain-changes", "STEPSTREAM_RETAIN_CHANGES", default="1000000", type=positive_int,
-               help="how many of the newest revisions the change log keeps for resuming watches")
-    env_option(parser, "--max-wait-applied", "STEPSTREAM_MAX_WAIT_APPLIED", default="30", type=positive_float,
-               help="longest wait, in seconds, of a read that asks for not_older_than an orchestrator position")
-    args = parser.parse_args(argv)
-    return StatusConfig(
-        listen=args.listen,
-        data_dir=args.data_dir,
-        orchestrators=args.orchestrator,
-        heartbeat_interval=args.heartbeat_interval,
-        stale_after=args.stale_after,
-        retain_changes=args.retain_changes,
-        max_wait_applied=args.max_wait_applied,
-        log_level=args.log_level,
-    )

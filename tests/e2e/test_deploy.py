@@ -6,32 +6,25 @@ import re
 import subprocess
 import sys
 import tomllib
-from collections.abc import Callable, Iterator
-from functools import cache
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-import orchestrator_svc.config
-import status_svc.config
+from orchestrator_svc.config import OrchestratorConfig
+from status_svc.config import StatusConfig
+from stepstream_common.config import ServiceConfig, options
 from tests.helpers import REPO, ServiceProcess
 
 DEPLOY = REPO / "deploy"
-PARSERS: dict[str, Callable[[list[str] | None], Any]] = {
-    "orchestrator_svc": orchestrator_svc.config.parse_args,
-    "status_svc": status_svc.config.parse_args,
-}
+CONFIGS: dict[str, type[ServiceConfig]] = {"orchestrator_svc": OrchestratorConfig, "status_svc": StatusConfig}
 
 
-@cache
 def accepted_env(module: str) -> frozenset[str]:
-    """The environment variables a service documents in its real --help."""
-    result = subprocess.run(
-        [sys.executable, "-m", module, "--help"], capture_output=True, text=True, check=True, cwd=REPO
-    )
-    return frozenset(re.findall(r"env\s+(STEPSTREAM_[A-Z_]+)", result.stdout))
+    """The environment variables a service reads: the twins of its config's fields."""
+    return frozenset(option.env for option in options(CONFIGS[module]))
 
 
 def parse(module: str, args: list[str], env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Any:
@@ -40,12 +33,12 @@ def parse(module: str, args: list[str], env: dict[str, str], monkeypatch: pytest
             patch.delenv(name, raising=False)
         for name, value in env.items():
             patch.setenv(name, value)
-        return PARSERS[module](args)
+        return CONFIGS[module].from_args(args)
 
 
 def module_of(command: list[str]) -> tuple[str, list[str]]:
     assert command[:2] == ["python", "-m"], command
-    assert command[2] in PARSERS, command
+    assert command[2] in CONFIGS, command
     return command[2], command[3:]
 
 
@@ -114,7 +107,7 @@ def test_k8s_containers_match_what_the_services_accept(monkeypatch: pytest.Monke
         if module == "status_svc":
             orchestrator = services["stepstream-orchestrator"]["spec"]["ports"][0]["port"]
             assert config.orchestrators == [f"stepstream-orchestrator:{orchestrator}"]
-    assert seen == set(PARSERS)
+    assert seen == set(CONFIGS)
 
 
 def test_compose_matches_what_the_services_accept(monkeypatch: pytest.MonkeyPatch) -> None:
