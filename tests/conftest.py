@@ -1,3 +1,10 @@
+"""The services in-process, for the tests of the servers (and of both sides together).
+
+tests/client/conftest.py starts them as subprocesses instead, so that tests/client
+also runs where only the client is installed; there this file must not be loaded:
+run `pytest --confcutdir tests/client tests/client` (see tests/client/conftest.py).
+"""
+
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
@@ -7,12 +14,19 @@ import pytest
 from stepstream.orchestrator.v1 import orchestrator_service_pb2_grpc as orch_grpc
 from stepstream.status.v1 import status_service_pb2_grpc as status_grpc
 
-from orchestrator_svc.app import PROCESSES_DIR, Orchestrator, start
-from orchestrator_svc.config import OrchestratorConfig
-from orchestrator_svc.workers.processes import ProcessRegistry
-from status_svc.app import StatusService
-from status_svc.app import start as start_status
-from status_svc.config import StatusConfig
+try:
+    from orchestrator_svc.app import PROCESSES_DIR, Orchestrator, start
+    from orchestrator_svc.config import OrchestratorConfig
+    from orchestrator_svc.workers.processes import ProcessRegistry
+    from status_svc.app import StatusService
+    from status_svc.app import start as start_status
+    from status_svc.config import StatusConfig
+except ModuleNotFoundError as missing:
+    raise ImportError(
+        f"{missing}: these fixtures need the services (stepstream-server) installed; where only the client is, "
+        "run the client's tests alone, against the services of an interpreter that has them: "
+        "STEPSTREAM_SERVER_PYTHON=/path/to/bin/python pytest --confcutdir tests/client tests/client"
+    ) from missing
 from tests.helpers import channel
 
 

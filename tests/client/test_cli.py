@@ -11,9 +11,17 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator_svc.app import Orchestrator
-from status_svc.app import StatusService
-from tests.helpers import DEADLINE, REPO, STEPSTREAM, CliResult, eventually, free_port, gate_step, run_cli
+from tests.client.services import (
+    DEADLINE,
+    REPO,
+    STEPSTREAM,
+    CliResult,
+    Service,
+    eventually,
+    free_port,
+    gate_step,
+    run_cli,
+)
 
 JOB_FIELDS = {
     "id", "name", "state", "reason", "message", "revision", "live", "stale", "stale_since", "stale_detail", "source",
@@ -42,7 +50,7 @@ class Cli:
 
 
 @pytest.fixture
-def cli(orchestrator: Orchestrator, status: StatusService) -> Cli:
+def cli(orchestrator: Service, status: Service) -> Cli:
     return Cli(orchestrator.address, status.address)
 
 
@@ -166,11 +174,12 @@ async def test_exit_codes_follow_the_final_state_of_the_job(cli: Cli, tmp_path: 
 async def test_errors_are_one_clear_line_with_their_exit_code(cli: Cli, tmp_path: Path) -> None:
     nobody = f"127.0.0.1:{free_port()}"
     for args in (["get", "x"], ["watch", "x"], ["list"], ["submit", str(write(tmp_path, "ok.toml", FANOUT_TOML))]):
-        unreachable = await run_cli("--orchestrator", nobody, "--status", nobody, *args)
+        unreachable = await run_cli("--orchestrator", nobody, "--status", nobody, "--retry-for", "0.3", *args)
         assert unreachable.code == 4, unreachable
         assert unreachable.stderr.count("\n") == 1 and nobody in unreachable.stderr, unreachable
         assert "Traceback" not in unreachable.stderr
-    with_env = await run_cli("get", "x", env={"STEPSTREAM_STATUS": nobody, "STEPSTREAM_ORCHESTRATOR": nobody})
+    with_env = await run_cli("get", "x", env={"STEPSTREAM_STATUS": nobody, "STEPSTREAM_ORCHESTRATOR": nobody,
+                                              "STEPSTREAM_RETRY_FOR": "0.3"})
     assert with_env.code == 4 and nobody in with_env.stderr, with_env
 
     for args in (["get", "no-such-job"], ["watch", "no-such-job"], ["cancel", "no-such-job"],

@@ -25,9 +25,7 @@ from stepstream_client import Client
 from stepstream_client.definitions import MAX_DEFINITION_BYTES, MAX_DEPTH, MAX_VALUES
 from stepstream_client.render import CONTROL_CHARACTERS, dumps, printable
 
-from orchestrator_svc.app import Orchestrator
-from status_svc.app import StatusService
-from tests.helpers import DEADLINE, REPO, STEPSTREAM, CliResult, free_port, run_cli
+from tests.client.services import DEADLINE, REPO, STEPSTREAM, CliResult, Service, free_port, run_cli
 
 DEEP = 100_000
 EXIT_INVALID = 6
@@ -158,11 +156,11 @@ async def test_error_lines_escape_control_characters(tmp_path: Path) -> None:
 # --- against real services ----------------------------------------------------------
 
 
-def _addresses(orchestrator: Orchestrator, status: StatusService) -> list[str]:
+def _addresses(orchestrator: Service, status: Service) -> list[str]:
     return ["--orchestrator", orchestrator.address, "--status", status.address]
 
 
-async def _finished_job(orchestrator: Orchestrator, status: StatusService, definition: Mapping[str, Any]) -> str:
+async def _finished_job(orchestrator: Service, status: Service, definition: Mapping[str, Any]) -> str:
     async with Client(orchestrator.address, status.address) as client:
         job = await client.submit(definition)
         final = None
@@ -208,7 +206,7 @@ async def _into_pipe(args: list[str], reader: list[str] | None) -> tuple[CliResu
 
 
 async def test_a_stdout_closed_early_ends_every_command_quietly(
-    orchestrator: Orchestrator, status: StatusService
+    orchestrator: Service, status: Service
 ) -> None:
     """`stepstream ... | <a reader that is gone>`: exit 141 and nothing at all on stderr
     (no BrokenPipeError traceback, no "Exception ignored")."""
@@ -223,7 +221,7 @@ async def test_a_stdout_closed_early_ends_every_command_quietly(
 
 
 async def test_children_piped_into_head_stops_quietly_mid_output(
-    orchestrator: Orchestrator, status: StatusService
+    orchestrator: Service, status: Service
 ) -> None:
     """`stepstream children JOB STEP | head -1` with far more output than a pipe holds: head
     gets its line and exits, and the CLI stops at its next write, quietly."""
@@ -235,7 +233,7 @@ async def test_children_piped_into_head_stops_quietly_mid_output(
 
 
 async def test_children_offers_exactly_the_states_the_service_accepts(
-    orchestrator: Orchestrator, status: StatusService
+    orchestrator: Service, status: Service
 ) -> None:
     """`--state waiting` (or skipped) is a usage error, listing the choices, which are the
     child states the status service filters by; all of those it accepts."""
@@ -276,7 +274,7 @@ def _hostile_job(tmp_path: Path) -> Path:
 
 async def _on_terminal(*args: str) -> str:
     """Everything the CLI writes to a real pseudo-terminal, wide enough that nothing wraps.
-    (Not pexpect: its fork of this process, which runs the services' gRPC threads, is unsafe.)"""
+    (Not pexpect: a client-only install has none, and its fork of a process running gRPC threads is unsafe.)"""
     controller, terminal = os.openpty()
     fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 60, 400, 0, 0))
     try:
@@ -308,7 +306,7 @@ def _without_colours(text: str) -> str:
 
 
 async def test_server_strings_cannot_drive_the_terminal(
-    orchestrator: Orchestrator, status: StatusService, tmp_path: Path
+    orchestrator: Service, status: Service, tmp_path: Path
 ) -> None:
     """The tree (get), the tables (list, children) and key=value lines show control
     characters as escapes and markup literally; JSON keeps every string exact."""

@@ -15,22 +15,20 @@ from stepstream_client import (
     InvalidArgumentError,
     JobView,
     NotFoundError,
+    RetryPolicy,
     SyncClient,
     UnavailableError,
 )
 from stepstream_client.definitions import definition_from_mapping
 
-from orchestrator_svc.app import Orchestrator
-from status_svc.app import StatusService
-from status_svc.app import start as start_status
-from tests.conftest import status_config
-from tests.helpers import eventually, free_port, gate_step
+from tests.client import services
+from tests.client.services import QUICK_STATUS, Service, eventually, free_port, gate_step
 
 QUICK = {"name": "quick", "steps": [{"name": "one", "type": "sleep", "seconds": 0}]}
 
 
 @pytest.fixture
-async def client(orchestrator: Orchestrator, status: StatusService) -> AsyncIterator[Client]:
+async def client(orchestrator: Service, status: Service) -> AsyncIterator[Client]:
     async with Client(orchestrator.address, status.address) as client:
         yield client
 
@@ -97,7 +95,7 @@ async def test_a_file_that_is_not_a_definition_raises_definition_error(client: C
 
 async def test_an_unreachable_service_raises_unavailable_naming_the_address() -> None:
     nobody = f"127.0.0.1:{free_port()}"
-    async with Client(nobody, nobody) as client:
+    async with Client(nobody, nobody, retry=RetryPolicy(deadline=0.5)) as client:
         with pytest.raises(UnavailableError) as on_submit:
             await client.submit(QUICK)
         with pytest.raises(UnavailableError) as on_get:
@@ -119,13 +117,17 @@ async def test_unknown_jobs_raise_not_found(client: Client) -> None:
             await anext(views)
 
 
-async def test_not_found_is_retried_only_for_a_bounded_time(orchestrator: Orchestrator, tmp_path: Path) -> None:
+async def test_not_found_is_retried_only_for_a_bounded_time(orchestrator: Service, tmp_path: Path) -> None:
     """The orchestrator knows the job but this status service never will (it follows nobody)."""
-    blind = await start_status(status_config(tmp_path / "blind", f"127.0.0.1:{free_port()}", max_wait_applied=0.5))
+    blind = services.status(tmp_path / "blind", f"127.0.0.1:{free_port()}", *QUICK_STATUS,
+                            "--max-wait-applied", "0.5")
+    await blind.start()
     try:
-        async with Client(orchestrator.address, blind.address, ingest_grace=0.5) as client:
+        async with Client(orchestrator.address, blind.address, ingest_grace=0.5,
+                          retry=RetryPolicy(deadline=1.0)) as client:
             job = await client.submit(QUICK)
-            # This client knows where its job is in the log: the service says it has not got there.
+            # This client knows where its job is in the log: the service says it has not got there
+            # (UNAVAILABLE, which it retries until its deadline).
             with pytest.raises(UnavailableError):
                 await client.get(job.id)
         async with Client(orchestrator.address, blind.address, ingest_grace=0.5) as other:
@@ -136,7 +138,7 @@ async def test_not_found_is_retried_only_for_a_bounded_time(orchestrator: Orches
                 async with other.watch(job.id) as views:
                     await anext(views)
     finally:
-        await blind.stop()
+        await blind.kill()
 
 
 async def test_get_list_and_children_map_server_fields(client: Client, tmp_path: Path) -> None:
@@ -196,8 +198,8 @@ async def test_cancel_is_recorded_and_repeatable_but_refused_for_a_finished_job(
         await client.cancel(done.id)
 
 
-async def test_sync_client_has_the_same_methods(orchestrator: Orchestrator, status: StatusService) -> None:
-    """SyncClient blocks, so it runs in a thread here: the services live on this test's loop."""
+async def test_sync_client_has_the_same_methods(orchestrator: Service, status: Service) -> None:
+    """SyncClient blocks, so it runs in a thread here, off this test's loop."""
 
     def use() -> tuple[JobView, list[str], int]:
         with SyncClient(orchestrator.address, status.address) as client:

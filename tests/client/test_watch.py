@@ -1,15 +1,17 @@
 """Client.watch against real services: live views to the end, resume across a
 status-service restart with no revision missed or repeated, re-snapshot on
-OUT_OF_RANGE, `live` while the service is gone, and cancellation on close."""
+OUT_OF_RANGE, and `live` while the service is gone or silent. (That closing a
+watch cancels its RPC is seen only inside the status service: see
+tests/e2e/test_client_watch_server_side.py.)"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import signal
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+import grpc
 import pytest
 from stepstream.orchestrator.v1 import orchestrator_service_pb2 as orch_pb
 from stepstream.orchestrator.v1 import orchestrator_service_pb2_grpc as orch_grpc
@@ -18,20 +20,8 @@ from stepstream.status.v1 import status_service_pb2 as status_pb
 from stepstream.status.v1 import status_service_pb2_grpc as status_grpc
 from stepstream_client import Applied, Client, JobView
 
-from orchestrator_svc.app import Orchestrator
-from status_svc.app import StatusService
-from status_svc.app import start as start_status
-from stepstream_common.errors import CursorOutOfRangeError
-from tests.conftest import status_config
-from tests.helpers import (
-    DEADLINE,
-    channel,
-    eventually,
-    free_port,
-    gate_step,
-    orchestrator_process,
-    status_process,
-)
+from tests.client import services
+from tests.client.services import DEADLINE, QUICK_ORCHESTRATOR, QUICK_STATUS, Service, eventually, gate_step
 
 
 class Recorder:
@@ -68,7 +58,7 @@ class Recorder:
 
 
 @pytest.fixture
-async def client(orchestrator: Orchestrator, status: StatusService) -> AsyncIterator[Client]:
+async def client(orchestrator: Service, status: Service) -> AsyncIterator[Client]:
     async with Client(orchestrator.address, status.address) as client:
         yield client
 
@@ -80,7 +70,7 @@ def step_state(view: JobView, name: str) -> str:
 async def server_revisions(status_address: str, job_id: str, after: int) -> list[int]:
     """Every revision the status service has for the job after `after`, read with a raw stub."""
     revisions: list[int] = []
-    async with channel(status_address) as ch:
+    async with grpc.aio.insecure_channel(status_address) as ch:
         call = status_grpc.StatusServiceStub(ch).WatchJob(status_pb.WatchJobRequest(job_id=job_id,
                                                                                    after_revision=after))
         try:
@@ -95,9 +85,7 @@ async def server_revisions(status_address: str, job_id: str, after: int) -> list
     raise AssertionError("the watch ended before the job did")
 
 
-async def test_watch_yields_live_views_until_the_job_ends(
-    client: Client, status: StatusService, tmp_path: Path
-) -> None:
+async def test_watch_yields_live_views_until_the_job_ends(client: Client, status: Service, tmp_path: Path) -> None:
     gate = tmp_path / "gate"
     job = await client.submit({"name": "watched", "steps": [
         gate_step("first", gate),
@@ -124,14 +112,11 @@ async def test_watch_yields_live_views_until_the_job_ends(
     assert await server_revisions(status.address, job.id, applied[0].revision) == [a.revision for a in applied[1:]]
 
 
-async def test_watch_resumes_across_a_status_service_restart(orchestrator: Orchestrator, tmp_path: Path) -> None:
+async def test_watch_resumes_across_a_status_service_restart(orchestrator: Service, tmp_path: Path) -> None:
     """kill -9 the status service mid-job, let the job run on, restart it on the same
     address and data: the watch resumes from its revision, nothing missed or repeated."""
-    address = f"127.0.0.1:{free_port()}"
-    args = ["--listen", address]
-    first = status_process(tmp_path / "status", orchestrator.address, *args)
-    await asyncio.to_thread(first.start)
-    second = status_process(tmp_path / "status", orchestrator.address, *args)
+    service = services.status(tmp_path / "status", orchestrator.address, *QUICK_STATUS)
+    address = await service.start()
     gate = tmp_path / "gate"
     try:
         async with Client(orchestrator.address, address) as client:
@@ -143,12 +128,12 @@ async def test_watch_resumes_across_a_status_service_restart(orchestrator: Orche
             ]})
             recorder = Recorder(client, job.id)
             await recorder.until("the gate to run", lambda v: step_state(v, "gate") == "running")
-            await asyncio.to_thread(first.kill)
+            await service.kill()
             await recorder.until("the watch to notice", lambda v: not v.live)
 
             gate.touch()  # the job runs to its end while nobody records it
             await eventually(lambda: _orchestrator_finished(client, job.id), "the job to finish")
-            await asyncio.to_thread(second.start)
+            assert await service.start() == address
             views = await recorder.finish()
 
             final = views[-1]
@@ -162,24 +147,24 @@ async def test_watch_resumes_across_a_status_service_restart(orchestrator: Orche
             assert [a.snapshot for a in recorder.applied].count(True) == 1
             assert await server_revisions(address, job.id, applied[0]) == applied[1:], "no revision missed"
     finally:
-        first.stop()
-        second.stop()
+        await service.kill()
 
 
 async def _orchestrator_finished(client: Client, job_id: str) -> bool | None:
     """Whether the orchestrator (not the status service, which is down) has ended the job."""
-    async with channel(client.orchestrator_address) as ch:
+    async with grpc.aio.insecure_channel(client.orchestrator_address) as ch:
         response = await orch_grpc.OrchestratorServiceStub(ch).GetJob(
             orch_pb.GetJobRequest(job_id=job_id)
         )
     return True if response.job.state in TERMINAL_JOB_STATES else None
 
 
-async def test_out_of_range_takes_a_new_snapshot(orchestrator: Orchestrator, tmp_path: Path) -> None:
+async def test_out_of_range_takes_a_new_snapshot(orchestrator: Service, tmp_path: Path) -> None:
     """A watch resumed from a view whose revision the service no longer retains starts over
     from a snapshot instead of continuing silently from "now"."""
-    status = await start_status(status_config(tmp_path / "status", orchestrator.address,
-                                              retain_changes=3, prune_interval=0.05))
+    status = services.status(tmp_path / "status", orchestrator.address, *QUICK_STATUS,
+                             "--retain-changes", "3", "--prune-interval", "0.05")
+    await status.start()
     gate = tmp_path / "gate"
     try:
         async with Client(orchestrator.address, status.address) as client:
@@ -190,7 +175,8 @@ async def test_out_of_range_takes_a_new_snapshot(orchestrator: Orchestrator, tmp
             async with client.watch(job.id) as views:
                 early = await anext(views)
             gate.touch()
-            await eventually(lambda: _pruned_past(status, early.revision), "the change log to be pruned")
+            await eventually(lambda: _pruned_past(status.address, job.id, early.revision),
+                             "the change log to be pruned")
 
             applied: list[Applied] = []
             resumed = [view async for view in client.watch(job.id, since=early, on_apply=applied.append)]
@@ -199,26 +185,36 @@ async def test_out_of_range_takes_a_new_snapshot(orchestrator: Orchestrator, tmp
             assert resumed[-1].state == "completed"
             assert resumed[-1] == await client.get(job.id)
     finally:
-        await status.stop()
+        await status.kill()
 
 
-async def _pruned_past(status: StatusService, revision: int) -> bool | None:
-    try:
-        await status.store.check_retained(revision)
-    except CursorOutOfRangeError:
-        return True
+async def _pruned_past(status_address: str, job_id: str, revision: int) -> bool | None:
+    """Whether the service no longer retains what came after `revision`: a raw watch
+    resumed there is refused with OUT_OF_RANGE (otherwise its first message arrives)."""
+    async with grpc.aio.insecure_channel(status_address) as ch:
+        call = status_grpc.StatusServiceStub(ch).WatchJob(status_pb.WatchJobRequest(job_id=job_id,
+                                                                                   after_revision=revision))
+        try:
+            async with asyncio.timeout(DEADLINE):
+                await call.read()
+        except grpc.aio.AioRpcError as error:
+            if error.code() == grpc.StatusCode.OUT_OF_RANGE:
+                return True
+            raise
+        finally:
+            call.cancel()
     return None
 
 
 async def test_live_goes_false_when_the_status_service_goes_away(
-    orchestrator: Orchestrator, status: StatusService, tmp_path: Path
+    orchestrator: Service, status: Service, tmp_path: Path
 ) -> None:
-    """The status fixture is stopped here; stopping it again at teardown is a no-op."""
+    """The status fixture is stopped here (SIGTERM, a graceful stop); killing it at teardown is a no-op."""
     async with Client(orchestrator.address, status.address) as client:
         job = await client.submit({"name": "orphan", "steps": [gate_step("gate", tmp_path / "never")]})
         recorder = Recorder(client, job.id)
         await recorder.until("the gate to run", lambda v: step_state(v, "gate") == "running")
-        await status.server.stop(status.config.shutdown_grace)
+        assert await status.terminate() == 0
         gone = await recorder.until("live to drop", lambda v: not v.live)
         assert gone.step("gate").state == "running", "the last known state is kept"
         assert gone.last_heard is not None
@@ -226,53 +222,29 @@ async def test_live_goes_false_when_the_status_service_goes_away(
         await client.cancel(job.id)
 
 
-async def test_closing_a_watch_cancels_its_rpc(client: Client, status: StatusService, tmp_path: Path) -> None:
-    job = await client.submit({"name": "left", "steps": [gate_step("gate", tmp_path / "gate")]})
-
-    async def subscribers(count: int) -> bool | None:
-        return True if status.feed.subscriber_count == count else None
-
-    async with client.watch(job.id) as views:
-        async for _ in views:
-            break
-        assert status.feed.subscriber_count == 1
-    await eventually(lambda: subscribers(0), "the server to drop the watch (async with)")
-
-    async for _ in client.watch(job.id):
-        break
-    await eventually(lambda: subscribers(0), "the server to drop the watch (plain break)")
-
-    watch = client.watch(job.id)
-    await anext(watch)
-    await watch.aclose()
-    await eventually(lambda: subscribers(0), "the server to drop the watch (aclose)")
-    (tmp_path / "gate").touch()
-
-
-async def test_watch_started_before_the_job_is_ingested_waits_for_it(
-    orchestrator: Orchestrator, tmp_path: Path
-) -> None:
+async def test_watch_started_before_the_job_is_ingested_waits_for_it(orchestrator: Service, tmp_path: Path) -> None:
     """Submit while no status service runs, then start one and watch at once: NOT_FOUND
     until it has ingested the job is ingestion lag, not an unknown job."""
     async with Client(orchestrator.address, "127.0.0.1:1") as submitter:
         job = await submitter.submit({"name": "early", "steps": [{"name": "one", "type": "sleep", "seconds": 0}]})
-    status = await start_status(status_config(tmp_path / "status", orchestrator.address))
+    status = services.status(tmp_path / "status", orchestrator.address, *QUICK_STATUS)
+    await status.start()
     try:
         async with Client(orchestrator.address, status.address) as client:
             views = [view async for view in client.watch(job.id)]
         assert views[-1].state == "completed"
     finally:
-        await status.stop()
+        await status.kill()
 
 
 async def test_silence_makes_a_view_not_live_until_the_service_answers_again(
-    orchestrator: Orchestrator, tmp_path: Path
+    orchestrator: Service, tmp_path: Path
 ) -> None:
     """SIGSTOP keeps the connection open but silent: after stale_after_heartbeats
     intervals without a message the view is not live; after SIGCONT the watch
     carries on to the end without losing anything."""
-    service = status_process(tmp_path / "status", orchestrator.address)
-    await asyncio.to_thread(service.start)
+    service = services.status(tmp_path / "status", orchestrator.address, *QUICK_STATUS)
+    await service.start()
     gate = tmp_path / "gate"
     try:
         async with Client(orchestrator.address, service.address, stale_after_heartbeats=3) as client:
@@ -289,21 +261,20 @@ async def test_silence_makes_a_view_not_live_until_the_service_answers_again(
                 # Nothing changes now; the watch reads heartbeats while the next view is awaited.
                 following = asyncio.create_task(anext(watch))
                 await eventually(lambda: _known(watch.heartbeat_interval), "a heartbeat to arrive")
-                assert service.process is not None
-                service.process.send_signal(signal.SIGSTOP)
+                service.pause()
                 try:
                     views.append(await following)
                     assert not views[-1].live
                     gate.touch()
                 finally:
-                    service.process.send_signal(signal.SIGCONT)
+                    service.resume()
                 views.extend([view async for view in watch])
             assert views[-1].state == "completed" and views[-1].live
             assert views[-1] == await client.get(job.id)
             revisions = [view.revision for view in views]
             assert revisions == sorted(revisions)
     finally:
-        service.stop()
+        await service.kill()
 
 
 async def _known(value: float | None) -> float | None:
@@ -311,10 +282,10 @@ async def _known(value: float | None) -> float | None:
 
 
 async def test_a_job_whose_orchestrator_is_gone_shows_the_servers_stale_flag(tmp_path: Path) -> None:
-    port = free_port()
-    orchestrator = orchestrator_process(tmp_path / "orchestrator", port)
-    await asyncio.to_thread(orchestrator.start)
-    status = await start_status(status_config(tmp_path / "status", orchestrator.address))
+    orchestrator = services.orchestrator(tmp_path / "orchestrator", *QUICK_ORCHESTRATOR)
+    await orchestrator.start()
+    status = services.status(tmp_path / "status", orchestrator.address, *QUICK_STATUS)
+    await status.start()
     try:
         async with Client(orchestrator.address, status.address) as client:
             job = await client.submit({"name": "abandoned", "steps": [gate_step("gate", tmp_path / "never")]})
@@ -322,7 +293,7 @@ async def test_a_job_whose_orchestrator_is_gone_shows_the_servers_stale_flag(tmp
                 async for view in views:
                     if view.step("gate").state == "running":
                         break
-                await asyncio.to_thread(orchestrator.kill)
+                await orchestrator.kill()
                 async for view in views:
                     if view.stale:
                         break
@@ -331,5 +302,5 @@ async def test_a_job_whose_orchestrator_is_gone_shows_the_servers_stale_flag(tmp
             assert view.source == orchestrator.address
             assert (await client.get(job.id)).stale
     finally:
-        await status.stop()
-        orchestrator.stop()
+        await status.kill()
+        await orchestrator.kill()
