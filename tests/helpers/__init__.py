@@ -1,4 +1,8 @@
-"""Shared test helpers: real services (in-process or as subprocesses) and polling."""
+"""Shared test helpers: real services (in-process or as subprocesses) and polling.
+
+What a client-only test needs as well (polling, ports, gates, the CLI) lives in
+tests/client/services.py, which imports nothing of the servers; it is
+re-exported here."""
 
 from __future__ import annotations
 
@@ -8,9 +12,9 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 from stepstream.common.v1 import records_pb2
@@ -19,29 +23,24 @@ from stepstream.orchestrator.v1 import orchestrator_service_pb2 as orch_pb
 from stepstream.orchestrator.v1 import orchestrator_service_pb2_grpc as orch_grpc
 from stepstream_client.definitions import definition_from_mapping
 
-T = TypeVar("T")
+from tests.client.services import (
+    DEADLINE,
+    REPO,
+    STEPSTREAM,
+    CliResult,
+    eventually,
+    free_port,
+    gate_step,
+    run_cli,
+)
 
-# Generous upper bounds so a broken test fails instead of hanging; never speed checks.
-DEADLINE = 60.0
-REPO = Path(__file__).resolve().parents[2]
+__all__ = ["DEADLINE", "REPO", "STEPSTREAM", "CliResult", "eventually", "free_port", "gate_step", "run_cli"]
 
 
 def job_definition(
     steps: list[Mapping[str, Any]], name: str = "test-job", **fields: Any
 ) -> definition_pb2.JobDefinition:
     return definition_from_mapping({"name": name, "steps": steps, **fields})
-
-
-async def eventually(probe: Callable[[], Awaitable[T | None]], what: str, deadline: float = DEADLINE) -> T:
-    """Poll `probe` until it returns something other than None."""
-    end = time.monotonic() + deadline
-    while True:
-        result = await probe()
-        if result is not None:
-            return result
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 async def wait_job_state(
@@ -162,15 +161,6 @@ def channel(address: str) -> grpc.aio.Channel:
 # --- Status service tests: ports, subprocess services, the SQLite file, watch folding ------------------------
 
 
-def free_port() -> int:
-    """A loopback port that was free a moment ago (for a service restarted on the same address)."""
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def status_process(data_dir: Path, orchestrator: str, *extra: str) -> ServiceProcess:
     return ServiceProcess("status_svc", [
         "--listen", "127.0.0.1:0", "--data-dir", str(data_dir), "--orchestrator", orchestrator,
@@ -278,43 +268,7 @@ def status_job_finished(response: Any) -> bool:
     return response.job.state in TERMINAL_JOB_STATES
 
 
-# --- client side (SDK and CLI tests) ---------------------------------------------
-
-STEPSTREAM = Path(sys.executable).with_name("stepstream")  # the installed console script
-
-
-def gate_step(name: str, gate: Path, **fields: Any) -> dict[str, Any]:
-    """A command step that runs until the file `gate` exists: the test decides when it ends."""
-    script = "import os, sys, time\nwhile not os.path.exists(sys.argv[1]):\n    time.sleep(0.02)\nprint('gate open')"
-    return {"name": name, "type": "command", "command": [sys.executable, "-c", script, str(gate)], **fields}
-
-
-class CliResult:
-    def __init__(self, code: int, stdout: str, stderr: str) -> None:
-        self.code = code
-        self.stdout = stdout
-        self.stderr = stderr
-
-    def __repr__(self) -> str:
-        return f"CliResult(code={self.code}, stdout={self.stdout[-2000:]!r}, stderr={self.stderr[-2000:]!r})"
-
-
-async def run_cli(*args: str, env: Mapping[str, str] | None = None, deadline: float = DEADLINE) -> CliResult:
-    """Run the real `stepstream` console script without blocking the loop (in-process services live on it)."""
-    process = await asyncio.create_subprocess_exec(
-        str(STEPSTREAM), *args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-        env={**os.environ, **(env or {})}, cwd=REPO,
-    )
-    try:
-        async with asyncio.timeout(deadline):
-            stdout, stderr = await process.communicate()
-    except TimeoutError:
-        process.kill()
-        await process.wait()
-        raise
-    assert process.returncode is not None
-    return CliResult(process.returncode, stdout.decode(), stderr.decode())
-
+# --- both services as subprocesses ---------------------------------------------
 
 def service_processes(tmp_path: Path) -> tuple[ServiceProcess, ServiceProcess]:
     """Both services as started subprocesses on free ports (stop() them when done)."""
