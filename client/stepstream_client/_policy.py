@@ -5,9 +5,12 @@ call repeats on UNAVAILABLE (the service is down or restarting, or has not yet
 applied the position a read asked for) and on DEADLINE_EXCEEDED of one attempt
 (e.g. a hung connection), after a capped, jittered exponential backoff, until
 its overall deadline; any other code (NOT_FOUND, INVALID_ARGUMENT, ...) is the
-answer and is raised at once. Each attempt's timeout is cut to what is left of
-the overall deadline, so a call never outlives it; when it runs out, the last
-failure is raised (its `attempts` says how many were made).
+answer and is raised at once. UNAUTHENTICATED and PERMISSION_DENIED are never
+retried, whatever a policy says (a RetryPolicy naming them is a ValueError):
+the same token would be refused again, and a retry loop would only hide it.
+Each attempt's timeout is cut to what is left of the overall deadline, so a
+call never outlives it; when it runs out, the last failure is raised (its
+`attempts` says how many were made).
 
 | RPC                                  | Idempotent | Attempt timeout | Retry by default          |
 |--------------------------------------|------------|-----------------|---------------------------|
@@ -50,6 +53,7 @@ from stepstream_client.errors import from_rpc_error
 T = TypeVar("T")
 
 RETRYABLE: Final = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+NEVER_RETRIED: Final = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED})
 
 
 @dataclass(frozen=True)
@@ -58,7 +62,8 @@ class RetryPolicy:
 
     `deadline`: seconds from the call's start within which every attempt and
     every wait must end; then the last failure is raised. `backoff`: the wait
-    before each retry. `codes`: the gRPC codes that mean "try again".
+    before each retry. `codes`: the gRPC codes that mean "try again" (never
+    one of NEVER_RETRIED).
     """
 
     deadline: float = 20.0
@@ -68,6 +73,9 @@ class RetryPolicy:
     def __post_init__(self) -> None:
         if self.deadline <= 0:
             raise ValueError(f"a retry deadline must be positive, not {self.deadline}")
+        refused = sorted(code.name for code in self.codes & NEVER_RETRIED)
+        if refused:
+            raise ValueError(f"{', '.join(refused)} cannot be retried: the same token would be refused again")
 
 
 class Default(enum.Enum):

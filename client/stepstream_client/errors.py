@@ -79,11 +79,25 @@ class DeadlineExceededError(RpcError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
+class UnauthenticatedError(RpcError):
+    """The service does not accept the caller: no token, or one it does not know
+    (`reason` TOKEN_MISSING or TOKEN_INVALID). Never retried: it would be refused again."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDeniedError(RpcError):
+    """The token's role may not make this call; the message names the role it needs
+    (`reason` ROLE_NOT_ALLOWED, `metadata` method, role, allowed). Never retried."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
 _BY_CODE: dict[grpc.StatusCode, type[RpcError]] = {
     cls.code: cls
     for cls in (
         InvalidArgumentError, NotFoundError, FailedPreconditionError, OutOfRangeError, UnavailableError,
-        DeadlineExceededError,
+        DeadlineExceededError, UnauthenticatedError, PermissionDeniedError,
     )
 }
 
@@ -92,7 +106,8 @@ def from_rpc_error(error: grpc.aio.AioRpcError, *, target: str = "", attempts: i
     """The typed error for a failed call, with the google.rpc details it carried.
 
     `target` names what was called (e.g. "the status service at 127.0.0.1:50052")
-    so that UNAVAILABLE says which address could not be reached. `attempts`: how
+    so that UNAVAILABLE says which address could not be reached, and a refused
+    token which service refused it. `attempts`: how
     many times a retried call was sent; the message says so when more than once.
     """
     violations: list[Violation] = []
@@ -116,6 +131,8 @@ def from_rpc_error(error: grpc.aio.AioRpcError, *, target: str = "", attempts: i
     message = error.details() or error.code().name
     if cls is UnavailableError and target:
         message = f"cannot reach {target} ({_last_clause(message)})"
+    elif cls in (UnauthenticatedError, PermissionDeniedError) and target:
+        message = f"{target} refused the call: {message}"
     if attempts > 1:
         message = f"{message}; gave up after {attempts} attempts"
     typed = cls(message, violations, metadata, reason, attempts)

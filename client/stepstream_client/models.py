@@ -93,6 +93,10 @@ class JobSummary:
     started_at: datetime | None
     finished_at: datetime | None
     cancel_requested_at: datetime | None
+    # Who submitted and who cancelled the job: the names of their tokens ("" when
+    # nobody cancelled it, or the orchestrator runs without tokens).
+    submitted_by: str
+    cancelled_by: str
     step_counts: StepCounts
     # Server freshness: the job is unfinished and its orchestrator cannot be followed.
     stale: bool
@@ -160,6 +164,9 @@ class JobRecord:
     started_at: datetime | None
     finished_at: datetime | None
     cancel_requested_at: datetime | None
+    # As in JobSummary: token names, "" without auth.
+    submitted_by: str
+    cancelled_by: str
 
 
 @dataclass(frozen=True)
@@ -228,6 +235,7 @@ def _header(status: status_service_pb2.JobStatus) -> dict[str, Any]:
         "reason": reason_word(status.reason), "message": status.message,
         "created_at": when(status, "created_at"), "started_at": when(status, "started_at"),
         "finished_at": when(status, "finished_at"), "cancel_requested_at": when(status, "cancel_requested_at"),
+        "submitted_by": status.submitted_by, "cancelled_by": status.cancelled_by,
         "step_counts": step_counts(status.steps), "stale": fresh.stale,
         "stale_since": when(fresh, "stale_since"), "stale_detail": fresh.detail, "source": fresh.source,
     }
@@ -266,6 +274,7 @@ def _record_fields(job: records_pb2.Job) -> dict[str, Any]:
         "id": job.id, "name": job.name, "state": job_state_word(job.state), "reason": reason_word(job.reason),
         "message": job.message, "created_at": when(job, "created_at"), "started_at": when(job, "started_at"),
         "finished_at": when(job, "finished_at"), "cancel_requested_at": when(job, "cancel_requested_at"),
+        "submitted_by": job.submitted_by, "cancelled_by": job.cancelled_by,
     }
 
 

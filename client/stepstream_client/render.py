@@ -8,8 +8,9 @@ JSON fields (states and reasons are lower-case words, times ISO 8601 UTC or null
 
 - job (get, watch): id, name, state, reason, message, revision, live, stale,
   stale_since, stale_detail, source, created_at, started_at, finished_at,
-  cancel_requested_at, step_counts {total, pending, running, waiting,
-  completed, failed, cancelled, skipped}, steps [...]
+  cancel_requested_at, submitted_by, cancelled_by (token names, "" without
+  auth), step_counts {total, pending, running, waiting, completed, failed,
+  cancelled, skipped}, steps [...]
 - step: name, index, type, state, reason, message, attempt, max_attempts,
   started_at, finished_at, duration_seconds, revision, children {total,
   pending, running, completed, failed, cancelled}
@@ -17,7 +18,7 @@ JSON fields (states and reasons are lower-case words, times ISO 8601 UTC or null
   header's last change)
 - children: an array of {index, item, state, reason, message, attempt,
   started_at, finished_at, duration_seconds, revision}
-- submit: {id, name, state, created_at, seq}
+- submit: {id, name, state, created_at, seq, submitted_by}
 
 Names, messages, items and reasons come from the server (and from whoever named
 a job or wrote a step's output), so nothing here sends them to a terminal raw:
@@ -111,7 +112,8 @@ def summary_json(job: JobSummary) -> dict[str, Any]:
         "revision": job.revision, "stale": job.stale, "stale_since": iso(job.stale_since),
         "stale_detail": job.stale_detail, "source": job.source, "created_at": iso(job.created_at),
         "started_at": iso(job.started_at), "finished_at": iso(job.finished_at),
-        "cancel_requested_at": iso(job.cancel_requested_at), "step_counts": dataclasses.asdict(job.step_counts),
+        "cancel_requested_at": iso(job.cancel_requested_at), "submitted_by": job.submitted_by,
+        "cancelled_by": job.cancelled_by, "step_counts": dataclasses.asdict(job.step_counts),
     }
 
 
@@ -137,7 +139,8 @@ def child_json(child: ChildView) -> dict[str, Any]:
 
 
 def submitted_json(job: SubmittedJob) -> dict[str, Any]:
-    return {"id": job.id, "name": job.name, "state": job.state, "created_at": iso(job.created_at), "seq": job.seq}
+    return {"id": job.id, "name": job.name, "state": job.state, "created_at": iso(job.created_at), "seq": job.seq,
+            "submitted_by": job.submitted_by}
 
 
 def dumps(data: Any) -> str:
@@ -171,7 +174,7 @@ def header_line(view: JobSummary) -> str:
         steps=f"{counts.completed}/{counts.total}", pending=counts.pending, running=counts.running,
         waiting=counts.waiting, failed=counts.failed, cancelled=counts.cancelled, skipped=counts.skipped,
         stale=view.stale, stale_since=_clock_or_none(view.stale_since),
-        message=view.message,
+        submitted_by=view.submitted_by, cancelled_by=view.cancelled_by, message=view.message,
     )
 
 
@@ -245,6 +248,11 @@ def job_tree(view: JobView, now: datetime) -> RenderableType:
         f"   elapsed {span(_since(view.started_at, view.finished_at, now)) or '-'}",
         (f"   rev {view.revision}", "dim"),
     )
+    who = "; ".join(f"{what} by {name}" for what, name in (("submitted", view.submitted_by),
+                                                             ("cancelled", view.cancelled_by)) if name)
+    if who:
+        header.append("\n  ")
+        header.append(_plain(who, "dim"))
     if view.reason or view.message:
         header.append("\n  ")
         header.append(_plain(" — ".join(part for part in (view.reason, view.message) if part), "italic"))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
+from typing import Literal
 
 from stepstream.common.v1 import records_pb2
 from stepstream.common.v1 import states_pb2 as s
@@ -103,13 +104,27 @@ def job_status(
     status = status_service_pb2.JobStatus(
         id=fold.job_id, steps=step_counts(fold.step_counts), freshness=fresh, revision=revision
     )
-    job = fold.job
-    if job is not None:
-        status.name, status.state, status.reason, status.message = job.name, job.state, job.reason, job.message
-        for name in ("created_at", "started_at", "finished_at", "cancel_requested_at"):
-            if job.HasField(name):
-                getattr(status, name).CopyFrom(getattr(job, name))
+    if fold.job is not None:
+        copy_job_fields(fold.job, status)
     return status
+
+
+# What a job record and a job's header both hold by the same names, besides the id.
+_JOB_VALUES = ("name", "state", "reason", "message", "submitted_by", "cancelled_by")
+_JobTime = Literal["created_at", "started_at", "finished_at", "cancel_requested_at"]
+_JOB_TIMES: tuple[_JobTime, ...] = ("created_at", "started_at", "finished_at", "cancel_requested_at")
+
+
+def copy_job_fields(
+    source: records_pb2.Job | status_service_pb2.JobStatus, target: records_pb2.Job | status_service_pb2.JobStatus
+) -> None:
+    """Copy into `target` what a job record and its header share: one list of fields
+    both for projecting a record into a header and for restoring a record from a stored one."""
+    for name in _JOB_VALUES:
+        setattr(target, name, getattr(source, name))
+    for time_field in _JOB_TIMES:
+        if source.HasField(time_field):
+            getattr(target, time_field).CopyFrom(getattr(source, time_field))
 
 
 def child_status(child: records_pb2.Child, revision: int) -> status_service_pb2.ChildStatus:

@@ -25,7 +25,7 @@ from stepstream.common.v1 import states_pb2 as s
 from stepstream.status.v1 import status_service_pb2
 
 from status_svc.domain.fold import NO_VERSION, Change, JobFold, StepEntry, job_version, work_version
-from status_svc.domain.projection import Staleness, counter_of, freshness, job_status, step_stats
+from status_svc.domain.projection import Staleness, copy_job_fields, counter_of, freshness, job_status, step_stats
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,11 +246,8 @@ def _job_record(status: status_service_pb2.JobStatus, seq: int) -> records_pb2.J
     yet: seq 0 and state UNSPECIFIED, as in _step_entry)."""
     if seq <= 0 and status.state == s.JOB_STATE_UNSPECIFIED:
         return None
-    job = records_pb2.Job(id=status.id, name=status.name, state=status.state, reason=status.reason,
-                          message=status.message)
-    for name in ("created_at", "started_at", "finished_at", "cancel_requested_at"):
-        if status.HasField(name):
-            getattr(job, name).CopyFrom(getattr(status, name))
+    job = records_pb2.Job(id=status.id)
+    copy_job_fields(status, job)
     return job
 
 

@@ -56,7 +56,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     steps_running INTEGER NOT NULL, steps_waiting INTEGER NOT NULL, steps_completed INTEGER NOT NULL,
     steps_failed INTEGER NOT NULL, steps_cancelled INTEGER NOT NULL, steps_skipped INTEGER NOT NULL,
     seq INTEGER NOT NULL, revision INTEGER NOT NULL, lost_since REAL, lost_detail TEXT NOT NULL DEFAULT '',
-    steps_unknown INTEGER NOT NULL DEFAULT 0
+    steps_unknown INTEGER NOT NULL DEFAULT 0, submitted_by TEXT NOT NULL DEFAULT '',
+    cancelled_by TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS jobs_newest_first ON jobs (created_at DESC, job_id DESC);
 CREATE INDEX IF NOT EXISTS jobs_by_source_state ON jobs (source, state);
@@ -89,10 +90,13 @@ CREATE INDEX IF NOT EXISTS changes_by_job ON changes (job_id, revision);
 # appends it with its default, where SCHEMA puts it for a new file): an existing
 # data directory keeps working. steps_unknown and children_unknown count steps
 # and children in a state this service does not know (StepCounts.unknown,
-# ChildCounts.unknown).
+# ChildCounts.unknown); submitted_by and cancelled_by, who did (token names,
+# '' for jobs stored before them or without auth).
 ADDED_COLUMNS = (
     ("jobs", "steps_unknown", "INTEGER NOT NULL DEFAULT 0"),
     ("step_stats", "children_unknown", "INTEGER NOT NULL DEFAULT 0"),
+    ("jobs", "submitted_by", "TEXT NOT NULL DEFAULT ''"),
+    ("jobs", "cancelled_by", "TEXT NOT NULL DEFAULT ''"),
 )
 
 # The count columns follow the messages' fields, in field order (steps_total, steps_pending, ...).
@@ -103,6 +107,7 @@ _JOB_TIMES = ("created_at", "started_at", "finished_at", "cancel_requested_at")
 JOB_COLUMNS = (
     "job_id", "source", "name", "state", "reason", "message", *_JOB_TIMES,
     *(f"steps_{name}" for name in _STEP_COUNTS), "seq", "revision", "lost_since", "lost_detail",
+    "submitted_by", "cancelled_by",
 )
 STEP_COLUMNS = (
     "job_id", "name", "idx", "type", "state", "reason", "message", "attempt", "max_attempts", "started_at",
@@ -144,6 +149,7 @@ def _header_row(header: StoredHeader) -> Row:
         status.id, header.source, status.name, status.state, status.reason, status.message,
         *(seconds(getattr(status, name)) for name in _JOB_TIMES), *(getattr(counts, name) for name in _STEP_COUNTS),
         header.seq, status.revision, lost.since if lost is not None else None, lost.detail if lost is not None else "",
+        status.submitted_by, status.cancelled_by,
     )
 
 
@@ -160,7 +166,8 @@ def _header(row: Sequence[Any]) -> StoredHeader:
     values = dict(zip(_HEADER_FIELDS, row, strict=True))
     status = status_service_pb2.JobStatus(
         id=values["job_id"], name=values["name"], state=values["state"], reason=values["reason"],
-        message=values["message"], revision=values["revision"],
+        message=values["message"], revision=values["revision"], submitted_by=values["submitted_by"],
+        cancelled_by=values["cancelled_by"],
         steps=status_service_pb2.StepCounts(**{name: values[f"steps_{name}"] for name in _STEP_COUNTS}),
     )
     _set_times(status, values, _JOB_TIMES)

@@ -25,7 +25,8 @@ from tests.client.services import (
 
 JOB_FIELDS = {
     "id", "name", "state", "reason", "message", "revision", "live", "stale", "stale_since", "stale_detail", "source",
-    "created_at", "started_at", "finished_at", "cancel_requested_at", "step_counts", "steps",
+    "created_at", "started_at", "finished_at", "cancel_requested_at", "submitted_by", "cancelled_by", "step_counts",
+    "steps",
 }
 STEP_FIELDS = {
     "name", "index", "type", "state", "reason", "message", "attempt", "max_attempts", "started_at", "finished_at",

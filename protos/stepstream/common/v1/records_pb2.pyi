@@ -35,6 +35,8 @@ class Job(_message.Message):
     STARTED_AT_FIELD_NUMBER: _builtins.int
     FINISHED_AT_FIELD_NUMBER: _builtins.int
     CANCEL_REQUESTED_AT_FIELD_NUMBER: _builtins.int
+    SUBMITTED_BY_FIELD_NUMBER: _builtins.int
+    CANCELLED_BY_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Server-assigned, globally unique."""
     name: _builtins.str
@@ -42,6 +44,14 @@ class Job(_message.Message):
     reason: _states_pb2.Reason.ValueType
     message: _builtins.str
     """A human sentence about the state (e.g. which steps failed)."""
+    submitted_by: _builtins.str
+    """Who submitted the job: the name of the token SubmitJob was called with
+    ("" when the orchestrator runs without --tokens-file).
+    """
+    cancelled_by: _builtins.str
+    """Who cancelled it: the name of the token of the CancelJob that was
+    accepted ("" when nobody did, or without --tokens-file).
+    """
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -64,10 +74,12 @@ class Job(_message.Message):
         started_at: _timestamp_pb2.Timestamp | None = ...,
         finished_at: _timestamp_pb2.Timestamp | None = ...,
         cancel_requested_at: _timestamp_pb2.Timestamp | None = ...,
+        submitted_by: _builtins.str = ...,
+        cancelled_by: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["cancel_requested_at", b"cancel_requested_at", "created_at", b"created_at", "finished_at", b"finished_at", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel_requested_at", b"cancel_requested_at", "created_at", b"created_at", "finished_at", b"finished_at", "id", b"id", "message", b"message", "name", b"name", "reason", b"reason", "started_at", b"started_at", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel_requested_at", b"cancel_requested_at", "cancelled_by", b"cancelled_by", "created_at", b"created_at", "finished_at", b"finished_at", "id", b"id", "message", b"message", "name", b"name", "reason", b"reason", "started_at", b"started_at", "state", b"state", "submitted_by", b"submitted_by"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -125,6 +125,8 @@ class JobStatus(_message.Message):
     STEPS_FIELD_NUMBER: _builtins.int
     FRESHNESS_FIELD_NUMBER: _builtins.int
     REVISION_FIELD_NUMBER: _builtins.int
+    SUBMITTED_BY_FIELD_NUMBER: _builtins.int
+    CANCELLED_BY_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     name: _builtins.str
     state: _states_pb2.JobState.ValueType
@@ -132,6 +134,11 @@ class JobStatus(_message.Message):
     message: _builtins.str
     revision: _builtins.int
     """The revision of the last change to this header."""
+    submitted_by: _builtins.str
+    """As recorded by the orchestrator (stepstream.common.v1.Job): the token
+    names of who submitted and who cancelled the job ("" without auth).
+    """
+    cancelled_by: _builtins.str
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -159,10 +166,12 @@ class JobStatus(_message.Message):
         steps: Global___StepCounts | None = ...,
         freshness: Global___Freshness | None = ...,
         revision: _builtins.int = ...,
+        submitted_by: _builtins.str = ...,
+        cancelled_by: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["cancel_requested_at", b"cancel_requested_at", "created_at", b"created_at", "finished_at", b"finished_at", "freshness", b"freshness", "started_at", b"started_at", "steps", b"steps"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel_requested_at", b"cancel_requested_at", "created_at", b"created_at", "finished_at", b"finished_at", "freshness", b"freshness", "id", b"id", "message", b"message", "name", b"name", "reason", b"reason", "revision", b"revision", "started_at", b"started_at", "state", b"state", "steps", b"steps"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel_requested_at", b"cancel_requested_at", "cancelled_by", b"cancelled_by", "created_at", b"created_at", "finished_at", b"finished_at", "freshness", b"freshness", "id", b"id", "message", b"message", "name", b"name", "reason", b"reason", "revision", b"revision", "started_at", b"started_at", "state", b"state", "steps", b"steps", "submitted_by", b"submitted_by"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,283 @@
+"""The tokens file: who may call the services, and in which role.
+
+A token is `NAME.SECRET`: NAME says who is calling (it is what a job records
+as submitted_by and cancelled_by, and what the logs name; it is not a secret),
+SECRET proves it. The file keeps, per NAME, a role and a salted, slow hash of
+SECRET, never SECRET itself: whoever reads the file (a backup, a config
+repository) learns who may call, not how to call as them.
+
+The file (--tokens-file, env STEPSTREAM_TOKENS_FILE): UTF-8 text, one token
+per line, three fields separated by spaces; blank lines and lines starting
+with `#` are ignored:
+
+    # NAME    ROLE      HASH
+    ci        operator  $scrypt$ln=15,r=8,p=1$<salt>$<hash>
+    status    follower  $scrypt$ln=15,r=8,p=1$<salt>$<hash>
+
+- NAME: 1 to 64 of A-Z a-z 0-9 _ -, each NAME once in the file.
+- ROLE: one of ROLES (what each may call: stepstream_common.auth.RULES).
+- HASH: scrypt (RFC 7914) of SECRET, in the PHC string format: cost
+  parameters (ln = log2 N), then the salt and the 32-byte hash, both base64
+  without padding. Secrets are never compared as text: the hash of what a
+  caller sends is compared with hmac.compare_digest.
+
+Make an entry with `python -m stepstream_common.tokens hash --name ci --role
+operator >> tokens` (after `umask 077`: the file must be private): it prints
+the line for the file on stdout and the new token, once, on stderr (SECRET is
+32 random bytes); with --secret-stdin it
+hashes the SECRET read from stdin instead (at least 16 characters) and
+prints no token.
+
+A service refuses to start (one line, exit code 2) if the file is readable or
+writable by group or others (it says who may do what: keep it 0600), is not
+exactly in this format, or names an unknown role. SIGHUP makes it read the
+file again (cheap: no hashing at load): a good file replaces the tokens at
+once, for the next call; a bad one is logged and the tokens in use are kept.
+
+The same permission rule applies to a file holding a token in clear (a
+status service's --orchestrator-token-file): read_token_file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import enum
+import hashlib
+import hmac
+import os
+import re
+import secrets
+import stat
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from stepstream_common.config import SettingError
+
+
+class Role(enum.StrEnum):
+    """What a token may do; the methods each may call are stepstream_common.auth.RULES."""
+
+    VIEWER = "viewer"  # read jobs (both services)
+    OPERATOR = "operator"  # read, submit and cancel jobs
+    FOLLOWER = "follower"  # read the orchestrator's event log: a status service
+    ADMIN = "admin"  # everything
+
+
+ROLES = tuple(role.value for role in Role)
+NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+# What a secret may hold: it travels in a gRPC metadata value (printable ASCII), and is cut from the token at '.'.
+SECRET = re.compile(r"[!-~]+")
+MIN_SECRET_CHARS = 16
+
+# scrypt's cost for new entries: N = 2**15, r = 8 (32 MiB, some 50 ms a hash). A
+# token is hashed once per process (see TokenTable.verify), so the cost falls on
+# whoever guesses, not on every call.
+LOG2_N, BLOCK_SIZE, PARALLELISM = 15, 8, 1
+SALT_BYTES, HASH_BYTES = 16, 32
+# The largest scrypt memory (128 * r * N bytes) a file may ask for: a hash must not exhaust the service.
+MAX_SCRYPT_MEMORY = 256 * 1024 * 1024
+_PHC = re.compile(r"\$scrypt\$ln=(\d{1,2}),r=(\d{1,2}),p=(\d{1,2})\$([A-Za-z0-9+/]+)\$([A-Za-z0-9+/]+)")
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode().rstrip("=")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.b64decode(text + "=" * (-len(text) % 4))
+
+
+@dataclass(frozen=True)
+class SecretHash:
+    """scrypt of a secret with its salt and cost, as the file writes it (see the module docstring)."""
+
+    log2_n: int
+    block_size: int
+    parallelism: int
+    salt: bytes
+    digest: bytes
+
+    @classmethod
+    def of(cls, secret: str) -> SecretHash:
+        """A new hash of `secret`, with a random salt and the current cost."""
+        salt = secrets.token_bytes(SALT_BYTES)
+        return cls(LOG2_N, BLOCK_SIZE, PARALLELISM, salt, _scrypt(secret, salt, LOG2_N, BLOCK_SIZE, PARALLELISM))
+
+    @classmethod
+    def parse(cls, text: str) -> SecretHash:
+        """ValueError unless `text` is a hash in the file's format, with a cost this service can afford."""
+        found = _PHC.fullmatch(text)
+        if found is None:
+            raise ValueError("the hash is not in the format $scrypt$ln=N,r=R,p=P$SALT$HASH")
+        log2_n, block_size, parallelism = (int(found[i]) for i in (1, 2, 3))
+        if not (log2_n >= 1 and block_size >= 1 and parallelism >= 1
+                and 128 * block_size * 2**log2_n * parallelism <= MAX_SCRYPT_MEMORY):
+            raise ValueError(f"the hash's scrypt cost (ln={log2_n}, r={block_size}, p={parallelism}) is out of bounds")
+        salt, digest = _unb64(found[4]), _unb64(found[5])
+        if len(salt) < SALT_BYTES or len(digest) != HASH_BYTES:
+            raise ValueError(f"the hash needs a salt of at least {SALT_BYTES} bytes and a {HASH_BYTES}-byte digest")
+        return cls(log2_n, block_size, parallelism, salt, digest)
+
+    def __str__(self) -> str:
+        return (f"$scrypt$ln={self.log2_n},r={self.block_size},p={self.parallelism}"
+                f"${_b64(self.salt)}${_b64(self.digest)}")
+
+    def matches(self, secret: str) -> bool:
+        """Whether `secret` hashes to this, compared in constant time (slow by design: scrypt)."""
+        found = _scrypt(secret, self.salt, self.log2_n, self.block_size, self.parallelism)
+        return hmac.compare_digest(found, self.digest)
+
+
+def _scrypt(secret: str, salt: bytes, log2_n: int, block_size: int, parallelism: int) -> bytes:
+    memory = 128 * block_size * 2**log2_n * parallelism
+    return hashlib.scrypt(secret.encode(), salt=salt, n=2**log2_n, r=block_size, p=parallelism,
+                          maxmem=memory + 1024 * 1024, dklen=HASH_BYTES)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One line of the file."""
+
+    name: str
+    role: Role
+    hash: SecretHash
+
+    def line(self) -> str:
+        return f"{self.name} {self.role} {self.hash}"
+
+
+class TokenTable:
+    """The tokens of one reading of the file; verify() says whose a presented token is."""
+
+    def __init__(self, entries: Mapping[str, Entry]) -> None:
+        self.entries = dict(entries)
+        # Name -> SHA-256 of the secret that verified: a token is hashed with scrypt
+        # once, then checked with a fast hash (still compared in constant time). A
+        # wrong secret for a name already verified is refused without scrypt.
+        self._verified: dict[str, bytes] = {}
+        # One scrypt at a time, off the event loop: tokens never seen cost the
+        # guesser, and calls with verified tokens keep being served meanwhile.
+        self._hashing = asyncio.Lock()
+
+    async def verify(self, token: str) -> Entry | None:
+        """The entry `token` (NAME.SECRET) proves, or None."""
+        name, dot, secret = token.partition(".")
+        entry = self.entries.get(name)
+        if entry is None or not dot:
+            return None
+        fast = hashlib.sha256(secret.encode()).digest()
+        known = self._verified.get(name)
+        if known is None:
+            async with self._hashing:
+                known = self._verified.get(name)
+                if known is None:
+                    if not await asyncio.to_thread(entry.hash.matches, secret):
+                        return None
+                    self._verified[name] = known = fast
+        return entry if hmac.compare_digest(fast, known) else None
+
+
+def load_tokens(path: Path) -> TokenTable:
+    """The tokens file at `path`; SettingError saying what is wrong and where (see the module docstring)."""
+    text = _read_private(path, "tokens file")
+    entries: dict[str, Entry] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        try:
+            entry = _entry(line)
+        except ValueError as error:
+            raise SettingError(f"tokens file {path}: line {number}: {error}") from None
+        if entry.name in entries:
+            raise SettingError(f"tokens file {path}: line {number}: the name {entry.name!r} is already used")
+        entries[entry.name] = entry
+    if not entries:
+        raise SettingError(f"tokens file {path}: holds no token, so no call would be allowed")
+    return TokenTable(entries)
+
+
+def _entry(line: str) -> Entry:
+    fields = line.split()
+    if len(fields) != 3:
+        raise ValueError(f"expected NAME ROLE HASH, found {len(fields)} field(s)")
+    name, role, hashed = fields
+    if NAME.fullmatch(name) is None:
+        raise ValueError("a name is 1 to 64 of A-Z a-z 0-9 _ -")
+    if role not in ROLES:
+        raise ValueError(f"unknown role {role[:32]!r} (expected one of {', '.join(ROLES)})")
+    return Entry(name, Role(role), SecretHash.parse(hashed))
+
+
+def read_token_file(path: Path) -> str:
+    """The token held in clear in the file at `path` (its only content, surrounding whitespace aside);
+    SettingError if it is readable by others or holds no token."""
+    token = _read_private(path, "token file").strip()
+    if SECRET.fullmatch(token) is None:
+        raise SettingError(f"token file {path}: expected one token (printable ASCII, no spaces)")
+    return token
+
+
+def _read_private(path: Path, what: str) -> str:
+    """The text of the regular file `path`, read only if neither group nor others have access to it."""
+    try:
+        with path.open("rb") as file:
+            status = os.fstat(file.fileno())
+            if not stat.S_ISREG(status.st_mode):
+                raise SettingError(f"{what} {path}: not a regular file")
+            mode = stat.S_IMODE(status.st_mode)
+            if mode & 0o077:
+                raise SettingError(f"{what} {path}: group or others have access to it (mode {mode:04o}); "
+                                   f"it must be private: chmod 600 {path}")
+            return file.read().decode()
+    except OSError as error:
+        raise SettingError(f"{what} {path}: {error.strerror or error}") from None
+    except UnicodeDecodeError:
+        raise SettingError(f"{what} {path}: not UTF-8 text") from None
+
+
+def new_entry(name: str, role: str, secret: str | None = None) -> tuple[Entry, str]:
+    """An entry for `name` and `role` and the token that proves it: of `secret`, else of a new random one.
+    ValueError for a bad name, role or secret."""
+    if NAME.fullmatch(name) is None:
+        raise ValueError(f"bad name {name!r}: a name is 1 to 64 of A-Z a-z 0-9 _ -")
+    if role not in ROLES:
+        raise ValueError(f"unknown role {role!r} (expected one of {', '.join(ROLES)})")
+    if secret is None:
+        secret = secrets.token_urlsafe(32)
+    elif len(secret) < MIN_SECRET_CHARS or SECRET.fullmatch(secret) is None:
+        raise ValueError(f"a secret is at least {MIN_SECRET_CHARS} printable ASCII characters, without spaces")
+    return Entry(name, Role(role), SecretHash.of(secret)), f"{name}.{secret}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m stepstream_common.tokens hash ...`: see the module docstring."""
+    parser = argparse.ArgumentParser(
+        prog="python -m stepstream_common.tokens",
+        description="Make a line of a tokens file (see --tokens-file): append its output to the file.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    make = commands.add_parser("hash", help="print a tokens-file line for a new token (the token itself once, "
+                                            "on stderr)")
+    make.add_argument("--name", required=True, help="who the token is for (1-64 of A-Z a-z 0-9 _ -)")
+    make.add_argument("--role", required=True, choices=ROLES)
+    make.add_argument("--secret-stdin", action="store_true",
+                      help=f"hash the secret read from stdin (one line, at least {MIN_SECRET_CHARS} characters) "
+                           "instead of making one; the token is then NAME.SECRET")
+    args = parser.parse_args(argv)
+    secret = sys.stdin.readline().strip() if args.secret_stdin else None
+    try:
+        entry, token = new_entry(args.name, args.role, secret)
+    except ValueError as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
+    print(entry.line(), flush=True)
+    if secret is None:
+        print(f"token for {entry.name} ({entry.role}), shown only now: {token}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
