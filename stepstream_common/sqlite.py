@@ -31,6 +31,8 @@ from typing import Any, TypeVar
 
 import aiosqlite
 
+from stepstream_common.exposure import private_dir
+
 log = logging.getLogger(__name__)
 
 PRAGMAS = "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA busy_timeout=5000;"
@@ -40,7 +42,6 @@ Unit = Callable[[aiosqlite.Connection], Awaitable[R]]
 
 
 async def connect(path: Path) -> aiosqlite.Connection:
-    path.parent.mkdir(parents=True, exist_ok=True)
     db = await aiosqlite.connect(path, isolation_level=None)
     await db.executescript(PRAGMAS)
     return db
@@ -126,10 +127,10 @@ class SqliteFile:
             await self._shielded(db.close())
 
     async def _connect(self, schema: str) -> None:
-        """Open both connections, creating the schema if needed (files private to the service)."""
+        """Open both connections, creating the schema if needed, in files private to the service."""
+        _make_private(self._path)
         self._writer = await connect(self._path)
         await self._writer.executescript(schema)
-        _make_private(self._path)
         self._reader = await connect(self._path)
 
     async def close(self) -> None:
@@ -167,7 +168,14 @@ class SqliteFile:
 
 
 def _make_private(path: Path) -> None:
-    """The database and its WAL files are readable by the service's user only."""
+    """Before SQLite opens `path`: its directory private (exposure.private_dir),
+    the database file created 0600 if new, and the database and any WAL files
+    (left by a crash, or by a version that made them with the umask's mode)
+    set to 0600. SQLite gives the -wal and -shm files it creates later the
+    database file's mode, so none is ever readable by another user, not even
+    for the moment between its creation and a chmod."""
+    private_dir(path.parent)
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
     for suffix in ("", "-wal", "-shm"):
         with contextlib.suppress(FileNotFoundError):
             os.chmod(f"{path}{suffix}", 0o600)

@@ -1,25 +1,47 @@
-"""deploy/ must say exactly what the services accept: commands, flags, env vars, ports, paths."""
+"""deploy/ must say exactly what the services accept (commands, flags, env
+vars, ports, paths), run them as safely as they can run (an unprivileged user
+that owns the data directories, a read-only root filesystem, no capabilities,
+TLS and tokens from Secrets, only the status service and clients let in), and
+work: the settings each deploy file gives, with local files in place of its
+secrets, start both services on all interfaces, pass their probes, and let
+the status service follow the orchestrator."""
 
 from __future__ import annotations
 
+import asyncio
+import os
 import re
 import subprocess
 import sys
 import tomllib
 from collections.abc import Iterator
-from pathlib import Path
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
 from typing import Any
 
+import grpc
 import pytest
 import yaml
+from stepstream.channel import ClientTLS, bearer_metadata, open_channel
+from stepstream.orchestrator.v1 import orchestrator_service_pb2 as orch_pb
+from stepstream.orchestrator.v1 import orchestrator_service_pb2_grpc as orch_grpc
+from stepstream.status.v1 import status_service_pb2 as status_pb
+from stepstream.status.v1 import status_service_pb2_grpc as status_grpc
+from stepstream_client.cli import build_parser
 
 from orchestrator_svc.config import OrchestratorConfig
 from status_svc.config import StatusConfig
 from stepstream_common.config import ServiceConfig, options
-from tests.helpers import REPO, ServiceProcess
+from stepstream_common.exposure import Exposure, exposure_of
+from stepstream_common.tokens import new_entry
+from tests.helpers import REPO, ServiceProcess, eventually, free_port, job_definition
+from tests.helpers.certs import Authority
 
 DEPLOY = REPO / "deploy"
 CONFIGS: dict[str, type[ServiceConfig]] = {"orchestrator_svc": OrchestratorConfig, "status_svc": StatusConfig}
+# The label a pod carries to be let in as a client (deploy/k8s/network-policy.yaml).
+CLIENT_LABEL = {"stepstream-client": "true"}
+HEALTHCHECK = ["python", "-m", "stepstream_common.healthcheck"]
 
 
 def accepted_env(module: str) -> frozenset[str]:
@@ -46,6 +68,83 @@ def port_of(address: str) -> int:
     return int(address.rsplit(":", 1)[1])
 
 
+def file_settings(config: ServiceConfig) -> dict[str, Path]:
+    """The files a config names (its Path settings that are set), data_dir aside."""
+    found = {option.name: getattr(config, option.name) for option in options(type(config))}
+    return {name: value for name, value in found.items() if isinstance(value, Path) and name != "data_dir"}
+
+
+# --- the image ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Image:
+    """What deploy/Dockerfile says about the user and the directories it makes."""
+
+    uid: int
+    gid: int
+    user: str  # its USER line
+    data_dirs: dict[str, tuple[int, int, str]]  # each directory made -> owner uid, gid, mode
+    env: dict[str, str]
+
+
+def image() -> Image:
+    text = (DEPLOY / "Dockerfile").read_text()
+    logical = text.replace("\\\n", " ")
+    user_match = re.search(r"useradd --uid (\d+) --gid (\d+)", logical)
+    group_match = re.search(r"groupadd --gid (\d+)", logical)
+    made = re.search(r"install -d -o (\d+) -g (\d+) -m (\d+) ((?:/\S+ ?)+)", logical)
+    [user] = re.findall(r"^USER (\S+)$", text, re.MULTILINE)
+    assert user_match and group_match and made, "the Dockerfile makes its user, group and data directories"
+    uid, gid = int(user_match[1]), int(user_match[2])
+    assert int(group_match[1]) == gid
+    owner = (int(made[1]), int(made[2]), made[3])
+    return Image(uid=uid, gid=gid, user=user, data_dirs=dict.fromkeys(made[4].split(), owner),
+                 env=dict(re.findall(r"(STEPSTREAM_[A-Z_]+)=(\S+)", text)))
+
+
+def test_the_image_runs_as_an_unprivileged_user_who_owns_the_data_directories(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    made = image()
+    assert made.uid != 0 and made.gid != 0
+    assert made.user == f"{made.uid}:{made.gid}", "USER is numeric, so Kubernetes can check runAsNonRoot"
+    assert made.data_dirs, "the image makes the directories volumes are mounted on"
+    for path, owner in made.data_dirs.items():
+        assert owner == (made.uid, made.gid, "0700"), path
+    for module in CONFIGS:
+        env = {name: value for name, value in made.env.items() if name in accepted_env(module)}
+        config = parse(module, [], env, monkeypatch)
+        assert str(config.data_dir) in made.data_dirs, module
+        # Its listen address is every interface: with no TLS and tokens given, it must refuse.
+        assert exposure_of(config).refusal, module
+
+
+def test_dockerfile_copies_every_package_and_sets_only_real_env() -> None:
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    packages = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["hatch"]["build"]["targets"]["wheel"][
+        "packages"
+    ]
+    for package in packages:
+        top = Path(package).parts[0]
+        assert re.search(rf"^COPY {top} ", dockerfile, re.MULTILINE), f"Dockerfile does not copy {top}"
+    env = set(re.findall(r"(STEPSTREAM_[A-Z_]+)=", dockerfile))
+    assert env <= accepted_env("orchestrator_svc") | accepted_env("status_svc")
+
+
+def test_every_variable_a_deploy_file_names_is_a_real_setting() -> None:
+    """Anywhere in deploy/, comments included: a service's setting, or the CLI's
+    (what the comments tell a user to set to call the services)."""
+    services = accepted_env("orchestrator_svc") | accepted_env("status_svc")
+    cli = set(re.findall(r"STEPSTREAM_[A-Z_]+", build_parser().format_help()))
+    for path in sorted(p for p in DEPLOY.rglob("*") if p.is_file()):
+        named = set(re.findall(r"STEPSTREAM_[A-Z_]+", path.read_text()))
+        assert named <= services | cli, (path.name, named - services - cli)
+
+
+# --- Kubernetes ---------------------------------------------------------------------------------------------
+
+
 def k8s_documents() -> list[dict[str, Any]]:
     return [
         doc for path in sorted((DEPLOY / "k8s").glob("*.yaml")) if path.name != "kustomization.yaml"
@@ -53,11 +152,60 @@ def k8s_documents() -> list[dict[str, Any]]:
     ]
 
 
+def k8s_workloads() -> list[dict[str, Any]]:
+    return [doc for doc in k8s_documents() if doc["kind"] in ("Deployment", "StatefulSet")]
+
+
 def k8s_containers() -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
-    for doc in k8s_documents():
-        if doc["kind"] in ("Deployment", "StatefulSet"):
-            for container in doc["spec"]["template"]["spec"]["containers"]:
-                yield doc, container
+    for workload in k8s_workloads():
+        for container in workload["spec"]["template"]["spec"]["containers"]:
+            yield workload, container
+
+
+def k8s_env(container: dict[str, Any]) -> dict[str, str]:
+    config_maps = {doc["metadata"]["name"]: doc["data"] for doc in k8s_documents() if doc["kind"] == "ConfigMap"}
+    env = {item["name"]: item["value"] for item in container.get("env", [])}
+    for source in container.get("envFrom", []):
+        env.update(config_maps[source["configMapRef"]["name"]])
+    return env
+
+
+def secret_items(volume: dict[str, Any]) -> list[str]:
+    """The file names a Secret (or a projection of Secrets) volume holds; [] for any other volume."""
+    if "secret" in volume:
+        return [item["path"] for item in volume["secret"]["items"]]
+    if "projected" in volume:
+        return [item["path"] for source in volume["projected"]["sources"] for item in source["secret"]["items"]]
+    return []
+
+
+def provided_files(workload: dict[str, Any], container: dict[str, Any]) -> set[str]:
+    """The files `container` finds from Secrets: in the Secret volumes it mounts,
+    and the copies the pod's init containers make (install -m 0600 -t DIR FILE...)
+    into a volume it mounts too."""
+    spec = workload["spec"]["template"]["spec"]
+    volumes = {volume["name"]: volume for volume in spec["volumes"]}
+    mounts = {mount["name"]: mount["mountPath"] for mount in container["volumeMounts"]}
+    files = {str(PurePosixPath(mounts[name]) / item)
+             for name, volume in volumes.items() if name in mounts for item in secret_items(volume)}
+    for init in spec.get("initContainers", []) if container in spec["containers"] else []:
+        command = init["command"]
+        assert command[:5] == ["install", "-m", "0600", "-t", command[4]], command
+        target, sources = command[4], command[5:]
+        assert set(sources) <= provided_files(workload, init), sources
+        [volume] = [mount["name"] for mount in init["volumeMounts"] if mount["mountPath"] == target]
+        if volume in mounts:
+            files |= {str(PurePosixPath(mounts[volume]) / PurePosixPath(source).name) for source in sources}
+    return files
+
+
+def k8s_settings(monkeypatch: pytest.MonkeyPatch) -> dict[str, tuple[Any, dict[str, Any]]]:
+    """Each service's config as its manifests set it, and its container."""
+    found = {}
+    for _, container in k8s_containers():
+        module, args = module_of(container["command"] + container.get("args", []))
+        found[module] = (parse(module, args, k8s_env(container), monkeypatch), container)
+    return found
 
 
 def test_kustomization_lists_every_manifest() -> None:
@@ -72,32 +220,38 @@ def test_k8s_has_the_agreed_shape() -> None:
     assert ("Service", "stepstream-orchestrator") in kinds
     assert ("StatefulSet", "stepstream-status") in kinds
     assert ("Service", "stepstream-status") in kinds
+    assert ("NetworkPolicy", "stepstream-orchestrator") in kinds
+    assert ("NetworkPolicy", "stepstream-status") in kinds
     status = next(doc for doc in k8s_documents() if doc["kind"] == "StatefulSet")
     assert status["spec"]["volumeClaimTemplates"], "the status service's SQLite file needs a volume"
 
 
 def test_k8s_containers_match_what_the_services_accept(monkeypatch: pytest.MonkeyPatch) -> None:
-    config_maps = {doc["metadata"]["name"]: doc["data"] for doc in k8s_documents() if doc["kind"] == "ConfigMap"}
     services = {doc["metadata"]["name"]: doc for doc in k8s_documents() if doc["kind"] == "Service"}
     seen = set()
     for workload, container in k8s_containers():
         module, args = module_of(container["command"] + container.get("args", []))
         seen.add(module)
-        env = {item["name"]: item["value"] for item in container.get("env", [])}
-        for source in container.get("envFrom", []):
-            env.update(config_maps[source["configMapRef"]["name"]])
+        env = k8s_env(container)
         assert set(env) <= accepted_env(module), set(env) - accepted_env(module)
         config = parse(module, args, env, monkeypatch)
 
         host, port = config.listen.rsplit(":", 1)
         assert host == "0.0.0.0", "in a pod the service must listen on all interfaces"
+        assert exposure_of(config) == Exposure(), "so it serves TLS and requires tokens, without --insecure"
         ports = {p["name"]: p["containerPort"] for p in container["ports"]}
         assert ports == {"grpc": int(port)}
+        files = provided_files(workload, container)
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-            assert container[probe]["grpc"]["port"] == int(port), probe
+            command = container[probe]["exec"]["command"]
+            assert command[:3] == HEALTHCHECK and command[-1] == f"127.0.0.1:{port}", probe
+            assert command[command.index("--tls-ca") + 1] in files, probe
 
+        for name, path in file_settings(config).items():
+            assert str(path) in files, f"{module} --{name} names {path}, which no Secret provides"
         mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
-        assert str(config.data_dir) == mounts["data"]
+        assert str(config.data_dir.parent) == mounts["data"], "the service makes its data directory, 0700"
+        assert str(config.data_dir) in image().data_dirs
 
         name = workload["metadata"]["name"]
         service = services[name]
@@ -110,33 +264,121 @@ def test_k8s_containers_match_what_the_services_accept(monkeypatch: pytest.Monke
     assert seen == set(CONFIGS)
 
 
-def test_compose_matches_what_the_services_accept(monkeypatch: pytest.MonkeyPatch) -> None:
-    compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
-    for name, service in compose["services"].items():
+def test_k8s_pods_run_unprivileged_on_a_read_only_root_filesystem() -> None:
+    made = image()
+    for workload in k8s_workloads():
+        spec = workload["spec"]["template"]["spec"]
+        name = workload["metadata"]["name"]
+        assert spec["automountServiceAccountToken"] is False, name
+        pod = spec["securityContext"]
+        assert pod["runAsNonRoot"] is True and pod["runAsUser"] == made.uid, name
+        assert pod["runAsGroup"] == made.gid and pod["fsGroup"] == made.gid, name
+        volumes = {volume["name"]: volume for volume in spec["volumes"]}
+        claims = {claim["metadata"]["name"] for claim in workload["spec"].get("volumeClaimTemplates", [])}
+        for container in [*spec.get("initContainers", []), *spec["containers"]]:
+            context = container["securityContext"]
+            assert context["runAsNonRoot"] is True and context["runAsUser"] == made.uid, container["name"]
+            assert context["allowPrivilegeEscalation"] is False, container["name"]
+            assert context["readOnlyRootFilesystem"] is True, container["name"]
+            assert context["capabilities"] == {"drop": ["ALL"]}, container["name"]
+            assert not context.get("privileged"), container["name"]
+            for mount in container["volumeMounts"]:
+                if secret_items(volumes.get(mount["name"], {})):
+                    assert mount.get("readOnly") is True, (container["name"], mount)
+        # Writable: the data volume and /tmp for the service; its init container only writes the copies.
+        [service] = spec["containers"]
+        writable = {m["mountPath"]: m["name"] for m in service["volumeMounts"] if not m.get("readOnly")}
+        assert set(writable) == {"/data", "/tmp"}, name
+        data = volumes.get(writable["/data"], {})
+        assert "persistentVolumeClaim" in data or writable["/data"] in claims, name
+        assert "emptyDir" in volumes[writable["/tmp"]], name
+        for init in spec.get("initContainers", []):
+            written = [m["mountPath"] for m in init["volumeMounts"] if not m.get("readOnly")]
+            assert written == [init["command"][4]], init["name"]
+
+
+def test_network_policies_let_in_only_the_status_service_and_clients() -> None:
+    policies = [doc for doc in k8s_documents() if doc["kind"] == "NetworkPolicy"]
+    pods = {}
+    for workload in k8s_workloads():
+        labels = workload["spec"]["template"]["metadata"]["labels"]
+        assert not CLIENT_LABEL.items() <= labels.items(), "a service is not let in as a client"
+        [container] = workload["spec"]["template"]["spec"]["containers"]
+        pods[container["command"][2]] = (labels, container["ports"][0]["containerPort"])
+
+    def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+        return bool(selector["matchLabels"].items() <= labels.items())
+
+    def policy_of(labels: dict[str, str]) -> dict[str, Any]:
+        [policy] = [p for p in policies if selects(p["spec"]["podSelector"], labels)]
+        assert policy["spec"]["policyTypes"] == ["Ingress"]
+        return policy
+
+    def admitted(policy: dict[str, Any]) -> tuple[list[dict[str, str]], set[int]]:
+        """Who a policy lets in (their labels), and to which ports."""
+        sources = [peer["podSelector"]["matchLabels"] for rule in policy["spec"]["ingress"] for peer in rule["from"]]
+        ports = {port["port"] for rule in policy["spec"]["ingress"] for port in rule["ports"]}
+        return sources, ports
+
+    orchestrator_labels, orchestrator_port = pods["orchestrator_svc"]
+    status_labels, status_port = pods["status_svc"]
+    sources, ports = admitted(policy_of(orchestrator_labels))
+    assert ports == {orchestrator_port}
+    assert sorted(map(str, sources)) == sorted(map(str, [
+        next(s for s in sources if s.items() <= status_labels.items()), CLIENT_LABEL,
+    ])), "the orchestrator lets in the status service's pods and clients, no one else"
+    sources, ports = admitted(policy_of(status_labels))
+    assert ports == {status_port}
+    assert sources == [CLIENT_LABEL], "the status service lets in clients only"
+
+
+# --- Docker Compose -----------------------------------------------------------------------------------------
+
+
+def compose() -> dict[str, Any]:
+    loaded: dict[str, Any] = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+    return loaded
+
+
+def compose_settings(monkeypatch: pytest.MonkeyPatch) -> dict[str, tuple[Any, dict[str, Any]]]:
+    """Each service's config as the compose file sets it, and its compose service."""
+    found = {}
+    for service in compose()["services"].values():
         module, args = module_of(service["command"])
         env = {key: str(value) for key, value in service.get("environment", {}).items()}
+        found[module] = (parse(module, args, env, monkeypatch), service)
+    return found
+
+
+def test_compose_matches_what_the_services_accept(monkeypatch: pytest.MonkeyPatch) -> None:
+    made = image()
+    secrets = compose()["secrets"]
+    for name, service in compose()["services"].items():
+        module, _ = module_of(service["command"])
+        env = {key: str(value) for key, value in service.get("environment", {}).items()}
         assert set(env) <= accepted_env(module), set(env) - accepted_env(module)
-        config = parse(module, args, env, monkeypatch)
+        config = compose_settings(monkeypatch)[module][0]
+        assert exposure_of(config) == Exposure(), "it serves TLS and requires tokens, without --insecure"
         port = port_of(config.listen)
-        assert any(mapping.endswith(f":{port}") for mapping in service["ports"])
+        assert any(mapping == f"127.0.0.1:{port}:{port}" for mapping in service["ports"])
         assert any(volume.endswith(f":{config.data_dir}") for volume in service["volumes"])
-        assert service["healthcheck"]["test"][-1] == f"127.0.0.1:{port}"
+        assert str(config.data_dir) in made.data_dirs, "a named volume there starts as the image's directory"
+        mounted = {f"/run/secrets/{secret}" for secret in service["secrets"]}
+        assert set(service["secrets"]) <= set(secrets), name
+        for setting, path in file_settings(config).items():
+            assert str(path) in mounted, f"{name} --{setting} names {path}, which no secret provides"
+        test = service["healthcheck"]["test"]
+        assert test[:4] == ["CMD", *HEALTHCHECK] and test[-1] == f"127.0.0.1:{port}"
+        assert test[test.index("--tls-ca") + 1] in mounted
+        assert service["user"] == made.user
+        assert service["read_only"] is True and "/tmp" in service["tmpfs"]
+        assert service["cap_drop"] == ["ALL"] and "no-new-privileges:true" in service["security_opt"]
         if module == "status_svc":
-            orchestrator_port = port_of(parse("orchestrator_svc", module_of(
-                compose["services"]["orchestrator"]["command"])[1], {}, monkeypatch).listen)
+            orchestrator_port = port_of(compose_settings(monkeypatch)["orchestrator_svc"][0].listen)
             assert config.orchestrators == [f"orchestrator:{orchestrator_port}"], name
 
 
-def test_dockerfile_copies_every_package_and_sets_only_real_env() -> None:
-    dockerfile = (DEPLOY / "Dockerfile").read_text()
-    packages = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["hatch"]["build"]["targets"]["wheel"][
-        "packages"
-    ]
-    for package in packages:
-        top = Path(package).parts[0]
-        assert re.search(rf"^COPY {top} ", dockerfile, re.MULTILINE), f"Dockerfile does not copy {top}"
-    env = set(re.findall(r"(STEPSTREAM_[A-Z_]+)=", dockerfile))
-    assert env <= accepted_env("orchestrator_svc") | accepted_env("status_svc")
+# --- the deployed settings, run -----------------------------------------------------------------------------
 
 
 def test_the_healthcheck_module_reports_serving(orchestrator_address: str) -> None:
@@ -159,3 +401,101 @@ def orchestrator_address(tmp_path: Path) -> Iterator[str]:
         yield process.start()
     finally:
         process.stop()
+
+
+def private_file(path: Path, text: str) -> Path:
+    """`text` in a new file `path`, 0600: how a tokens file must be kept."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w") as file:
+        file.write(text)
+    return path
+
+
+def argv_of(config: ServiceConfig, **replaced: Any) -> list[str]:
+    """Flags that give a service `config`, less the settings left at their
+    defaults, with the values of `replaced` in place of its own."""
+    argv = []
+    for option in options(type(config)):
+        value = replaced.get(option.name, getattr(config, option.name))
+        if value == option.default or value is None:
+            continue
+        if isinstance(value, list):
+            value = ",".join(value)
+        argv.append(f"{option.flag}={str(value).lower() if isinstance(value, bool) else value}")
+    return argv
+
+
+@pytest.mark.parametrize("deployment", ["compose", "k8s"])
+async def test_the_deployed_settings_serve_tls_and_tokens_and_the_status_service_follows(
+    deployment: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both services with every setting the deploy files give them (on all
+    interfaces), but their own ports and data directories here and local files
+    for the secrets: each passes its deploy file's probe, a call without a
+    token is refused, and a job submitted to the orchestrator reaches the
+    status service, which follows it over TLS with its follower token."""
+    deployed = compose_settings(monkeypatch) if deployment == "compose" else k8s_settings(monkeypatch)
+    ca = Authority(tmp_path / "ca")
+    server = ca.issue("server", hosts=("127.0.0.1", "localhost"))
+    follower, follower_token = new_entry("status", "follower")
+    operator, operator_token = new_entry("ci", "operator")
+    viewer, viewer_token = new_entry("ci", "viewer")
+    secrets = tmp_path / "secrets"
+    tokens = {
+        "orchestrator_svc": private_file(secrets / "orchestrator-tokens", f"{follower.line()}\n{operator.line()}\n"),
+        "status_svc": private_file(secrets / "status-tokens", f"{viewer.line()}\n"),
+    }
+    addresses = {module: f"127.0.0.1:{free_port()}" for module in CONFIGS}
+    for name in accepted_env("orchestrator_svc") | accepted_env("status_svc"):
+        monkeypatch.delenv(name, raising=False)  # only the flags count
+    processes: list[ServiceProcess] = []
+    try:
+        for module in CONFIGS:  # the orchestrator first: the status service follows it
+            config, _ = deployed[module]
+            replaced: dict[str, Any] = {
+                "listen": f"0.0.0.0:{port_of(addresses[module])}", "data_dir": tmp_path / "data" / module,
+                "tls_cert": server.cert, "tls_key": server.key, "tokens_file": tokens[module],
+            }
+            if module == "status_svc":
+                replaced.update(orchestrators=[addresses["orchestrator_svc"]], orchestrator_tls_ca=ca.cert,
+                                orchestrator_token_file=private_file(secrets / "orchestrator.token", follower_token))
+            assert set(file_settings(config)) <= set(replaced), "every file the deploy names has a local stand-in"
+            processes.append(ServiceProcess(module, argv_of(config, **replaced)))
+            processes[-1].start()
+
+        for module, (_, source) in deployed.items():
+            probe = source["healthcheck"]["test"][1:] if deployment == "compose" else \
+                source["readinessProbe"]["exec"]["command"]
+            argv = [*probe[3:-1], addresses[module]]
+            argv[argv.index("--tls-ca") + 1] = str(ca.cert)
+            probing = await asyncio.create_subprocess_exec(sys.executable, *probe[1:3], *argv, cwd=REPO,
+                                                           stderr=asyncio.subprocess.PIPE)
+            _, stderr = await probing.communicate()
+            assert probing.returncode == 0, (module, stderr.decode())
+
+        tls = ClientTLS.from_files(ca.cert)
+        async with open_channel(addresses["orchestrator_svc"], tls=tls) as orchestrator_channel, \
+                open_channel(addresses["status_svc"], tls=tls) as status_channel:
+            orchestrator = orch_grpc.OrchestratorServiceStub(orchestrator_channel)
+            request = orch_pb.SubmitJobRequest(definition=job_definition([{"name": "one", "type": "sleep",
+                                                                            "seconds": 0}]))
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await orchestrator.SubmitJob(request)
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            accepted = await orchestrator.SubmitJob(request, metadata=bearer_metadata(operator_token))
+            status = status_grpc.StatusServiceStub(status_channel)
+
+            async def followed() -> status_pb.GetJobResponse | None:
+                try:
+                    return await status.GetJob(status_pb.GetJobRequest(job_id=accepted.job.id),
+                                               metadata=bearer_metadata(viewer_token))
+                except grpc.aio.AioRpcError as error:
+                    if error.code() == grpc.StatusCode.NOT_FOUND:
+                        return None
+                    raise
+
+            await eventually(followed, "the status service to have the job from the orchestrator")
+    finally:
+        for process in reversed(processes):
+            process.stop()
