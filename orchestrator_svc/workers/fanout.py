@@ -9,15 +9,21 @@
 `{item}` and `{index}` (0-based) are substituted in every string of `child`,
 in one pass over that string: text an item brings in is never scanned again, so
 an item may itself contain "{index}" or "{item}" (see FanoutPlan.child_execution).
+Substituted is not quoted: spliced into a shell script (`["sh", "-c", "echo
+{item}"]`) an item is code. So a command child also finds its item and index
+in its environment, STEPSTREAM_ITEM and STEPSTREAM_INDEX, which a script
+reads as data: `["sh", "-c", "echo \"$STEPSTREAM_ITEM\""]`.
 How the step's outcome follows from its children is in domain/rules.py.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from typing import Any, overload
 
 from orchestrator_svc.workers import (
+    Execution,
     FanoutPlan,
     FanoutWorker,
     Field,
@@ -29,6 +35,7 @@ from orchestrator_svc.workers import (
     parse_child,
     quoted,
 )
+from orchestrator_svc.workers.command import FANOUT_CHILD_ENV
 
 MAX_CHILDREN = 100_000
 DEFAULT_CONCURRENCY = 10
@@ -67,19 +74,47 @@ class ItemsFanoutWorker(FanoutWorker):
         return violations
 
     def plan(self, params: Params) -> FanoutPlan:
-        if "items" in params:
-            items = [_item_text(item) for item in params["items"]]
-        else:
-            items = [str(index) for index in range(int(params["count"]))]
+        # Read an item at a time as its child starts: a plan of MAX_CHILDREN costs nothing per child.
         return FanoutPlan(
-            items=items,
+            items=_ItemTexts(params["items"] if "items" in params else range(int(params["count"]))),
             concurrency=int(params.get("concurrency", DEFAULT_CONCURRENCY)),
             max_child_failures=int(params.get("max_child_failures", 0)),
-            child=parse_child(params["child"]),
+            child=_child(params["child"]),
         )
+
+
+def _child(table: Params) -> Execution:
+    """The child's execution; a command child's `env` gains FANOUT_CHILD_ENV
+    ("command" as the built-in worker is registered), over its own names."""
+    child = parse_child(table)
+    if child.type != "command":
+        return child
+    return replace(child, params={**child.params, "env": {**child.params.get("env", {}), **FANOUT_CHILD_ENV}})
 
 
 def _item_text(item: Any) -> str:
     if isinstance(item, float) and item.is_integer():
         return str(int(item))
     return str(item)
+
+
+class _ItemTexts(Sequence[str]):
+    """The definition's `items` (or `count`'s range) as the children's item
+    texts, each converted when read rather than all copied up front."""
+
+    def __init__(self, items: Sequence[Any]) -> None:
+        self._items = items
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @overload
+    def __getitem__(self, index: int) -> str: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[str]: ...
+
+    def __getitem__(self, index: int | slice) -> str | Sequence[str]:
+        if isinstance(index, slice):
+            return _ItemTexts(self._items[index])
+        return _item_text(self._items[index])
