@@ -1,7 +1,8 @@
 """`python -m bench NAME [--quick] [--json FILE]`: run one benchmark and print its table.
 
 NAME is one of: ingest, latency, fanout, watchers. --quick runs tiny sizes (for
-the smoke tests); figures from a quick run mean nothing.
+the smoke tests); figures from a quick run mean nothing. `fanout --children
+100000 [--fanouts 3]` is the large fan-out run (memory and loop stalls).
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import asyncio
 import importlib
 from pathlib import Path
 
+from stepstream.flags import positive_int
+
 BENCHMARKS = ("ingest", "latency", "fanout", "watchers")
 
 
@@ -19,9 +22,16 @@ def main() -> None:
     parser.add_argument("name", choices=BENCHMARKS)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, to check that it runs")
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
+    parser.add_argument("--children", type=positive_int, help="fanout only: children per fan-out step (default 10000)")
+    parser.add_argument("--fanouts", type=positive_int, default=1,
+                        help="fanout only: that many fan-out steps side by side in the one job (default 1)")
     args = parser.parse_args()
+    sized = args.children is not None or args.fanouts != 1
+    if sized and args.name != "fanout":
+        parser.error("--children and --fanouts apply to the fanout benchmark only")
     module = importlib.import_module(f"bench.{args.name}")
-    report = asyncio.run(module.run(args.quick))
+    run = module.run(args.quick, args.children, args.fanouts) if sized else module.run(args.quick)
+    report = asyncio.run(run)
     report.print()
     if args.json:
         report.save(args.json)

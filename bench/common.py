@@ -30,18 +30,32 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def orchestrator(data_dir: Path, port: int = 0, heartbeat: float = 5.0) -> Service:
-    return Service("orchestrator_svc", [
+def orchestrator(data_dir: Path, port: int = 0, heartbeat: float = 5.0, lag_log: Path | None = None) -> Service:
+    """The orchestrator; with `lag_log`, its event loop's stalls are written there (bench/loop_lag.py)."""
+    return _probed("orchestrator_svc", [
         "--listen", f"127.0.0.1:{port}", "--data-dir", str(data_dir),
         "--heartbeat-interval", str(heartbeat), "--log-level", "warning",
-    ])
+    ], lag_log)
 
 
-def status(data_dir: Path, orchestrator_address: str, heartbeat: float = 5.0) -> Service:
-    return Service("status_svc", [
+def status(data_dir: Path, orchestrator_address: str, heartbeat: float = 5.0, lag_log: Path | None = None) -> Service:
+    """The status service; `lag_log` as for orchestrator()."""
+    return _probed("status_svc", [
         "--listen", "127.0.0.1:0", "--data-dir", str(data_dir), "--orchestrator", orchestrator_address,
         "--heartbeat-interval", str(heartbeat), "--log-level", "warning",
-    ])
+    ], lag_log)
+
+
+def _probed(module: str, args: list[str], lag_log: Path | None) -> Service:
+    if lag_log is None:
+        return Service(module, args)
+    return Service("bench.loop_lag", [str(lag_log), module, *args])
+
+
+def loop_lag(lag_log: Path) -> dict[str, float]:
+    """What bench/loop_lag.py last wrote: max_ms, max_busy_ms, over_20ms, over_100ms, samples."""
+    figures: dict[str, float] = json.loads(lag_log.read_text())
+    return figures
 
 
 def bare_unary() -> Service:

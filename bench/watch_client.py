@@ -142,7 +142,10 @@ async def main() -> None:
     per_channel = max(1, int(config.get("watchers_per_channel", 1)))
     interval = float(config.get("sample_interval", 0.05))
     watchers = [Watcher(job_id, latency) for job_id in config["jobs"]]
-    channels = [grpc.aio.insecure_channel(config["address"]) for _ in range(0, len(watchers), per_channel)]
+    # Each channel its own connection (grpc otherwise shares one between channels to one address),
+    # as separate clients would have: the status service caps the streams of one connection.
+    channels = [grpc.aio.insecure_channel(config["address"], options=[("grpc.use_local_subchannel_pool", 1)])
+                for _ in range(0, len(watchers), per_channel)]
     me = psutil.Process()
     tasks = [
         asyncio.create_task(w.run(pb_grpc.StatusServiceStub(channels[i // per_channel])))

@@ -27,6 +27,7 @@ when they all COMPLETED. When one ended any other way the step is SKIPPED
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -214,12 +215,17 @@ class ChildTally:
 
 def tally(child_states: Iterable[int]) -> ChildTally:
     """How a fan-out's children (by state) stand."""
-    states = list(child_states)
+    return tally_counts(Counter(child_states))
+
+
+def tally_counts(children_by_state: Mapping[int, int]) -> ChildTally:
+    """The same, from how many children are in each state: what the runner
+    keeps, since it keeps no record of a child once it ended."""
     return ChildTally(
-        total=len(states),
-        completed=states.count(s.STEP_STATE_COMPLETED),
-        failed=states.count(s.STEP_STATE_FAILED),
-        cancelled=states.count(s.STEP_STATE_CANCELLED),
+        total=sum(children_by_state.values()),
+        completed=children_by_state.get(s.STEP_STATE_COMPLETED, 0),
+        failed=children_by_state.get(s.STEP_STATE_FAILED, 0),
+        cancelled=children_by_state.get(s.STEP_STATE_CANCELLED, 0),
     )
 
 

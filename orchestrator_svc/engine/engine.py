@@ -14,7 +14,7 @@ from stepstream.orchestrator.v1 import definition_pb2
 from stepstream.states import job_state_word
 
 from orchestrator_svc.domain import machine, rules
-from orchestrator_svc.domain.spec import validate_job
+from orchestrator_svc.domain.spec import stored_definition, validate_job
 from orchestrator_svc.engine.journal import Journal
 from orchestrator_svc.engine.recorder import Recorder
 from orchestrator_svc.engine.runner import JobRun, RunSettings, stop_everything
@@ -54,16 +54,17 @@ class Engine:
         unfinished = await self._store.unfinished_jobs()
         for found in unfinished:
             cause = rules.left_in_flight(cancel_requested=found.job.HasField("cancel_requested_at"))
-            stop_everything(self._recorder, found.job, found.steps, found.children, cause)
+            await stop_everything(self._recorder, found.job, found.steps, found.children, cause)
         if unfinished:
             await self._journal.durable(self._journal.appended_seq)
             log.warning("ended %d job(s) left in flight by a previous run", len(unfinished))
         return len(unfinished)
 
     async def submit(
-        self, definition: definition_pb2.JobDefinition, request_id: str = ""
+        self, definition: definition_pb2.JobDefinition, request_id: str = "", *, submitted_by: str = ""
     ) -> tuple[records_pb2.Job, int]:
         """Validate, durably record and start a job; returns it and its first seq.
+        `submitted_by`: the caller's token name, kept in the job record.
 
         The submission runs as a task of its own that the caller awaits through a
         shield: a caller cancelled between recording the job and starting it would
@@ -74,7 +75,7 @@ class Engine:
             raise FailedPreconditionError("the orchestrator is shutting down")
         submission = self._submitting.get(request_id) if request_id else None
         if submission is None:
-            submission = asyncio.create_task(self._submit_once(definition, request_id), name="submit")
+            submission = asyncio.create_task(self._submit_once(definition, request_id, submitted_by), name="submit")
             self._tasks.add(submission)
             submission.add_done_callback(self._submitted)
             if request_id:
@@ -88,9 +89,9 @@ class Engine:
             task.exception()  # retrieved: a caller that left must not turn it into a log line
 
     async def _submit_once(
-        self, definition: definition_pb2.JobDefinition, request_id: str
+        self, definition: definition_pb2.JobDefinition, request_id: str, submitted_by: str
     ) -> tuple[records_pb2.Job, int]:
-        encoded = definition.SerializeToString(deterministic=True)
+        encoded = stored_definition(definition)  # secrets redacted: GetJob echoes this
         if request_id:
             existing = await self._store.job_for_request(request_id)
             if existing is not None:
@@ -101,7 +102,7 @@ class Engine:
                 return existing.job, existing.first_seq
         spec = validate_job(definition, self._workers)
         job_id = secrets.token_hex(8)
-        job = records_pb2.Job(id=job_id, name=spec.name)
+        job = records_pb2.Job(id=job_id, name=spec.name, submitted_by=submitted_by)
         steps = [
             records_pb2.Step(
                 job_id=job_id, name=step.name, index=step.index, type=step.execution.type,
@@ -125,15 +126,16 @@ class Engine:
         finally:
             self._runs.pop(run.job.id, None)
 
-    async def cancel(self, job_id: str) -> records_pb2.Job:
-        """Record the cancellation (durably) and start stopping the job.
+    async def cancel(self, job_id: str, *, cancelled_by: str = "") -> records_pb2.Job:
+        """Record the cancellation (durably, with the caller's token name
+        `cancelled_by`) and start stopping the job.
 
         A job already CANCELLED is returned unchanged; a COMPLETED or FAILED one
         is FAILED_PRECONDITION.
         """
         run = self._runs.get(job_id)
         if run is not None:
-            seq = run.request_cancel()
+            seq = run.request_cancel(cancelled_by)
             # As recorded by the cancellation itself: the run keeps changing it.
             job = clone(run.job)
             if seq is not None:

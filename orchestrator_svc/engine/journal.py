@@ -5,6 +5,13 @@ Callers append synchronously, so seq order is exactly the order in which the
 orchestrator decided things. A background task commits whatever has piled up
 in one transaction (group commit: one batch per loop turn under load, one
 event at a time when idle, so batching adds no latency) and then publishes.
+
+Batches are bounded (MAX_BATCH) because encoding a batch and building its rows
+runs on the event loop: a thousand events cost it about a millisecond. A
+caller that appends a great many events at once (a large fan-out creating or
+stopping its children) appends them in chunks and awaits room() between them,
+so it neither holds the loop nor piles up uncommitted events faster than they
+are written.
 """
 
 from __future__ import annotations
@@ -23,7 +30,9 @@ from stepstream_common.feed import Feed
 
 log = logging.getLogger(__name__)
 
-MAX_BATCH = 5000
+MAX_BATCH = 1000
+# room() waits while more events than this await their commit.
+MAX_BACKLOG = 2 * MAX_BATCH
 
 
 @dataclass(frozen=True)
@@ -82,6 +91,19 @@ class Journal:
         self._pending.append((event, new_job))
         self._wake.set()
         return event.seq
+
+    async def room(self) -> None:
+        """Let the loop run, then return once at most MAX_BACKLOG events await
+        their commit: the pause a producer of many events takes between chunks."""
+        await asyncio.sleep(0)
+        if len(self._pending) <= MAX_BACKLOG:
+            return
+        async with self._committed_changed:
+            await self._committed_changed.wait_for(
+                lambda: len(self._pending) <= MAX_BACKLOG or self._failure is not None
+            )
+        if self._failure is not None:
+            raise JournalFailed("the event log is not writable") from self._failure
 
     async def durable(self, seq: int) -> None:
         """Return once `seq` is committed."""

@@ -6,7 +6,7 @@ event carrying the record's full new value.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from stepstream.common.v1 import records_pb2
 from stepstream.common.v1 import states_pb2 as s
@@ -35,11 +35,19 @@ class Recorder:
             self._journal.append(records_pb2.StepEvent(time=timestamp(now), step=step))
         return seq
 
-    def create_children(self, children: Sequence[records_pb2.Child]) -> None:
+    def create_children(self, children: Iterable[records_pb2.Child]) -> None:
+        """Record `children` PENDING. A large fan-out passes them a chunk at a
+        time, with yield_to_writer() between chunks."""
         now = timestamp(self._clock())
         for child in children:
             child.state = machine.INITIAL_STEP_STATE
             self._journal.append(records_pb2.StepEvent(time=now, child=child))
+
+    async def yield_to_writer(self) -> None:
+        """Let the loop run, and wait while the journal's uncommitted backlog is
+        over its bound (Journal.room): what keeps recording a chunk of many
+        events from blocking the loop or growing memory without bound."""
+        await self._journal.room()
 
     def job(self, job: records_pb2.Job, state: int, reason: int = 0, message: str = "") -> int:
         machine.check_job(job.state, state, f"job {job.id}")
@@ -51,10 +59,12 @@ class Recorder:
             job.finished_at.CopyFrom(timestamp(now))
         return self._journal.append(records_pb2.StepEvent(time=timestamp(now), job=job))
 
-    def cancel_requested(self, job: records_pb2.Job) -> int:
+    def cancel_requested(self, job: records_pb2.Job, cancelled_by: str) -> int:
+        """Record that `cancelled_by` (a token name, "" without auth) asked to cancel the job."""
         machine.check_job(job.state, job.state, f"job {job.id}")
         now = self._clock()
         job.cancel_requested_at.CopyFrom(timestamp(now))
+        job.cancelled_by = cancelled_by
         job.message = "cancellation requested"
         return self._journal.append(records_pb2.StepEvent(time=timestamp(now), job=job))
 
@@ -83,6 +93,15 @@ class Recorder:
         now = self._clock()
         _apply(child, now, state, reason, message, attempt)
         return self._journal.append(records_pb2.StepEvent(time=timestamp(now), child=child))
+
+
+def pending_child(job_id: str, step_name: str, index: int, item: str) -> records_pb2.Child:
+    """A child's record as create_children() recorded it: what a fan-out
+    rebuilds from the child's index when it starts or stops a child, instead
+    of keeping a record in memory for every child that has not started."""
+    return records_pb2.Child(
+        job_id=job_id, step_name=step_name, index=index, item=item, state=machine.INITIAL_STEP_STATE
+    )
 
 
 def _apply(

@@ -1,12 +1,28 @@
 """Drives one job through its steps: runs, waits, stops and times out its work
-in order, and records through the Recorder the statuses domain/rules.py decides."""
+in order, and records through the Recorder the statuses domain/rules.py decides.
+
+Scale. A fan-out may have MAX_CHILDREN children, and a job several fan-outs,
+so what a fan-out costs follows how many of its children run, not how many it
+has: a child that has not started is only an index into its plan's items (no
+record in memory), a running child holds its record, an ended one is only
+counted. Every child is still recorded PENDING before the step is WAITING
+(the status service counts a fan-out's children from those records), but in
+chunks of CHUNK with the loop let run between them (Recorder.yield_to_writer),
+as are the CANCELLED records of children stopped before they started. And
+every unit of work (a step that is not a fan-out, or a fan-out child) takes a
+slot of the service-wide WorkSlots while it runs, so the work in flight is
+bounded across all jobs; a unit waiting for a slot stays PENDING.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+import sys
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
 
 from stepstream.common.v1 import records_pb2
 from stepstream.common.v1 import states_pb2 as s
@@ -15,7 +31,7 @@ from orchestrator_svc.domain import machine, rules
 from orchestrator_svc.domain.rules import Interruption, Outcome, Stop
 from orchestrator_svc.domain.spec import JobSpec, StepSpec
 from orchestrator_svc.engine.attempts import AttemptHooks, run_attempts
-from orchestrator_svc.engine.recorder import Recorder
+from orchestrator_svc.engine.recorder import Recorder, pending_child
 from orchestrator_svc.workers import FanoutPlan, FanoutWorker, WorkContext, Worker
 from orchestrator_svc.workers.processes import ProcessRegistry
 from orchestrator_svc.workers.registry import WorkerRegistry
@@ -23,22 +39,51 @@ from orchestrator_svc.workers.registry import WorkerRegistry
 log = logging.getLogger(__name__)
 
 
+# Children recorded (created or stopped) between two turns of the loop: a few ms of work.
+CHUNK = 500
+
+
+class WorkSlots:
+    """The service-wide cap on units of work running at once: steps that are
+    not fan-outs, and fan-out children, across every job (--max-concurrent-work).
+
+    A unit holds its slot from before its first attempt until its outcome is
+    recorded, retries and their backoff included, so the RUNNING units in the
+    event log never outnumber the slots. A fan-out step holds none (it only
+    waits for its children, which hold theirs). Waiters are served in turn.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._free = asyncio.Semaphore(limit)
+
+    async def __aenter__(self) -> None:
+        await self._free.acquire()
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self._free.release()
+
+
 @dataclass(frozen=True)
 class RunSettings:
     # Seconds between SIGTERM and SIGKILL when a command is stopped.
     kill_grace: float = 5.0
     processes: ProcessRegistry | None = None
+    # Shared by every run of one orchestrator; the service sets its cap from its config.
+    slots: WorkSlots = field(default_factory=lambda: WorkSlots(sys.maxsize))
 
 
 class _OverTolerance(Exception):
     pass
 
 
-def stop_everything(
+async def stop_everything(
     recorder: Recorder,
     job: records_pb2.Job,
     steps: Sequence[records_pb2.Step],
-    children: Mapping[str, Sequence[records_pb2.Child]],
+    children: Mapping[str, Iterable[records_pb2.Child]],
     interruption: Interruption,
 ) -> None:
     """End every unfinished child, then step, then the job, for `interruption`.
@@ -47,18 +92,91 @@ def stop_everything(
     ever shown finished while something under it is not.
     """
     for step in steps:
-        stop_children(recorder, children.get(step.name, ()), interruption)
+        await stop_children(recorder, children.get(step.name, ()), interruption)
         state = interruption.stopped_state(step.state)
         if state is not None:
             recorder.step(step, state, interruption.reason, interruption.message)
     recorder.job(job, interruption.job_state, interruption.reason, interruption.message)
 
 
-def stop_children(recorder: Recorder, children: Iterable[records_pb2.Child], stop: Stop) -> None:
-    for child in children:
+async def stop_children(recorder: Recorder, children: Iterable[records_pb2.Child], stop: Stop) -> Counter[int]:
+    """End each of `children` still unfinished for `stop`, letting the loop run
+    every CHUNK children; how many of them end in each state."""
+    ended: Counter[int] = Counter()
+    for number, child in enumerate(children, 1):
         state = stop.stopped_state(child.state)
         if state is not None:
             recorder.child(child, state, stop.reason, stop.message)
+        ended[child.state] += 1
+        if number % CHUNK == 0:
+            await recorder.yield_to_writer()
+    return ended
+
+
+class FanoutChildren:
+    """One fan-out's children, costing memory only while they run.
+
+    Children [0, created) are recorded PENDING; of those, [0, next) were taken
+    to run, in index order. A taken child's record is in `_running` until it
+    ended; an ended child is only counted by its final state. A child not
+    taken has no record in memory: its PENDING record is rebuilt from its index
+    (recorder.pending_child) when it is taken or stopped.
+    """
+
+    def __init__(self, job_id: str, step_name: str, items: Sequence[str]) -> None:
+        self._job_id = job_id
+        self._step_name = step_name
+        self._items = items
+        self.total = len(items)
+        self._created = 0
+        self._next = 0
+        self._running: dict[int, records_pb2.Child] = {}
+        self._ended: Counter[int] = Counter()
+
+    def _record(self, index: int) -> records_pb2.Child:
+        return pending_child(self._job_id, self._step_name, index, self._items[index])
+
+    async def create(self, recorder: Recorder) -> None:
+        """Record every child PENDING, CHUNK at a time. If the run is cancelled
+        meanwhile, the children recorded so far are the fan-out's children."""
+        while self._created < self.total:
+            end = min(self._created + CHUNK, self.total)
+            recorder.create_children(map(self._record, range(self._created, end)))
+            self._created = end
+            await recorder.yield_to_writer()
+
+    def take(self) -> records_pb2.Child | None:
+        """The next child to run (its PENDING record), or None when none is left."""
+        if self._next >= self._created:
+            return None
+        child = self._record(self._next)
+        self._running[self._next] = child
+        self._next += 1
+        return child
+
+    def ended(self, child: records_pb2.Child) -> None:
+        """`child` (taken) has its final state recorded: keep only its count."""
+        del self._running[child.index]
+        self._ended[child.state] += 1
+
+    def unfinished(self) -> Iterator[records_pb2.Child]:
+        """Every child that has not ended, in index order, for the caller to
+        stop each as it gets it: the taken ones, then those never taken (none
+        of which can be taken any more). Each leaves this bookkeeping only as
+        it is handed out, so a stop cut short leaves the rest to the next one."""
+        for index in sorted(self._running):
+            yield self._running.pop(index)
+        while self._next < self._created:
+            self._next += 1
+            yield self._record(self._next - 1)
+
+    async def stop(self, recorder: Recorder, stop: Stop) -> None:
+        """End every unfinished child for `stop`, counting how they ended."""
+        self._ended.update(await stop_children(recorder, self.unfinished(), stop))
+
+    def tally(self) -> rules.ChildTally:
+        """How the children stand; once all ended, their final tally."""
+        return rules.tally_counts(self._ended)
 
 
 class JobRun:
@@ -76,7 +194,7 @@ class JobRun:
         self.job = job
         self._spec = spec
         self._steps = {step.name: step for step in steps}
-        self._children: dict[str, list[records_pb2.Child]] = {}
+        self._children: dict[str, FanoutChildren] = {}
         self._recorder = recorder
         self._workers = workers
         self._settings = settings
@@ -87,12 +205,12 @@ class JobRun:
     def finished(self) -> bool:
         return machine.job_is_terminal(self.job.state)
 
-    def request_cancel(self) -> int | None:
-        """Record the cancellation and start stopping; the seq of the record, or
-        None if there was nothing to do (already ended or already cancelling)."""
+    def request_cancel(self, cancelled_by: str) -> int | None:
+        """Record the cancellation (by `cancelled_by`) and start stopping; the seq of
+        the record, or None if there was nothing to do (already ended or already cancelling)."""
         if self.finished or self.job.HasField("cancel_requested_at"):
             return None
-        seq = self._recorder.cancel_requested(self.job)
+        seq = self._recorder.cancel_requested(self.job, cancelled_by)
         self.interrupt(rules.CANCELLED_BY_REQUEST)
         return seq
 
@@ -117,7 +235,7 @@ class JobRun:
             log.exception("job %s: internal error", self.job.id)
             if not self.finished:
                 self._interruption = None
-                self._stop(rules.job_internal_error(error))
+                await self._stop(rules.job_internal_error(error))
         finally:
             if timer is not None:
                 timer.cancel()
@@ -133,14 +251,15 @@ class JobRun:
                 if self._interruption is None or (current is not None and current.cancelling()):
                     raise
         if self._interruption is not None:
-            self._stop(self._interruption)
+            await self._stop(self._interruption)
             return
         outcome = rules.job_outcome({name: step.state for name, step in self._steps.items()})
         self._recorder.job(self.job, outcome.state, outcome.reason, outcome.message)
 
-    def _stop(self, interruption: Interruption) -> None:
+    async def _stop(self, interruption: Interruption) -> None:
         steps = [self._steps[step.name] for step in self._spec.steps]
-        stop_everything(self._recorder, self.job, steps, self._children, interruption)
+        children = {name: fanout.unfinished() for name, fanout in self._children.items()}
+        await stop_everything(self._recorder, self.job, steps, children, interruption)
 
     async def _schedule(self) -> None:
         """Consider each step once, when its last dependency has ended: run it or
@@ -182,24 +301,32 @@ class JobRun:
     async def _run_step(self, spec: StepSpec, ended: Callable[[str], None]) -> None:
         record = self._steps[spec.name]
         worker = self._workers.get(spec.execution.type)
-        try:
-            if isinstance(worker, FanoutWorker):
-                outcome = await self._run_fanout(spec, record, worker)
-            else:
-                outcome = await run_attempts(
-                    worker, spec.execution, self._context(spec.name, None), self._step_hooks(record)
-                )
-        except Exception as error:
-            log.exception("job %s step %s: internal error", self.job.id, spec.name)
-            outcome = rules.internal_error(error)
-        self._record_step(record, outcome)
+        if isinstance(worker, FanoutWorker):
+            self._record_step(record, await self._outcome(spec.name, self._run_fanout(spec, record, worker)))
+        else:
+            # PENDING until a slot is free; the outcome is recorded before the slot is.
+            async with self._settings.slots:
+                context, hooks = self._context(spec.name, None), self._step_hooks(record)
+                attempts = run_attempts(worker, spec.execution, context, hooks)
+                self._record_step(record, await self._outcome(spec.name, attempts))
         ended(spec.name)
+
+    async def _outcome(self, step_name: str, work: Awaitable[Outcome]) -> Outcome:
+        """`work`'s outcome; an error of the orchestrator's own FAILS the step rather than hang it."""
+        try:
+            return await work
+        except Exception as error:
+            log.exception("job %s step %s: internal error", self.job.id, step_name)
+            return rules.internal_error(error)
 
     def _context(self, step_name: str, child_index: int | None) -> WorkContextFactory:
         return WorkContextFactory(self.job.id, step_name, child_index, self._settings)
 
     def _step_hooks(self, record: records_pb2.Step) -> AttemptHooks:
         return AttemptHooks(lambda status, attempt: self._record_step(record, status, attempt), self._may_start)
+
+    def _child_hooks(self, child: records_pb2.Child, may_start: Callable[[], Awaitable[None]]) -> AttemptHooks:
+        return AttemptHooks(lambda status, attempt: self._record_child(child, status, attempt), may_start)
 
     async def _may_start(self) -> None:
         """Return at once while the job runs; once it is being stopped, wait for
@@ -209,64 +336,71 @@ class JobRun:
         if self._interruption is not None:
             await asyncio.get_running_loop().create_future()
 
-    def _child_hooks(self, child: records_pb2.Child) -> AttemptHooks:
-        return AttemptHooks(lambda status, attempt: self._record_child(child, status, attempt), self._may_start)
-
     async def _run_fanout(self, spec: StepSpec, record: records_pb2.Step, worker: FanoutWorker) -> Outcome:
         await self._may_start()
         self._record_step(record, rules.attempt_started(1, 1, None), attempt=1)
         plan = worker.plan(spec.execution.params)
-        children = [
-            records_pb2.Child(job_id=self.job.id, step_name=spec.name, index=index, item=item)
-            for index, item in enumerate(plan.items)
-        ]
+        children = FanoutChildren(self.job.id, spec.name, plan.items)
         self._children[spec.name] = children
-        self._recorder.create_children(children)
-        self._record_step(record, rules.fanout_started(len(children), plan.concurrency))
+        await children.create(self._recorder)
+        self._record_step(record, rules.fanout_started(children.total, plan.concurrency))
         limit = spec.execution.timeout
         try:
             async with asyncio.timeout(limit):
                 over = await self._run_children(plan, children)
         except TimeoutError:
             assert limit is not None  # children catch their own TimeoutErrors: this is the fan-out's
-            stop_children(self._recorder, children, rules.fanout_timeout(limit))
-            return rules.fanout_timed_out(limit, rules.tally(child.state for child in children))
+            await children.stop(self._recorder, rules.fanout_timeout(limit))
+            return rules.fanout_timed_out(limit, children.tally())
         if over:
-            stop_children(self._recorder, children, rules.OVER_TOLERANCE)
-        return rules.fanout_outcome(rules.tally(child.state for child in children), plan.max_child_failures)
+            await children.stop(self._recorder, rules.OVER_TOLERANCE)
+        return rules.fanout_outcome(children.tally(), plan.max_child_failures)
 
-    async def _run_children(self, plan: FanoutPlan, children: Sequence[records_pb2.Child]) -> bool:
-        """Run children `plan.concurrency` at a time; True if stopped early
-        because the failures went over the tolerance."""
+    async def _run_children(self, plan: FanoutPlan, children: FanoutChildren) -> bool:
+        """Run children `plan.concurrency` at a time (fewer if the service has
+        fewer slots); True if stopped early because the failures went over the
+        tolerance."""
         worker = self._workers.get(plan.child.type)
         assert isinstance(worker, Worker), "validation rejects fan-out children that are fan-outs"
-        queue = iter(range(len(children)))
         failed = 0
+
+        def over() -> bool:
+            return rules.fanout_over_tolerance(failed, plan.max_child_failures)
+
+        async def may_start() -> None:
+            """As _may_start; and once the step's failure is certain, no child
+            starts either, not even one whose slot was freed by the decisive
+            failure (the TaskGroup's cancellation is on its way)."""
+            if over():
+                await asyncio.get_running_loop().create_future()
+            await self._may_start()
 
         async def take_children() -> None:
             nonlocal failed
-            for index in queue:
-                if rules.fanout_over_tolerance(failed, plan.max_child_failures):
-                    return  # the step already failed: start nothing more (the rest are cancelled)
-                child = children[index]
-                outcome = await run_attempts(
-                    worker, plan.child_execution(index), self._context(child.step_name, index),
-                    self._child_hooks(child),
-                )
-                self._record_child(child, outcome)
-                if outcome.state == s.STEP_STATE_FAILED:
-                    failed += 1
-                    if rules.fanout_over_tolerance(failed, plan.max_child_failures):
-                        raise _OverTolerance
+            # Once over the tolerance, start nothing more (the rest are cancelled).
+            while not over() and (child := children.take()) is not None:
+                async with self._settings.slots:
+                    outcome = await run_attempts(
+                        worker, plan.child_execution(child.index), self._context(child.step_name, child.index),
+                        self._child_hooks(child, may_start),
+                    )
+                    self._record_child(child, outcome)
+                    children.ended(child)
+                    failed += outcome.state == s.STEP_STATE_FAILED
+                if over():
+                    raise _OverTolerance
+                # A child whose work never suspends (a python function that just
+                # returns) must not let the fan-out hold the loop, nor outrun the journal.
+                await self._recorder.yield_to_writer()
 
-        over = False
+        stopped_early = False
         try:
             async with asyncio.TaskGroup() as group:
-                for _ in range(min(plan.concurrency, len(children))):
+                for _ in range(min(plan.concurrency, children.total, self._settings.slots.limit)):
                     group.create_task(take_children())
         except* _OverTolerance:
-            over = True
-        return over
+            stopped_early = True
+        return stopped_early
 
 
 @dataclass(frozen=True)

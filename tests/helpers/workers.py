@@ -44,3 +44,29 @@ async def fail_odd(index: str) -> str:
     if int(index) % 2:
         raise RuntimeError(f"odd {index}")
     return f"even {index}"
+
+
+async def gated_marker(directory: str, name: str) -> str:
+    """A unit of work that shows how many units run at once: while it runs it
+    leaves the file `running-NAME` in `directory`; on starting it writes to
+    `seen-NAME` how many such files it saw (itself included), which over all
+    starts is the most that ever ran at once (that number only grows when one
+    starts); it runs until the file `open` appears in `directory`."""
+    folder = Path(directory)
+    marker, gate = folder / f"running-{name}", folder / "open"
+    marker.touch()
+    try:
+        seen = sum(1 for _ in folder.glob("running-*"))
+        (folder / f"seen-{name}").write_text(str(seen))
+        while True:
+            if gate.exists():
+                break
+            await asyncio.sleep(0.01)
+    finally:
+        marker.unlink()
+    return f"saw {seen} running"
+
+
+async def returns_at_once() -> str:
+    """Work that never suspends: a fan-out of these must still let the loop run."""
+    return "done"
