@@ -12,23 +12,27 @@ ends the unfinished jobs ORCHESTRATOR_RESTARTED.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from dataclasses import dataclass
 
 from stepstream.orchestrator.v1 import orchestrator_service_pb2
 
-from orchestrator_svc.api.servicer import OrchestratorServicer
+from orchestrator_svc.api.servicer import ApiLimits, OrchestratorServicer
 from orchestrator_svc.config import OrchestratorConfig
 from orchestrator_svc.engine.engine import Engine
 from orchestrator_svc.engine.journal import Journal, Retention
 from orchestrator_svc.engine.recorder import Recorder
-from orchestrator_svc.engine.runner import RunSettings
+from orchestrator_svc.engine.runner import RunSettings, WorkSlots
 from orchestrator_svc.storage.base import StoredEvent
 from orchestrator_svc.storage.sqlite import SqliteEventStore
 from orchestrator_svc.workers.processes import ProcessRegistry
 from orchestrator_svc.workers.registry import WorkerRegistry
+from stepstream_common.auth import Authorizer
 from stepstream_common.feed import Feed
 from stepstream_common.rpc import RunningServer, add_servicer, start_server
+from stepstream_common.streaming import StreamAdmission, StreamLimits
+from stepstream_common.tls import ServerTLS
 
 log = logging.getLogger(__name__)
 
@@ -61,11 +65,21 @@ class Orchestrator:
             await self.store.close()
 
     async def run_until_stopped(self) -> None:
-        """Serve until stop(); if the journal's writer ends first, fail loudly (see the module docstring)."""
+        """Serve until stop(); if the journal's writer ends first, fail loudly (see the module docstring).
+
+        This is the service process's main loop (python -m orchestrator_svc),
+        so what start-up built (modules, descriptors, the server) lives as long
+        as the process: it is frozen out of the garbage collector, whose full
+        passes would otherwise walk it all and stall the loop ~20 ms each.
+        """
+        gc.collect()
+        gc.freeze()
         await self.server.serve_while({self.journal_task: "the event log (journal writer)"})
 
 
 async def start(config: OrchestratorConfig, workers: WorkerRegistry | None = None) -> Orchestrator:
+    tls = ServerTLS.from_config(config)  # checked before anything starts
+    auth = Authorizer.load(config.tokens_file)  # so is the tokens file
     store = SqliteEventStore(config.data_dir / DATABASE_FILE)
     info = await store.open()
     feed: Feed[StoredEvent] = Feed(max_pending=config.subscriber_queue)
@@ -77,16 +91,21 @@ async def start(config: OrchestratorConfig, workers: WorkerRegistry | None = Non
         ),
     )
     journal_task = journal.start()
-    processes = ProcessRegistry(config.data_dir / PROCESSES_DIR)
+    processes = ProcessRegistry(config.data_dir / PROCESSES_DIR, config.pass_env)
     processes.stop_leftovers()
+    workers = workers or WorkerRegistry.from_entry_points()
     engine = Engine(
-        store, journal, Recorder(journal), workers or WorkerRegistry.from_entry_points(),
-        RunSettings(kill_grace=config.kill_grace, processes=processes),
+        store, journal, Recorder(journal), workers,
+        RunSettings(kill_grace=config.kill_grace, processes=processes,
+                    slots=WorkSlots(config.max_concurrent_work)),
     )
     await engine.recover()
-    servicer = OrchestratorServicer(engine, store, feed, info.log_id, config.heartbeat_interval)
+    servicer = OrchestratorServicer(engine, store, feed, info.log_id, config.heartbeat_interval,
+                                    workers=workers, limits=ApiLimits.of(config))
     service = orchestrator_service_pb2.DESCRIPTOR.services_by_name["OrchestratorService"]
-    server = await start_server(config.listen, lambda grpc_server: [add_servicer(grpc_server, service, servicer)])
+    server = await start_server(config.listen, lambda grpc_server: [add_servicer(grpc_server, service, servicer)],
+                                tls=tls, auth=auth, max_request_bytes=config.max_request_bytes,
+                                interceptors=[StreamAdmission(StreamLimits.of(config))])
     server.on_stop.extend([engine.shutdown, journal.close, feed.close])
     log.info("log %s at seq %d in %s", info.log_id, info.latest_seq, config.data_dir)
     return Orchestrator(config, server, engine, journal, store, feed, journal_task)

@@ -3,12 +3,15 @@
 
 from __future__ import annotations
 
+import argparse
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from stepstream.channel import DEFAULT_ORCHESTRATOR
 from stepstream.flags import positive_float, positive_int
 
+from orchestrator_svc.domain.spec import DefinitionLimits
 from stepstream_common.config import (
     ServiceConfig,
     data_dir_setting,
@@ -16,6 +19,17 @@ from stepstream_common.config import (
     listen_setting,
     setting,
 )
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def env_names(text: str) -> list[str]:
+    """A comma-separated list of environment variable names; "" is none."""
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    for name in names:
+        if not _ENV_NAME.fullmatch(name):
+            raise argparse.ArgumentTypeError(f"expected NAME[,NAME...] of letters, digits and '_', got {name!r}")
+    return names
 
 
 @dataclass(frozen=True)
@@ -41,4 +55,47 @@ class OrchestratorConfig(ServiceConfig):
         "STEPSTREAM_ORCHESTRATOR_SUBSCRIBER_QUEUE",
         "a stream more than this many events behind reads from the log instead of memory", positive_int,
     ))
-
+    max_concurrent_work: int = field(default=1000, metadata=setting(
+        "STEPSTREAM_MAX_CONCURRENT_WORK",
+        "most steps and fan-out children running at once, across all jobs; the rest wait pending", positive_int,
+    ))
+    # Commands start from a minimal environment (workers/processes.py: start_environment).
+    pass_env: list[str] = field(default_factory=list, metadata=setting(
+        "STEPSTREAM_PASS_ENV",
+        "names of the orchestrator's environment variables commands also get, comma-separated "
+        "(commands start with only PATH, HOME, LANG and TZ of it)", env_names,
+    ))
+    # Limits against hostile or clumsy clients (the README's "Limits" table). A
+    # definition over one is INVALID_ARGUMENT (see orchestrator_svc.domain.spec.DefinitionLimits).
+    max_submit_bytes: int = field(default=8 * 1024 * 1024, metadata=setting(
+        "STEPSTREAM_MAX_SUBMIT_BYTES",
+        "most bytes of SubmitJob requests being checked and recorded at once (one request alone always is); "
+        "past it a submission is RESOURCE_EXHAUSTED", positive_int,
+    ))
+    max_steps: int = field(default=DefinitionLimits.max_steps, metadata=setting(
+        "STEPSTREAM_MAX_STEPS", "most steps in a job definition", positive_int,
+    ))
+    max_dependencies: int = field(default=DefinitionLimits.max_dependencies, metadata=setting(
+        "STEPSTREAM_MAX_DEPENDENCIES", "most entries in one step's depends_on", positive_int,
+    ))
+    max_name_chars: int = field(default=DefinitionLimits.max_name_chars, metadata=setting(
+        "STEPSTREAM_MAX_NAME_CHARS", "longest job name, in characters", positive_int,
+    ))
+    max_string_chars: int = field(default=DefinitionLimits.max_string_chars, metadata=setting(
+        "STEPSTREAM_MAX_STRING_CHARS",
+        "longest string in a step's params (command arguments, env values, fan-out items, keys), in characters",
+        positive_int,
+    ))
+    max_fanout_children: int = field(default=DefinitionLimits.max_fanout_children, metadata=setting(
+        "STEPSTREAM_MAX_FANOUT_CHILDREN", "most children of one fan-out step (its items, or its count)", positive_int,
+    ))
+    max_fanout_concurrency: int = field(default=DefinitionLimits.max_fanout_concurrency, metadata=setting(
+        "STEPSTREAM_MAX_FANOUT_CONCURRENCY", "largest `concurrency` a fan-out step may ask for", positive_int,
+    ))
+    max_params_depth: int = field(default=DefinitionLimits.max_params_depth, metadata=setting(
+        "STEPSTREAM_MAX_PARAMS_DEPTH", "most levels of tables and lists nested in a step's params", positive_int,
+    ))
+    max_params_bytes: int = field(default=DefinitionLimits.max_params_bytes, metadata=setting(
+        "STEPSTREAM_MAX_PARAMS_BYTES", "most bytes of params in a job definition, all steps together, as encoded",
+        positive_int,
+    ))

@@ -15,16 +15,22 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
+from stepstream.channel import ClientTLS, client_tls
 from stepstream.status.v1 import status_service_pb2
 
-from status_svc.api.servicer import StatusServicer
+from status_svc.api.servicer import StatusServicer, WatchLimits
 from status_svc.config import StatusConfig
 from status_svc.ingest.follower import OrchestratorFollower
 from status_svc.ingest.writer import IngestWriter
 from status_svc.storage.base import StoredChange
 from status_svc.storage.sqlite import SqliteStatusStore
+from stepstream_common.auth import Authorizer
+from stepstream_common.config import SettingError
 from stepstream_common.feed import Feed
 from stepstream_common.rpc import RunningServer, add_servicer, start_server
+from stepstream_common.streaming import StreamAdmission, StreamLimits
+from stepstream_common.tls import ServerTLS
+from stepstream_common.tokens import read_token_file
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +80,10 @@ class StatusService:
 
 
 async def start(config: StatusConfig) -> StatusService:
+    tls = ServerTLS.from_config(config)  # checked before anything starts, as is:
+    orchestrator_tls = _orchestrator_tls(config)
+    auth = Authorizer.load(config.tokens_file)
+    orchestrator_token = read_token_file(config.orchestrator_token_file) if config.orchestrator_token_file else ""
     store = SqliteStatusStore(config.data_dir / DATABASE_FILE)
     opened = await store.open()
     feed: Feed[StoredChange] = Feed(max_pending=config.watcher_queue, key_of=lambda change: change.job_id)
@@ -83,14 +93,28 @@ async def start(config: StatusConfig) -> StatusService:
     )
     writer_task = asyncio.create_task(writer.run(), name="ingest-writer")
     followers = [
-        OrchestratorFollower(address, writer, stale_after=config.stale_after) for address in config.orchestrators
+        OrchestratorFollower(address, writer, stale_after=config.stale_after, tls=orchestrator_tls,
+                             token=orchestrator_token)
+        for address in config.orchestrators
     ]
     follower_tasks = [asyncio.create_task(f.run(), name=f"follow-{f.address}") for f in followers]
-    servicer = StatusServicer(store, feed, config.heartbeat_interval, writer.applied, config.max_wait_applied)
+    servicer = StatusServicer(store, feed, config.heartbeat_interval, writer.applied, config.max_wait_applied,
+                              limits=WatchLimits.of(config))
     service = status_service_pb2.DESCRIPTOR.services_by_name["StatusService"]
-    server = await start_server(config.listen, lambda grpc_server: [add_servicer(grpc_server, service, servicer)])
+    server = await start_server(config.listen, lambda grpc_server: [add_servicer(grpc_server, service, servicer)],
+                                tls=tls, auth=auth, max_request_bytes=config.max_request_bytes,
+                                interceptors=[StreamAdmission(StreamLimits.of(config))])
     running = StatusService(config, server, store, feed, writer, writer_task, followers, follower_tasks)
     server.on_stop.extend([running._stop_ingest, feed.close])
     server.on_fail.append(lambda reason: servicer.ingest_stopped(f"ingest stopped: {reason}"))
     log.info("revision %d in %s, following %s", opened.revision, config.data_dir, ", ".join(config.orchestrators))
     return running
+
+
+def _orchestrator_tls(config: StatusConfig) -> ClientTLS | None:
+    """How the followers dial the orchestrators (None: plaintext); its files are read now."""
+    try:
+        return client_tls(ca=config.orchestrator_tls_ca, cert=config.orchestrator_tls_cert,
+                          key=config.orchestrator_tls_key, server_name=config.orchestrator_tls_server_name)
+    except ValueError as error:
+        raise SettingError(f"--orchestrator-tls-*: {error}") from error

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from stepstream.channel import DEFAULT_ORCHESTRATOR, DEFAULT_STATUS
+from stepstream.channel import DEFAULT_ORCHESTRATOR, DEFAULT_STATUS, server_name
 from stepstream.flags import host_ports, positive_float, positive_int
 
 from stepstream_common.config import (
@@ -14,6 +14,7 @@ from stepstream_common.config import (
     data_dir_setting,
     default_data_dir,
     listen_setting,
+    optional_path,
     setting,
 )
 
@@ -50,4 +51,33 @@ class StatusConfig(ServiceConfig):
         "longest wait, in seconds, of a read that asks for not_older_than an orchestrator position "
         "(the call's deadline may be shorter)", positive_float,
     ))
-
+    orchestrator_token_file: Path | None = field(default=None, metadata=setting(
+        "STEPSTREAM_STATUS_ORCHESTRATOR_TOKEN_FILE",
+        "file holding the token (role follower) this service presents to the orchestrators it follows; "
+        "unset: none", optional_path,
+    ))
+    # Dialing the orchestrators with TLS: on when any of these is set.
+    orchestrator_tls_ca: Path | None = field(default=None, metadata=setting(
+        "STEPSTREAM_STATUS_ORCHESTRATOR_TLS_CA",
+        "CA certificate (PEM) that verifies the orchestrators' certificates; setting any --orchestrator-tls-* "
+        "dials them with TLS, verified against the system's trusted CAs without this; unset: plaintext",
+        optional_path,
+    ))
+    orchestrator_tls_server_name: str | None = field(default=None, metadata=setting(
+        "STEPSTREAM_STATUS_ORCHESTRATOR_TLS_SERVER_NAME",
+        "the name the orchestrators' certificates must carry, instead of the host dialed; unset: that host",
+        server_name,
+    ))
+    orchestrator_tls_cert: Path | None = field(default=None, metadata=setting(
+        "STEPSTREAM_STATUS_ORCHESTRATOR_TLS_CERT",
+        "client certificate (PEM) this service shows orchestrators that require one (mutual TLS), with "
+        "--orchestrator-tls-key; read at start; unset: none", optional_path,
+    ))
+    orchestrator_tls_key: Path | None = field(default=None, metadata=setting(
+        "STEPSTREAM_STATUS_ORCHESTRATOR_TLS_KEY", "the private key (PEM) of --orchestrator-tls-cert", optional_path,
+    ))
+    # A limit against hostile or clumsy clients (the README's "Limits" table).
+    max_watchers_per_job: int = field(default=1_000, metadata=setting(
+        "STEPSTREAM_MAX_WATCHERS_PER_JOB", "most WatchJob streams of one job open at once; past it RESOURCE_EXHAUSTED",
+        positive_int,
+    ))

@@ -12,7 +12,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar, Self
 
-from stepstream.flags import host_port, positive_float
+from stepstream.flags import host_port, positive_float, positive_int
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 _SETTING = "stepstream_setting"
@@ -49,6 +49,32 @@ def _log_level(text: str) -> str:
     return text
 
 
+TRUE_WORDS = ("1", "true", "yes")
+FALSE_WORDS = ("0", "false", "no")
+
+
+def boolean(text: str) -> bool:
+    """A yes/no setting's value: only 1/true/yes or 0/false/no (any case), so
+    a typo such as "ture" or "off" is an error, not a silent false. A field
+    parsed by this is a switch: its flag alone (`--insecure`) means true, and
+    it also takes a value (`--insecure=false`)."""
+    word = text.strip().lower()
+    if word not in TRUE_WORDS + FALSE_WORDS:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(TRUE_WORDS + FALSE_WORDS)}, got {text!r}")
+    return word in TRUE_WORDS
+
+
+def optional_path(text: str) -> Path | None:
+    """A file setting that may be left unset: the empty string (its default's text) is None."""
+    return Path(text) if text else None
+
+
+class SettingError(Exception):
+    """A setting's value parses but cannot work (e.g. the file it names is malformed
+    or readable by others): the service refuses to start, with one line saying why
+    and exit code 2, as for a bad flag (see stepstream_common.rpc.run_main)."""
+
+
 @dataclass(frozen=True)
 class ServiceConfig:
     """The settings every service has. A service's subclass declares listen and
@@ -76,6 +102,63 @@ class ServiceConfig:
     log_level: str = field(default="info", metadata=setting(
         "STEPSTREAM_LOG_LEVEL", f"log verbosity (to stderr): {', '.join(LOG_LEVELS)}", _log_level,
     ))
+    insecure: bool = field(default=False, metadata=setting(
+        "STEPSTREAM_INSECURE",
+        "serve an address other machines may reach without TLS and tokens (logged as a warning at every start); "
+        "without it such a service refuses to start",
+        boolean,
+    ))
+    tokens_file: Path | None = field(default=None, metadata=setting(
+        "STEPSTREAM_TOKENS_FILE",
+        "the tokens callers must present, with their roles (see stepstream_common.tokens); unset: no authentication",
+        optional_path,
+    ))
+    tls_cert: Path | None = field(default=None, metadata=setting(
+        "STEPSTREAM_TLS_CERT",
+        "serve TLS with this certificate chain (PEM) and --tls-key; both are re-read when they change, "
+        "so new connections get a renewed certificate and open ones keep going; unset: plaintext",
+        optional_path,
+    ))
+    tls_key: Path | None = field(default=None, metadata=setting(
+        "STEPSTREAM_TLS_KEY", "the private key (PEM, unencrypted) of --tls-cert", optional_path,
+    ))
+    tls_client_ca: Path | None = field(default=None, metadata=setting(
+        "STEPSTREAM_TLS_CLIENT_CA",
+        "require a client certificate signed by this CA (PEM) of every caller: mutual TLS, with --tls-cert; "
+        "re-read when it changes; unset: no client certificate asked for",
+        optional_path,
+    ))
+    # Limits against hostile or clumsy clients (the README's "Limits" table).
+    max_request_bytes: int = field(default=4 * 1024 * 1024, metadata=setting(
+        "STEPSTREAM_MAX_REQUEST_BYTES",
+        "largest request message taken, in bytes; gRPC refuses a larger one (RESOURCE_EXHAUSTED) before reading it "
+        "whole", positive_int,
+    ))
+    max_streams: int = field(default=10_000, metadata=setting(
+        "STEPSTREAM_MAX_STREAMS",
+        "most streams (event streams, snapshots, watches) open at once; past it a new one is RESOURCE_EXHAUSTED",
+        positive_int,
+    ))
+    max_streams_per_connection: int = field(default=100, metadata=setting(
+        "STEPSTREAM_MAX_STREAMS_PER_CONNECTION",
+        "most streams open at once on one client connection; past it a new one is RESOURCE_EXHAUSTED", positive_int,
+    ))
+    max_streams_per_token: int = field(default=1_000, metadata=setting(
+        "STEPSTREAM_MAX_STREAMS_PER_TOKEN",
+        "most streams open at once with one token (with --tokens-file); past it a new one is RESOURCE_EXHAUSTED",
+        positive_int,
+    ))
+    max_snapshots: int = field(default=8, metadata=setting(
+        "STEPSTREAM_MAX_SNAPSHOTS",
+        "most snapshots being sent at once (the orchestrator's StreamSnapshot, each holding a database read; "
+        "the status service's WatchJobs current state, each holding its listing); past it RESOURCE_EXHAUSTED",
+        positive_int,
+    ))
+    stream_stall_timeout: float = field(default=60.0, metadata=setting(
+        "STEPSTREAM_STREAM_STALL_TIMEOUT",
+        "seconds a stream waits for a client that takes none of its messages; then it lets go of what it holds "
+        "and ends RESOURCE_EXHAUSTED", positive_float,
+    ))
 
     @classmethod
     def from_args(cls, argv: Sequence[str] | None = None) -> Self:
@@ -85,8 +168,9 @@ class ServiceConfig:
         parser = argparse.ArgumentParser(prog=cls.prog, description=cls.description)
         every = options(cls)
         for option in every:
+            switch: dict[str, Any] = {"nargs": "?", "const": True} if option.parse is boolean else {}
             parser.add_argument(option.flag, dest=option.name, type=option.parse, default=argparse.SUPPRESS,
-                                help=f"{option.help} (env {option.env}; default {option.default_text})")
+                                help=f"{option.help} (env {option.env}; default {option.default_text})", **switch)
         values = vars(parser.parse_args(argv))
         for option in every:
             if option.name not in values and option.env in os.environ:
@@ -127,10 +211,14 @@ def options(config_class: type[ServiceConfig]) -> list[Option]:
 
 def _text(value: Any) -> str:
     """A default as it would be written on the command line."""
+    if value is None:
+        return ""
     if isinstance(value, list):
         return ",".join(map(str, value))
     if isinstance(value, float):
         return f"{value:g}"
+    if isinstance(value, bool):
+        return "true" if value else "false"
     return str(value)
 
 

@@ -37,10 +37,23 @@ class ServiceError(Exception):
     """Base of the errors a caller can act on."""
 
 
+# The google.rpc.ErrorInfo reason of an InvalidArgumentError whose request is over a size limit.
+LIMIT_EXCEEDED = "LIMIT_EXCEEDED"
+
+
 class InvalidArgumentError(ServiceError):
-    def __init__(self, message: str, violations: list[FieldViolation] | None = None) -> None:
+    """A request the service will not take as it is. `limits`, when the request
+    is over some of the service's size limits, maps each such limit's setting
+    (its flag without the dashes, e.g. "max-steps") to its value: it travels as
+    a google.rpc.ErrorInfo (reason LIMIT_EXCEEDED), so an operator learns which
+    setting to raise, while the field violations say what to shrink."""
+
+    def __init__(
+        self, message: str, violations: list[FieldViolation] | None = None, *, limits: dict[str, str] | None = None
+    ) -> None:
         super().__init__(message)
         self.violations = violations or []
+        self.limits = limits or {}
 
 
 class NotFoundError(ServiceError):
@@ -77,3 +90,42 @@ class CursorOutOfRangeError(ServiceError):
         self.oldest = oldest
         self.latest = latest
         self.log_id = log_id
+
+
+class AuthError(ServiceError):
+    """The caller may not make this call (see stepstream_common.auth); `reason`
+    and `metadata` travel as google.rpc.ErrorInfo, so a client can tell why
+    without parsing the message."""
+
+    def __init__(self, message: str, reason: str, metadata: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.metadata = metadata or {}
+
+
+class UnauthenticatedError(AuthError):
+    """No token, or one the service does not know: UNAUTHENTICATED."""
+
+
+class PermissionDeniedError(AuthError):
+    """A known token whose role does not allow the call: PERMISSION_DENIED."""
+
+
+class ResourceExhaustedError(ServiceError):
+    """A limit the service keeps so that no client, hostile or clumsy, can take
+    what the others need (memory, threads, database transactions): RESOURCE_EXHAUSTED.
+
+    The caller learns which limit from google.rpc details: a QuotaFailure whose
+    one violation names `subject` (what was counted, e.g. "connection
+    ipv4:127.0.0.1:5000") and an ErrorInfo whose `reason` says which limit
+    (e.g. STREAMS_PER_CONNECTION), with metadata `setting` (the flag that sets
+    it) and `limit` (its value). Retrying later may succeed; retrying at once
+    usually does not.
+    """
+
+    def __init__(self, message: str, *, reason: str, subject: str, setting: str, limit: float) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.subject = subject
+        self.setting = setting
+        self.limit = limit

@@ -15,6 +15,14 @@ Both services stream the same way: the orchestrator streams its event log by
   The subscription is always registered before storage is read, so an item
   committed in between arrives through the queue and is dropped by position if
   the read already returned it: no gap, no duplicate.
+- A subscriber whose client reads nothing (gRPC's flow control holds its
+  stream's write, so its loop stops taking from the queue) costs at most
+  `max_pending` references to items every subscriber shares; at its first
+  overflow the queue is dropped, and from then on it costs nothing until the
+  stream runs again and reads storage. Memory per idle stream is bounded
+  whatever the writer commits; the stream itself ends RESOURCE_EXHAUSTED once
+  its client has taken nothing for --stream-stall-timeout seconds (see
+  stepstream_common.streaming), which releases its subscription.
 - The seam between storage and the live queue is checked, not assumed: the
   queue holds everything published after `live_from`, so a storage read that
   ends must have seen at least that far (its `horizon`). A read that saw less

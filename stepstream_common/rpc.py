@@ -13,7 +13,7 @@ import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NoReturn, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol, TypeVar
 
 import grpc
 from google.protobuf import any_pb2, descriptor_pb2, descriptor_pool, message, message_factory
@@ -23,15 +23,26 @@ from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 from grpc_status import rpc_status
 
+from stepstream_common.config import SettingError
 from stepstream_common.errors import (
+    LIMIT_EXCEEDED,
+    AuthError,
     CursorOutOfRangeError,
     FailedPreconditionError,
     FieldViolation,
     InvalidArgumentError,
     NotFoundError,
+    PermissionDeniedError,
+    ResourceExhaustedError,
     ServiceError,
+    UnauthenticatedError,
     UnavailableError,
 )
+from stepstream_common.exposure import Exposed, exposure_of
+from stepstream_common.tls import ServerTLS
+
+if TYPE_CHECKING:
+    from stepstream_common.auth import Authorizer
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +54,9 @@ _CODES: dict[type[ServiceError], tuple[grpc.StatusCode, int]] = {
     FailedPreconditionError: (grpc.StatusCode.FAILED_PRECONDITION, code_pb2.FAILED_PRECONDITION),
     CursorOutOfRangeError: (grpc.StatusCode.OUT_OF_RANGE, code_pb2.OUT_OF_RANGE),
     UnavailableError: (grpc.StatusCode.UNAVAILABLE, code_pb2.UNAVAILABLE),
+    UnauthenticatedError: (grpc.StatusCode.UNAUTHENTICATED, code_pb2.UNAUTHENTICATED),
+    PermissionDeniedError: (grpc.StatusCode.PERMISSION_DENIED, code_pb2.PERMISSION_DENIED),
+    ResourceExhaustedError: (grpc.StatusCode.RESOURCE_EXHAUSTED, code_pb2.RESOURCE_EXHAUSTED),
 }
 
 
@@ -67,6 +81,17 @@ def to_status(error: ServiceError) -> grpc.Status:
     if isinstance(error, InvalidArgumentError) and error.violations:
         bad_request = error_details_pb2.BadRequest(field_violations=_field_violations(error.violations))
         details.append(_pack(bad_request))
+    if isinstance(error, InvalidArgumentError) and error.limits:
+        details.append(_pack(error_details_pb2.ErrorInfo(reason=LIMIT_EXCEEDED, domain=ERROR_DOMAIN,
+                                                          metadata=error.limits)))
+    if isinstance(error, ResourceExhaustedError):
+        quota = error_details_pb2.QuotaFailure(violations=[error_details_pb2.QuotaFailure.Violation(
+            subject=bounded(error.subject, MAX_FIELD_BYTES), description=bounded(str(error), MAX_DESCRIPTION_BYTES),
+        )])
+        details.append(_pack(quota))
+        details.append(_pack(error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN, metadata={
+            "setting": error.setting, "limit": f"{error.limit:g}",
+        })))
     if isinstance(error, CursorOutOfRangeError):
         info = error_details_pb2.ErrorInfo(
             reason=error.reason,
@@ -74,7 +99,7 @@ def to_status(error: ServiceError) -> grpc.Status:
             metadata={"oldest": str(error.oldest), "latest": str(error.latest), "log_id": error.log_id},
         )
         details.append(_pack(info))
-    if isinstance(error, UnavailableError) and error.reason:
+    if isinstance(error, UnavailableError | AuthError) and error.reason:
         details.append(_pack(error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN,
                                                           metadata=error.metadata)))
     status = status_pb2.Status(code=code, message=bounded(str(error), MAX_MESSAGE_BYTES), details=details)
@@ -235,6 +260,10 @@ def _boundary(behavior: Callable[..., Any], request_type: type[message.Message],
     async def fail(context: grpc.aio.ServicerContext[Any, Any], error: Exception) -> NoReturn:
         if isinstance(error, ServiceError):
             await abort(context, error)
+        if isinstance(error, NotImplementedError):
+            # What a generated servicer base does for a method it leaves out (health's List, in
+            # grpcio-health-checking's servicer): the method is not served, no bug.
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{name} is not implemented by this server")
         log.error("%s failed", name, exc_info=error)
         await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {name} (logged by the service)")
         raise AssertionError("abort returned")  # pragma: no cover
@@ -264,14 +293,17 @@ def _boundary(behavior: Callable[..., Any], request_type: type[message.Message],
     return unary
 
 
-def server_options() -> list[tuple[str, Any]]:
+def server_options(max_request_bytes: int) -> list[tuple[str, Any]]:
+    """The gRPC server's settings. A request message over `max_request_bytes`
+    is refused by gRPC itself, RESOURCE_EXHAUSTED "Received message larger than
+    max (N vs. M)", before any of our code sees it or it is kept whole."""
     return [
         ("grpc.so_reuseport", 0),
         ("grpc.keepalive_time_ms", 60_000),
         ("grpc.keepalive_timeout_ms", 20_000),
         ("grpc.http2.min_ping_interval_without_data_ms", 20_000),
         ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+        ("grpc.max_receive_message_length", max_request_bytes),
     ]
 
 
@@ -383,9 +415,11 @@ V1_REFLECTION_SERVICE = "grpc.reflection.v1.ServerReflection"
 DESCRIPTOR_SET = ("stepstream", "descriptors.binpb")
 
 
-def enable_reflection(server: grpc.aio.Server, service_names: Sequence[str]) -> None:
+def enable_reflection(server: grpc.aio.Server, service_names: Sequence[str]) -> list[ServiceDescriptor]:
     """Serve gRPC server reflection, both grpc.reflection.v1 (what current tools
     ask first) and v1alpha (what older ones, like grpcurl 1.8, only know).
+    Returns every service the server now serves (`service_names`' and
+    reflection's) as reflection describes them.
 
     The .proto comments reach reflection clients too (`grpcurl describe` prints
     them): the file descriptors of our own protos are served from the
@@ -401,6 +435,7 @@ def enable_reflection(server: grpc.aio.Server, service_names: Sequence[str]) -> 
                     pool.FindServiceByName(V1_REFLECTION_SERVICE)):
         # v1 and v1alpha messages are the same on the wire: one servicer, v1alpha classes, serves both.
         add_servicer(server, service, servicer, request_class=lambda _: reflection_pb2.ServerReflectionRequest)
+    return [pool.FindServiceByName(name) for name in names]
 
 
 def _v1_reflection_file() -> descriptor_pb2.FileDescriptorProto:
@@ -531,22 +566,51 @@ class _ReflectionServicer(reflection.aio.ReflectionServicer):  # type: ignore[mi
 async def start_server(
     listen: str,
     register: Callable[[grpc.aio.Server], Sequence[str]],
+    *,
+    tls: ServerTLS | None = None,
+    auth: Authorizer | None = None,
+    max_request_bytes: int,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
 ) -> RunningServer:
     """Bind `listen` (port 0 picks a free one), register the services plus
-    reflection and grpc.health.v1, and start serving."""
-    server = grpc.aio.server(options=server_options())
+    reflection and grpc.health.v1, and start serving: over TLS with `tls`'s
+    certificate (re-read when it changes, see stepstream_common.tls), else plaintext.
+
+    With `auth`, every call goes through it (stepstream_common.auth), it must
+    have a rule for every method served or the server does not start, and
+    SIGHUP makes it re-read its tokens file. A request message over
+    `max_request_bytes` is refused (see server_options). `interceptors` see
+    every call after `auth` has admitted it."""
+    server = grpc.aio.server(options=server_options(max_request_bytes),
+                             interceptors=[*([auth] if auth is not None else []), *interceptors])
     service_names = list(register(server))
     health_servicer = health.aio.HealthServicer()
     add_servicer(server, health_pb2.DESCRIPTOR.services_by_name["Health"], health_servicer)
-    enable_reflection(server, (*service_names, health.SERVICE_NAME))
-    port = server.add_insecure_port(listen)
+    served = enable_reflection(server, (*service_names, health.SERVICE_NAME))
+    if auth is not None:
+        auth.check_rules(served)
+    port = server.add_secure_port(listen, tls.credentials()) if tls else server.add_insecure_port(listen)
     if port == 0:
         raise OSError(f"could not bind {listen}")
     await server.start()
     for name in ("", *service_names):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     host = listen.rsplit(":", 1)[0]
-    return RunningServer(server=server, health=health_servicer, address=f"{host}:{port}")
+    running = RunningServer(server=server, health=health_servicer, address=f"{host}:{port}")
+    if auth is not None:
+        _reload_on_sighup(running, auth)
+    return running
+
+
+def _reload_on_sighup(running: RunningServer, auth: Authorizer) -> None:
+    """SIGHUP re-reads the tokens file, for as long as `running` serves."""
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGHUP, auth.reload)
+
+    def stop_reloading() -> None:
+        loop.remove_signal_handler(signal.SIGHUP)
+
+    running.on_stop.append(stop_reloading)
 
 
 async def serve_until_signalled(
@@ -596,7 +660,10 @@ class Service(Protocol):
     async def run_until_stopped(self) -> None: ...
 
 
-class Configured(Protocol):
+class Configured(Exposed, Protocol):
+    @property
+    def prog(self) -> str: ...
+
     @property
     def log_level(self) -> str: ...
 
@@ -618,16 +685,27 @@ def run_main(
     graceful stop failed. Then stderr has one CRITICAL line saying why (the
     traceback only at --log-level debug), and the process ends at once with
     os._exit: a thread it could not stop must not keep it alive, port closed.
+    2, with one line on stderr, when a setting cannot be used (SettingError,
+    e.g. a tokens file others may read), as for a bad flag.
     """
 
     async def serve() -> None:
         config = parse_args(argv)
+        exposure = exposure_of(config)
+        if exposure.refusal:  # a usage error, told as a bad flag is: one line, exit code 2
+            print(f"{config.prog}: error: {exposure.refusal}", file=sys.stderr)
+            sys.exit(2)
         configure_logging(config.log_level)
+        if exposure.warning:
+            log.warning("%s", exposure.warning)
         try:
             service = await start(config)
             await serve_until_signalled(service.server, label, service.stop, service.run_until_stopped)
         except ServiceFailed:
             _exit_now(EXIT_FATAL)  # already logged when it failed
+        except SettingError as error:  # a file a setting names cannot be used: told as a bad flag is
+            print(f"{config.prog}: error: {error}", file=sys.stderr)
+            _exit_now(2)
         except Exception as error:
             log.critical("%s failed: %s; exiting with code %d", label, describe_error(error), EXIT_FATAL)
             log.debug("%s", label, exc_info=True)

@@ -4,7 +4,9 @@ Exit codes (watch and submit --watch follow the job's final state):
   0 completed (or the command succeeded)   1 failed (or a service would not start)   3 cancelled
   2 usage   4 cannot reach a service   5 no such job or step
   6 invalid definition or argument   7 refused by the service (e.g. cancelling
-  a finished job) or another service error   130 interrupted (Ctrl-C)
+  a finished job) or another service error   8 not authenticated: no token, or
+  one the service does not accept   9 permission denied: the token's role may
+  not do that   130 interrupted (Ctrl-C)
   141 stdout closed early (e.g. `stepstream list | head -1`), as for any tool a pipe left behind
 """
 
@@ -19,7 +21,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Protocol
 
-from stepstream.channel import DEFAULT_ORCHESTRATOR, DEFAULT_STATUS
+from stepstream.channel import DEFAULT_ORCHESTRATOR, DEFAULT_STATUS, add_tls_arguments, tls_from_arguments
 from stepstream.common.v1 import states_pb2
 from stepstream.flags import env_option, host_port, positive_float, positive_int
 from stepstream.states import CHILD_STATES, job_state_word, step_state_word
@@ -29,7 +31,9 @@ from stepstream_client.errors import (
     DefinitionError,
     InvalidArgumentError,
     NotFoundError,
+    PermissionDeniedError,
     StepstreamError,
+    UnauthenticatedError,
     UnavailableError,
     Violation,
 )
@@ -47,7 +51,7 @@ from stepstream_client.render import (
     submitted_json,
     summary_json,
 )
-from stepstream_client.sdk import Client
+from stepstream_client.sdk import Client, read_token
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -57,8 +61,13 @@ EXIT_UNREACHABLE = 4
 EXIT_NOT_FOUND = 5
 EXIT_INVALID = 6
 EXIT_REFUSED = 7
+EXIT_UNAUTHENTICATED = 8
+EXIT_PERMISSION_DENIED = 9
 EXIT_INTERRUPTED = 130
 EXIT_STDOUT_CLOSED = 141  # 128 + SIGPIPE
+
+# The token itself, for scripts: env only (see _token).
+TOKEN_ENV = "STEPSTREAM_TOKEN"
 
 EXIT_BY_JOB_STATE = {"completed": EXIT_OK, "failed": EXIT_FAILED, "cancelled": EXIT_CANCELLED}
 
@@ -103,7 +112,10 @@ CHILD_STATE_WORDS = [step_state_word(v) for v in sorted(CHILD_STATES)]
 def main(argv: list[str] | None = None) -> None:
     """The console script: exits with the command's code, never with a traceback for Ctrl-C
     or a closed stdout."""
-    args = build_parser().parse_args(argv)  # argparse ignores a closed stdout itself
+    parser = build_parser()
+    args = parser.parse_args(argv)  # argparse ignores a closed stdout itself
+    args.client_tls = tls_from_arguments(parser, args)  # its files read now: a bad one is a usage error
+    args.token = _token(parser, args)  # so is the token file
     try:
         try:
             code = asyncio.run(_run(args))
@@ -113,6 +125,17 @@ def main(argv: list[str] | None = None) -> None:
     except BrokenPipeError:
         code = _stdout_closed()
     sys.exit(code)
+
+
+def _token(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
+    """The token to present: --token-file's (env STEPSTREAM_TOKEN_FILE), else env
+    STEPSTREAM_TOKEN, else none. No --token flag: a command line is visible to every
+    user of the machine (ps) and kept in shell histories."""
+    token_file = args.token_file or None  # set but empty: unset
+    try:
+        return read_token(None if token_file else os.environ.get(TOKEN_ENV) or None, token_file)
+    except ValueError as error:
+        parser.error(str(error))
 
 
 def _stdout_closed() -> int:
@@ -141,6 +164,11 @@ async def _run(args: argparse.Namespace) -> int:
         return fail(error.message, EXIT_NOT_FOUND)
     except (DefinitionError, InvalidArgumentError) as error:
         return fail(error.message, EXIT_INVALID, error.violations)
+    except UnauthenticatedError as error:
+        hint = "give" if error.reason == "TOKEN_MISSING" else "check"
+        return fail(f"{error.message}; {hint} the token (--token-file FILE, or env {TOKEN_ENV})", EXIT_UNAUTHENTICATED)
+    except PermissionDeniedError as error:
+        return fail(error.message, EXIT_PERMISSION_DENIED)
     except StepstreamError as error:
         return fail(error.message, EXIT_REFUSED, error.violations)
 
@@ -173,7 +201,8 @@ CLI_RETRY_SECONDS = "5"
 
 
 def _client(args: argparse.Namespace) -> Client:
-    return Client(args.orchestrator, args.status, retry=RetryPolicy(deadline=args.retry_for))
+    return Client(args.orchestrator, args.status, retry=RetryPolicy(deadline=args.retry_for), tls=args.client_tls,
+                  token=args.token or None)
 
 
 async def cmd_submit(args: argparse.Namespace) -> int:
@@ -248,7 +277,8 @@ async def cmd_children(args: argparse.Namespace) -> int:
 async def cmd_cancel(args: argparse.Namespace) -> int:
     async with _client(args) as client:
         job = await client.cancel(args.job)
-    print(f"cancel requested for job {printable(job.id)} ({printable(job.name)}): it is {job.state}")
+    by = f" by {printable(job.cancelled_by)}" if job.cancelled_by else ""
+    print(f"cancel requested for job {printable(job.id)} ({printable(job.name)}){by}: it is {job.state}")
     return EXIT_OK
 
 
@@ -264,7 +294,11 @@ def _addresses(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
                    help="status service address")
         env_option(parser, "--retry-for", "STEPSTREAM_RETRY_FOR", default=CLI_RETRY_SECONDS, type=positive_float,
                    help="seconds to keep retrying a call that is safe to repeat while a service is unreachable")
+        env_option(parser, "--token-file", "STEPSTREAM_TOKEN_FILE", default=None,
+                   help=f"file holding the token to present to both services, for services that require one "
+                        f"(or the token itself in env {TOKEN_ENV}, which a file overrides)")
         return
+    parser.add_argument("--token-file", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     parser.add_argument("--orchestrator", type=host_port, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     parser.add_argument("--status", type=host_port, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
@@ -280,11 +314,13 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _addresses(parser, defaults=True)
+    add_tls_arguments(parser)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, handler: Handler, help: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help, description=help)
         _addresses(sub, defaults=False)
+        add_tls_arguments(sub, defaults=False)
         sub.set_defaults(handler=handler)
         return sub
 

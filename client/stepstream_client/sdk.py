@@ -26,7 +26,15 @@ from typing import Any, TypeVar
 
 import grpc
 from stepstream.backoff import DEFAULT_BACKOFF, Backoff
-from stepstream.channel import DEFAULT_ORCHESTRATOR, DEFAULT_STATUS, channel_options
+from stepstream.channel import (
+    DEFAULT_ORCHESTRATOR,
+    DEFAULT_STATUS,
+    ClientTLS,
+    bearer_metadata,
+    channel_options,
+    client_tls,
+    open_channel,
+)
 from stepstream.common.v1 import states_pb2
 from stepstream.orchestrator.v1 import definition_pb2
 from stepstream.orchestrator.v1 import orchestrator_service_pb2 as orch_pb
@@ -66,6 +74,57 @@ Definition = str | Path | Mapping[str, Any] | definition_pb2.JobDefinition
 T = TypeVar("T")
 
 
+def read_token(token: str | None, token_file: str | Path | None) -> str:
+    """The token to present: `token`, else what `token_file` holds (surrounding
+    whitespace aside), else "" (none). ValueError if both are given, the file
+    cannot be read, or the token is not one gRPC metadata can carry (printable
+    ASCII without spaces)."""
+    if token is not None and token_file is not None:
+        raise ValueError("give either a token or a token file, not both")
+    if token_file is not None:
+        try:
+            token = Path(token_file).read_text().strip()
+        except (OSError, UnicodeDecodeError) as error:
+            raise ValueError(f"cannot read the token file {token_file}: {getattr(error, 'strerror', None) or error}"
+                             ) from error
+        if not token:
+            raise ValueError(f"the token file {token_file} is empty")
+    if token and not (token.isascii() and token.isprintable() and " " not in token):
+        raise ValueError("a token is printable ASCII without spaces")
+    return token or ""
+
+
+class _BearerToken:
+    """Presents a token on every call: as metadata, which works over plaintext too,
+    unlike gRPC's call credentials."""
+
+    def __init__(self, token: str) -> None:
+        self._metadata = bearer_metadata(token)
+
+    def _with_token(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+        metadata = grpc.aio.Metadata(*(details.metadata or ()), *self._metadata)
+        return grpc.aio.ClientCallDetails(details.method, details.timeout, metadata, details.credentials,
+                                          details.wait_for_ready)
+
+
+# One interceptor per kind of call the SDK makes: a channel files an interceptor under
+# the first kind it implements only.
+class _BearerTokenUnary(_BearerToken, grpc.aio.UnaryUnaryClientInterceptor):
+    async def intercept_unary_unary(
+        self, continuation: Callable[[grpc.aio.ClientCallDetails, Any], Awaitable[Any]],
+        client_call_details: grpc.aio.ClientCallDetails, request: Any,
+    ) -> Any:
+        return await continuation(self._with_token(client_call_details), request)
+
+
+class _BearerTokenStream(_BearerToken, grpc.aio.UnaryStreamClientInterceptor):
+    async def intercept_unary_stream(
+        self, continuation: Callable[[grpc.aio.ClientCallDetails, Any], Awaitable[Any]],
+        client_call_details: grpc.aio.ClientCallDetails, request: Any,
+    ) -> Any:
+        return await continuation(self._with_token(client_call_details), request)
+
+
 def as_definition(definition: Definition) -> definition_pb2.JobDefinition:
     """A file path (.toml, .yaml, .yml, .json), a mapping of the file's shape, or the message itself."""
     if isinstance(definition, definition_pb2.JobDefinition):
@@ -89,6 +148,21 @@ class Client:
     for one call too. `reconnect_backoff`: the waits between a watch's reconnects.
     `interceptors`: grpc.aio client interceptors for both channels (e.g. to add
     metadata, trace, or count calls).
+
+    TLS, for both services: `tls=True` verifies their certificates against the
+    system's trusted CAs, `tls_ca` (a PEM file) against that CA instead;
+    `tls_server_name` is the name their certificates must carry when it is not
+    the host dialed; `tls_cert` and `tls_key` (PEM files) are the client
+    certificate for services that require one (mTLS). Any of these turns TLS
+    on; or pass `tls=ClientTLS(...)` (stepstream.channel) with the PEM in
+    memory. The files are read here: ValueError if one cannot be.
+
+    A token, for services that require one (their --tokens-file): `token`, or
+    `token_file`, a file holding it (read here: ValueError if it cannot be).
+    It is sent as `authorization: Bearer TOKEN` metadata on every call, after
+    any of `interceptors` has seen the call: an interceptor that logs metadata
+    never sees it. A refused token raises UnauthenticatedError, a role not
+    allowed PermissionDeniedError; neither is retried.
     """
 
     def __init__(
@@ -102,6 +176,13 @@ class Client:
         retry: Retry = DEFAULT,
         reconnect_backoff: Backoff = DEFAULT_BACKOFF,
         interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
+        tls: bool | ClientTLS | None = None,
+        tls_ca: str | Path | None = None,
+        tls_server_name: str | None = None,
+        tls_cert: str | Path | None = None,
+        tls_key: str | Path | None = None,
+        token: str | None = None,
+        token_file: str | Path | None = None,
     ) -> None:
         self.orchestrator_address = orchestrator
         self.status_address = status
@@ -109,7 +190,11 @@ class Client:
         self._ingest_grace = ingest_grace
         self._overrides = CallPolicy(attempt_timeout, retry)
         self._backoff = reconnect_backoff
-        self._interceptors = list(interceptors)
+        presented = read_token(token, token_file)
+        with_token: list[grpc.aio.ClientInterceptor] = (
+            [_BearerTokenUnary(presented), _BearerTokenStream(presented)] if presented else [])
+        self._interceptors = [*interceptors, *with_token]
+        self._tls = client_tls(tls, ca=tls_ca, cert=tls_cert, key=tls_key, server_name=tls_server_name)
         self._channels: dict[str, grpc.aio.Channel] = {}
         # Jobs this client submitted, and where: reads of them wait until the status
         # service has applied that far, so a job just submitted is never NOT_FOUND.
@@ -131,8 +216,8 @@ class Client:
 
     def _channel(self, address: str) -> grpc.aio.Channel:
         if address not in self._channels:
-            self._channels[address] = grpc.aio.insecure_channel(
-                address, options=_CHANNEL_OPTIONS, interceptors=self._interceptors
+            self._channels[address] = open_channel(
+                address, tls=self._tls, options=_CHANNEL_OPTIONS, interceptors=self._interceptors
             )
         return self._channels[address]
 

@@ -24,8 +24,9 @@ class SyncClient:
     """The same methods as Client, blocking; list/children/watch return plain iterators.
 
     Use as `with SyncClient(...) as client:` or call close(). `options` are
-    Client's (e.g. `retry=RetryPolicy(deadline=60)`), and so are the timeouts,
-    retries and errors of every call.
+    Client's (e.g. `retry=RetryPolicy(deadline=60)`, TLS: `tls_ca="ca.pem"`, a
+    token: `token_file="ci.token"`),
+    and so are the timeouts, retries and errors of every call.
     """
 
     def __init__(

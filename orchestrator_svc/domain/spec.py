@@ -17,13 +17,12 @@ from stepstream_common.errors import FieldViolation, InvalidArgumentError, quote
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 MAX_RETRIES = 100
 DEFAULT_RETRY_BACKOFF = 1.0
-MAX_STEPS = 200
 # What a step's params (a google.protobuf.Struct) may hold, beyond protobuf's own
 # limit (100 levels of messages, about 32 of tables): tables and lists nested at
-# most this deep; finite numbers (JSON has no NaN or Infinity) within ±2^53, the
-# range where a double still holds every whole number exactly (as I-JSON, RFC 7493).
+# most DefinitionLimits.max_params_depth deep; finite numbers (JSON has no NaN or
+# Infinity) within ±2^53, the range where a double still holds every whole number
+# exactly (as I-JSON, RFC 7493).
 MAX_PARAMS_DEPTH = 16
-_TOO_DEEP = f"nested too deeply: at most {MAX_PARAMS_DEPTH} levels of tables and lists"
 MAX_NUMBER = 2**53
 # The range of google.protobuf.Duration (10,000 years), in which every duration
 # the API reports must fit.
@@ -31,6 +30,14 @@ MAX_DURATION_SECONDS = 315_576_000_000
 
 # A unit of work's parameters: a step's `params`, or a fan-out child's table.
 Params = Mapping[str, Any]
+
+# A string under a `secret` key, in any table of a step's params, is a secret
+# value (as in a command's `env = { API_KEY = { secret = "..." } }`). Only the
+# run gets it: workers validate params with it replaced by SECRET_MARKER, so no
+# violation can quote it, and the definition is stored (and echoed by GetJob)
+# with it replaced too, so no RPC, log line or database file holds it.
+SECRET_KEY = "secret"
+SECRET_MARKER = "<secret>"
 
 
 class WorkerCatalog(Protocol):
@@ -76,6 +83,142 @@ class JobSpec:
     steps: tuple[StepSpec, ...]
 
 
+@dataclass(frozen=True)
+class DefinitionLimits:
+    """How large a definition the orchestrator takes: OrchestratorConfig's
+    settings of the same names (flags --max-steps, ...), whose defaults these are.
+
+    They bound what one submission makes the orchestrator hold and run (each
+    step and child is rows, events and watchers' updates; params become Python
+    values, several times their encoded size), so that a hostile or clumsy
+    definition is refused whole, before any of it is converted. Over any limit:
+    INVALID_ARGUMENT, a field violation per field over, and a google.rpc.ErrorInfo
+    (reason LIMIT_EXCEEDED) naming each setting exceeded and its value.
+    """
+
+    max_steps: int = 200
+    max_dependencies: int = 200  # depends_on entries of one step
+    max_name_chars: int = 200  # the job's name (step names: NAME_PATTERN)
+    max_string_chars: int = 65_536  # any string in params, keys too (command args, env values, items...)
+    max_fanout_children: int = 100_000  # a fan-out's `items`, or its `count`
+    max_fanout_concurrency: int = 1_000  # a fan-out's `concurrency`
+    max_params_depth: int = MAX_PARAMS_DEPTH  # tables and lists nested in one step's params
+    max_params_bytes: int = 2 * 1024 * 1024  # every step's params together, encoded
+
+
+class _OverLimits:
+    """What a definition has over its limits: the violations, and each setting exceeded with its value."""
+
+    def __init__(self, limits: DefinitionLimits) -> None:
+        self.limits = limits
+        self.violations: list[FieldViolation] = []
+        self.settings: dict[str, str] = {}
+        # Steps whose params are not to be converted nor handed to their worker.
+        self.steps_over: set[int] = set()
+
+    def add(self, path: str, description: str, setting: str, value: int) -> None:
+        self.violations.append(FieldViolation(path, description))
+        self.settings[setting] = str(value)
+
+
+def check_limits(definition: definition_pb2.JobDefinition, workers: WorkerCatalog, limits: DefinitionLimits) -> None:
+    """Nothing, if `definition` is within `limits`; else InvalidArgumentError
+    naming every problem it has, the limits first (see validate_job).
+
+    Cheap: it reads the protobuf message as it is (sizes, counts, lengths),
+    without converting any of it, so that an oversized definition costs no
+    more than reading it. An orchestrator calls it before submitting, and then
+    validates without limits (validate_job's default).
+    """
+    if _over_limits(definition, workers, limits).violations:
+        validate_job(definition, workers, limits)  # raises: it finds the same problems, and the rest
+
+
+def _over_limits(
+    definition: definition_pb2.JobDefinition, workers: WorkerCatalog, limits: DefinitionLimits
+) -> _OverLimits:
+    over = _OverLimits(limits)
+    root = "definition"
+    if len(definition.name) > limits.max_name_chars:
+        over.add(f"{root}.name", f"must be at most {limits.max_name_chars} characters", "max-name-chars",
+                 limits.max_name_chars)
+    if len(definition.steps) > limits.max_steps:
+        over.add(f"{root}.steps", f"at most {limits.max_steps} steps", "max-steps", limits.max_steps)
+    params_bytes = sum(step.params.ByteSize() for step in definition.steps if step.HasField("params"))
+    if params_bytes > limits.max_params_bytes:
+        # Their sizes are all this reads of them: converting them is what the limit spares.
+        over.add(f"{root}.steps", f"params of at most {limits.max_params_bytes} bytes (all steps together, encoded), "
+                 f"got {params_bytes}", "max-params-bytes", limits.max_params_bytes)
+        over.steps_over.update(range(len(definition.steps)))
+    for index, step in enumerate(definition.steps):
+        path = f"{root}.steps[{index}]"
+        found = len(over.violations)
+        dependencies = len(step.depends_on.steps)
+        if dependencies > limits.max_dependencies:
+            over.add(f"{path}.depends_on.steps", f"at most {limits.max_dependencies} dependencies, got {dependencies}",
+                     "max-dependencies", limits.max_dependencies)
+        if step.HasField("params") and index not in over.steps_over:
+            _params_over(step.params, f"{path}.params", 1, over)
+            if workers.is_fanout(step.type):
+                _fanout_over(step.params, f"{path}.params", over)
+        if len(over.violations) > found:
+            over.steps_over.add(index)
+    return over
+
+
+def _params_over(struct: struct_pb2.Struct, path: str, depth: int, over: _OverLimits) -> None:
+    limits = over.limits
+    if depth > limits.max_params_depth:
+        over.add(path, _too_deep(limits), "max-params-depth", limits.max_params_depth)
+        return
+    for key, value in struct.fields.items():
+        if len(key) > limits.max_string_chars:
+            over.add(f"{path}.{key}", f"a key of at most {limits.max_string_chars} characters, got {len(key)}",
+                     "max-string-chars", limits.max_string_chars)
+        _value_over(value, f"{path}.{key}", depth, over)
+
+
+def _value_over(value: struct_pb2.Value, path: str, depth: int, over: _OverLimits) -> None:
+    limits = over.limits
+    kind = value.WhichOneof("kind")
+    if kind == "string_value":
+        length = len(value.string_value)
+        if length > limits.max_string_chars:
+            over.add(path, f"at most {limits.max_string_chars} characters, got {length}", "max-string-chars",
+                     limits.max_string_chars)
+    elif kind == "struct_value":
+        _params_over(value.struct_value, path, depth + 1, over)
+    elif kind == "list_value":
+        if depth + 1 > limits.max_params_depth:
+            over.add(path, _too_deep(limits), "max-params-depth", limits.max_params_depth)
+            return
+        for position, item in enumerate(value.list_value.values):
+            _value_over(item, f"{path}[{position}]", depth + 1, over)
+
+
+def _too_deep(limits: DefinitionLimits) -> str:
+    return f"nested too deeply: at most {limits.max_params_depth} levels of tables and lists"
+
+
+def _fanout_over(params: struct_pb2.Struct, path: str, over: _OverLimits) -> None:
+    """A fan-out's size: its `items` or `count`, and its `concurrency`. (Numbers
+    that are no finite number within ±2^53 are the number checks' to report.)"""
+    limits = over.limits
+    fields = params.fields
+    if "items" in fields and fields["items"].WhichOneof("kind") == "list_value":
+        items = len(fields["items"].list_value.values)
+        if items > limits.max_fanout_children:
+            over.add(f"{path}.items", f"at most {limits.max_fanout_children} items, got {items}",
+                     "max-fanout-children", limits.max_fanout_children)
+    for name, most, setting, what in (
+        ("count", limits.max_fanout_children, "max-fanout-children", "children"),
+        ("concurrency", limits.max_fanout_concurrency, "max-fanout-concurrency", "children at once"),
+    ):
+        number = fields[name].number_value if name in fields else 0.0
+        if most < number <= MAX_NUMBER:
+            over.add(f"{path}.{name}", f"must be at most {most} {what}, got {number:.15g}", setting, most)
+
+
 def _duration(text: str, path: str, violations: list[FieldViolation]) -> float | None:
     if not text:
         return None
@@ -118,19 +261,23 @@ def execution_options(
     return retry_count, limits[0], backoff
 
 
-def validate_job(definition: definition_pb2.JobDefinition, workers: WorkerCatalog) -> JobSpec:
-    """The spec of a valid definition; InvalidArgumentError naming every problem otherwise."""
-    violations: list[FieldViolation] = []
+def validate_job(
+    definition: definition_pb2.JobDefinition, workers: WorkerCatalog, limits: DefinitionLimits | None = None
+) -> JobSpec:
+    """The spec of a valid definition; InvalidArgumentError naming every problem otherwise.
+
+    With `limits`, what is over them is among the problems (and the params of a
+    step over a limit are neither converted nor checked further); without, the
+    caller has checked them already (check_limits).
+    """
+    over = _over_limits(definition, workers, limits) if limits is not None else None
+    violations: list[FieldViolation] = [] if over is None else list(over.violations)
     root = "definition"
     if not definition.name.strip():
         violations.append(FieldViolation(f"{root}.name", "is required"))
-    elif len(definition.name) > 200:
-        violations.append(FieldViolation(f"{root}.name", "must be at most 200 characters"))
     job_timeout = _duration(definition.timeout, f"{root}.timeout", violations)
     if not definition.steps:
         violations.append(FieldViolation(f"{root}.steps", "at least one step is required"))
-    elif len(definition.steps) > MAX_STEPS:
-        violations.append(FieldViolation(f"{root}.steps", f"at most {MAX_STEPS} steps"))
 
     names = [step.name for step in definition.steps]
     first_index: dict[str, int] = {}
@@ -156,7 +303,7 @@ def validate_job(definition: definition_pb2.JobDefinition, workers: WorkerCatalo
         depends_on = _dependencies(step, index, names, first_index, path, violations)
         if first_index.get(step.name) == index:
             graph[step.name] = (index, depends_on)
-        params = _params(step, f"{path}.params", violations)
+        params = None if over is not None and index in over.steps_over else _params(step, f"{path}.params", violations)
         execution = _execution(step, params, path, workers, violations)
         if execution is not None:
             steps.append(StepSpec(step.name, index, depends_on, step.always_run, execution))
@@ -164,7 +311,8 @@ def validate_job(definition: definition_pb2.JobDefinition, workers: WorkerCatalo
     violations.extend(_cycles(graph, root))
     if violations:
         raise InvalidArgumentError(
-            f"invalid job definition ({len(violations)} problem{'s' if len(violations) > 1 else ''})", violations
+            f"invalid job definition ({len(violations)} problem{'s' if len(violations) > 1 else ''})", violations,
+            limits=None if over is None else over.settings,
         )
     return JobSpec(definition.name, job_timeout, tuple(steps))
 
@@ -195,11 +343,11 @@ def _dependencies(
 
 def _params(step: definition_pb2.StepDefinition, path: str, violations: list[FieldViolation]) -> Params | None:
     """The step's params as plain values; None (with the problems added) when they
-    hold what no worker should be handed (see MAX_PARAMS_DEPTH)."""
+    hold what no worker should be handed (see MAX_NUMBER)."""
     if not step.HasField("params"):
         return {}
     problems: list[FieldViolation] = []
-    _check_struct(step.params, path, 1, problems)
+    _check_struct(step.params, path, problems)
     if problems:
         violations.extend(problems)
         return None
@@ -207,15 +355,12 @@ def _params(step: definition_pb2.StepDefinition, path: str, violations: list[Fie
     return params
 
 
-def _check_struct(struct: struct_pb2.Struct, path: str, depth: int, problems: list[FieldViolation]) -> None:
-    if depth > MAX_PARAMS_DEPTH:
-        problems.append(FieldViolation(path, _TOO_DEEP))
-        return
+def _check_struct(struct: struct_pb2.Struct, path: str, problems: list[FieldViolation]) -> None:
     for key, value in struct.fields.items():
-        _check_value(value, f"{path}.{key}", depth, problems)
+        _check_value(value, f"{path}.{key}", problems)
 
 
-def _check_value(value: struct_pb2.Value, path: str, depth: int, problems: list[FieldViolation]) -> None:
+def _check_value(value: struct_pb2.Value, path: str, problems: list[FieldViolation]) -> None:
     kind = value.WhichOneof("kind")
     if kind == "number_value":
         number = value.number_value
@@ -224,13 +369,10 @@ def _check_value(value: struct_pb2.Value, path: str, depth: int, problems: list[
         elif abs(number) > MAX_NUMBER:
             problems.append(FieldViolation(path, f"must be between -2^53 and 2^53, got {number:g}"))
     elif kind == "struct_value":
-        _check_struct(value.struct_value, path, depth + 1, problems)
+        _check_struct(value.struct_value, path, problems)
     elif kind == "list_value":
-        if depth + 1 > MAX_PARAMS_DEPTH:
-            problems.append(FieldViolation(path, _TOO_DEEP))
-            return
         for position, item in enumerate(value.list_value.values):
-            _check_value(item, f"{path}[{position}]", depth + 1, problems)
+            _check_value(item, f"{path}[{position}]", problems)
 
 
 def _execution(
@@ -259,7 +401,7 @@ def _execution(
         )
     if params is None:
         return None
-    violations.extend(workers.validate_params(step.type, params, f"{path}.params") or [])
+    violations.extend(workers.validate_params(step.type, redacted(params), f"{path}.params") or [])
     return Execution(step.type, params, timeout, retries, backoff)
 
 
@@ -286,3 +428,47 @@ def _cycles(graph: Mapping[str, tuple[int, tuple[str, ...]]], root: str) -> list
     for name in graph:
         visit(name, [])
     return violations
+
+
+def redacted(value: Any) -> Any:
+    """`value` (params, or anything in them) with every secret value replaced by SECRET_MARKER."""
+    if isinstance(value, Mapping):
+        return {
+            key: SECRET_MARKER if key == SECRET_KEY and isinstance(item, str) else redacted(item)
+            for key, item in value.items()
+        }
+    if isinstance(value, list):
+        return [redacted(item) for item in value]
+    return value
+
+
+def stored_definition(definition: definition_pb2.JobDefinition) -> bytes:
+    """The definition as the orchestrator keeps and echoes it: deterministically
+    serialized, every secret value replaced by SECRET_MARKER. (So a resubmission
+    under the same request_id that differs only in a secret is the same request.)"""
+    encoded = definition.SerializeToString(deterministic=True)
+    if SECRET_KEY.encode() not in encoded:  # a table's keys are encoded as written: no secret anywhere
+        return encoded
+    copy = definition_pb2.JobDefinition()
+    copy.CopyFrom(definition)
+    for step in copy.steps:
+        if step.HasField("params"):
+            _redact_struct(step.params)
+    return copy.SerializeToString(deterministic=True)
+
+
+def _redact_struct(struct: struct_pb2.Struct) -> None:
+    for key, value in struct.fields.items():
+        if key == SECRET_KEY and value.WhichOneof("kind") == "string_value":
+            value.string_value = SECRET_MARKER
+        else:
+            _redact_value(value)
+
+
+def _redact_value(value: struct_pb2.Value) -> None:
+    kind = value.WhichOneof("kind")
+    if kind == "struct_value":
+        _redact_struct(value.struct_value)
+    elif kind == "list_value":
+        for item in value.list_value.values:
+            _redact_value(item)

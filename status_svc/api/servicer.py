@@ -1,15 +1,25 @@
-"""StatusService over gRPC: validates requests, reads the store, streams the feed."""
+"""StatusService over gRPC: validates requests, reads the store, streams the feed.
+
+Limits (the README's "Limits" table; WatchLimits): at most
+--max-watchers-per-job WatchJob streams of one job at once; at most
+--max-snapshots WatchJobs calls holding their listing of every job (their
+starting state) at once; and every watch lets go of what it holds when its
+client stops reading (stepstream_common.streaming.handed_over).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import dataclass
 
 from stepstream.common.v1 import states_pb2
 from stepstream.states import CHILD_STATES, TERMINAL_JOB_STATES
 from stepstream.status.v1 import status_service_pb2 as pb
 
+from status_svc.config import StatusConfig
 from status_svc.ingest.progress import AppliedPositions
 from status_svc.storage.base import ChangeFilter, StatusStore, StoredChange
 from stepstream_common import wire
@@ -17,7 +27,7 @@ from stepstream_common.errors import NotFoundError, quoted
 from stepstream_common.feed import Feed, Page, ReadPage, Subscription
 from stepstream_common.paging import page_size
 from stepstream_common.rpc import Context, Violations
-from stepstream_common.streaming import serve_feed
+from stepstream_common.streaming import SNAPSHOTS, WATCHERS_PER_JOB, Limit, Slots, handed_over, serve_feed
 from stepstream_common.timeutil import duration, timestamp
 
 Request = (
@@ -50,6 +60,28 @@ def update_entry(change: StoredChange, with_steps: bool) -> bytes:
     return wire.job_update(change.revision, change.job_id, change.header, change.steps if with_steps else None)
 
 
+@dataclass(frozen=True)
+class WatchLimits:
+    """What watches may hold at once: StatusConfig's settings of the same names, whose defaults these are."""
+
+    max_watchers_per_job: int = StatusConfig.max_watchers_per_job
+    max_snapshots: int = StatusConfig.max_snapshots
+    stream_stall_timeout: float = StatusConfig.stream_stall_timeout
+
+    @classmethod
+    def of(cls, config: StatusConfig) -> WatchLimits:
+        return cls(config.max_watchers_per_job, config.max_snapshots, config.stream_stall_timeout)
+
+
+def _listing(jobs: Sequence[pb.JobStatus], revision: int) -> Iterator[pb.WatchJobsResponse]:
+    """WatchJobs' starting state: every job as of `revision`, a chunk per message, then the marker."""
+    for start in range(0, max(len(jobs), 1), MAX_UPDATES_PER_MESSAGE):
+        chunk = jobs[start:start + MAX_UPDATES_PER_MESSAGE]
+        updates = [pb.JobUpdate(revision=revision, job_id=job.id, job=job) for job in chunk]
+        yield pb.WatchJobsResponse(updates=pb.JobUpdateBatch(updates=updates))
+    yield pb.WatchJobsResponse(initial_state_complete=pb.InitialStateComplete(revision=revision))
+
+
 class StatusServicer:
     def __init__(
         self,
@@ -58,6 +90,8 @@ class StatusServicer:
         heartbeat_interval: float,
         applied: AppliedPositions,
         max_wait_applied: float,
+        *,
+        limits: WatchLimits | None = None,
     ) -> None:
         self._store = store
         self._feed = feed
@@ -65,6 +99,12 @@ class StatusServicer:
         self._applied = applied
         self._max_wait_applied = max_wait_applied
         self._ingest_stopped: tuple[float, str] | None = None
+        limits = limits or WatchLimits()
+        self._stall_timeout = limits.stream_stall_timeout
+        self.watchers = Slots(Limit(WATCHERS_PER_JOB, "--max-watchers-per-job", limits.max_watchers_per_job,
+                                    "watchers"))
+        self.snapshots = Slots(Limit(SNAPSHOTS, "--max-snapshots", limits.max_snapshots,
+                                     "WatchJobs listings being sent"))
 
     def ingest_stopped(self, detail: str) -> None:
         """Nothing will update what is stored any more: from now on, reads show
@@ -129,8 +169,16 @@ class StatusServicer:
             .require("job_id", bool(request.job_id), "is required")
             .require("after_revision", request.after_revision >= 0, "must not be negative")
             .check())
+        async with contextlib.aclosing(handed_over(self._watch_job(request, context), self._stall_timeout)) as watch:
+            async for response in watch:
+                yield response
+
+    async def _watch_job(
+        self, request: pb.WatchJobRequest, context: Context
+    ) -> AsyncGenerator[bytes | Response, None]:
         await self._not_older_than(request, context)
-        with self._feed.subscribed(request.job_id) as subscription:
+        with (self.watchers.held(request.job_id, f"job {quoted(request.job_id)}"),
+              self._feed.subscribed(request.job_id) as subscription):
             if request.HasField("after_revision"):
                 found = await self._store.get_job(request.job_id)
                 if found is None:
@@ -164,6 +212,13 @@ class StatusServicer:
             .require_all_in("filter.states", request.filter.states, _JOB_STATES, _not_a_state)
             .require("after_revision", request.after_revision >= 0, "must not be negative")
             .check())
+        async with contextlib.aclosing(handed_over(self._watch_jobs(request, context), self._stall_timeout)) as watch:
+            async for response in watch:
+                yield response
+
+    async def _watch_jobs(
+        self, request: pb.WatchJobsRequest, context: Context
+    ) -> AsyncGenerator[bytes | Response, None]:
         await self._not_older_than(request, context)
         matching = ChangeFilter(frozenset(request.filter.states), request.filter.name)
         with self._feed.subscribed() as subscription:
@@ -171,13 +226,12 @@ class StatusServicer:
                 await self._store.check_retained(request.after_revision)
                 after = request.after_revision
             else:
-                listed = await self._store.all_jobs(list(request.filter.states), request.filter.name)
-                jobs, after = listed.jobs, listed.revision
-                for start in range(0, max(len(jobs), 1), MAX_UPDATES_PER_MESSAGE):
-                    chunk = jobs[start:start + MAX_UPDATES_PER_MESSAGE]
-                    updates = [pb.JobUpdate(revision=after, job_id=job.id, job=job) for job in chunk]
-                    yield pb.WatchJobsResponse(updates=pb.JobUpdateBatch(updates=updates))
-                yield pb.WatchJobsResponse(initial_state_complete=pb.InitialStateComplete(revision=after))
+                with self.snapshots.held():  # the listing is held (in memory) only while it is sent
+                    listed = await self._store.all_jobs(list(request.filter.states), request.filter.name)
+                    after = listed.revision
+                    for response in _listing(listed.jobs, after):
+                        yield response
+                    del listed
 
             async def read(cursor: int, limit: int) -> Page[StoredChange]:
                 return await self._store.read_changes(cursor, limit, matching=matching)

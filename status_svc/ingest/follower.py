@@ -25,6 +25,11 @@
   breaks (a gap, a bug) does not count as hearing from it. Chosen over stopping
   the service so one orchestrator's poison cannot stop the following of the
   others nor the serving of reads; it is never left unfollowed silently.
+- With a token (--orchestrator-token-file) every call presents it. A call
+  refused (UNAUTHENTICATED, or PERMISSION_DENIED for a token without role
+  follower) is retried like any error, since the orchestrator may accept the
+  token after its tokens file is fixed (SIGHUP); meanwhile the source turns
+  stale with the refusal, the role it needs included, as its detail.
 - run() itself ends only if the staleness watchdog fails; the service treats
   that (any follower task ending) as fatal and exits (see status_svc.app).
 """
@@ -39,7 +44,7 @@ from typing import Never
 
 import grpc
 from stepstream.backoff import DEFAULT_BACKOFF, Backoff
-from stepstream.channel import channel_options
+from stepstream.channel import ClientTLS, bearer_metadata, open_channel
 from stepstream.common.v1 import records_pb2
 from stepstream.orchestrator.v1 import orchestrator_service_pb2 as orch_pb
 from stepstream.orchestrator.v1 import orchestrator_service_pb2_grpc as orch_grpc
@@ -80,8 +85,13 @@ class OrchestratorFollower:
         stale_after: float,
         backoff: Backoff = DEFAULT_BACKOFF,
         clock: Callable[[], float] = time.time,
+        tls: ClientTLS | None = None,
+        token: str = "",
     ) -> None:
         self.address = address
+        self._tls = tls
+        # The token (role follower) this service presents on each call (see stepstream_common.auth).
+        self._metadata = bearer_metadata(token)
         self._writer = writer
         self._stale_after = stale_after
         self._backoff = backoff
@@ -107,12 +117,13 @@ class OrchestratorFollower:
             group.create_task(self._follow_forever(), name=f"stream-{self.address}")
 
     async def _follow_forever(self) -> None:
-        async with grpc.aio.insecure_channel(self.address, options=channel_options()) as channel:
+        async with open_channel(self.address, tls=self._tls) as channel:
             stub = orch_grpc.OrchestratorServiceStub(channel)
             # _handle returns nothing, so the stream yields only its Reconnecting items.
             stream: ResumableStream[orch_pb.StreamStepEventsResponse, Never] = ResumableStream(
                 lambda: stub.StreamStepEvents(
-                    orch_pb.StreamStepEventsRequest(after_seq=self._cursor, log_id=self._log_id)),
+                    orch_pb.StreamStepEventsRequest(after_seq=self._cursor, log_id=self._log_id),
+                    metadata=self._metadata),
                 self._handle,
                 silence=lambda: self._stale_after,
                 classify=self._classify,
@@ -179,7 +190,7 @@ class OrchestratorFollower:
                           f"got {events[good].seq}")
 
     async def _resync(self, stub: orch_grpc.OrchestratorServiceAsyncStub) -> None:
-        call = stub.StreamSnapshot(orch_pb.StreamSnapshotRequest())
+        call = stub.StreamSnapshot(orch_pb.StreamSnapshotRequest(), metadata=self._metadata)
         records: list[records_pb2.StepEvent] = []
         seq, log_id = 0, ""
         try:

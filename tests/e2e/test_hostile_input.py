@@ -220,7 +220,7 @@ NUMBERS: dict[str, tuple[str, dict[str, Any], dict[str, Any], str, str]] = {
     "1e300 concurrency": ("fanout", {"count": 1, "concurrency": 1e300, "child": CHILD}, {},
                           "params.concurrency", "must be between -2^53 and 2^53"),
     "1e9 concurrency": ("fanout", {"count": 1, "concurrency": 1e9, "child": CHILD}, {},
-                        "params.concurrency", "must be at most 100000, got 1000000000"),
+                        "params.concurrency", "must be at most 1000 children at once, got 1000000000"),
     "1e300 max_child_failures": ("fanout", {"count": 1, "max_child_failures": -1e300, "child": CHILD}, {},
                                  "params.max_child_failures", "must be between -2^53 and 2^53"),
     "1e12 max_child_failures": ("fanout", {"count": 1, "max_child_failures": 1e12, "child": CHILD}, {},
@@ -303,7 +303,7 @@ async def test_huge_ids_come_back_as_short_errors(
 
 
 async def test_huge_strings_in_a_definition_are_quoted_short(orchestrator_stub: Stub) -> None:
-    huge = "é" * 1_000_000
+    huge = "é" * 400_000
     definition = definition_pb2.JobDefinition(name="huge", steps=[
         definition_pb2.StepDefinition(name=huge, type="sleep"),
         definition_pb2.StepDefinition(name="b", type=huge, timeout=huge,
@@ -317,7 +317,7 @@ async def test_huge_strings_in_a_definition_are_quoted_short(orchestrator_stub: 
         "definition.steps[1].timeout", "definition.steps[1].depends_on.steps[0]",
     }
     assert all(len(description.encode()) <= rpc.MAX_DESCRIPTION_BYTES for _, description in found)
-    assert any("(1000000 characters)" in description for _, description in found)
+    assert any("(400000 characters)" in description for _, description in found)
 
 
 # --- 3. Hundreds of problems: the first 50, then "and M more" --------------------------------------------
