@@ -179,7 +179,7 @@ class Authorizer(grpc.aio.ServerInterceptor):
         scheme, _, token = str(presented[0]).partition(" ")
         entry = None
         if len(presented) == 1 and scheme.lower() == _BEARER:
-            entry = await self._tokens.verify(token.strip())
+            entry = self._tokens.verify(token.strip())
         if entry is None:
             raise UnauthenticatedError(
                 "the token is not valid here: expected one `authorization: Bearer <token>` with a token "

@@ -20,8 +20,10 @@ itself, and unlike checking modification times it never misses a change.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import ssl
+import stat
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,6 +74,7 @@ class ServerTLS:
             return None
         if config.tls_cert is None or config.tls_key is None:
             raise TLSConfigError("--tls-cert and --tls-key go together: give the certificate and its key")
+        _warn_if_shared(config.tls_key)
         return cls(config.tls_cert, config.tls_key, config.tls_client_ca)
 
     @property
@@ -146,6 +149,15 @@ class ServerTLS:
             except (ValueError, ssl.SSLError) as error:
                 raise TLSConfigError(f"--tls-client-ca {self.client_ca} holds no usable CA certificate: "
                                      f"{_reason(error)}") from error
+
+
+def _warn_if_shared(key: Path) -> None:
+    """A warning, not a refusal: Kubernetes mounts Secret files group-readable
+    (fsGroup), where the group is the service's own."""
+    with contextlib.suppress(OSError):
+        mode = stat.S_IMODE(key.stat().st_mode)
+        if mode & 0o077:
+            log.warning("--tls-key %s can be read by others than its owner (mode %o): chmod 600 it", key, mode)
 
 
 def _read(path: Path, flag: str, label: str) -> bytes:

@@ -2,36 +2,44 @@
 
 A token is `NAME.SECRET`: NAME says who is calling (it is what a job records
 as submitted_by and cancelled_by, and what the logs name; it is not a secret),
-SECRET proves it. The file keeps, per NAME, a role and a salted, slow hash of
+SECRET proves it. The file keeps, per NAME, a role and a salted SHA-256 of
 SECRET, never SECRET itself: whoever reads the file (a backup, a config
 repository) learns who may call, not how to call as them.
+
+Why a fast hash, not a slow one (scrypt, bcrypt): those protect secrets people
+choose, which can be guessed; a SECRET here is 32 random bytes (or at least 32
+characters chosen by whoever runs --secret-stdin), which no one can guess
+from its hash, fast or slow. A slow hash would only hand every caller without
+a token a way to make the service hash for it: a flood of wrong secrets for a
+name kept its first real login waiting seconds. Checking a token costs
+microseconds, so it needs no lock, no cache and no thread.
 
 The file (--tokens-file, env STEPSTREAM_TOKENS_FILE): UTF-8 text, one token
 per line, three fields separated by spaces; blank lines and lines starting
 with `#` are ignored:
 
     # NAME    ROLE      HASH
-    ci        operator  $scrypt$ln=15,r=8,p=1$<salt>$<hash>
-    status    follower  $scrypt$ln=15,r=8,p=1$<salt>$<hash>
+    ci        operator  $sha256$<salt>$<hash>
+    status    follower  $sha256$<salt>$<hash>
 
 - NAME: 1 to 64 of A-Z a-z 0-9 _ -, each NAME once in the file.
 - ROLE: one of ROLES (what each may call: stepstream_common.auth.RULES).
-- HASH: scrypt (RFC 7914) of SECRET, in the PHC string format: cost
-  parameters (ln = log2 N), then the salt and the 32-byte hash, both base64
-  without padding. Secrets are never compared as text: the hash of what a
-  caller sends is compared with hmac.compare_digest.
+- HASH: `$sha256$SALT$DIGEST`, DIGEST = SHA-256(SALT + SECRET), the 16-byte
+  salt and the 32-byte digest base64 without padding. Secrets are never
+  compared as text: the hash of what a caller sends is compared with
+  hmac.compare_digest.
 
 Make an entry with `python -m stepstream_common.tokens hash --name ci --role
 operator >> tokens` (after `umask 077`: the file must be private): it prints
 the line for the file on stdout and the new token, once, on stderr (SECRET is
 32 random bytes); with --secret-stdin it
-hashes the SECRET read from stdin instead (at least 16 characters) and
+hashes the SECRET read from stdin instead (at least 32 characters) and
 prints no token.
 
 A service refuses to start (one line, exit code 2) if the file is readable or
 writable by group or others (it says who may do what: keep it 0600), is not
 exactly in this format, or names an unknown role. SIGHUP makes it read the
-file again (cheap: no hashing at load): a good file replaces the tokens at
+file again: a good file replaces the tokens at
 once, for the next call; a bad one is logged and the tokens in use are kept.
 
 The same permission rule applies to a file holding a token in clear (a
@@ -41,7 +49,6 @@ status service's --orchestrator-token-file): read_token_file.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import base64
 import enum
 import hashlib
@@ -71,16 +78,9 @@ ROLES = tuple(role.value for role in Role)
 NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 # What a secret may hold: it travels in a gRPC metadata value (printable ASCII), and is cut from the token at '.'.
 SECRET = re.compile(r"[!-~]+")
-MIN_SECRET_CHARS = 16
-
-# scrypt's cost for new entries: N = 2**15, r = 8 (32 MiB, some 50 ms a hash). A
-# token is hashed once per process (see TokenTable.verify), so the cost falls on
-# whoever guesses, not on every call.
-LOG2_N, BLOCK_SIZE, PARALLELISM = 15, 8, 1
+MIN_SECRET_CHARS = 32
 SALT_BYTES, HASH_BYTES = 16, 32
-# The largest scrypt memory (128 * r * N bytes) a file may ask for: a hash must not exhaust the service.
-MAX_SCRYPT_MEMORY = 256 * 1024 * 1024
-_PHC = re.compile(r"\$scrypt\$ln=(\d{1,2}),r=(\d{1,2}),p=(\d{1,2})\$([A-Za-z0-9+/]+)\$([A-Za-z0-9+/]+)")
+_FORMAT = re.compile(r"\$sha256\$([A-Za-z0-9+/]+)\$([A-Za-z0-9+/]+)")
 
 
 def _b64(data: bytes) -> str:
@@ -93,49 +93,38 @@ def _unb64(text: str) -> bytes:
 
 @dataclass(frozen=True)
 class SecretHash:
-    """scrypt of a secret with its salt and cost, as the file writes it (see the module docstring)."""
+    """A salted SHA-256 of a secret, as the file writes it (see the module docstring)."""
 
-    log2_n: int
-    block_size: int
-    parallelism: int
     salt: bytes
     digest: bytes
 
     @classmethod
     def of(cls, secret: str) -> SecretHash:
-        """A new hash of `secret`, with a random salt and the current cost."""
+        """A new hash of `secret`, with a random salt."""
         salt = secrets.token_bytes(SALT_BYTES)
-        return cls(LOG2_N, BLOCK_SIZE, PARALLELISM, salt, _scrypt(secret, salt, LOG2_N, BLOCK_SIZE, PARALLELISM))
+        return cls(salt, _sha256(salt, secret))
 
     @classmethod
     def parse(cls, text: str) -> SecretHash:
-        """ValueError unless `text` is a hash in the file's format, with a cost this service can afford."""
-        found = _PHC.fullmatch(text)
+        """ValueError unless `text` is a hash in the file's format."""
+        found = _FORMAT.fullmatch(text)
         if found is None:
-            raise ValueError("the hash is not in the format $scrypt$ln=N,r=R,p=P$SALT$HASH")
-        log2_n, block_size, parallelism = (int(found[i]) for i in (1, 2, 3))
-        if not (log2_n >= 1 and block_size >= 1 and parallelism >= 1
-                and 128 * block_size * 2**log2_n * parallelism <= MAX_SCRYPT_MEMORY):
-            raise ValueError(f"the hash's scrypt cost (ln={log2_n}, r={block_size}, p={parallelism}) is out of bounds")
-        salt, digest = _unb64(found[4]), _unb64(found[5])
+            raise ValueError("the hash is not in the format $sha256$SALT$DIGEST")
+        salt, digest = _unb64(found[1]), _unb64(found[2])
         if len(salt) < SALT_BYTES or len(digest) != HASH_BYTES:
             raise ValueError(f"the hash needs a salt of at least {SALT_BYTES} bytes and a {HASH_BYTES}-byte digest")
-        return cls(log2_n, block_size, parallelism, salt, digest)
+        return cls(salt, digest)
 
     def __str__(self) -> str:
-        return (f"$scrypt$ln={self.log2_n},r={self.block_size},p={self.parallelism}"
-                f"${_b64(self.salt)}${_b64(self.digest)}")
+        return f"$sha256${_b64(self.salt)}${_b64(self.digest)}"
 
     def matches(self, secret: str) -> bool:
-        """Whether `secret` hashes to this, compared in constant time (slow by design: scrypt)."""
-        found = _scrypt(secret, self.salt, self.log2_n, self.block_size, self.parallelism)
-        return hmac.compare_digest(found, self.digest)
+        """Whether `secret` hashes to this, compared in constant time."""
+        return hmac.compare_digest(_sha256(self.salt, secret), self.digest)
 
 
-def _scrypt(secret: str, salt: bytes, log2_n: int, block_size: int, parallelism: int) -> bytes:
-    memory = 128 * block_size * 2**log2_n * parallelism
-    return hashlib.scrypt(secret.encode(), salt=salt, n=2**log2_n, r=block_size, p=parallelism,
-                          maxmem=memory + 1024 * 1024, dklen=HASH_BYTES)
+def _sha256(salt: bytes, secret: str) -> bytes:
+    return hashlib.sha256(salt + secret.encode()).digest()
 
 
 @dataclass(frozen=True)
@@ -155,30 +144,14 @@ class TokenTable:
 
     def __init__(self, entries: Mapping[str, Entry]) -> None:
         self.entries = dict(entries)
-        # Name -> SHA-256 of the secret that verified: a token is hashed with scrypt
-        # once, then checked with a fast hash (still compared in constant time). A
-        # wrong secret for a name already verified is refused without scrypt.
-        self._verified: dict[str, bytes] = {}
-        # One scrypt at a time, off the event loop: tokens never seen cost the
-        # guesser, and calls with verified tokens keep being served meanwhile.
-        self._hashing = asyncio.Lock()
 
-    async def verify(self, token: str) -> Entry | None:
+    def verify(self, token: str) -> Entry | None:
         """The entry `token` (NAME.SECRET) proves, or None."""
         name, dot, secret = token.partition(".")
         entry = self.entries.get(name)
         if entry is None or not dot:
             return None
-        fast = hashlib.sha256(secret.encode()).digest()
-        known = self._verified.get(name)
-        if known is None:
-            async with self._hashing:
-                known = self._verified.get(name)
-                if known is None:
-                    if not await asyncio.to_thread(entry.hash.matches, secret):
-                        return None
-                    self._verified[name] = known = fast
-        return entry if hmac.compare_digest(fast, known) else None
+        return entry if entry.hash.matches(secret) else None
 
 
 def load_tokens(path: Path) -> TokenTable:

@@ -142,5 +142,8 @@ def from_rpc_error(error: grpc.aio.AioRpcError, *, target: str = "", attempts: i
 
 
 def _last_clause(details: str) -> str:
-    """gRPC's connection errors run on for a whole paragraph; the last clause says why."""
-    return details.rsplit(": ", 1)[-1].strip() or details
+    """gRPC's connection errors run on for a whole paragraph; the last clause says why
+    (a failed TLS handshake's paragraph ends in a bare status word, "OK", after it)."""
+    clauses = [clause.strip() for clause in details.split(": ")]
+    telling = [clause for clause in clauses if clause and clause != "OK"]
+    return telling[-1] if telling else details

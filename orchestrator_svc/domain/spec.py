@@ -442,6 +442,26 @@ def redacted(value: Any) -> Any:
     return value
 
 
+def secret_values(value: Any) -> list[str]:
+    """Every secret value in `value` (params, or anything in them)."""
+    if isinstance(value, Mapping):
+        return [found for key, item in value.items()
+                for found in ([item] if key == SECRET_KEY and isinstance(item, str) else secret_values(item))]
+    if isinstance(value, list):
+        return [found for item in value for found in secret_values(item)]
+    return []
+
+
+def masked(text: str, secrets: list[str]) -> str:
+    """`text` with every line of every secret replaced by SECRET_MARKER, longest
+    first (so a secret holding another is hidden whole): what any worker says
+    about a step (a message, an exception quoting its input) may echo a secret."""
+    lines = sorted({line for secret in secrets for line in secret.splitlines() if line.strip()}, key=len, reverse=True)
+    for line in lines:
+        text = text.replace(line, SECRET_MARKER)
+    return text
+
+
 def stored_definition(definition: definition_pb2.JobDefinition) -> bytes:
     """The definition as the orchestrator keeps and echoes it: deterministically
     serialized, every secret value replaced by SECRET_MARKER. (So a resubmission

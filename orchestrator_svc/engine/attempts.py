@@ -4,6 +4,7 @@ What each attempt's end means is decided in domain/rules.py."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -12,7 +13,7 @@ from stepstream.common.v1 import states_pb2 as s
 
 from orchestrator_svc.domain import rules
 from orchestrator_svc.domain.rules import Outcome
-from orchestrator_svc.domain.spec import Execution
+from orchestrator_svc.domain.spec import Execution, masked, secret_values
 from orchestrator_svc.workers import WorkContext, Worker, WorkFailed
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,12 @@ async def run_attempts(
 
 
 async def _attempt(worker: Worker, execution: Execution, context: WorkContext, attempt: int) -> Outcome:
+    outcome = await _run_once(worker, execution, context, attempt)
+    secrets = secret_values(execution.params)
+    return dataclasses.replace(outcome, message=masked(outcome.message, secrets)) if secrets else outcome
+
+
+async def _run_once(worker: Worker, execution: Execution, context: WorkContext, attempt: int) -> Outcome:
     deadline = asyncio.timeout(execution.timeout)
     try:
         async with deadline:
@@ -66,6 +73,11 @@ async def _attempt(worker: Worker, execution: Execution, context: WorkContext, a
         # A TimeoutError the worker raised itself is its failure, not this attempt's timeout.
         if isinstance(error, TimeoutError) and deadline.expired() and execution.timeout is not None:
             return rules.attempt_timed_out(attempt, execution.timeout)
-        log.exception("worker %r raised unexpectedly", execution.type)
+        secrets = secret_values(execution.params)
+        if secrets:  # a traceback's last line quotes the exception, which may quote a secret
+            log.error("worker %r raised unexpectedly: %s", execution.type,
+                      masked(f"{type(error).__name__}: {error}", secrets))
+        else:
+            log.exception("worker %r raised unexpectedly", execution.type)
         return rules.worker_error(error)
     return rules.work_completed(message)

@@ -347,8 +347,9 @@ BAD_FILES = {
     "secret in clear": ("ci viewer ci.hunter2hunter2hunter2", "line 1: the hash is not in the format"),
     "bad name": ("c.i viewer " + valid_line().split()[2], "line 1: a name is 1 to 64 of"),
     "name twice": (f"# comment\n{valid_line()}\n{valid_line('admin')}", "line 3: the name 'someone' is already used"),
-    "hash too costly": ("ci viewer $scrypt$ln=30,r=8,p=1$" + "A" * 22 + "$" + "A" * 43, "line 1: the hash's scrypt "
-                                                                                          "cost"),
+    "slow hash of an older format": ("ci viewer $scrypt$ln=15,r=8,p=1$" + "A" * 22 + "$" + "A" * 43,
+                                     "line 1: the hash is not in the format $sha256$SALT$DIGEST"),
+    "short digest": ("ci viewer $sha256$" + "A" * 22 + "$" + "A" * 20, "line 1: the hash needs a salt"),
     "no token": ("# nobody yet\n", "holds no token, so no call would be allowed"),
 }
 
@@ -386,18 +387,16 @@ def test_the_hash_command_makes_a_line_the_service_accepts_and_shows_the_token_o
     name, _, secret = token.partition(".")
     assert name == "ci" and len(secret) >= 40 and secret not in made.stdout
     given = subprocess.run([sys.executable, "-m", "stepstream_common.tokens", "hash", "--name", "me", "--role",
-                            "viewer", "--secret-stdin"], input="correct-horse-battery\n", capture_output=True,
-                           text=True, timeout=DEADLINE, check=True)
+                            "viewer", "--secret-stdin"], input="correct-horse-battery-staple-and-more\n",
+                           capture_output=True, text=True, timeout=DEADLINE, check=True)
     assert given.stderr == "" and "correct-horse" not in given.stdout
     private_file(tmp_path / "tokens", made.stdout + given.stdout)
     table = load_tokens(tmp_path / "tokens")
     assert {name: entry.role for name, entry in table.entries.items()} == {"ci": "operator", "me": "viewer"}
 
-    async def verify_each() -> list[Any]:
-        return [await table.verify(t) for t in (token, "me.correct-horse-battery", "me.wrong-horse-battery")]
-
-    verified = asyncio.run(verify_each())
-    assert [entry.name if entry else None for entry in verified] == ["ci", "me", None]
+    verified = [table.verify(t) for t in (token, "me.correct-horse-battery-staple-and-more",
+                                          "me.wrong-horse-battery-staple-and-more", "me.", "nobody.x")]
+    assert [entry.name if entry else None for entry in verified] == ["ci", "me", None, None, None]
 
 
 @pytest.mark.parametrize(("args", "says"), [
@@ -412,9 +411,9 @@ def test_the_hash_command_refuses_a_bad_entry(args: list[str], says: str) -> Non
 
 def test_the_hash_command_refuses_a_short_secret() -> None:
     result = subprocess.run([sys.executable, "-m", "stepstream_common.tokens", "hash", "--name", "ci", "--role",
-                             "viewer", "--secret-stdin"], input="short\n", capture_output=True, text=True,
-                            timeout=DEADLINE)
-    assert result.returncode == 2 and "at least 16" in result.stderr and result.stdout == ""
+                             "viewer", "--secret-stdin"], input="correct-horse-battery\n", capture_output=True,
+                            text=True, timeout=DEADLINE)
+    assert result.returncode == 2 and "at least 32" in result.stderr and result.stdout == ""
 
 
 # --- the follower's token ----------------------------------------------------------------------------------

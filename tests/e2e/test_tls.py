@@ -425,3 +425,12 @@ def test_the_status_service_says_it_cannot_read_the_orchestrators_ca(tmp_path: P
     assert result.returncode == EXIT_USAGE, result
     assert result.stderr == ("python -m status_svc: error: --orchestrator-tls-*: cannot read the CA certificate "
                              "missing-ca.pem: No such file or directory\n")
+
+
+async def test_a_key_others_can_read_is_served_with_a_warning(start: Start, certs: Certificates,
+                                                              tmp_path: Path) -> None:
+    certs.server.key.chmod(0o640)
+    orchestrator = await start("orchestrator_svc", *serving(certs.server))
+    assert await reached(orchestrator.address, tls_ca=certs.ca.cert)
+    log = (tmp_path / "orchestrator_svc-0.log").read_text()
+    assert f"--tls-key {certs.server.key} can be read by others than its owner (mode 640): chmod 600 it" in log

@@ -21,6 +21,11 @@ def sync_write(path: str, text: str) -> str:
     return f"wrote {len(text)} characters"
 
 
+def sync_echo(text: object) -> str:
+    """Returns what it was given, as a careless function might report its input."""
+    return str(text)
+
+
 def sync_returns_number() -> int:
     """A result that is not a string: the step's message is 'returned'."""
     return 42

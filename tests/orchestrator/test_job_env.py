@@ -278,6 +278,26 @@ async def test_a_secret_file_is_read_as_the_step_starts(orchestrator_stub: Stub,
     )
 
 
+async def test_a_python_step_that_quotes_a_secret_shows_it_masked(
+    orchestrator_stub: Stub, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Any worker's message passes the same mask as a command's output: here an
+    exception quoting its argument, and a function returning it."""
+    secret = "py-secret-Sup3r-XYZ"
+    job_id = await run_to_end(orchestrator_stub, [
+        {"name": "echo", "type": "python", "function": "tests.helpers.workers:sync_echo",
+         "args": {"text": {"secret": secret}}},
+        {"name": "raise", "type": "python", "function": "ipaddress:ip_address",
+         "args": {"address": {"secret": secret}}},
+    ], expected=s.JOB_STATE_FAILED)
+    view = await orchestrator_stub.GetJob(orch_pb.GetJobRequest(job_id=job_id))
+    messages = [step.step.message for step in view.steps]
+    assert messages[0] == "{'secret': '<secret>'}", messages
+    assert messages[1].startswith("ValueError: {'secret': '<secret>'} does not appear"), messages
+    assert secret not in view.SerializeToString().decode("utf-8", "replace")
+    assert secret not in caplog.text
+
+
 HUNTER2 = "hunter2-in-the-wrong-shape"
 
 
