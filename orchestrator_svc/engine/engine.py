@@ -91,7 +91,9 @@ class Engine:
     async def _submit_once(
         self, definition: definition_pb2.JobDefinition, request_id: str, submitted_by: str
     ) -> tuple[records_pb2.Job, int]:
-        encoded = stored_definition(definition)  # secrets redacted: GetJob echoes this
+        # Encoding and validating a definition near the size limits takes up to a
+        # second of CPU: in a thread, so the loop keeps serving streams and jobs.
+        encoded = await asyncio.to_thread(stored_definition, definition)  # secrets redacted: GetJob echoes this
         if request_id:
             existing = await self._store.job_for_request(request_id)
             if existing is not None:
@@ -100,7 +102,7 @@ class Engine:
                         f"request_id {request_id!r} already created job {existing.job.id} from another definition"
                     )
                 return existing.job, existing.first_seq
-        spec = validate_job(definition, self._workers)
+        spec = await asyncio.to_thread(validate_job, definition, self._workers)
         job_id = secrets.token_hex(8)
         job = records_pb2.Job(id=job_id, name=spec.name, submitted_by=submitted_by)
         steps = [

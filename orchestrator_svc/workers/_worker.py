@@ -45,7 +45,8 @@ class Worker(ABC):
     @abstractmethod
     def validate(self, params: Params, path: str, catalog: WorkerCatalog) -> list[FieldViolation]:
         """Every problem with `params`, each named by its field's path under `path`.
-        A definition with any problem is rejected whole, before anything runs."""
+        A definition with any problem is rejected whole, before anything runs.
+        Called in a worker thread, possibly for several submissions at once: a pure check."""
 
     @abstractmethod
     async def run(self, params: Params, context: WorkContext) -> str:
