@@ -32,9 +32,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import inspect
 import logging
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Literal
@@ -45,7 +44,7 @@ from stepstream.channel import AUTHORIZATION
 
 from stepstream_common.config import SettingError
 from stepstream_common.errors import AuthError, PermissionDeniedError, UnauthenticatedError
-from stepstream_common.rpc import Context, abort
+from stepstream_common.rpc import Context, abort, wrapped_handler
 from stepstream_common.tokens import Role, TokenTable, load_tokens
 
 log = logging.getLogger(__name__)
@@ -191,41 +190,10 @@ class Authorizer(grpc.aio.ServerInterceptor):
 def _guarded(
     handler: grpc.RpcMethodHandler[Any, Any], admit: Callable[[Context], Any]
 ) -> grpc.RpcMethodHandler[Any, Any]:
-    """`handler`, of the same kind, admitting the call (and noting its caller) before its behavior runs.
+    """`handler`, admitting the call (and noting its caller) before its behavior runs."""
 
-    The behavior keeps its own shape (coroutine or async generator): grpc.aio
-    decides how to drive a handler by inspecting it.
-    """
-    kind = (handler.request_streaming, handler.response_streaming)
-    behavior = getattr(handler, _BEHAVIORS[kind])
+    async def enter(context: Context) -> contextlib.AbstractContextManager[None]:
+        _caller.set(await admit(context))
+        return contextlib.nullcontext()
 
-    if inspect.isasyncgenfunction(behavior):
-
-        async def stream(request: Any, context: Context) -> AsyncIterator[Any]:
-            _caller.set(await admit(context))
-            async with contextlib.aclosing(behavior(request, context)) as items:
-                async for item in items:
-                    yield item
-
-        guarded: Callable[..., Any] = stream
-    else:
-
-        async def unary(request: Any, context: Context) -> Any:
-            _caller.set(await admit(context))
-            return await behavior(request, context)
-
-        guarded = unary
-    make: Callable[..., grpc.RpcMethodHandler[Any, Any]] = _MAKE[kind]
-    return make(guarded, request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
-
-
-# By (request_streaming, response_streaming): the handler's behavior attribute, and how to make one.
-_BEHAVIORS = {
-    (False, False): "unary_unary", (False, True): "unary_stream",
-    (True, False): "stream_unary", (True, True): "stream_stream",
-}
-_MAKE = {
-    (False, False): grpc.unary_unary_rpc_method_handler, (False, True): grpc.unary_stream_rpc_method_handler,
-    (True, False): grpc.stream_unary_rpc_method_handler, (True, True): grpc.stream_stream_rpc_method_handler,
-}
+    return wrapped_handler(handler, enter)

@@ -407,6 +407,52 @@ def describe_error(error: BaseException) -> str:
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
+
+# By (request_streaming, response_streaming): a handler's behavior attribute, and how to make one.
+_BEHAVIORS = {
+    (False, False): "unary_unary", (False, True): "unary_stream",
+    (True, False): "stream_unary", (True, True): "stream_stream",
+}
+_MAKE_HANDLER = {
+    (False, False): grpc.unary_unary_rpc_method_handler, (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler, (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
+def wrapped_handler(
+    handler: grpc.RpcMethodHandler[Any, Any],
+    enter: Callable[[Context], Awaitable[contextlib.AbstractContextManager[Any]]],
+) -> grpc.RpcMethodHandler[Any, Any]:
+    """`handler`, of the same kind, running its behavior inside what `enter(context)`
+    returns (for server interceptors that admit a call, or hold something for it).
+
+    The behavior keeps its own shape (coroutine or async generator): grpc.aio
+    decides how to drive a handler by inspecting it, and a generator abandoned
+    at a yield is closed at once (aclosing), releasing what `enter` gave.
+    """
+    kind = (handler.request_streaming, handler.response_streaming)
+    behavior: Callable[..., Any] = getattr(handler, _BEHAVIORS[kind])
+
+    if inspect.isasyncgenfunction(behavior):
+
+        async def stream(request: Any, context: Context) -> AsyncIterator[Any]:
+            with await enter(context):
+                async with contextlib.aclosing(behavior(request, context)) as items:
+                    async for item in items:
+                        yield item
+
+        wrapped: Callable[..., Any] = stream
+    else:
+
+        async def call(request: Any, context: Context) -> Any:
+            with await enter(context):
+                return await behavior(request, context)
+
+        wrapped = call
+    make: Callable[..., grpc.RpcMethodHandler[Any, Any]] = _MAKE_HANDLER[kind]
+    return make(wrapped, request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+
 # --- Server reflection ---------------------------------------------------------------------------
 
 V1_REFLECTION_SERVICE = "grpc.reflection.v1.ServerReflection"

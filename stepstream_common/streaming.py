@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -50,7 +49,7 @@ from stepstream_common.auth import caller_name
 from stepstream_common.config import ServiceConfig
 from stepstream_common.errors import ResourceExhaustedError
 from stepstream_common.feed import Feed, Positioned, ReadPage, Subscription, replay_then_live
-from stepstream_common.rpc import Context, abort
+from stepstream_common.rpc import Context, abort, wrapped_handler
 
 # The bytes of entries one response carries (unless one alone is more): well
 # below the 4 MB gRPC clients accept by default (grpcurl, most other languages).
@@ -200,9 +199,6 @@ class StreamAdmission(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None or not handler.response_streaming:
             return handler
-        request_streaming = handler.request_streaming
-        behavior: Callable[..., Any] | None = handler.stream_stream if request_streaming else handler.unary_stream
-        assert behavior is not None, "a response-streaming handler has its behavior"
 
         async def slot(context: Context) -> contextlib.ExitStack:
             slots = contextlib.ExitStack()
@@ -212,27 +208,7 @@ class StreamAdmission(grpc.aio.ServerInterceptor):
                 await abort(context, refused)  # outside the servicer: no error boundary maps it
             return slots
 
-        # The same kind of handler as `behavior` (grpc.aio drives one by what it is):
-        # an async generator, or a coroutine that writes with context.write().
-        if inspect.isasyncgenfunction(behavior):
-
-            async def stream(request: Any, context: Context) -> AsyncIterator[Any]:
-                with await slot(context):
-                    async with contextlib.aclosing(behavior(request, context)) as items:
-                        async for item in items:
-                            yield item
-
-            admitted: Callable[..., Any] = stream
-        else:
-
-            async def writing(request: Any, context: Context) -> None:
-                with await slot(context):
-                    await behavior(request, context)
-
-            admitted = writing
-        make = grpc.stream_stream_rpc_method_handler if request_streaming else grpc.unary_stream_rpc_method_handler
-        return make(admitted, request_deserializer=handler.request_deserializer,
-                    response_serializer=handler.response_serializer)
+        return wrapped_handler(handler, slot)
 
 
 def _stalled(seconds: float) -> ResourceExhaustedError:
