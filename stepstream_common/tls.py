@@ -74,8 +74,9 @@ class ServerTLS:
             return None
         if config.tls_cert is None or config.tls_key is None:
             raise TLSConfigError("--tls-cert and --tls-key go together: give the certificate and its key")
+        served = cls(config.tls_cert, config.tls_key, config.tls_client_ca)  # checks the files
         _warn_if_shared(config.tls_key)
-        return cls(config.tls_cert, config.tls_key, config.tls_client_ca)
+        return served
 
     @property
     def mutual(self) -> bool:
