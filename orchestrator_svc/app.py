@@ -16,6 +16,7 @@ import gc
 import logging
 from dataclasses import dataclass
 
+from prometheus_client.core import GaugeMetricFamily
 from stepstream.orchestrator.v1 import orchestrator_service_pb2
 
 from orchestrator_svc.api.servicer import ApiLimits, OrchestratorServicer
@@ -30,6 +31,7 @@ from orchestrator_svc.workers.processes import ProcessRegistry
 from orchestrator_svc.workers.registry import WorkerRegistry
 from stepstream_common.auth import Authorizer
 from stepstream_common.feed import Feed
+from stepstream_common.metrics import Metrics, MetricsServer, OrchestratorMetrics, serve_metrics
 from stepstream_common.rpc import RunningServer, add_servicer, start_server
 from stepstream_common.streaming import StreamAdmission, StreamLimits
 from stepstream_common.tls import ServerTLS
@@ -52,6 +54,7 @@ class Orchestrator:
     store: SqliteEventStore
     feed: Feed[StoredEvent]
     journal_task: asyncio.Task[None]
+    metrics: MetricsServer | None = None
 
     @property
     def address(self) -> str:
@@ -83,19 +86,25 @@ async def start(config: OrchestratorConfig, workers: WorkerRegistry | None = Non
     store = SqliteEventStore(config.data_dir / DATABASE_FILE)
     info = await store.open()
     feed: Feed[StoredEvent] = Feed(max_pending=config.subscriber_queue)
+    metrics = Metrics()
+    orchestrator_metrics = OrchestratorMetrics(metrics)
+    metrics.collect_with(lambda: [GaugeMetricFamily(
+        "stepstream_event_stream_subscribers", "event streams (StreamStepEvents) open", value=feed.subscriber_count,
+    )])
     journal = Journal(
         store, feed, latest_seq=info.latest_seq,
         retention=Retention(
             keep_events=config.retain_events, job_days=config.job_retention_days,
             every_seconds=config.prune_interval,
         ),
+        metrics=orchestrator_metrics,
     )
     journal_task = journal.start()
     processes = ProcessRegistry(config.data_dir / PROCESSES_DIR, config.pass_env)
     processes.stop_leftovers()
     workers = workers or WorkerRegistry.from_entry_points()
     engine = Engine(
-        store, journal, Recorder(journal), workers,
+        store, journal, Recorder(journal, metrics=orchestrator_metrics), workers,
         RunSettings(kill_grace=config.kill_grace, processes=processes,
                     slots=WorkSlots(config.max_concurrent_work)),
     )
@@ -105,7 +114,12 @@ async def start(config: OrchestratorConfig, workers: WorkerRegistry | None = Non
     service = orchestrator_service_pb2.DESCRIPTOR.services_by_name["OrchestratorService"]
     server = await start_server(config.listen, lambda grpc_server: [add_servicer(grpc_server, service, servicer)],
                                 tls=tls, auth=auth, max_request_bytes=config.max_request_bytes,
-                                interceptors=[StreamAdmission(StreamLimits.of(config))])
+                                interceptors=[StreamAdmission(StreamLimits.of(config)), metrics.interceptor()])
     server.on_stop.extend([engine.shutdown, journal.close, feed.close])
+    metrics_server = None
+    if config.metrics_listen is not None:
+        metrics_server = serve_metrics(config.metrics_listen, metrics)
+        server.on_stop.append(metrics_server.stop)
+        print(f"{LABEL} metrics on {metrics_server.address}", flush=True)
     log.info("log %s at seq %d in %s", info.log_id, info.latest_seq, config.data_dir)
-    return Orchestrator(config, server, engine, journal, store, feed, journal_task)
+    return Orchestrator(config, server, engine, journal, store, feed, journal_task, metrics_server)

@@ -15,6 +15,8 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
 from stepstream.channel import ClientTLS, client_tls
 from stepstream.status.v1 import status_service_pb2
 
@@ -27,6 +29,7 @@ from status_svc.storage.sqlite import SqliteStatusStore
 from stepstream_common.auth import Authorizer
 from stepstream_common.config import SettingError
 from stepstream_common.feed import Feed
+from stepstream_common.metrics import IngestMetrics, Metrics, MetricsServer, serve_metrics
 from stepstream_common.rpc import RunningServer, add_servicer, start_server
 from stepstream_common.streaming import StreamAdmission, StreamLimits
 from stepstream_common.tls import ServerTLS
@@ -50,6 +53,7 @@ class StatusService:
     writer_task: asyncio.Task[None]
     followers: list[OrchestratorFollower]
     follower_tasks: list[asyncio.Task[None]]
+    metrics: MetricsServer | None = None
 
     @property
     def address(self) -> str:
@@ -87,9 +91,11 @@ async def start(config: StatusConfig) -> StatusService:
     store = SqliteStatusStore(config.data_dir / DATABASE_FILE)
     opened = await store.open()
     feed: Feed[StoredChange] = Feed(max_pending=config.watcher_queue, key_of=lambda change: change.job_id)
+    metrics = Metrics()
     writer = IngestWriter(
         store, feed, latest_revision=opened.revision, sources=opened.sources,
         keep_changes=config.retain_changes, prune_every=config.prune_interval, followed=config.orchestrators,
+        metrics=IngestMetrics(metrics),
     )
     writer_task = asyncio.create_task(writer.run(), name="ingest-writer")
     followers = [
@@ -103,12 +109,44 @@ async def start(config: StatusConfig) -> StatusService:
     service = status_service_pb2.DESCRIPTOR.services_by_name["StatusService"]
     server = await start_server(config.listen, lambda grpc_server: [add_servicer(grpc_server, service, servicer)],
                                 tls=tls, auth=auth, max_request_bytes=config.max_request_bytes,
-                                interceptors=[StreamAdmission(StreamLimits.of(config))])
-    running = StatusService(config, server, store, feed, writer, writer_task, followers, follower_tasks)
+                                interceptors=[StreamAdmission(StreamLimits.of(config)), metrics.interceptor()])
+    metrics.collect_with(lambda: _ingest_metrics(writer, followers, feed))
+    metrics_server = None
+    if config.metrics_listen is not None:
+        metrics_server = serve_metrics(config.metrics_listen, metrics)
+        server.on_stop.append(metrics_server.stop)
+        print(f"{LABEL} metrics on {metrics_server.address}", flush=True)
+    running = StatusService(config, server, store, feed, writer, writer_task, followers, follower_tasks,
+                            metrics_server)
     server.on_stop.extend([running._stop_ingest, feed.close])
     server.on_fail.append(lambda reason: servicer.ingest_stopped(f"ingest stopped: {reason}"))
     log.info("revision %d in %s, following %s", opened.revision, config.data_dir, ", ".join(config.orchestrators))
     return running
+
+
+def _ingest_metrics(
+    writer: IngestWriter, followers: list[OrchestratorFollower], feed: Feed[StoredChange]
+) -> list[Metric]:
+    """What ingest and the watches already count, read when scraped (nothing on the hot path)."""
+    lag = GaugeMetricFamily("stepstream_ingest_lag_events", "events the orchestrator said it has (heartbeats, "
+                            "batches) that are not committed here yet", labels=["orchestrator"])
+    stale = GaugeMetricFamily("stepstream_ingest_source_stale", "1 while the orchestrator cannot be followed "
+                              "(its jobs are shown stale), else 0", labels=["orchestrator"])
+    resyncs = CounterMetricFamily("stepstream_ingest_resyncs", "resyncs from a snapshot (cursor out of range)",
+                                  labels=["orchestrator"])
+    for follower in followers:
+        address = follower.address
+        lag.add_metric([address], max(0, follower.latest_seq_heard - writer.applied.committed_seq(address)))
+        stale.add_metric([address], 0 if writer.source(address).stale_since is None else 1)
+        resyncs.add_metric([address], follower.resyncs)
+    return [
+        lag, stale, resyncs,
+        CounterMetricFamily("stepstream_ingest_events_applied", "events applied to the status store",
+                            value=writer.events_applied),
+        GaugeMetricFamily("stepstream_watchers_attached", "watches (WatchJob, WatchJobs) open",
+                          value=feed.subscriber_count),
+        GaugeMetricFamily("stepstream_revision", "the status store's current revision", value=feed.latest),
+    ]
 
 
 def _orchestrator_tls(config: StatusConfig) -> ClientTLS | None:

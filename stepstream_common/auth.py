@@ -164,7 +164,7 @@ class Authorizer(grpc.aio.ServerInterceptor):
                     ROLE_NOT_ALLOWED, {"method": method, "role": caller.role, "allowed": ",".join(allowed)},
                 )
         except AuthError as error:
-            log.info("denied %s: %s", method, error)
+            log.info("denied %s: %s", method, error, extra={"method": method})
             await abort(context, error)
         return caller
 

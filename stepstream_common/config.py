@@ -14,6 +14,8 @@ from typing import Any, ClassVar, Self
 
 from stepstream.flags import host_port, positive_float, positive_int
 
+from stepstream_common.logs import LOG_FORMATS
+
 LOG_LEVELS = ("debug", "info", "warning", "error")
 _SETTING = "stepstream_setting"
 
@@ -49,6 +51,12 @@ def _log_level(text: str) -> str:
     return text
 
 
+def _log_format(text: str) -> str:
+    if text not in LOG_FORMATS:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(LOG_FORMATS)}, got {text!r}")
+    return text
+
+
 TRUE_WORDS = ("1", "true", "yes")
 FALSE_WORDS = ("0", "false", "no")
 
@@ -62,6 +70,11 @@ def boolean(text: str) -> bool:
     if word not in TRUE_WORDS + FALSE_WORDS:
         raise argparse.ArgumentTypeError(f"expected one of {', '.join(TRUE_WORDS + FALSE_WORDS)}, got {text!r}")
     return word in TRUE_WORDS
+
+
+def optional_host_port(text: str) -> str | None:
+    """An address setting that may be left unset: the empty string (its default's text) is None."""
+    return host_port(text) if text.strip() else None
 
 
 def optional_path(text: str) -> Path | None:
@@ -158,6 +171,17 @@ class ServiceConfig:
         "STEPSTREAM_STREAM_STALL_TIMEOUT",
         "seconds a stream waits for a client that takes none of its messages; then it lets go of what it holds "
         "and ends RESOURCE_EXHAUSTED", positive_float,
+    ))
+    metrics_listen: str | None = field(default=None, metadata=setting(
+        "STEPSTREAM_METRICS_LISTEN",
+        "serve Prometheus metrics over HTTP on this HOST:PORT (a listener of its own, plaintext, no tokens: "
+        "keep it on a private address); port 0 picks a free one; unset: no metrics listener",
+        optional_host_port,
+    ))
+    log_format: str = field(default="text", metadata=setting(
+        "STEPSTREAM_LOG_FORMAT",
+        "log line format (to stderr): text, or json (one object per line: timestamp, level, logger, message, "
+        "and job_id, step, child, method, exc_info where they apply)", _log_format,
     ))
 
     @classmethod

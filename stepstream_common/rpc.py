@@ -23,6 +23,7 @@ from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 from grpc_status import rpc_status
 
+from stepstream_common import logs
 from stepstream_common.config import SettingError
 from stepstream_common.errors import (
     LIMIT_EXCEEDED,
@@ -72,6 +73,11 @@ MAX_FIELD_BYTES = 200
 MAX_DESCRIPTION_BYTES = 400
 MAX_VIOLATIONS = 50
 MAX_BAD_REQUEST_BYTES = 6000
+
+
+def grpc_code_of(error: ServiceError) -> grpc.StatusCode:
+    """The gRPC status code `error` is sent with."""
+    return next(codes for kind, codes in _CODES.items() if isinstance(error, kind))[0]
 
 
 def to_status(error: ServiceError) -> grpc.Status:
@@ -241,6 +247,7 @@ def _boundary(behavior: Callable[..., Any], request_type: type[message.Message],
     grpc.aio decides how to drive a handler by inspecting it.
     """
     name = method.full_name
+    path = f"/{method.containing_service.full_name}/{method.name}"  # as gRPC and the auth lines name it
 
     def decode(data: bytes) -> message.Message:
         try:
@@ -264,13 +271,14 @@ def _boundary(behavior: Callable[..., Any], request_type: type[message.Message],
             # What a generated servicer base does for a method it leaves out (health's List, in
             # grpcio-health-checking's servicer): the method is not served, no bug.
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{name} is not implemented by this server")
-        log.error("%s failed", name, exc_info=error)
+        log.error("%s failed", name, exc_info=error, extra={"method": path})
         await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {name} (logged by the service)")
         raise AssertionError("abort returned")  # pragma: no cover
 
     if inspect.isasyncgenfunction(behavior):
 
         async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+            logs.set_log_context(method=path)  # grpc.aio serves each call in a task of its own
             try:
                 async with contextlib.aclosing(behavior(argument(request), context)) as items:
                     async for item in items:
@@ -283,6 +291,7 @@ def _boundary(behavior: Callable[..., Any], request_type: type[message.Message],
         return stream
 
     async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        logs.set_log_context(method=path)  # grpc.aio serves each call in a task of its own
         try:
             return await behavior(argument(request), context)
         except grpc.aio.AbortError:
@@ -713,6 +722,9 @@ class Configured(Exposed, Protocol):
     @property
     def log_level(self) -> str: ...
 
+    @property
+    def log_format(self) -> str: ...
+
 
 ConfigT = TypeVar("ConfigT", bound=Configured)
 
@@ -741,7 +753,7 @@ def run_main(
         if exposure.refusal:  # a usage error, told as a bad flag is: one line, exit code 2
             print(f"{config.prog}: error: {exposure.refusal}", file=sys.stderr)
             sys.exit(2)
-        configure_logging(config.log_level)
+        configure_logging(config.log_level, config.log_format)
         if exposure.warning:
             log.warning("%s", exposure.warning)
         try:
@@ -771,9 +783,6 @@ def _exit_now(code: int) -> NoReturn:
     os._exit(code)
 
 
-def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+def configure_logging(level: str, log_format: str = "text") -> None:
+    """Log to stderr at `level` and above, as text or one JSON object per line (see stepstream_common.logs)."""
+    logs.configure(level, log_format)

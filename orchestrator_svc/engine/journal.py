@@ -27,6 +27,7 @@ from stepstream.common.v1 import records_pb2
 
 from orchestrator_svc.storage.base import EventStore, NewJob, StoredEvent
 from stepstream_common.feed import Feed
+from stepstream_common.metrics import OrchestratorMetrics
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +58,10 @@ class Journal:
         *,
         latest_seq: int,
         retention: Retention,
+        metrics: OrchestratorMetrics | None = None,
     ) -> None:
         self._store = store
+        self._metrics = metrics
         self._feed = feed
         self._retention = retention
         self._next_seq = latest_seq + 1
@@ -148,7 +151,10 @@ class Journal:
     async def _commit(self, batch: Sequence[tuple[records_pb2.StepEvent, NewJob | None]]) -> None:
         encoded = [(event, event.SerializeToString()) for event, _ in batch]
         new_jobs = [new_job for _, new_job in batch if new_job is not None]
+        started = time.perf_counter()
         await self._store.append(encoded, new_jobs)
+        if self._metrics is not None:
+            self._metrics.committed(len(batch), time.perf_counter() - started)
         del self._pending[: len(batch)]
         self._committed = batch[-1][0].seq
         self._feed.publish([StoredEvent(event.seq, data) for event, data in encoded], self._committed)

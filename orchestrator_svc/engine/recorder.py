@@ -14,13 +14,17 @@ from stepstream.common.v1 import states_pb2 as s
 from orchestrator_svc.domain import machine
 from orchestrator_svc.engine.journal import Journal
 from orchestrator_svc.storage.base import NewJob
+from stepstream_common.metrics import OrchestratorMetrics, state_name
 from stepstream_common.timeutil import timestamp
 
 
 class Recorder:
-    def __init__(self, journal: Journal, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, journal: Journal, clock: Callable[[], float] = time.time, metrics: OrchestratorMetrics | None = None
+    ) -> None:
         self._journal = journal
         self._clock = clock
+        self._metrics = metrics
 
     def create_job(
         self, job: records_pb2.Job, steps: Sequence[records_pb2.Step], new_job: NewJob
@@ -57,6 +61,9 @@ class Recorder:
             job.started_at.CopyFrom(timestamp(now))
         if machine.job_is_terminal(state):
             job.finished_at.CopyFrom(timestamp(now))
+            if self._metrics is not None:
+                since = job.started_at if job.HasField("started_at") else job.created_at
+                self._metrics.finish("jobs", state_name(s.JobState.Name(job.state)), now - since.ToNanoseconds() / 1e9)
         return self._journal.append(records_pb2.StepEvent(time=timestamp(now), job=job))
 
     def cancel_requested(self, job: records_pb2.Job, cancelled_by: str) -> int:
@@ -79,6 +86,8 @@ class Recorder:
         machine.check_step(step.state, state, f"step {step.job_id}/{step.name}")
         now = self._clock()
         _apply(step, now, state, reason, message, attempt)
+        if self._metrics is not None and machine.step_is_terminal(state):
+            self._finished("steps", step, state, now)
         return self._journal.append(records_pb2.StepEvent(time=timestamp(now), step=step))
 
     def child(
@@ -92,7 +101,14 @@ class Recorder:
         machine.check_child(child.state, state, f"child {child.job_id}/{child.step_name}[{child.index}]")
         now = self._clock()
         _apply(child, now, state, reason, message, attempt)
+        if self._metrics is not None and machine.step_is_terminal(state):
+            self._finished("children", child, state, now)
         return self._journal.append(records_pb2.StepEvent(time=timestamp(now), child=child))
+
+    def _finished(self, kind: str, record: records_pb2.Step | records_pb2.Child, state: int, now: float) -> None:
+        assert self._metrics is not None
+        seconds = now - record.started_at.ToNanoseconds() / 1e9 if record.HasField("started_at") else None
+        self._metrics.finish(kind, state_name(s.StepState.Name(record.state)), seconds)
 
 
 def pending_child(job_id: str, step_name: str, index: int, item: str) -> records_pb2.Child:

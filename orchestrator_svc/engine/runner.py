@@ -35,6 +35,7 @@ from orchestrator_svc.engine.recorder import Recorder, pending_child
 from orchestrator_svc.workers import FanoutPlan, FanoutWorker, WorkContext, Worker
 from orchestrator_svc.workers.processes import ProcessRegistry
 from orchestrator_svc.workers.registry import WorkerRegistry
+from stepstream_common.logs import log_context, set_log_context
 
 log = logging.getLogger(__name__)
 
@@ -225,6 +226,10 @@ class JobRun:
             self._schedule_task.cancel()
 
     async def run(self) -> None:
+        # Every line logged from this job's task, and the tasks it starts, carries its id
+        # (and not the method of the call that submitted it, whose context the task copied).
+        set_log_context(job_id=self.job.id, method=None)
+        log.debug("job %s started", self.job.id)
         loop = asyncio.get_running_loop()
         timer = None
         if self._spec.timeout is not None:
@@ -239,6 +244,8 @@ class JobRun:
         finally:
             if timer is not None:
                 timer.cancel()
+            if self.finished:  # one line per job; its steps' and children's ends are debug
+                log.info("job %s ended %s", self.job.id, s.JobState.Name(self.job.state))
 
     async def _run(self) -> None:
         if self._interruption is None:
@@ -299,6 +306,7 @@ class JobRun:
         self._recorder.child(child, status.state, status.reason, status.message, attempt=attempt)
 
     async def _run_step(self, spec: StepSpec, ended: Callable[[str], None]) -> None:
+        set_log_context(step=spec.name)  # this step's own task
         record = self._steps[spec.name]
         worker = self._workers.get(spec.execution.type)
         if isinstance(worker, FanoutWorker):
@@ -309,6 +317,7 @@ class JobRun:
                 context, hooks = self._context(spec.name, None), self._step_hooks(record)
                 attempts = run_attempts(worker, spec.execution, context, hooks)
                 self._record_step(record, await self._outcome(spec.name, attempts))
+        log.debug("job %s step %s ended %s", self.job.id, spec.name, s.StepState.Name(record.state))
         ended(spec.name)
 
     async def _outcome(self, step_name: str, work: Awaitable[Outcome]) -> Outcome:
@@ -380,10 +389,11 @@ class JobRun:
             # Once over the tolerance, start nothing more (the rest are cancelled).
             while not over() and (child := children.take()) is not None:
                 async with self._settings.slots:
-                    outcome = await run_attempts(
-                        worker, plan.child_execution(child.index), self._context(child.step_name, child.index),
-                        self._child_hooks(child, may_start),
-                    )
+                    with log_context(child=child.index):
+                        outcome = await run_attempts(
+                            worker, plan.child_execution(child.index), self._context(child.step_name, child.index),
+                            self._child_hooks(child, may_start),
+                        )
                     self._record_child(child, outcome)
                     children.ended(child)
                     failed += outcome.state == s.STEP_STATE_FAILED

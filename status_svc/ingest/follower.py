@@ -106,6 +106,9 @@ class OrchestratorFollower:
         self._last_handled = self._last_heard
         self._last_error = known.detail
         self.resyncs = 0
+        # The newest seq the orchestrator said it has (a heartbeat's latest_seq, a batch's
+        # last event, a snapshot's seq): what ingest lag is measured against.
+        self.latest_seq_heard = known.cursor
         self.reconnects = 0
         self.gaps = 0
         self.crashes = 0
@@ -166,7 +169,10 @@ class OrchestratorFollower:
     async def _handle(self, message: orch_pb.StreamStepEventsResponse) -> None:
         """One message of the event stream; _Broken (a gap) ends the attempt."""
         self._heard()
+        if message.HasField("heartbeat"):
+            self.latest_seq_heard = message.heartbeat.latest_seq
         if message.HasField("batch") and message.batch.events:
+            self.latest_seq_heard = max(self.latest_seq_heard, message.batch.events[-1].seq)
             await self._take(message.log_id, list(message.batch.events))
         else:
             await self._handled()
@@ -210,6 +216,7 @@ class OrchestratorFollower:
             await self._writer.submit(Events(self.address, log_id, records, from_stream=False))
         await self._writer.submit(SnapshotApplied(self.address, log_id, seq, frozenset(seen)))
         self._cursor, self._log_id = seq, log_id
+        self.latest_seq_heard = seq
         self.resyncs += 1
 
     def _heard(self) -> None:

@@ -34,6 +34,10 @@ class AppliedPositions:
             if not waiter.done():
                 waiter.set_result(None)
 
+    def committed_seq(self, address: str) -> int:
+        """The cursor committed for `address` (0 before anything is)."""
+        return self._applied.get(address, ("", 0))[1]
+
     async def wait(self, log_id: str, seq: int, seconds: float) -> None:
         """Return once `seq` of `log_id` is committed; UnavailableError after `seconds`."""
         loop = asyncio.get_running_loop()

@@ -44,6 +44,7 @@ from status_svc.ingest.progress import AppliedPositions
 from status_svc.storage.base import Source, StatusStore, StoredChange, WriteBatch
 from stepstream_common import wire
 from stepstream_common.feed import Feed
+from stepstream_common.metrics import IngestMetrics
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,8 @@ class _Pending:
     revision: int
     # Jobs this transaction changes.
     touched: set[str]
+    # Events it applies (for the metrics).
+    events: int = 0
 
 
 class IngestWriter:
@@ -110,9 +113,11 @@ class IngestWriter:
         queue_size: int = 64,
         clock: Callable[[], float] = time.time,
         followed: Sequence[str] = (),
+        metrics: IngestMetrics | None = None,
     ) -> None:
         self._store = store
         self._feed = feed
+        self._metrics = metrics
         self._sources = dict(sources)
         self._projector = Projector(latest_revision, lambda address: self.source(address).staleness)
         self._keep_changes = keep_changes
@@ -179,6 +184,7 @@ class IngestWriter:
         await self._queue.put(None)
 
     def _fold(self, items: Sequence[IngestItem], job_ids: Sequence[list[str]], touched: set[str]) -> _Pending:
+        applied_before = self.events_applied
         touched_sources: set[str] = set()
         # (source, job id, owner: "" if none) -> events rejected, logged after the fold.
         rejected: Counter[tuple[str, str, str]] = Counter()
@@ -195,22 +201,26 @@ class IngestWriter:
             self.events_rejected += count
             if owner:
                 log.warning("rejected %d event(s) from %s for job %s: the job belongs to %s",
-                            count, address, job_id, owner)
+                            count, address, job_id, owner, extra={"job_id": job_id})
             else:
                 log.warning("rejected %d event(s) from %s for job %s: its source never created it "
-                            "(no job record for it)", count, address, job_id)
+                            "(no job record for it)", count, address, job_id, extra={"job_id": job_id})
         changes = [_stored(entry) for entry in projection.changes]
         batch = WriteBatch(
             headers=list(projection.headers.values()), steps=list(projection.steps.values()),
             children=list(projection.children.values()), changes=changes,
             sources=[self._sources[address] for address in touched_sources],
         )
-        pending = _Pending(batch, changes, self._projector.revision, touched & self._jobs.keys())
+        pending = _Pending(batch, changes, self._projector.revision, touched & self._jobs.keys(),
+                           self.events_applied - applied_before)
         self._uncommitted.update(pending.touched)
         return pending
 
     async def _commit(self, pending: _Pending) -> None:
+        started = time.perf_counter()
         await self._store.commit(pending.batch)
+        if self._metrics is not None:
+            self._metrics.committed(pending.events, time.perf_counter() - started)
         self._feed.publish(pending.changes, pending.revision)
         self.applied.advance(pending.batch.sources)
         # A finished job receives no more events; once all its changes are

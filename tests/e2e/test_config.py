@@ -27,9 +27,11 @@ EVERY_OPTION = [(module, option) for module, config in SERVICES.items() for opti
 # setting (by its parse function). Any text is a valid --data-dir.
 GOOD = {"positive_float": "2.5", "positive_int": "3", "host_port": "0.0.0.0:7", "host_ports": "a:1,b:2",
         "Path": "/srv/stepstream", "_log_level": "debug", "optional_path": "/srv/x.pem", "boolean": "true",
-        "env_names": "HTTPS_PROXY,AWS_PROFILE", "server_name": "stepstream.example"}
+        "env_names": "HTTPS_PROXY,AWS_PROFILE", "server_name": "stepstream.example", "_log_format": "json",
+        "optional_host_port": "127.0.0.1:9100"}
 BAD = {"positive_float": "0", "positive_int": "1.5", "host_port": "no-port", "host_ports": ",",
-       "_log_level": "INFO", "boolean": "maybe", "env_names": "A=B", "server_name": "host:443"}
+       "_log_level": "INFO", "boolean": "maybe", "env_names": "A=B", "server_name": "host:443",
+       "_log_format": "JSON", "optional_host_port": "no-port"}
 
 
 def cases(pairs: list[tuple[str, Option]]) -> list[Any]:

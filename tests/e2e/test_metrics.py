@@ -1,0 +1,158 @@
+"""Prometheus metrics (--metrics-listen): both services as real subprocesses,
+a real fan-out job, and their /metrics scraped over HTTP and parsed as
+Prometheus parses them."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from stepstream.common.v1 import states_pb2 as s
+from stepstream.orchestrator.v1 import orchestrator_service_pb2 as orch_pb
+from stepstream.orchestrator.v1 import orchestrator_service_pb2_grpc as orch_grpc
+from stepstream.status.v1 import status_service_pb2 as status_pb
+from stepstream.status.v1 import status_service_pb2_grpc as status_grpc
+
+from orchestrator_svc.app import start
+from tests.conftest import orchestrator_config
+from tests.helpers import (
+    REPO,
+    ServiceProcess,
+    channel,
+    eventually,
+    job_definition,
+    orchestrator_process,
+    status_process,
+    wait_job_state,
+)
+
+CHILDREN = 50
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+class MetricsProcess(ServiceProcess):
+    """A service subprocess whose "metrics on HOST:PORT" line (printed before "listening on") is kept."""
+
+    metrics = ""
+
+    def start(self, deadline: float = 30.0) -> str:
+        self.process = subprocess.Popen([sys.executable, "-m", self.module, *self.args], stdout=subprocess.PIPE,
+                                        stderr=subprocess.DEVNULL, text=True, env=self.env, cwd=REPO)
+        assert self.process.stdout is not None
+        end = time.monotonic() + deadline
+        while time.monotonic() < end:
+            line = self.process.stdout.readline()
+            if " metrics on " in line:
+                self.metrics = line.strip().rsplit(" ", 1)[1]
+            if " listening on " in line:
+                self.address = line.strip().rsplit(" ", 1)[1]
+                return self.address
+            if not line and self.process.poll() is not None:
+                break
+        raise AssertionError(f"{self.module} did not start (rc={self.process.poll()})")
+
+
+def _as(plain: ServiceProcess) -> MetricsProcess:
+    return MetricsProcess(plain.module, plain.args)
+
+
+def scrape(address: str) -> Samples:
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    samples: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return samples
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+async def until_value(address: str, name: str, expected: float, **labels: str) -> None:
+    async def probe() -> bool | None:
+        samples = await asyncio.to_thread(scrape, address)
+        return True if value(samples, name, **labels) == expected else None
+
+    await eventually(probe, f"{name}{labels} == {expected} at {address}")
+
+
+@pytest.fixture
+def services(tmp_path: Path) -> Iterator[tuple[MetricsProcess, MetricsProcess]]:
+    orchestrator = _as(orchestrator_process(tmp_path / "orchestrator", 0, "--metrics-listen", "127.0.0.1:0"))
+    orchestrator.start()
+    status = _as(status_process(tmp_path / "status", orchestrator.address, "--metrics-listen", "127.0.0.1:0"))
+    try:
+        status.start()
+        yield orchestrator, status
+    finally:
+        status.stop()
+        orchestrator.stop()
+
+
+async def test_metrics_of_a_fanout_job(services: tuple[MetricsProcess, MetricsProcess]) -> None:
+    orchestrator, status = services
+    assert orchestrator.metrics and status.metrics
+    definition = job_definition([{"name": "fan", "type": "fanout", "count": CHILDREN,
+                                  "child": {"type": "sleep", "seconds": 0}}])
+    async with channel(orchestrator.address) as orch_channel, channel(status.address) as status_channel:
+        stub = orch_grpc.OrchestratorServiceStub(orch_channel)
+        submitted = await stub.SubmitJob(orch_pb.SubmitJobRequest(definition=definition))
+        job = await wait_job_state(stub, submitted.job.id, {s.JOB_STATE_COMPLETED})
+
+        samples = await asyncio.to_thread(scrape, orchestrator.metrics)
+        completed = sum(progress.children.completed for progress in job.steps)
+        assert completed == CHILDREN
+        assert value(samples, "stepstream_children_finished_total", state="completed") == completed
+        assert value(samples, "stepstream_jobs_finished_total", state="completed") == 1
+        assert value(samples, "stepstream_grpc_server_handled_total", service="stepstream.orchestrator.v1."
+                     "OrchestratorService", method="SubmitJob", code="OK") == 1
+        assert value(samples, "stepstream_events_appended_total") > CHILDREN
+        assert value(samples, "stepstream_grpc_server_handled_total", service="stepstream.orchestrator.v1."
+                     "OrchestratorService", method="GetJob", code="OK") >= 1
+        with pytest.raises(grpc.aio.AioRpcError) as missing:
+            await stub.GetJob(orch_pb.GetJobRequest(job_id="no-such-job"))
+        assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+        await until_value(orchestrator.metrics, "stepstream_grpc_server_handled_total", 1, service="stepstream."
+                          "orchestrator.v1.OrchestratorService", method="GetJob", code="NOT_FOUND")
+        assert value(samples, "stepstream_journal_commit_seconds_count") >= 1
+
+        # Ingest catches up with everything the orchestrator has: lag back to 0.
+        await until_value(status.metrics, "stepstream_ingest_lag_events", 0, orchestrator=orchestrator.address)
+        samples = await asyncio.to_thread(scrape, status.metrics)
+        assert value(samples, "stepstream_ingest_events_applied_total") > CHILDREN
+        assert value(samples, "stepstream_ingest_source_stale", orchestrator=orchestrator.address) == 0
+        assert value(samples, "stepstream_revision") > 0
+        assert value(samples, "stepstream_watchers_attached") == 0
+
+        # A watch open: the gauge counts it, and it is counted off once it ends.
+        watch = status_grpc.StatusServiceStub(status_channel).WatchJob(
+            status_pb.WatchJobRequest(job_id=submitted.job.id))
+        await watch.read()
+        await until_value(status.metrics, "stepstream_watchers_attached", 1)
+        watch.cancel()
+        await until_value(status.metrics, "stepstream_watchers_attached", 0)
+        await until_value(status.metrics, "stepstream_grpc_server_handled_total", 1,
+                          service="stepstream.status.v1.StatusService", method="WatchJob", code="CANCELLED")
+        samples = await asyncio.to_thread(scrape, status.metrics)
+        assert value(samples, "stepstream_grpc_server_msg_sent_total",
+                     service="stepstream.status.v1.StatusService", method="WatchJob") >= 1
+
+
+async def test_metrics_off_by_default(tmp_path: Path) -> None:
+    config = orchestrator_config(tmp_path / "orchestrator")
+    assert config.metrics_listen is None
+    running = await start(config)
+    try:
+        assert running.metrics is None
+    finally:
+        await running.stop()
