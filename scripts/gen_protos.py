@@ -28,7 +28,8 @@ GENERATED_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py", "_pb2_grpc.pyi")
 DESCRIPTOR_SET = "descriptors.binpb"
 
 
-def _plugin(name: str) -> str:
+def tool(name: str) -> str:
+    """A binary from the dev extras: beside this interpreter, else on PATH."""
     found = Path(sys.executable).parent / name
     if found.exists():
         return str(found)
@@ -57,8 +58,8 @@ def generate(out_root: Path) -> list[Path]:
             f"--grpc_python_out={out_root}",
             f"--mypy_out={out_root}",
             f"--mypy_grpc_out={out_root}",
-            f"--plugin=protoc-gen-mypy={_plugin('protoc-gen-mypy')}",
-            f"--plugin=protoc-gen-mypy_grpc={_plugin('protoc-gen-mypy_grpc')}",
+            f"--plugin=protoc-gen-mypy={tool('protoc-gen-mypy')}",
+            f"--plugin=protoc-gen-mypy_grpc={tool('protoc-gen-mypy_grpc')}",
             f"--descriptor_set_out={descriptor_set(out_root)}",
             "--include_source_info",
             *protos,

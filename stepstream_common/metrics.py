@@ -184,11 +184,6 @@ def serve_metrics(listen: str, metrics: Metrics) -> MetricsServer:
     return MetricsServer(f"{host}:{server.server_port}", server, thread)
 
 
-def state_name(full: str) -> str:
-    """A state enum's name as a label: JOB_STATE_COMPLETED -> completed."""
-    return full.rsplit("_STATE_", 1)[-1].lower()
-
-
 class OrchestratorMetrics:
     """The orchestrator's own metrics, moved by the journal (per commit) and the recorder (per finished record)."""
 

@@ -16,10 +16,10 @@ import argparse
 import asyncio
 import os
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from stepstream.channel import DEFAULT_ORCHESTRATOR, DEFAULT_STATUS, add_tls_arguments, tls_from_arguments
 from stepstream.common.v1 import states_pb2
@@ -52,6 +52,8 @@ from stepstream_client.render import (
     summary_json,
 )
 from stepstream_client.sdk import Client, read_token
+
+T = TypeVar("T")
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -235,11 +237,8 @@ async def cmd_get(args: argparse.Namespace) -> int:
 
 async def cmd_list(args: argparse.Namespace) -> int:
     async with _client(args) as client:
-        jobs = []
-        async for job in client.list(states=args.state, name=args.name, page_size=min(args.limit, 1000)):
-            jobs.append(job)
-            if len(jobs) >= args.limit:
-                break
+        jobs = await _first(client.list(states=args.state, name=args.name, page_size=min(args.limit, 1000)),
+                            args.limit)
     if args.output == "json":
         print(dumps([summary_json(job) for job in jobs]))
     elif sys.stdout.isatty():
@@ -257,12 +256,8 @@ async def cmd_list(args: argparse.Namespace) -> int:
 
 async def cmd_children(args: argparse.Namespace) -> int:
     async with _client(args) as client:
-        children = []
-        async for child in client.children(args.job, args.step, states=args.state,
-                                           page_size=min(args.limit or 1000, 1000)):
-            children.append(child)
-            if args.limit and len(children) >= args.limit:
-                break
+        children = await _first(client.children(args.job, args.step, states=args.state,
+                                                page_size=min(args.limit or 1000, 1000)), args.limit)
     if args.output == "json":
         print(dumps([child_json(child) for child in children]))
     elif sys.stdout.isatty():
@@ -272,6 +267,16 @@ async def cmd_children(args: argparse.Namespace) -> int:
         for child in children:
             print(child_line(child))
     return EXIT_OK
+
+
+async def _first(items: AsyncIterator[T], limit: int | None) -> list[T]:
+    """Up to `limit` items (all of them when `limit` is None), fetching no page beyond."""
+    taken: list[T] = []
+    async for item in items:
+        taken.append(item)
+        if limit is not None and len(taken) >= limit:
+            break
+    return taken
 
 
 async def cmd_cancel(args: argparse.Namespace) -> int:

@@ -158,42 +158,31 @@ CANCELLED_BY_REQUEST = Interruption(
     job_state=s.JOB_STATE_CANCELLED,
 )
 
-ORCHESTRATOR_RESTARTED = Interruption(
-    reason=s.REASON_ORCHESTRATOR_RESTARTED,
-    message="the orchestrator restarted while this was in flight",
-    running_state=s.STEP_STATE_FAILED,
-    pending_state=s.STEP_STATE_CANCELLED,
-    job_state=s.JOB_STATE_FAILED,
-)
-
-SHUT_DOWN = Interruption(
-    reason=s.REASON_ORCHESTRATOR_RESTARTED,
-    message="the orchestrator shut down while this was in flight",
-    running_state=s.STEP_STATE_FAILED,
-    pending_state=s.STEP_STATE_CANCELLED,
-    job_state=s.JOB_STATE_FAILED,
-)
-
-
-def job_timed_out(limit: float) -> Interruption:
+def _failing(reason: int, message: str) -> Interruption:
+    """An interruption that fails the job: running work FAILED, pending work CANCELLED."""
     return Interruption(
-        reason=s.REASON_JOB_TIMEOUT,
-        message=f"job timed out after {limit:g}s",
+        reason=reason,
+        message=message,
         running_state=s.STEP_STATE_FAILED,
         pending_state=s.STEP_STATE_CANCELLED,
         job_state=s.JOB_STATE_FAILED,
     )
+
+
+ORCHESTRATOR_RESTARTED = _failing(
+    s.REASON_ORCHESTRATOR_RESTARTED, "the orchestrator restarted while this was in flight"
+)
+
+SHUT_DOWN = _failing(s.REASON_ORCHESTRATOR_RESTARTED, "the orchestrator shut down while this was in flight")
+
+
+def job_timed_out(limit: float) -> Interruption:
+    return _failing(s.REASON_JOB_TIMEOUT, f"job timed out after {limit:g}s")
 
 
 def job_internal_error(error: BaseException) -> Interruption:
     """The orchestrator failed while driving the job: FAILED rather than left hanging."""
-    return Interruption(
-        reason=s.REASON_WORK_FAILED,
-        message=f"internal error: {type(error).__name__}: {error}",
-        running_state=s.STEP_STATE_FAILED,
-        pending_state=s.STEP_STATE_CANCELLED,
-        job_state=s.JOB_STATE_FAILED,
-    )
+    return _failing(s.REASON_WORK_FAILED, f"internal error: {type(error).__name__}: {error}")
 
 
 def left_in_flight(cancel_requested: bool) -> Interruption:

@@ -10,11 +10,12 @@ from collections.abc import Callable, Iterable, Sequence
 
 from stepstream.common.v1 import records_pb2
 from stepstream.common.v1 import states_pb2 as s
+from stepstream.states import job_state_word, step_state_word
 
 from orchestrator_svc.domain import machine
 from orchestrator_svc.engine.journal import Journal
 from orchestrator_svc.storage.base import NewJob
-from stepstream_common.metrics import OrchestratorMetrics, state_name
+from stepstream_common.metrics import OrchestratorMetrics
 from stepstream_common.timeutil import timestamp
 
 
@@ -63,7 +64,7 @@ class Recorder:
             job.finished_at.CopyFrom(timestamp(now))
             if self._metrics is not None:
                 since = job.started_at if job.HasField("started_at") else job.created_at
-                self._metrics.finish("jobs", state_name(s.JobState.Name(job.state)), now - since.ToNanoseconds() / 1e9)
+                self._metrics.finish("jobs", job_state_word(state), now - since.ToNanoseconds() / 1e9)
         return self._journal.append(records_pb2.StepEvent(time=timestamp(now), job=job))
 
     def cancel_requested(self, job: records_pb2.Job, cancelled_by: str) -> int:
@@ -108,7 +109,7 @@ class Recorder:
     def _finished(self, kind: str, record: records_pb2.Step | records_pb2.Child, state: int, now: float) -> None:
         assert self._metrics is not None
         seconds = now - record.started_at.ToNanoseconds() / 1e9 if record.HasField("started_at") else None
-        self._metrics.finish(kind, state_name(s.StepState.Name(record.state)), seconds)
+        self._metrics.finish(kind, step_state_word(state), seconds)
 
 
 def pending_child(job_id: str, step_name: str, index: int, item: str) -> records_pb2.Child:

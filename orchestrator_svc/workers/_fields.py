@@ -20,6 +20,7 @@ class Field:
     kind: FieldKind
     required: bool = False
     minimum: float | None = None
+    maximum: float | None = None
 
 
 def _kind_problem(kind: FieldKind, value: Any) -> str | None:
@@ -44,7 +45,7 @@ def _kind_problem(kind: FieldKind, value: Any) -> str | None:
 
 
 def check_fields(params: Params, path: str, fields: Sequence[Field]) -> list[FieldViolation]:
-    """Missing, unknown and mistyped parameters (and numbers under their minimum)."""
+    """Missing, unknown and mistyped parameters (and numbers outside their minimum and maximum)."""
     violations: list[FieldViolation] = []
     known = {f.name for f in fields}
     for name in params:
@@ -59,6 +60,8 @@ def check_fields(params: Params, path: str, fields: Sequence[Field]) -> list[Fie
         problem = _kind_problem(spec.kind, value)
         if problem is None and spec.minimum is not None and value < spec.minimum:
             problem = f"must be at least {spec.minimum:g}, got {value!r}"
+        elif problem is None and spec.maximum is not None and value > spec.maximum:
+            problem = f"must be at most {spec.maximum:.15g}, got {value:.15g}"
         if problem is not None:
             violations.append(FieldViolation(f"{path}.{spec.name}", problem))
     return violations

@@ -52,16 +52,15 @@ def reason_word(reason: int) -> str:
 
 def job_state_from_word(word: str) -> int:
     """Inverse of job_state_word; raises ValueError naming the valid words."""
-    for number, name in _JOB_WORDS.items():
-        if name == word.lower() and number != states_pb2.JOB_STATE_UNSPECIFIED:
-            return number
-    valid = ", ".join(w for n, w in _JOB_WORDS.items() if n != states_pb2.JOB_STATE_UNSPECIFIED)
-    raise ValueError(f"unknown job state {word!r} (one of: {valid})")
+    return _from_word(_JOB_WORDS, states_pb2.JOB_STATE_UNSPECIFIED, "job", word)
 
 
 def step_state_from_word(word: str) -> int:
-    for number, name in _STEP_WORDS.items():
-        if name == word.lower() and number != states_pb2.STEP_STATE_UNSPECIFIED:
-            return number
-    valid = ", ".join(w for n, w in _STEP_WORDS.items() if n != states_pb2.STEP_STATE_UNSPECIFIED)
-    raise ValueError(f"unknown step state {word!r} (one of: {valid})")
+    return _from_word(_STEP_WORDS, states_pb2.STEP_STATE_UNSPECIFIED, "step", word)
+
+
+def _from_word(words: dict[int, str], unspecified: int, kind: str, word: str) -> int:
+    valid = {name: number for number, name in words.items() if number != unspecified}
+    if word.lower() in valid:
+        return valid[word.lower()]
+    raise ValueError(f"unknown {kind} state {word!r} (one of: {', '.join(valid)})")

@@ -179,18 +179,15 @@ class StatusServicer:
         await self._not_older_than(request, context)
         with (self.watchers.held(request.job_id, f"job {quoted(request.job_id)}"),
               self._feed.subscribed(request.job_id) as subscription):
+            snapshot = await self._store.get_job(request.job_id)
+            if snapshot is None:
+                raise NotFoundError(f"no job {quoted(request.job_id)}")
             if request.HasField("after_revision"):
-                found = await self._store.get_job(request.job_id)
-                if found is None:
-                    raise NotFoundError(f"no job {quoted(request.job_id)}")
                 await self._store.check_retained(request.after_revision)
                 after = request.after_revision
-                if request.until_finished and _finished(found.job) and found.job.revision <= after:
+                if request.until_finished and _finished(snapshot.job) and snapshot.job.revision <= after:
                     return
             else:
-                snapshot = await self._store.get_job(request.job_id)
-                if snapshot is None:
-                    raise NotFoundError(f"no job {quoted(request.job_id)}")
                 initial = pb.JobUpdate(
                     revision=snapshot.revision, job_id=request.job_id, job=snapshot.job, steps=snapshot.steps
                 )

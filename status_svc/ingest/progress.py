@@ -31,8 +31,7 @@ class AppliedPositions:
         for source in committed:
             self._applied[source.address] = (source.log_id, source.cursor)
         for waiter in self._waiters:
-            if not waiter.done():
-                waiter.set_result(None)
+            _wake(waiter)
 
     def committed_seq(self, address: str) -> int:
         """The cursor committed for `address` (0 before anything is)."""

@@ -9,7 +9,6 @@ import importlib.util
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
@@ -40,13 +39,11 @@ def committed_generated_code(root: Path) -> list[Path]:
 
 
 def tool(name: str) -> str:
-    """A binary from the dev extras: beside this interpreter, else on PATH."""
-    beside = Path(sys.executable).parent / name
-    if beside.exists():
-        return str(beside)
-    found = shutil.which(name)
-    if found is None:
-        pytest.fail(f"{name} not found: install the dev extra (pip install -e '.[dev]')")
+    """A binary from the dev extras, found as the generator finds its protoc plugins."""
+    try:
+        found: str = load_generator().tool(name)
+    except SystemExit as missing:
+        pytest.fail(str(missing))
     return found
 
 

@@ -14,11 +14,10 @@ services, and SIGHUP re-reads the tokens file.
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +38,6 @@ from stepstream.status.v1 import status_service_pb2_grpc as status_grpc
 from orchestrator_svc.api.servicer import OrchestratorServicer
 from stepstream_common import auth, rpc
 from stepstream_common.tokens import load_tokens, new_entry
-from tests.client import services
 from tests.client.services import QUICK_ORCHESTRATOR, QUICK_STATUS, Service
 from tests.helpers import (
     DEADLINE,
@@ -49,6 +47,7 @@ from tests.helpers import (
     gate_step,
     job_definition,
     orchestrator_process,
+    private_file,
     read_watch,
     wait_status_job,
     watch_until,
@@ -89,13 +88,6 @@ ROLES = ("viewer", "operator", "follower", "admin")
 # Token names differ from role names: what a job records is the name.
 NAMES = {"viewer": "val", "operator": "otto", "follower": "fern", "admin": "ada"}
 WRONG_SECRET = "otto." + "x" * 43
-
-
-def private_file(path: Path, text: str) -> Path:
-    """`text` in a new 0600 file (as a tokens file must be)."""
-    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as file:
-        file.write(text)
-    return path
 
 
 def tokens_file(path: Path, roles: tuple[str, ...] = ROLES) -> dict[str, str]:
@@ -417,13 +409,6 @@ def test_the_hash_command_refuses_a_short_secret() -> None:
 
 
 # --- the follower's token ----------------------------------------------------------------------------------
-
-
-@pytest.fixture(autouse=True)
-def open_gates_afterwards() -> Iterator[None]:
-    """After each test, end the gate commands it left waiting (see services.gate_step)."""
-    yield
-    services.open_gates()
 
 
 async def submit(secured: Secured, *gates: Path) -> orch_pb.SubmitJobResponse:

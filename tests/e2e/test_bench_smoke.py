@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers import REPO
 
 LATENCY_SCENARIOS = ("idle_1_watcher", "idle_100_watchers", "load_1_watcher", "load_100_watchers")
 

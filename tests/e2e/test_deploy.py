@@ -9,7 +9,6 @@ the status service follow the orchestrator."""
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import subprocess
 import sys
@@ -34,7 +33,7 @@ from status_svc.config import StatusConfig
 from stepstream_common.config import ServiceConfig, options
 from stepstream_common.exposure import Exposure, exposure_of
 from stepstream_common.tokens import new_entry
-from tests.helpers import REPO, ServiceProcess, eventually, free_port, job_definition
+from tests.helpers import REPO, ServiceProcess, eventually, free_port, job_definition, private_file
 from tests.helpers.certs import Authority
 
 DEPLOY = REPO / "deploy"
@@ -401,15 +400,6 @@ def orchestrator_address(tmp_path: Path) -> Iterator[str]:
         yield process.start()
     finally:
         process.stop()
-
-
-def private_file(path: Path, text: str) -> Path:
-    """`text` in a new file `path`, 0600: how a tokens file must be kept."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(descriptor, "w") as file:
-        file.write(text)
-    return path
 
 
 def argv_of(config: ServiceConfig, **replaced: Any) -> list[str]:

@@ -56,6 +56,7 @@ from tests.helpers import (
     job_definition,
     stored_updates,
     wait_job_state,
+    wait_status_job,
 )
 
 # Generous bounds, so a broken test fails instead of hanging; never speed checks.
@@ -339,15 +340,8 @@ async def test_follower_applies_nothing_after_a_gap_and_resumes_from_its_cursor(
     in seq order, once. Without the check it would apply 4 before 3 and ask after 4."""
     peer = GappyOrchestrator([[[1, 2, 4]], [[3], [5]], [[4, 5, 6]]])
     async with following(peer, tmp_path) as (status, stub):
-
-        async def finished() -> status_pb.GetJobResponse | None:
-            try:
-                response = await stub.GetJob(status_pb.GetJobRequest(job_id=JOB_ID))
-            except grpc.aio.AioRpcError:
-                return None
-            return response if response.job.state == s.JOB_STATE_COMPLETED else None
-
-        done = await eventually(finished, "the job to be completed in the status service")
+        done = await wait_status_job(stub, JOB_ID, lambda response: response.job.state == s.JOB_STATE_COMPLETED,
+                                     "the job to be completed in the status service")
     assert peer.requests == [(0, ""), (2, LOG_ID), (3, LOG_ID)]
     assert [step.state for step in done.steps] == [s.STEP_STATE_COMPLETED]
     updates = stored_updates(tmp_path / "status" / STATUS_DB, JOB_ID)

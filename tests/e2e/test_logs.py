@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sqlite3
 import subprocess
 import sys
@@ -22,16 +21,11 @@ from stepstream_client.errors import UnauthenticatedError
 
 from stepstream_common.logs import JsonFormatter, log_context
 from tests.client.services import DEADLINE, QUICK_ORCHESTRATOR, QUICK_STATUS, Service
+from tests.helpers import private_file
 
 ENV_SECRET = "env-secret-7f3a9c1e"
 REQUIRED = {"timestamp", "level", "logger", "message"}
 LEVELS = {"debug", "info", "warning", "error", "critical"}
-
-
-def private_file(path: Path, text: str) -> Path:
-    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as file:
-        file.write(text)
-    return path
 
 
 def hashed(name: str, role: str) -> tuple[str, str]:

@@ -5,9 +5,6 @@ Prometheus parses them."""
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
-import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +21,6 @@ from stepstream.status.v1 import status_service_pb2_grpc as status_grpc
 from orchestrator_svc.app import start
 from tests.conftest import orchestrator_config
 from tests.helpers import (
-    REPO,
     ServiceProcess,
     channel,
     eventually,
@@ -43,21 +39,9 @@ class MetricsProcess(ServiceProcess):
 
     metrics = ""
 
-    def start(self, deadline: float = 30.0) -> str:
-        self.process = subprocess.Popen([sys.executable, "-m", self.module, *self.args], stdout=subprocess.PIPE,
-                                        stderr=subprocess.DEVNULL, text=True, env=self.env, cwd=REPO)
-        assert self.process.stdout is not None
-        end = time.monotonic() + deadline
-        while time.monotonic() < end:
-            line = self.process.stdout.readline()
-            if " metrics on " in line:
-                self.metrics = line.strip().rsplit(" ", 1)[1]
-            if " listening on " in line:
-                self.address = line.strip().rsplit(" ", 1)[1]
-                return self.address
-            if not line and self.process.poll() is not None:
-                break
-        raise AssertionError(f"{self.module} did not start (rc={self.process.poll()})")
+    def saw(self, line: str) -> None:
+        if " metrics on " in line:
+            self.metrics = line.strip().rsplit(" ", 1)[1]
 
 
 def _as(plain: ServiceProcess) -> MetricsProcess:

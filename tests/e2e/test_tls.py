@@ -16,7 +16,7 @@ import os
 import re
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,6 @@ from stepstream.status.v1 import status_service_pb2_grpc as status_grpc
 from stepstream_client import Client, SyncClient
 from stepstream_client.errors import NotFoundError, UnavailableError
 
-from tests.client import services
 from tests.client.services import QUICK_ORCHESTRATOR, QUICK_STATUS, Service
 from tests.contract.test_contract import tool
 from tests.helpers import DEADLINE, REPO, ends_job, gate_step, run_cli, watch_until
@@ -65,12 +64,6 @@ async def start(tmp_path: Path) -> AsyncIterator[Start]:
     yield start_service
     for service in started:
         await service.kill()
-
-
-@pytest.fixture(autouse=True)
-def open_gates_afterwards() -> Iterator[None]:
-    yield
-    services.open_gates()
 
 
 def serving(pair: Issued, client_ca: Path | None = None) -> list[str]:

@@ -60,13 +60,23 @@ async def read_events(
     deadline: float = DEADLINE,
 ) -> list[records_pb2.StepEvent]:
     """Stream events after `after_seq` until `until(all so far)` holds."""
+    return await _stream_events(stub, after_seq, lambda events, _: until(events), deadline)
+
+
+async def _stream_events(
+    stub: orch_grpc.OrchestratorServiceAsyncStub,
+    after_seq: int,
+    done: Callable[[list[records_pb2.StepEvent], orch_pb.StreamStepEventsResponse], bool],
+    deadline: float,
+) -> list[records_pb2.StepEvent]:
+    """Stream events after `after_seq` until `done(all so far, the latest message)` holds."""
     events: list[records_pb2.StepEvent] = []
     call = stub.StreamStepEvents(orch_pb.StreamStepEventsRequest(after_seq=after_seq))
     try:
         async with asyncio.timeout(deadline):
             async for message in call:
                 events.extend(message.batch.events)
-                if until(events):
+                if done(events, message):
                     return events
     finally:
         call.cancel()
@@ -128,12 +138,16 @@ class ServiceProcess:
         line = ""
         while time.monotonic() < end:
             line = self.process.stdout.readline()
+            self.saw(line)
             if " listening on " in line:
                 self.address = line.strip().rsplit(" ", 1)[1]
                 return self.address
             if not line and self.process.poll() is not None:
                 break
         raise AssertionError(f"{self.module} did not start (last line: {line!r}, rc={self.process.poll()})")
+
+    def saw(self, line: str) -> None:
+        """Each stdout line start() reads, up to "listening on": a subclass keeps what it needs."""
 
     def kill(self) -> None:
         """kill -9: no cleanup of any kind."""
@@ -156,6 +170,14 @@ class ServiceProcess:
 
 def channel(address: str) -> grpc.aio.Channel:
     return grpc.aio.insecure_channel(address)
+
+
+def private_file(path: Path, text: str) -> Path:
+    """`text` in a new file `path` (its folder made if need be), 0600: how a tokens file must be kept."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as file:
+        file.write(text)
+    return path
 
 
 # --- Status service tests: ports, subprocess services, the SQLite file, watch folding ------------------------
@@ -196,18 +218,12 @@ async def read_whole_log(
     stub: orch_grpc.OrchestratorServiceAsyncStub, after_seq: int = 0, deadline: float = DEADLINE
 ) -> list[records_pb2.StepEvent]:
     """Every event after `after_seq`: streams until a heartbeat says nothing newer exists."""
-    events: list[records_pb2.StepEvent] = []
-    call = stub.StreamStepEvents(orch_pb.StreamStepEventsRequest(after_seq=after_seq))
-    try:
-        async with asyncio.timeout(deadline):
-            async for message in call:
-                events.extend(message.batch.events)
-                last = events[-1].seq if events else after_seq
-                if message.HasField("heartbeat") and message.heartbeat.latest_seq == last:
-                    return events
-    finally:
-        call.cancel()
-    raise AssertionError("stream ended early")
+
+    def caught_up(events: list[records_pb2.StepEvent], message: orch_pb.StreamStepEventsResponse) -> bool:
+        last = events[-1].seq if events else after_seq
+        return message.HasField("heartbeat") and message.heartbeat.latest_seq == last
+
+    return await _stream_events(stub, after_seq, caught_up, deadline)
 
 
 class WatchedJob:
@@ -270,9 +286,10 @@ def status_job_finished(response: Any) -> bool:
 
 # --- both services as subprocesses ---------------------------------------------
 
-def service_processes(tmp_path: Path) -> tuple[ServiceProcess, ServiceProcess]:
-    """Both services as started subprocesses on free ports (stop() them when done)."""
-    orchestrator = orchestrator_process(tmp_path / "orchestrator", 0)
+def service_processes(tmp_path: Path, *orchestrator_flags: str) -> tuple[ServiceProcess, ServiceProcess]:
+    """Both services as started subprocesses on free ports, the orchestrator with
+    `orchestrator_flags` (stop() them when done)."""
+    orchestrator = orchestrator_process(tmp_path / "orchestrator", 0, *orchestrator_flags)
     orchestrator.start()
     status = status_process(tmp_path / "status", orchestrator.address)
     try:

@@ -33,10 +33,9 @@ from tests.helpers import (
     eventually,
     job_definition,
     job_events,
-    orchestrator_process,
     read_whole_log,
+    service_processes,
     status_job_finished,
-    status_process,
     wait_status_job,
 )
 
@@ -51,17 +50,12 @@ async def services(
     tmp_path: Path, *orchestrator_flags: str
 ) -> AsyncIterator[tuple[orch_grpc.OrchestratorServiceAsyncStub, status_grpc.StatusServiceAsyncStub]]:
     """Both services as subprocesses (the orchestrator with `orchestrator_flags`), and a stub for each."""
-    orchestrator = orchestrator_process(tmp_path / "orchestrator", 0, *orchestrator_flags)
+    orchestrator, status = service_processes(tmp_path, *orchestrator_flags)
     try:
-        orchestrator.start()
-        status = status_process(tmp_path / "status", orchestrator.address)
-        try:
-            status.start()
-            async with channel(orchestrator.address) as orch_channel, channel(status.address) as status_channel:
-                yield orch_grpc.OrchestratorServiceStub(orch_channel), status_grpc.StatusServiceStub(status_channel)
-        finally:
-            status.stop()
+        async with channel(orchestrator.address) as orch_channel, channel(status.address) as status_channel:
+            yield orch_grpc.OrchestratorServiceStub(orch_channel), status_grpc.StatusServiceStub(status_channel)
     finally:
+        status.stop()
         orchestrator.stop()
 
 

@@ -5,6 +5,7 @@ snapshots joined to the stream by one seq, and graceful shutdown."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -205,15 +206,7 @@ async def test_a_reader_stalled_beyond_retention_is_cut_off_never_skipped(
         await wait_job_state(stub, job.job.id, {s.JOB_STATE_COMPLETED})
         last = await latest_seq(stub, job.job.id)
 
-        async def pruned() -> OutOfRangeError | None:
-            try:
-                await first_message(stub, 0)
-            except grpc.aio.AioRpcError as failed:
-                error = from_rpc_error(failed)
-                return error if isinstance(error, OutOfRangeError) else None
-            return None
-
-        await eventually(pruned, "the log to be pruned")
+        await eventually(functools.partial(pruned, stub), "the log to be pruned")
         events: list[Event] = []
 
         async def read_to_the_end() -> None:
@@ -283,6 +276,16 @@ async def first_message(stub: Stub, after_seq: int, log_id: str = "") -> orch_pb
         call.cancel()
 
 
+async def pruned(stub: Stub) -> OutOfRangeError | None:
+    """The OutOfRangeError a stream from the start fails with once the log was pruned; None before."""
+    try:
+        await first_message(stub, 0)
+    except grpc.aio.AioRpcError as failed:
+        error = from_rpc_error(failed)
+        return error if isinstance(error, OutOfRangeError) else None
+    return None
+
+
 async def out_of_range(stub: Stub, after_seq: int, log_id: str = "") -> OutOfRangeError:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await first_message(stub, after_seq, log_id)
@@ -300,15 +303,7 @@ async def test_cursor_too_old(custom_orchestrator: Callable[..., Awaitable[Orche
         last = await latest_seq(stub, submitted.job.id)
         assert last > 20
 
-        async def pruned() -> OutOfRangeError | None:
-            try:
-                await first_message(stub, 0)
-            except grpc.aio.AioRpcError as failed:
-                error = from_rpc_error(failed)
-                return error if isinstance(error, OutOfRangeError) else None
-            return None
-
-        error = await eventually(pruned, "the log to be pruned")
+        error = await eventually(functools.partial(pruned, stub), "the log to be pruned")
         assert error.reason == "CURSOR_TOO_OLD"
         assert error.metadata == {"oldest": str(last - 4), "latest": str(last), "log_id": error.metadata["log_id"]}
         assert error.metadata["log_id"]

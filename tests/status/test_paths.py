@@ -59,8 +59,9 @@ def fanout(name: str, child: Mapping[str, Any], **fields: Any) -> dict[str, Any]
     return {"name": name, "type": "fanout", "child": dict(child), **fields}
 
 
-async def submit(orch: OrchStub, steps: Steps, name: str = "test-job", **fields: Any) -> str:
-    response = await orch.SubmitJob(orch_pb.SubmitJobRequest(definition=job_definition(steps, name=name, **fields)))
+async def submit(orch: OrchStub, steps: Sequence[Mapping[str, Any]], name: str = "test-job", **fields: Any) -> str:
+    definition = job_definition(list(steps), name=name, **fields)
+    response = await orch.SubmitJob(orch_pb.SubmitJobRequest(definition=definition))
     return response.job.id
 
 

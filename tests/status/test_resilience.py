@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,7 +41,6 @@ from tests.helpers import (
     ends_job,
     eventually,
     free_port,
-    job_definition,
     open_sqlite_readonly,
     orchestrator_process,
     read_watch,
@@ -52,7 +51,7 @@ from tests.helpers import (
     watch_until,
 )
 from tests.status.test_crash import recorded_events
-from tests.status.test_paths import assert_status_equals_orchestrator
+from tests.status.test_paths import assert_status_equals_orchestrator, submit
 
 if TYPE_CHECKING:
     OrchStub = orch_grpc.OrchestratorServiceAsyncStub
@@ -82,11 +81,6 @@ async def status_service(data_dir: Path, orchestrator: str) -> AsyncIterator[tup
             yield service, status_grpc.StatusServiceStub(ch)
     finally:
         await service.stop()
-
-
-async def submit(orch: OrchStub, steps: Sequence[Mapping[str, Any]], name: str = "test-job") -> str:
-    response = await orch.SubmitJob(orch_pb.SubmitJobRequest(definition=job_definition(list(steps), name=name)))
-    return response.job.id
 
 
 def long_running(response: status_pb.GetJobResponse) -> bool:

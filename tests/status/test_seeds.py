@@ -17,7 +17,7 @@ from __future__ import annotations
 import random
 import shlex
 import sqlite3
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -43,7 +43,6 @@ from tests.helpers import (
     channel,
     eventually,
     free_port,
-    job_definition,
     open_sqlite_readonly,
     read_watch,
     read_whole_log,
@@ -52,6 +51,7 @@ from tests.helpers import (
     wait_status_job,
     watch_until,
 )
+from tests.status.test_paths import submit
 
 if TYPE_CHECKING:
     OrchStub = orch_grpc.OrchestratorServiceAsyncStub
@@ -66,11 +66,6 @@ JOB_RANK = {s.JOB_STATE_PENDING: 1, s.JOB_STATE_RUNNING: 2, **dict.fromkeys(TERM
 def waits_for(path: Path, name: str, **fields: Any) -> dict[str, Any]:
     return {"name": name, "type": "command",
             "command": ["sh", "-c", f"while [ ! -f {shlex.quote(str(path))} ]; do sleep 0.02; done"], **fields}
-
-
-async def submit(orch: OrchStub, steps: Sequence[Mapping[str, Any]], **fields: Any) -> str:
-    response = await orch.SubmitJob(orch_pb.SubmitJobRequest(definition=job_definition(list(steps), **fields)))
-    return response.job.id
 
 
 def step_named(response: status_pb.GetJobResponse, name: str) -> status_pb.StepStats:

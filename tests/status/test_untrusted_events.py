@@ -373,21 +373,13 @@ async def test_a_database_file_from_before_the_unknown_counts_is_migrated_in_pla
     db.close()
 
     # The migrated file takes a step in an unknown state like a new one.
-    store = SqliteStatusStore(path)
-    opened = await store.open()
-    feed: Feed[StoredChange] = Feed(max_pending=100)
-    writer = IngestWriter(store, feed, latest_revision=opened.revision, sources=opened.sources)
-    running = asyncio.create_task(writer.run())
-    try:
+    async with writer_on(path) as (writer, _):
         await writer.submit(Events("orch", "log", [_event(4, step("j1", "fan", 0, STEP_99))]))
-        await writer.stop()
-        await running
+    async with writer_on(path) as (_, store):
         snapshot = await store.get_job("j1")
         assert snapshot is not None
         assert snapshot.job.steps == status_pb.StepCounts(total=1, unknown=1)
         assert [st.state for st in snapshot.steps] == [STEP_99]
-    finally:
-        await store.close()
 
 
 # --- jobs kept apart by source --------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import shlex
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import pytest
 from stepstream.common.v1 import states_pb2 as s
-from stepstream.orchestrator.v1 import orchestrator_service_pb2 as orch_pb
 from stepstream.orchestrator.v1 import orchestrator_service_pb2_grpc as orch_grpc
 from stepstream.status.v1 import status_service_pb2 as status_pb
 from stepstream.status.v1 import status_service_pb2_grpc as status_grpc
@@ -34,7 +33,6 @@ from tests.helpers import (
     ends_job,
     eventually,
     folded_child_events,
-    job_definition,
     open_sqlite_readonly,
     read_watch,
     status_job_finished,
@@ -42,6 +40,7 @@ from tests.helpers import (
     wait_status_job,
     watch_until,
 )
+from tests.status.test_paths import submit
 
 if TYPE_CHECKING:
     OrchStub = orch_grpc.OrchestratorServiceAsyncStub
@@ -59,11 +58,6 @@ def fan(count: int, concurrency: int = 10, delay: float = 0.0, fail_every: int =
             "max_child_failures": count,
             "child": {"type": "python", "function": "tests.helpers:flaky_child",
                       "args": {"index": "{index}", "fail_every": str(fail_every), "delay": str(delay)}}}
-
-
-async def submit(orch: OrchStub, steps: Sequence[Mapping[str, Any]], name: str = "test-job") -> str:
-    response = await orch.SubmitJob(orch_pb.SubmitJobRequest(definition=job_definition(list(steps), name=name)))
-    return response.job.id
 
 
 async def gated_job(orch: OrchStub, status: StatusStub, release: Path, *steps: dict[str, Any],

@@ -26,24 +26,22 @@ from orchestrator_svc.workers import (
     check_fields,
 )
 
+MAX_TIMES = 10
 FIELDS = (
     Field("text", "string", required=True),
     Field("path", "string", required=True),
-    Field("times", "integer", minimum=1),
+    Field("times", "integer", minimum=1, maximum=MAX_TIMES),
 )
-MAX_TIMES = 10
 
 
 class ShoutWorker(Worker):
     def validate(self, params: Params, path: str, catalog: WorkerCatalog) -> list[FieldViolation]:
         violations = check_fields(params, path, FIELDS)
-        text, target, times = params.get("text"), params.get("path"), params.get("times")
+        text, target = params.get("text"), params.get("path")
         if isinstance(text, str) and not text.strip():
             violations.append(FieldViolation(f"{path}.text", "must not be blank: there is nothing to shout"))
         if isinstance(target, str) and not Path(target).is_absolute():
             violations.append(FieldViolation(f"{path}.path", f"must be an absolute path, got {target!r}"))
-        if isinstance(times, int | float) and times > MAX_TIMES:
-            violations.append(FieldViolation(f"{path}.times", f"must be at most {MAX_TIMES}, got {times:g}"))
         return violations
 
     async def run(self, params: Params, context: WorkContext) -> str:
