@@ -68,6 +68,11 @@ RULES: Final[Mapping[str, Access]] = {
     f"/{_ORCHESTRATOR}/ListJobs": READERS,
     f"/{_ORCHESTRATOR}/StreamStepEvents": FOLLOWERS,
     f"/{_ORCHESTRATOR}/StreamSnapshot": FOLLOWERS,
+    # Whoever may read a job may read what its steps printed (as Kubernetes' view
+    # role reads pods/log): a step's message, visible to readers, is its last line
+    # of output already. A follower (the status service) never needs it.
+    f"/{_ORCHESTRATOR}/StreamOutput": READERS,
+    f"/{_ORCHESTRATOR}/ListOutput": READERS,
     f"/{_STATUS}/GetJob": READERS,
     f"/{_STATUS}/ListJobs": READERS,
     f"/{_STATUS}/ListChildren": READERS,

@@ -5,7 +5,8 @@ against DefinitionLimits before anything of it is converted; SubmitJob
 requests being worked on hold at most --max-submit-bytes between them, so
 that many large submissions at once cannot multiply the memory one takes;
 at most --max-snapshots StreamSnapshot calls hold a read transaction at once;
-and every stream lets go of what it holds when its client stops reading
+StreamOutput's bounds are orchestrator_svc.api.output's; and every stream
+lets go of what it holds when its client stops reading
 (stepstream_common.streaming.handed_over).
 """
 
@@ -21,9 +22,11 @@ from dataclasses import dataclass, field, fields
 from stepstream.common.v1 import states_pb2
 from stepstream.orchestrator.v1 import orchestrator_service_pb2 as pb
 
+from orchestrator_svc.api.output import OutputApi
 from orchestrator_svc.config import OrchestratorConfig
 from orchestrator_svc.domain.spec import DefinitionLimits, WorkerCatalog, check_limits
 from orchestrator_svc.engine.engine import Engine
+from orchestrator_svc.output import OutputStore
 from orchestrator_svc.storage.base import EventStore, StoredEvent
 from orchestrator_svc.workers.registry import WorkerRegistry
 from stepstream_common import wire
@@ -102,11 +105,12 @@ class OrchestratorServicer:
         log_id: str,
         heartbeat_interval: float,
         *,
+        output: OutputStore,
         workers: WorkerCatalog | None = None,
         limits: ApiLimits | None = None,
     ) -> None:
-        """`workers` is what the engine runs (default: the registered workers);
-        `limits` default to the settings' defaults."""
+        """`output` is what steps printed; `workers` is what the engine runs
+        (default: the registered workers); `limits` default to the settings' defaults."""
         self._engine = engine
         self._store = store
         self._feed = feed
@@ -118,6 +122,7 @@ class OrchestratorServicer:
         self._stall_timeout = self._limits.stream_stall_timeout
         self.submissions = ByteBudget(self._limits.max_submit_bytes)
         self.snapshots = Slots(Limit(SNAPSHOTS, "--max-snapshots", self._limits.max_snapshots, "snapshots being sent"))
+        self._output = OutputApi(engine, store, output, heartbeat_interval)
 
     async def SubmitJob(self, request: pb.SubmitJobRequest, context: Context) -> pb.SubmitJobResponse:
         """The limits are checked at once, before anything waits holding the request
@@ -226,6 +231,16 @@ class OrchestratorServicer:
                         await pages.aclose()  # its cursor, before the snapshot closes the connection under it
                 if not sent:
                     yield records([])
+
+    async def StreamOutput(
+        self, request: pb.StreamOutputRequest, context: Context
+    ) -> AsyncIterator[bytes | pb.StreamOutputResponse]:
+        async with contextlib.aclosing(handed_over(self._output.stream(request), self._stall_timeout)) as responses:
+            async for response in responses:
+                yield response
+
+    async def ListOutput(self, request: pb.ListOutputRequest, context: Context) -> pb.ListOutputResponse:
+        return await self._output.list(request)
 
     def _heartbeat(self) -> pb.StreamStepEventsResponse:
         return pb.StreamStepEventsResponse(

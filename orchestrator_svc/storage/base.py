@@ -17,6 +17,7 @@ from stepstream.common.v1 import records_pb2
 from stepstream.orchestrator.v1 import definition_pb2
 
 from stepstream_common.feed import Page
+from stepstream_common.paging import PageTokens
 
 
 class StoredEvent(NamedTuple):
@@ -81,6 +82,10 @@ class Snapshot:
 
 class EventStore(Protocol):
     async def open(self) -> LogInfo: ...
+
+    @property
+    def page_tokens(self) -> PageTokens:
+        """Issues and checks this store's page tokens (valid across restarts: the secret is stored)."""
 
     async def close(self) -> None: ...
 

@@ -91,6 +91,10 @@ class SqliteEventStore(SqliteFile):
     def log_id(self) -> str:
         return self._log_id
 
+    @property
+    def page_tokens(self) -> PageTokens:
+        return self._tokens
+
     async def open(self) -> LogInfo:
         await self._connect(SCHEMA)
 

@@ -73,6 +73,8 @@ POLICY: dict[str, dict[str, set[str] | None]] = {
         f"/{ORCHESTRATOR}/ListJobs": READERS,
         f"/{ORCHESTRATOR}/StreamStepEvents": {"follower", "admin"},
         f"/{ORCHESTRATOR}/StreamSnapshot": {"follower", "admin"},
+        f"/{ORCHESTRATOR}/StreamOutput": READERS,
+        f"/{ORCHESTRATOR}/ListOutput": READERS,
         **EVERY_SERVER,
     },
     "status": {

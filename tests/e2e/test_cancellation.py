@@ -200,7 +200,8 @@ async def test_orchestrator_handlers_survive_cancellation_at_every_await(
     first = await orchestrator_stub.SubmitJob(orch_pb.SubmitJobRequest(definition=definition, request_id="first"))
     await wait_job_state(orchestrator_stub, first.job.id, {s.JOB_STATE_COMPLETED})
     servicer = OrchestratorServicer(
-        orchestrator.engine, orchestrator.store, orchestrator.feed, orchestrator.store.log_id, 0.05
+        orchestrator.engine, orchestrator.store, orchestrator.feed, orchestrator.store.log_id, 0.05,
+        output=orchestrator.output,
     )
     context: Any = _Context()
     store = orchestrator.store

@@ -210,7 +210,8 @@ async def test_a_submission_over_the_budget_is_refused_while_another_is_recorded
     until it is recorded, so a second one meanwhile is RESOURCE_EXHAUSTED; both
     sides of it are real (no stand-ins), only the budget is tiny."""
     servicer = OrchestratorServicer(orchestrator.engine, orchestrator.store, orchestrator.feed,
-                                    orchestrator.store.log_id, 0.2, limits=ApiLimits(max_submit_bytes=1))
+                                    orchestrator.store.log_id, 0.2, output=orchestrator.output,
+                                    limits=ApiLimits(max_submit_bytes=1))
     request = orch_pb.SubmitJobRequest(definition=job_definition([{"name": "a", **SLEEP0}]))
     context: Any = _Context()
     first = asyncio.ensure_future(servicer.SubmitJob(request, context))

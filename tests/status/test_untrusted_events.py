@@ -130,6 +130,15 @@ class FakeOrchestrator(orch_grpc.OrchestratorServiceServicer):
     async def ListJobs(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         await _not_here(context)
 
+    async def StreamOutput(
+        self, request: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[orch_pb.StreamOutputResponse]:
+        await _not_here(context)
+        yield orch_pb.StreamOutputResponse()  # not reached: _not_here aborts the call
+
+    async def ListOutput(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        await _not_here(context)
+
 
 async def _not_here(context: grpc.aio.ServicerContext[Any, Any]) -> None:
     await context.abort(grpc.StatusCode.UNIMPLEMENTED, "a fake orchestrator only serves its event log")

@@ -9,6 +9,7 @@ from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from stepstream.common.v1 import records_pb2 as _records_pb2
 from stepstream.common.v1 import states_pb2 as _states_pb2
 from stepstream.orchestrator.v1 import definition_pb2 as _definition_pb2
@@ -22,6 +23,32 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _OutputStream:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _OutputStreamEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_OutputStream.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    OUTPUT_STREAM_UNSPECIFIED: _OutputStream.ValueType  # 0
+    OUTPUT_STREAM_STDOUT: _OutputStream.ValueType  # 1
+    OUTPUT_STREAM_STDERR: _OutputStream.ValueType  # 2
+    OUTPUT_STREAM_NOTICE: _OutputStream.ValueType  # 3
+    """The orchestrator's own line about the output (e.g. "… 123,456 bytes
+    dropped …" where storage cut it).
+    """
+
+class OutputStream(_OutputStream, metaclass=_OutputStreamEnumTypeWrapper):
+    """Where a line of output came from."""
+
+OUTPUT_STREAM_UNSPECIFIED: OutputStream.ValueType  # 0
+OUTPUT_STREAM_STDOUT: OutputStream.ValueType  # 1
+OUTPUT_STREAM_STDERR: OutputStream.ValueType  # 2
+OUTPUT_STREAM_NOTICE: OutputStream.ValueType  # 3
+"""The orchestrator's own line about the output (e.g. "… 123,456 bytes
+dropped …" where storage cut it).
+"""
+Global___OutputStream: _TypeAlias = OutputStream  # noqa: Y015
 
 @_typing.final
 class SubmitJobRequest(_message.Message):
@@ -415,3 +442,365 @@ class StreamSnapshotResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StreamSnapshotResponse: _TypeAlias = StreamSnapshotResponse  # noqa: Y015
+
+@_typing.final
+class StreamOutputRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
+    CHILD_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    FROM_LINE_FIELD_NUMBER: _builtins.int
+    TAIL_FIELD_NUMBER: _builtins.int
+    FOLLOW_FIELD_NUMBER: _builtins.int
+    STREAMS_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    step: _builtins.str
+    child: _builtins.int
+    """The child of a fan-out step (its index); unset: the step itself."""
+    attempt: _builtins.int
+    """1 for the first attempt; 0 means the latest."""
+    from_line: _builtins.int
+    """The number of the first line wanted: to resume, the last line received
+    plus one. Older than what is retained is OUT_OF_RANGE, never a skip.
+    """
+    tail: _builtins.int
+    """Only the last this many lines (1 to 100000)."""
+    follow: _builtins.bool
+    """Go on sending new lines until the attempt ends; otherwise stop at the
+    lines there are now.
+    """
+    @_builtins.property
+    def streams(self) -> _containers.RepeatedScalarFieldContainer[Global___OutputStream.ValueType]:
+        """Only lines of these streams; empty means all. NOTICE lines are always sent."""
+
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        step: _builtins.str = ...,
+        child: _builtins.int | None = ...,
+        attempt: _builtins.int = ...,
+        from_line: _builtins.int = ...,
+        tail: _builtins.int = ...,
+        follow: _builtins.bool = ...,
+        streams: _abc.Iterable[Global___OutputStream.ValueType] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_child", b"_child", "child", b"child", "from_line", b"from_line", "start", b"start", "tail", b"tail"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_child", b"_child", "attempt", b"attempt", "child", b"child", "follow", b"follow", "from_line", b"from_line", "job_id", b"job_id", "start", b"start", "step", b"step", "streams", b"streams", "tail", b"tail"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__child: _TypeAlias = _typing.Literal["child"]  # noqa: Y015
+    _WhichOneofArgType__child: _TypeAlias = _typing.Literal["_child", b"_child"]  # noqa: Y015
+    _WhichOneofReturnType_start: _TypeAlias = _typing.Literal["from_line", "tail"]  # noqa: Y015
+    _WhichOneofArgType_start: _TypeAlias = _typing.Literal["start", b"start"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__child) -> _WhichOneofReturnType__child | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_start) -> _WhichOneofReturnType_start | None: ...
+
+Global___StreamOutputRequest: _TypeAlias = StreamOutputRequest  # noqa: Y015
+
+@_typing.final
+class StreamOutputResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    START_FIELD_NUMBER: _builtins.int
+    CHUNK_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_FIELD_NUMBER: _builtins.int
+    END_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def start(self) -> Global___OutputStart:
+        """First, once: which attempt this stream serves."""
+
+    @_builtins.property
+    def chunk(self) -> Global___OutputChunk: ...
+    @_builtins.property
+    def heartbeat(self) -> Global___OutputHeartbeat: ...
+    @_builtins.property
+    def end(self) -> Global___OutputEnd:
+        """Last, once every line asked for was sent: the stream then closes. A
+        stream that closes without one was cut: resume it.
+        """
+
+    def __init__(
+        self,
+        *,
+        start: Global___OutputStart | None = ...,
+        chunk: Global___OutputChunk | None = ...,
+        heartbeat: Global___OutputHeartbeat | None = ...,
+        end: Global___OutputEnd | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "end", b"end", "heartbeat", b"heartbeat", "payload", b"payload", "start", b"start"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "end", b"end", "heartbeat", b"heartbeat", "payload", b"payload", "start", b"start"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["start", "chunk", "heartbeat", "end"]  # noqa: Y015
+    _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_payload) -> _WhichOneofReturnType_payload | None: ...
+
+Global___StreamOutputResponse: _TypeAlias = StreamOutputResponse  # noqa: Y015
+
+@_typing.final
+class OutputStart(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    FIRST_RETAINED_LINE_FIELD_NUMBER: _builtins.int
+    LINES_FIELD_NUMBER: _builtins.int
+    attempt: _builtins.int
+    """The attempt served (the latest one when the request said 0): resume
+    with this attempt, not 0, or a retry begun meanwhile would switch attempts.
+    """
+    first_retained_line: _builtins.int
+    """The oldest line still retained; earlier ones are gone."""
+    lines: _builtins.int
+    """How many lines the attempt has so far (the next line's number)."""
+    def __init__(
+        self,
+        *,
+        attempt: _builtins.int = ...,
+        first_retained_line: _builtins.int = ...,
+        lines: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "first_retained_line", b"first_retained_line", "lines", b"lines"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OutputStart: _TypeAlias = OutputStart  # noqa: Y015
+
+@_typing.final
+class OutputChunk(_message.Message):
+    """Lines in number order, contiguous but for those the stream filter left out."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LINES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def lines(self) -> _containers.RepeatedCompositeFieldContainer[Global___OutputLine]: ...
+    def __init__(
+        self,
+        *,
+        lines: _abc.Iterable[Global___OutputLine] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lines", b"lines"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OutputChunk: _TypeAlias = OutputChunk  # noqa: Y015
+
+@_typing.final
+class OutputLine(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NUMBER_FIELD_NUMBER: _builtins.int
+    STREAM_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    TIME_FIELD_NUMBER: _builtins.int
+    CONTINUED_FIELD_NUMBER: _builtins.int
+    number: _builtins.int
+    """0 for an attempt's first line; resume from the last one received plus one."""
+    stream: Global___OutputStream.ValueType
+    data: _builtins.bytes
+    """As the step wrote it, without its newline: bytes, not text (any encoding,
+    ANSI sequences kept).
+    """
+    continued: _builtins.bool
+    """The step's line goes on in the next line of this stream: it was longer
+    than a line may be and was cut.
+    """
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        number: _builtins.int = ...,
+        stream: Global___OutputStream.ValueType = ...,
+        data: _builtins.bytes = ...,
+        time: _timestamp_pb2.Timestamp | None = ...,
+        continued: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["continued", b"continued", "data", b"data", "number", b"number", "stream", b"stream", "time", b"time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OutputLine: _TypeAlias = OutputLine  # noqa: Y015
+
+@_typing.final
+class OutputHeartbeat(_message.Message):
+    """Sent when there was nothing to send for one heartbeat interval."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LINES_FIELD_NUMBER: _builtins.int
+    TIME_FIELD_NUMBER: _builtins.int
+    INTERVAL_FIELD_NUMBER: _builtins.int
+    lines: _builtins.int
+    """How many lines the attempt has now."""
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def interval(self) -> _duration_pb2.Duration: ...
+    def __init__(
+        self,
+        *,
+        lines: _builtins.int = ...,
+        time: _timestamp_pb2.Timestamp | None = ...,
+        interval: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["interval", b"interval", "time", b"time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["interval", b"interval", "lines", b"lines", "time", b"time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OutputHeartbeat: _TypeAlias = OutputHeartbeat  # noqa: Y015
+
+@_typing.final
+class OutputEnd(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FINISHED_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    LINES_FIELD_NUMBER: _builtins.int
+    DROPPED_BYTES_FIELD_NUMBER: _builtins.int
+    finished: _builtins.bool
+    """The attempt has ended (always so with `follow`); `state` is its final state."""
+    state: _states_pb2.StepState.ValueType
+    lines: _builtins.int
+    """How many lines the attempt has."""
+    dropped_bytes: _builtins.int
+    """Bytes the step printed that were not kept (over the per-attempt limit)."""
+    def __init__(
+        self,
+        *,
+        finished: _builtins.bool = ...,
+        state: _states_pb2.StepState.ValueType = ...,
+        lines: _builtins.int = ...,
+        dropped_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dropped_bytes", b"dropped_bytes", "finished", b"finished", "lines", b"lines", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OutputEnd: _TypeAlias = OutputEnd  # noqa: Y015
+
+@_typing.final
+class ListOutputRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
+    CHILD_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    step: _builtins.str
+    """Only this step's output; empty means every step's."""
+    child: _builtins.int
+    """Only this child's (needs `step`); unset: the steps' own and every child's."""
+    page_size: _builtins.int
+    """At most this many attempts per page (default 100, at most 1000)."""
+    page_token: _builtins.str
+    """From a previous response's next_page_token."""
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        step: _builtins.str = ...,
+        child: _builtins.int | None = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_child", b"_child", "child", b"child"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_child", b"_child", "child", b"child", "job_id", b"job_id", "page_size", b"page_size", "page_token", b"page_token", "step", b"step"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__child: _TypeAlias = _typing.Literal["child"]  # noqa: Y015
+    _WhichOneofArgType__child: _TypeAlias = _typing.Literal["_child", b"_child"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__child) -> _WhichOneofReturnType__child | None: ...
+
+Global___ListOutputRequest: _TypeAlias = ListOutputRequest  # noqa: Y015
+
+@_typing.final
+class ListOutputResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OUTPUT_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Empty on the last page."""
+    @_builtins.property
+    def output(self) -> _containers.RepeatedCompositeFieldContainer[Global___OutputSummary]: ...
+    def __init__(
+        self,
+        *,
+        output: _abc.Iterable[Global___OutputSummary] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "output", b"output"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListOutputResponse: _TypeAlias = ListOutputResponse  # noqa: Y015
+
+@_typing.final
+class OutputSummary(_message.Message):
+    """One attempt's output, measured."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STEP_FIELD_NUMBER: _builtins.int
+    CHILD_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    LINES_FIELD_NUMBER: _builtins.int
+    BYTES_FIELD_NUMBER: _builtins.int
+    DROPPED_BYTES_FIELD_NUMBER: _builtins.int
+    FIRST_RETAINED_LINE_FIELD_NUMBER: _builtins.int
+    FINISHED_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    step: _builtins.str
+    child: _builtins.int
+    """Unset for a step's own output."""
+    attempt: _builtins.int
+    lines: _builtins.int
+    bytes: _builtins.int
+    """Bytes kept."""
+    dropped_bytes: _builtins.int
+    first_retained_line: _builtins.int
+    finished: _builtins.bool
+    """The attempt has ended; `state` is its final state."""
+    state: _states_pb2.StepState.ValueType
+    def __init__(
+        self,
+        *,
+        step: _builtins.str = ...,
+        child: _builtins.int | None = ...,
+        attempt: _builtins.int = ...,
+        lines: _builtins.int = ...,
+        bytes: _builtins.int = ...,
+        dropped_bytes: _builtins.int = ...,
+        first_retained_line: _builtins.int = ...,
+        finished: _builtins.bool = ...,
+        state: _states_pb2.StepState.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_child", b"_child", "child", b"child"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_child", b"_child", "attempt", b"attempt", "bytes", b"bytes", "child", b"child", "dropped_bytes", b"dropped_bytes", "finished", b"finished", "first_retained_line", b"first_retained_line", "lines", b"lines", "state", b"state", "step", b"step"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__child: _TypeAlias = _typing.Literal["child"]  # noqa: Y015
+    _WhichOneofArgType__child: _TypeAlias = _typing.Literal["_child", b"_child"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__child) -> _WhichOneofReturnType__child | None: ...
+
+Global___OutputSummary: _TypeAlias = OutputSummary  # noqa: Y015

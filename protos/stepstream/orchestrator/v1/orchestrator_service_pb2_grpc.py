@@ -67,6 +67,16 @@ class OrchestratorServiceStub:
                 request_serializer=stepstream_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.StreamSnapshotRequest.SerializeToString,
                 response_deserializer=stepstream_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.StreamSnapshotResponse.FromString,
                 _registered_method=True)
+        self.StreamOutput = channel.unary_stream(
+                '/stepstream.orchestrator.v1.OrchestratorService/StreamOutput',
+                request_serializer=stepstream_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.StreamOutputRequest.SerializeToString,
+                response_deserializer=stepstream_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.StreamOutputResponse.FromString,
+                _registered_method=True)
+        self.ListOutput = channel.unary_unary(
+                '/stepstream.orchestrator.v1.OrchestratorService/ListOutput',
+                request_serializer=stepstream_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.ListOutputRequest.SerializeToString,
+                response_deserializer=stepstream_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.ListOutputResponse.FromString,
+                _registered_method=True)
 
 
 class OrchestratorServiceServicer:
@@ -124,6 +134,30 @@ class OrchestratorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StreamOutput(self, request, context):
+        """What one attempt of a step (or of one child) printed, line by line: from
+        the first retained line, from `from_line` or the last `tail` lines; with
+        `follow`, then every new line until the attempt ends, with heartbeats when
+        idle. An OutputEnd is always the last message. Output has this stream of
+        its own, never the event stream: however much a step prints, status
+        events are not slowed. NOT_FOUND names the unknown job, step, child or
+        attempt; OUT_OF_RANGE (google.rpc.ErrorInfo reason OUTPUT_GONE or
+        LINE_AHEAD, metadata `oldest`: the first retained line, `latest`: the
+        attempt's line count) when `from_line` is no longer retained or is past
+        the attempt's end.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListOutput(self, request, context):
+        """What output a job has, per step, child and attempt, with its size, in
+        step order, then child, then attempt: without reading any of it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OrchestratorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -156,6 +190,16 @@ def add_OrchestratorServiceServicer_to_server(servicer, server):
                     servicer.StreamSnapshot,
                     request_deserializer=stepstream_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.StreamSnapshotRequest.FromString,
                     response_serializer=stepstream_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.StreamSnapshotResponse.SerializeToString,
+            ),
+            'StreamOutput': grpc.unary_stream_rpc_method_handler(
+                    servicer.StreamOutput,
+                    request_deserializer=stepstream_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.StreamOutputRequest.FromString,
+                    response_serializer=stepstream_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.StreamOutputResponse.SerializeToString,
+            ),
+            'ListOutput': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListOutput,
+                    request_deserializer=stepstream_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.ListOutputRequest.FromString,
+                    response_serializer=stepstream_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.ListOutputResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -323,6 +367,60 @@ class OrchestratorService:
             '/stepstream.orchestrator.v1.OrchestratorService/StreamSnapshot',
             stepstream_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.StreamSnapshotRequest.SerializeToString,
             stepstream_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.StreamSnapshotResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamOutput(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/stepstream.orchestrator.v1.OrchestratorService/StreamOutput',
+            stepstream_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.StreamOutputRequest.SerializeToString,
+            stepstream_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.StreamOutputResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListOutput(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stepstream.orchestrator.v1.OrchestratorService/ListOutput',
+            stepstream_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.ListOutputRequest.SerializeToString,
+            stepstream_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.ListOutputResponse.FromString,
             options,
             channel_credentials,
             insecure,

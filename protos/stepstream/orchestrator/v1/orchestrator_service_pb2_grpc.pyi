@@ -59,6 +59,22 @@ class OrchestratorServiceStub:
     """The latest record of every retained job, step and child, valid at one seq:
     the way back in after OUT_OF_RANGE.
     """
+    StreamOutput: _grpc.UnaryStreamMultiCallable[_orchestrator_service_pb2.StreamOutputRequest, _orchestrator_service_pb2.StreamOutputResponse]
+    """What one attempt of a step (or of one child) printed, line by line: from
+    the first retained line, from `from_line` or the last `tail` lines; with
+    `follow`, then every new line until the attempt ends, with heartbeats when
+    idle. An OutputEnd is always the last message. Output has this stream of
+    its own, never the event stream: however much a step prints, status
+    events are not slowed. NOT_FOUND names the unknown job, step, child or
+    attempt; OUT_OF_RANGE (google.rpc.ErrorInfo reason OUTPUT_GONE or
+    LINE_AHEAD, metadata `oldest`: the first retained line, `latest`: the
+    attempt's line count) when `from_line` is no longer retained or is past
+    the attempt's end.
+    """
+    ListOutput: _grpc.UnaryUnaryMultiCallable[_orchestrator_service_pb2.ListOutputRequest, _orchestrator_service_pb2.ListOutputResponse]
+    """What output a job has, per step, child and attempt, with its size, in
+    step order, then child, then attempt: without reading any of it.
+    """
 
 @_typing.type_check_only
 class OrchestratorServiceAsyncStub(OrchestratorServiceStub):
@@ -90,6 +106,22 @@ class OrchestratorServiceAsyncStub(OrchestratorServiceStub):
     StreamSnapshot: _aio.UnaryStreamMultiCallable[_orchestrator_service_pb2.StreamSnapshotRequest, _orchestrator_service_pb2.StreamSnapshotResponse]  # type: ignore[assignment]
     """The latest record of every retained job, step and child, valid at one seq:
     the way back in after OUT_OF_RANGE.
+    """
+    StreamOutput: _aio.UnaryStreamMultiCallable[_orchestrator_service_pb2.StreamOutputRequest, _orchestrator_service_pb2.StreamOutputResponse]  # type: ignore[assignment]
+    """What one attempt of a step (or of one child) printed, line by line: from
+    the first retained line, from `from_line` or the last `tail` lines; with
+    `follow`, then every new line until the attempt ends, with heartbeats when
+    idle. An OutputEnd is always the last message. Output has this stream of
+    its own, never the event stream: however much a step prints, status
+    events are not slowed. NOT_FOUND names the unknown job, step, child or
+    attempt; OUT_OF_RANGE (google.rpc.ErrorInfo reason OUTPUT_GONE or
+    LINE_AHEAD, metadata `oldest`: the first retained line, `latest`: the
+    attempt's line count) when `from_line` is no longer retained or is past
+    the attempt's end.
+    """
+    ListOutput: _aio.UnaryUnaryMultiCallable[_orchestrator_service_pb2.ListOutputRequest, _orchestrator_service_pb2.ListOutputResponse]  # type: ignore[assignment]
+    """What output a job has, per step, child and attempt, with its size, in
+    step order, then child, then attempt: without reading any of it.
     """
 
 class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -155,6 +187,34 @@ class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_orchestrator_service_pb2.StreamSnapshotResponse], _abc.AsyncIterator[_orchestrator_service_pb2.StreamSnapshotResponse]]:
         """The latest record of every retained job, step and child, valid at one seq:
         the way back in after OUT_OF_RANGE.
+        """
+
+    @_abc_1.abstractmethod
+    def StreamOutput(
+        self,
+        request: _orchestrator_service_pb2.StreamOutputRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_orchestrator_service_pb2.StreamOutputResponse], _abc.AsyncIterator[_orchestrator_service_pb2.StreamOutputResponse]]:
+        """What one attempt of a step (or of one child) printed, line by line: from
+        the first retained line, from `from_line` or the last `tail` lines; with
+        `follow`, then every new line until the attempt ends, with heartbeats when
+        idle. An OutputEnd is always the last message. Output has this stream of
+        its own, never the event stream: however much a step prints, status
+        events are not slowed. NOT_FOUND names the unknown job, step, child or
+        attempt; OUT_OF_RANGE (google.rpc.ErrorInfo reason OUTPUT_GONE or
+        LINE_AHEAD, metadata `oldest`: the first retained line, `latest`: the
+        attempt's line count) when `from_line` is no longer retained or is past
+        the attempt's end.
+        """
+
+    @_abc_1.abstractmethod
+    def ListOutput(
+        self,
+        request: _orchestrator_service_pb2.ListOutputRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orchestrator_service_pb2.ListOutputResponse, _abc.Awaitable[_orchestrator_service_pb2.ListOutputResponse]]:
+        """What output a job has, per step, child and attempt, with its size, in
+        step order, then child, then attempt: without reading any of it.
         """
 
 def add_OrchestratorServiceServicer_to_server(servicer: OrchestratorServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
