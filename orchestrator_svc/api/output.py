@@ -117,19 +117,26 @@ class OutputApi:
         self._events = events
         self._store = store
         self._heartbeat_interval = heartbeat_interval
+        # StreamOutput bodies running now, each holding at most one read; one whose
+        # client stalled has let go and is not counted.
+        self.open_streams = 0
 
     async def stream(self, request: pb.StreamOutputRequest) -> AsyncGenerator[Response, None]:
         """StreamOutput's messages: OutputStart, chunks (and heartbeats), OutputEnd."""
         _check_stream_request(request)
         child = request.child if request.HasField("child") else None
-        await self._known(request.job_id, request.step, child)
-        output = self._attempt(request.job_id, request.step, child, request.attempt)
-        plan = self._plan(request, output)
-        yield pb.StreamOutputResponse(start=pb.OutputStart(
-            attempt=output.key.attempt, first_retained_line=output.first_retained, lines=output.lines,
-        ))
-        async for response in self._lines(plan):
-            yield response
+        self.open_streams += 1
+        try:
+            await self._known(request.job_id, request.step, child)
+            output = self._attempt(request.job_id, request.step, child, request.attempt)
+            plan = self._plan(request, output)
+            yield pb.StreamOutputResponse(start=pb.OutputStart(
+                attempt=output.key.attempt, first_retained_line=output.first_retained, lines=output.lines,
+            ))
+            async for response in self._lines(plan):
+                yield response
+        finally:
+            self.open_streams -= 1
 
     async def _known(self, job_id: str, step: str, child: int | None) -> StoredJob:
         """The job; NotFoundError naming the first of job, step, child that does not exist."""

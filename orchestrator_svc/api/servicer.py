@@ -122,7 +122,7 @@ class OrchestratorServicer:
         self._stall_timeout = self._limits.stream_stall_timeout
         self.submissions = ByteBudget(self._limits.max_submit_bytes)
         self.snapshots = Slots(Limit(SNAPSHOTS, "--max-snapshots", self._limits.max_snapshots, "snapshots being sent"))
-        self._output = OutputApi(engine, store, output, heartbeat_interval)
+        self.output = OutputApi(engine, store, output, heartbeat_interval)
 
     async def SubmitJob(self, request: pb.SubmitJobRequest, context: Context) -> pb.SubmitJobResponse:
         """The limits are checked at once, before anything waits holding the request
@@ -235,12 +235,12 @@ class OrchestratorServicer:
     async def StreamOutput(
         self, request: pb.StreamOutputRequest, context: Context
     ) -> AsyncIterator[bytes | pb.StreamOutputResponse]:
-        async with contextlib.aclosing(handed_over(self._output.stream(request), self._stall_timeout)) as responses:
+        async with contextlib.aclosing(handed_over(self.output.stream(request), self._stall_timeout)) as responses:
             async for response in responses:
                 yield response
 
     async def ListOutput(self, request: pb.ListOutputRequest, context: Context) -> pb.ListOutputResponse:
-        return await self._output.list(request)
+        return await self.output.list(request)
 
     def _heartbeat(self) -> pb.StreamStepEventsResponse:
         return pb.StreamStepEventsResponse(
