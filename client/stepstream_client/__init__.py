@@ -1,7 +1,8 @@
 """stepstream's Python SDK and CLI.
 
 `Client` (async) and `SyncClient` (blocking) submit and cancel jobs through the
-orchestrator and read and watch them through the status service. Everything
+orchestrator and read and watch them through the status service; what steps
+printed (`logs`, `output`) comes from the orchestrator. Everything
 they return is a frozen dataclass mapped from server data (see models.py);
 every failure is a StepstreamError (see errors.py). Idempotent calls are retried
 on UNAVAILABLE and DEADLINE_EXCEEDED under an overall deadline; `RetryPolicy`
@@ -30,7 +31,9 @@ from stepstream_client.models import (
     JobRecord,
     JobSummary,
     JobView,
+    LogLine,
     LogPosition,
+    OutputSummary,
     StepCounts,
     StepView,
     SubmittedJob,
@@ -55,9 +58,11 @@ __all__ = [
     "JobSummary",
     "JobView",
     "JobWatch",
+    "LogLine",
     "LogPosition",
     "NotFoundError",
     "OutOfRangeError",
+    "OutputSummary",
     "RetryPolicy",
     "RpcError",
     "StepCounts",

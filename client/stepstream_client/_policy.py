@@ -20,6 +20,9 @@ call never outlives it; when it runs out, the last failure is raised (its
 | orchestrator GetJob                  | yes        | 10 s            | never [5]                 |
 | status GetJob, ListJobs, ListChildren| yes        | 10 s            | DEFAULT_RETRY (per page)  |
 | status WatchJob                      | yes [6]    | none (a stream) | by the watch loop [6]     |
+| orchestrator ListOutput              | yes        | 10 s            | DEFAULT_RETRY (per page)  |
+| orchestrator GetJob, for logs        | yes        | 10 s            | DEFAULT_RETRY [7]         |
+| orchestrator StreamOutput            | yes [8]    | none (a stream) | by the logs loop [8]      |
 
 [1] the orchestrator answers a repeated request_id with the job it created.
 [2] UNAVAILABLE and DEADLINE_EXCEEDED; backoff 0.1 s doubling to 5 s, each
@@ -30,6 +33,10 @@ call never outlives it; when it runs out, the last failure is raised (its
     waiting (an error counts as "maybe"), and that loop retries.
 [6] resumed by revision: watch.py reconnects after any disconnect once the job
     was shown, with the client's reconnect_backoff, for as long as it is read.
+[7] logs() asks it, between attempts of a step it follows, whether another
+    attempt has begun or the step has ended.
+[8] resumed by line number: logs.py reconnects after any disconnect once the
+    attempt was found, with the client's reconnect_backoff.
 
 `Client(attempt_timeout=..., retry=...)` replaces the attempt timeout and the
 retry policy of every call above that has one; every method takes the same
@@ -116,6 +123,10 @@ GET_JOB: Final = MethodPolicy("StatusService.GetJob", idempotent=True, timeout=1
 LIST_JOBS: Final = MethodPolicy("StatusService.ListJobs", idempotent=True, timeout=10.0, retry=DEFAULT_RETRY)
 LIST_CHILDREN: Final = MethodPolicy(
     "StatusService.ListChildren", idempotent=True, timeout=10.0, retry=DEFAULT_RETRY
+)
+LIST_OUTPUT: Final = MethodPolicy("OrchestratorService.ListOutput", idempotent=True, timeout=10.0, retry=DEFAULT_RETRY)
+STEP_PROGRESS: Final = MethodPolicy(
+    "OrchestratorService.GetJob for logs", idempotent=True, timeout=10.0, retry=DEFAULT_RETRY
 )
 
 

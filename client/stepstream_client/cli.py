@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -37,13 +38,16 @@ from stepstream_client.errors import (
     UnavailableError,
     Violation,
 )
-from stepstream_client.models import JobView
+from stepstream_client.models import JobView, LogLine
 from stepstream_client.render import (
     child_json,
     child_line,
     dumps,
     header_line,
     iso,
+    log_json,
+    log_prefix,
+    log_text,
     printable,
     show_table,
     show_view,
@@ -279,6 +283,45 @@ async def _first(items: AsyncIterator[T], limit: int | None) -> list[T]:
     return taken
 
 
+def unit(text: str) -> tuple[str, int | None]:
+    """STEP or STEP/INDEX (a fan-out child): step names never hold a '/'."""
+    step, slash, index = text.partition("/")
+    if not step or (slash and not index.isdigit()):
+        raise argparse.ArgumentTypeError(f"{text!r} is not STEP or STEP/INDEX (INDEX a child's number, 0 first)")
+    return step, int(index) if slash else None
+
+
+def wants_color(args: argparse.Namespace) -> bool:
+    """Colour on a terminal, unless --no-color or NO_COLOR (set, not empty: no-color.org)."""
+    return sys.stdout.isatty() and not args.no_color and not os.environ.get("NO_COLOR")
+
+
+async def cmd_logs(args: argparse.Namespace) -> int:
+    step, child = args.unit if args.unit is not None else (None, None)
+    if args.attempt is not None and step is None:
+        return fail("--attempt needs a STEP", EXIT_USAGE)
+    terminal = sys.stdout.isatty()
+    color = wants_color(args)
+    prefixed = step is None
+    async with _client(args) as client:
+        lines = client.logs(args.job, step, child, args.attempt, follow=args.follow, tail=args.tail,
+                            streams=[args.stream] if args.stream else ())
+        async with contextlib.aclosing(lines) as each:
+            async for line in each:
+                show_log_line(line, args.output, prefixed=prefixed, color=color, terminal=terminal)
+                if args.follow:
+                    sys.stdout.flush()
+    return EXIT_OK
+
+
+def show_log_line(line: LogLine, output: str, *, prefixed: bool, color: bool, terminal: bool) -> None:
+    if output == "json":
+        print(dumps(log_json(line)))
+        return
+    text = log_text(line.text, color=color, terminal=terminal)
+    sys.stdout.write(f"{log_prefix(line) if prefixed else ''}{text}{'' if line.continued else chr(10)}")
+
+
 async def cmd_cancel(args: argparse.Namespace) -> int:
     async with _client(args) as client:
         job = await client.cancel(args.job)
@@ -367,6 +410,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     cancel = command("cancel", cmd_cancel, "cancel a job")
     cancel.add_argument("job")
+
+    logs = command("logs", cmd_logs, "show what a job's steps printed (stdout and stderr, per attempt)")
+    logs.add_argument("job")
+    logs.add_argument("unit", metavar="STEP[/INDEX]", nargs="?", type=unit, default=None,
+                      help="one step's output, or one child's of a fan-out step; default: every step's in order, "
+                           "each line after `step ›`")
+    logs.add_argument("-f", "--follow", action="store_true",
+                      help="go on showing new lines until the step (every step, without STEP) ends")
+    logs.add_argument("--attempt", type=positive_int, default=None,
+                      help="that attempt's output (1 the first; default: the latest, and following, each retry's)")
+    logs.add_argument("--tail", type=positive_int, default=None, help="only the last N lines of each attempt")
+    logs.add_argument("--stream", choices=["stdout", "stderr"], default=None, help="only that stream's lines")
+    logs.add_argument("--no-color", action="store_true",
+                      help="strip the colours (ANSI sequences) a step printed, as env NO_COLOR does")
+    _output(logs)
     return parser
 
 

@@ -192,6 +192,69 @@ class LogPosition:
         return status_service_pb2.LogPosition(log_id=self.log_id, seq=self.seq)
 
 
+# The words of orchestrator_service.OutputStream, as LogLine.stream and the `streams` filter take them.
+OUTPUT_STREAM_WORDS: dict[str, int] = {
+    "stdout": orchestrator_service_pb2.OUTPUT_STREAM_STDOUT,
+    "stderr": orchestrator_service_pb2.OUTPUT_STREAM_STDERR,
+    "notice": orchestrator_service_pb2.OUTPUT_STREAM_NOTICE,
+}
+_OUTPUT_STREAMS = {value: word for word, value in OUTPUT_STREAM_WORDS.items()}
+
+
+@dataclass(frozen=True)
+class LogLine:
+    """One line a step (or a fan-out child: `child`) printed in one attempt, as
+    the bytes it wrote without the newline; `text` decodes them. `number` is
+    the line's place in the attempt (0 first). `stream` is "stdout", "stderr",
+    or "notice" (the orchestrator's own line, e.g. "… 123,456 bytes dropped …").
+    `continued`: the step's line goes on in the next line of that stream (it was
+    longer than a line may be)."""
+
+    step: str
+    child: int | None
+    attempt: int
+    number: int
+    stream: str
+    data: bytes
+    time: datetime
+    continued: bool
+
+    @property
+    def text(self) -> str:
+        """The bytes as UTF-8, with a replacement character for each invalid sequence."""
+        return self.data.decode("utf-8", errors="replace")
+
+
+def log_line(step: str, child: int | None, attempt: int, line: orchestrator_service_pb2.OutputLine) -> LogLine:
+    return LogLine(step, child, attempt, line.number, _OUTPUT_STREAMS.get(line.stream, f"unknown({line.stream})"),
+                   line.data, line.time.ToDatetime(tzinfo=UTC), line.continued)
+
+
+@dataclass(frozen=True)
+class OutputSummary:
+    """One attempt's output, measured without reading it (ListOutput): `lines`
+    and `bytes` kept, `dropped_bytes` not kept; `state` its final state once
+    `finished`, else "unspecified"."""
+
+    step: str
+    child: int | None
+    attempt: int
+    lines: int
+    bytes: int
+    dropped_bytes: int
+    first_retained_line: int
+    finished: bool
+    state: str
+
+
+def output_summary(summary: orchestrator_service_pb2.OutputSummary) -> OutputSummary:
+    return OutputSummary(
+        summary.step, summary.child if summary.HasField("child") else None, summary.attempt, summary.lines,
+        summary.bytes, summary.dropped_bytes, summary.first_retained_line, summary.finished,
+        step_state_word(summary.state),
+    )
+
+
 def when(message: Message, name: str) -> datetime | None:
     """A Timestamp field as an aware UTC datetime, None when unset."""
     if not message.HasField(name):

@@ -19,20 +19,30 @@ JSON fields (states and reasons are lower-case words, times ISO 8601 UTC or null
 - children: an array of {index, item, state, reason, message, attempt,
   started_at, finished_at, duration_seconds, revision}
 - submit: {id, name, state, created_at, seq, submitted_by}
+- logs: one object per line: {step, child (null for a step's own output),
+  attempt, number, stream ("stdout", "stderr", "notice"), time, continued,
+  text (UTF-8, a replacement character for each invalid byte sequence)}, and
+  data_base64 (the exact bytes) only when they are not valid UTF-8
 
 Names, messages, items and reasons come from the server (and from whoever named
 a job or wrote a step's output), so nothing here sends them to a terminal raw:
 the tree and tables show them as plain text (never as rich markup) with control
 characters as visible escapes (`\\x1b`, `\\n`); key=value lines JSON-quote any
-value holding a control character; JSON escapes them as `\\u001b`.
+value holding a control character; JSON escapes them as `\\u001b`. What a step
+printed (logs) is shown as text with its colours (ANSI SGR sequences) on a
+terminal and every other control character but tab as an escape; without
+colour (--no-color, NO_COLOR, not a terminal) every ANSI sequence is stripped
+(and on a terminal the other control characters escaped).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import dataclasses
 import json
+import re
 import time
 from collections.abc import AsyncIterator, Iterable
 from datetime import UTC, datetime
@@ -43,7 +53,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from stepstream_client.models import ChildView, JobSummary, JobView, StepView, SubmittedJob
+from stepstream_client.models import ChildView, JobSummary, JobView, LogLine, StepView, SubmittedJob
 
 FRAME_SECONDS = 0.1  # at most ~10 redraws a second
 
@@ -74,6 +84,45 @@ def printable(text: str) -> str:
     or message cannot clear the screen, move the cursor, retitle the window, ring the bell
     or hide a link in a terminal; all other unicode is kept as it is."""
     return text.translate(_VISIBLE)
+
+
+# Every ANSI escape sequence: CSI (ESC [ ... final byte), OSC and the other string
+# commands (ESC ] P X ^ _ ... BEL or ESC \), and the two-byte escapes.
+_ANSI = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|[\]PX^_][^\x07\x1b]*(?:\x07|\x1b\\)?|[ -Z\\-~])")
+# The colour and style sequences (SGR), the only ones a log line keeps on a terminal.
+_SGR = re.compile(r"\x1b\[[0-9;:]*m")
+_RESET = "\x1b[0m"
+_VISIBLE_BUT_TAB = str.maketrans({code: escaped for code, escaped in _VISIBLE.items() if code != ord("\t")})
+
+
+def log_text(text: str, *, color: bool, terminal: bool) -> str:
+    """A line a step printed: with `color` (on a terminal) its colours kept and reset at its
+    end, else every ANSI sequence stripped; on a `terminal`, every other control character
+    but tab shown as an escape, so output cannot clear the screen or retitle the window."""
+    if not color:
+        plain = _ANSI.sub("", text)
+        return plain.translate(_VISIBLE_BUT_TAB) if terminal else plain
+    parts = _SGR.split(text)
+    colours = _SGR.findall(text)
+    shown = "".join(part.translate(_VISIBLE_BUT_TAB) + colour
+                    for part, colour in zip(parts, [*colours, ""], strict=True))
+    return shown + _RESET if colours else shown
+
+
+def log_prefix(line: LogLine) -> str:
+    """`step › ` or `step/INDEX › `: whose output a line is, when several are shown."""
+    unit = line.step if line.child is None else f"{line.step}/{line.child}"
+    return f"{printable(unit)} › "
+
+
+def log_json(line: LogLine) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "step": line.step, "child": line.child, "attempt": line.attempt, "number": line.number,
+        "stream": line.stream, "time": iso(line.time), "continued": line.continued, "text": line.text,
+    }
+    if line.text.encode() != line.data:
+        data["data_base64"] = base64.b64encode(line.data).decode()
+    return data
 
 
 def iso(moment: datetime | None) -> str | None:

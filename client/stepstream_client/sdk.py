@@ -19,7 +19,7 @@ table, and how to override it, is in stepstream_client._policy.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
@@ -35,11 +35,11 @@ from stepstream.channel import (
     client_tls,
     open_channel,
 )
-from stepstream.common.v1 import states_pb2
+from stepstream.common.v1 import records_pb2, states_pb2
 from stepstream.orchestrator.v1 import definition_pb2
 from stepstream.orchestrator.v1 import orchestrator_service_pb2 as orch_pb
 from stepstream.orchestrator.v1 import orchestrator_service_pb2_grpc as orch_grpc
-from stepstream.states import job_state_from_word, step_state_from_word
+from stepstream.states import TERMINAL_STEP_STATES, job_state_from_word, step_state_from_word
 from stepstream.status.v1 import status_service_pb2 as status_pb
 from stepstream.status.v1 import status_service_pb2_grpc as status_grpc
 
@@ -47,17 +47,22 @@ from stepstream_client import _policy as policy
 from stepstream_client._policy import DEFAULT, CallPolicy, MethodPolicy, Retry
 from stepstream_client.definitions import definition_from_mapping, load_definition
 from stepstream_client.errors import NotFoundError, RpcError
+from stepstream_client.logs import AttemptLines
 from stepstream_client.models import (
+    OUTPUT_STREAM_WORDS,
     ChildView,
     JobRecord,
     JobSummary,
     JobView,
+    LogLine,
     LogPosition,
+    OutputSummary,
     SubmittedJob,
     child_view,
     job_record,
     job_summary,
     job_view,
+    output_summary,
     submitted_job,
 )
 from stepstream_client.watch import Applied, IngestGrace, JobWatch, WatchLoop
@@ -69,6 +74,9 @@ _CHANNEL_OPTIONS = [
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 5_000),
 ]
+
+# How often logs() asks, following a step, whether its next attempt has begun (or the step ended).
+_STEP_POLL = Backoff(initial=0.05, cap=1.0)
 
 Definition = str | Path | Mapping[str, Any] | definition_pb2.JobDefinition
 T = TypeVar("T")
@@ -367,6 +375,136 @@ class Client:
             stale_after_heartbeats=self._stale_after_heartbeats, grace=self._grace(), backoff=self._backoff,
             on_apply=on_apply,
         ))
+
+    def logs(
+        self, job_id: str, step: str | None = None, child: int | None = None, attempt: int | None = None, *,
+        follow: bool = True, tail: int | None = None, streams: Iterable[str] = (),
+    ) -> AsyncGenerator[LogLine, None]:
+        """What steps printed, line by line, from the orchestrator (resumed after any
+        disconnect with nothing missed or repeated: stepstream_client.logs).
+
+        `step`: that step's own output, or with `child` that fan-out child's. No
+        step: every step's in step order, each one's own and then its children's
+        by index. `attempt`: that one (1 the first); None: the latest, and when
+        following a step, each later attempt's after it as its retries begin.
+        `follow`: go on until the attempt ends (without a step, each step's in
+        turn); else stop at the lines there are now. `tail`: only the last so
+        many lines of each attempt. `streams`: only "stdout" or "stderr" lines
+        ("notice" lines, the orchestrator's own, always come). Close the
+        iterator (aclose, contextlib.aclosing) to end the call early.
+        NotFoundError names an unknown job, step, child or attempt, or one that
+        has not started (following a step, that is waited for instead).
+        """
+        if step is None and (child is not None or attempt is not None):
+            raise ValueError("give a step with a child or an attempt")
+        unknown = [word for word in streams if word not in OUTPUT_STREAM_WORDS]
+        if unknown:
+            raise ValueError(f"unknown output stream {unknown[0]!r}: stdout, stderr or notice")
+        request = orch_pb.StreamOutputRequest(
+            job_id=job_id, follow=follow,
+            streams=[orch_pb.OutputStream.ValueType(OUTPUT_STREAM_WORDS[word]) for word in streams],
+        )
+        if tail is not None:
+            request.tail = tail
+        if step is not None:
+            return self._unit_logs(request, step, child, attempt)
+        return self._all_logs(request)
+
+    def output(self, job_id: str, step: str | None = None, *, page_size: int = 100) -> AsyncIterator[OutputSummary]:
+        """What output a job has (one step's and its children's with `step`), per attempt, in step,
+        child, attempt order, with sizes: nothing of it is read."""
+
+        async def page(token: str) -> tuple[list[OutputSummary], str]:
+            request = orch_pb.ListOutputRequest(job_id=job_id, step=step or "", page_size=page_size,
+                                                page_token=token)
+            response = await self._call(
+                policy.LIST_OUTPUT, self._orchestrator_target,
+                lambda t: self._orchestrator.ListOutput(request, timeout=t),
+            )
+            return [output_summary(each) for each in response.output], response.next_page_token
+
+        return _paged(page)
+
+    async def _all_logs(self, request: orch_pb.StreamOutputRequest) -> AsyncGenerator[LogLine, None]:
+        """Every step's output in step order, each step's own then its children's."""
+        for progress in (await self._step_progress(request.job_id)).steps:
+            name = progress.step.name
+            async for line in self._unit_logs(request, name, None, None, quiet=True):
+                yield line
+            children = sorted({each.child async for each in self.output(request.job_id, name)
+                               if each.child is not None})
+            for child in children:
+                async for line in self._unit_logs(request, name, child, None):
+                    yield line
+
+    async def _unit_logs(
+        self, request: orch_pb.StreamOutputRequest, step: str, child: int | None, attempt: int | None,
+        *, quiet: bool = False,
+    ) -> AsyncGenerator[LogLine, None]:
+        """One step's (or child's) lines: `attempt`'s or the latest's; following a step's latest,
+        each later attempt's too. `quiet`: a step that never ran has no lines, rather than NotFoundError."""
+        unit = orch_pb.StreamOutputRequest()
+        unit.CopyFrom(request)
+        unit.step = step
+        if child is not None:
+            unit.child = child
+        if attempt is not None or child is not None or not request.follow:
+            unit.attempt = attempt or 0
+            try:
+                async for line in self._attempt_lines(unit).lines():
+                    yield line
+            except NotFoundError:
+                if not quiet:
+                    raise
+            return
+        done = 0
+        while (number := await self._next_attempt(request.job_id, step, done)) is not None:
+            unit.attempt = number
+            reader = self._attempt_lines(unit)
+            try:
+                async for line in reader.lines():
+                    yield line
+            except NotFoundError:
+                # The attempt has begun, its output not yet; or the step ended and it has none.
+                if not await self._step_ended(request.job_id, step):
+                    await asyncio.sleep(_STEP_POLL.delay(0))
+                    continue
+                if quiet:
+                    return
+                raise
+            done = reader.attempt
+
+    def _attempt_lines(self, request: orch_pb.StreamOutputRequest) -> AttemptLines:
+        return AttemptLines(lambda: self._orchestrator, self._orchestrator_target, request,
+                            backoff=self._backoff, stale_after_heartbeats=self._stale_after_heartbeats)
+
+    async def _step_progress(self, job_id: str) -> orch_pb.GetJobResponse:
+        request = orch_pb.GetJobRequest(job_id=job_id)
+        return await self._call(
+            policy.STEP_PROGRESS, self._orchestrator_target, lambda t: self._orchestrator.GetJob(request, timeout=t)
+        )
+
+    async def _step_record(self, job_id: str, step: str) -> records_pb2.Step:
+        for progress in (await self._step_progress(job_id)).steps:
+            if progress.step.name == step:
+                return progress.step
+        raise NotFoundError(f"job {job_id} has no step {step!r}")
+
+    async def _step_ended(self, job_id: str, step: str) -> bool:
+        return (await self._step_record(job_id, step)).state in TERMINAL_STEP_STATES
+
+    async def _next_attempt(self, job_id: str, step: str, done: int) -> int | None:
+        """The attempt of `step` to follow after attempt `done` (0: none yet, then its latest),
+        once it has begun; None once the step has ended without another."""
+        polls = 0
+        while True:
+            record = await self._step_record(job_id, step)
+            if record.attempt > done:
+                return done + 1 if done else record.attempt
+            if record.state in TERMINAL_STEP_STATES:
+                return None
+            await asyncio.sleep(_STEP_POLL.delay(polls))
+            polls += 1
 
     def _position_of(
         self, job_id: str, given: LogPosition | None,

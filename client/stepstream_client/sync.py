@@ -13,7 +13,16 @@ from typing import Any, TypeVar
 from stepstream.channel import DEFAULT_ORCHESTRATOR, DEFAULT_STATUS
 
 from stepstream_client._policy import DEFAULT, Retry
-from stepstream_client.models import ChildView, JobRecord, JobSummary, JobView, LogPosition, SubmittedJob
+from stepstream_client.models import (
+    ChildView,
+    JobRecord,
+    JobSummary,
+    JobView,
+    LogLine,
+    LogPosition,
+    OutputSummary,
+    SubmittedJob,
+)
 from stepstream_client.sdk import Client, Definition
 from stepstream_client.watch import Applied
 
@@ -118,6 +127,17 @@ class SyncClient:
         return self._iterate(
             lambda: self._client.watch(job_id, since=since, on_apply=on_apply, not_older_than=not_older_than)
         )
+
+    def logs(
+        self, job_id: str, step: str | None = None, child: int | None = None, attempt: int | None = None, *,
+        follow: bool = True, tail: int | None = None, streams: Iterable[str] = (),
+    ) -> Iterator[LogLine]:
+        return self._iterate(lambda: self._client.logs(
+            job_id, step, child, attempt, follow=follow, tail=tail, streams=streams
+        ))
+
+    def output(self, job_id: str, step: str | None = None, *, page_size: int = 100) -> Iterator[OutputSummary]:
+        return self._iterate(lambda: self._client.output(job_id, step, page_size=page_size))
 
 
 async def _on_loop(make: Callable[[], T]) -> T:
