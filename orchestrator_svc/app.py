@@ -25,6 +25,7 @@ from orchestrator_svc.engine.engine import Engine
 from orchestrator_svc.engine.journal import Journal, Retention
 from orchestrator_svc.engine.recorder import Recorder
 from orchestrator_svc.engine.runner import RunSettings, WorkSlots
+from orchestrator_svc.output import OutputSettings, OutputStore
 from orchestrator_svc.storage.base import StoredEvent
 from orchestrator_svc.storage.sqlite import SqliteEventStore
 from orchestrator_svc.workers.processes import ProcessRegistry
@@ -41,6 +42,7 @@ log = logging.getLogger(__name__)
 LABEL = "stepstream orchestrator"
 DATABASE_FILE = "orchestrator.sqlite3"
 PROCESSES_DIR = "processes"
+OUTPUT_DIR = "output"
 
 
 @dataclass
@@ -54,6 +56,8 @@ class Orchestrator:
     store: SqliteEventStore
     feed: Feed[StoredEvent]
     journal_task: asyncio.Task[None]
+    # Every step's output: what the API's output RPCs serve.
+    output: OutputStore
     metrics: MetricsServer | None = None
 
     @property
@@ -103,23 +107,27 @@ async def start(config: OrchestratorConfig, workers: WorkerRegistry | None = Non
     processes = ProcessRegistry(config.data_dir / PROCESSES_DIR, config.pass_env)
     processes.stop_leftovers()
     workers = workers or WorkerRegistry.from_entry_points()
+    output = OutputStore(OutputSettings.of(config, config.data_dir / OUTPUT_DIR))
+    await output.open()
     engine = Engine(
         store, journal, Recorder(journal, metrics=orchestrator_metrics), workers,
-        RunSettings(kill_grace=config.kill_grace, processes=processes,
+        RunSettings(output=output, kill_grace=config.kill_grace, processes=processes,
                     slots=WorkSlots(config.max_concurrent_work)),
     )
+    output.running = engine.is_running
     await engine.recover()
+    output.start_retention(config.prune_interval)
     servicer = OrchestratorServicer(engine, store, feed, info.log_id, config.heartbeat_interval,
-                                    workers=workers, limits=ApiLimits.of(config))
+                                    output=output, workers=workers, limits=ApiLimits.of(config))
     service = orchestrator_service_pb2.DESCRIPTOR.services_by_name["OrchestratorService"]
     server = await start_server(config.listen, lambda grpc_server: [add_servicer(grpc_server, service, servicer)],
                                 tls=tls, auth=auth, max_request_bytes=config.max_request_bytes,
                                 interceptors=[StreamAdmission(StreamLimits.of(config)), metrics.interceptor()])
-    server.on_stop.extend([engine.shutdown, journal.close, feed.close])
+    server.on_stop.extend([engine.shutdown, journal.close, feed.close, output.close])
     metrics_server = None
     if config.metrics_listen is not None:
         metrics_server = serve_metrics(config.metrics_listen, metrics)
         server.on_stop.append(metrics_server.stop)
         print(f"{LABEL} metrics on {metrics_server.address}", flush=True)
     log.info("log %s at seq %d in %s", info.log_id, info.latest_seq, config.data_dir)
-    return Orchestrator(config, server, engine, journal, store, feed, journal_task, metrics_server)
+    return Orchestrator(config, server, engine, journal, store, feed, journal_task, output, metrics_server)

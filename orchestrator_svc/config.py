@@ -12,6 +12,7 @@ from stepstream.channel import DEFAULT_ORCHESTRATOR
 from stepstream.flags import positive_float, positive_int
 
 from orchestrator_svc.domain.spec import DefinitionLimits
+from orchestrator_svc.output import OutputSettings
 from stepstream_common.config import (
     ServiceConfig,
     data_dir_setting,
@@ -50,6 +51,21 @@ class OrchestratorConfig(ServiceConfig):
     ))
     job_retention_days: float = field(default=7.0, metadata=setting(
         "STEPSTREAM_JOB_RETENTION_DAYS", "finished jobs older than this many days are forgotten", positive_float,
+    ))
+    # Step output (orchestrator_svc.output): kept under <data dir>/output, apart from the event log.
+    output_limit: int = field(default=OutputSettings.limit_bytes, metadata=setting(
+        "STEPSTREAM_OUTPUT_LIMIT",
+        "most bytes of output kept per attempt of a step or child (line data plus 21 bytes a line); "
+        "past it lines are dropped and counted", positive_int,
+    ))
+    output_chunk_bytes: int = field(default=OutputSettings.chunk_bytes, metadata=setting(
+        "STEPSTREAM_OUTPUT_CHUNK_BYTES", "a longer output line is kept as several records of at most this many bytes",
+        positive_int,
+    ))
+    output_retention_days: float = field(default=7.0, metadata=setting(
+        "STEPSTREAM_OUTPUT_RETENTION_DAYS",
+        "a finished job's output goes once its last line is older than this many days (a running job's never)",
+        positive_float,
     ))
     subscriber_queue: int = field(default=10_000, metadata=setting(
         "STEPSTREAM_ORCHESTRATOR_SUBSCRIBER_QUEUE",

@@ -57,8 +57,16 @@ async def run_attempts(
 
 
 async def _attempt(worker: Worker, execution: Execution, context: WorkContext, attempt: int) -> Outcome:
-    outcome = await _run_once(worker, execution, context, attempt)
+    """One attempt; its output sink is closed with its final state however it ends
+    (CANCELLED when stopped from outside)."""
     secrets = secret_values(execution.params)
+    context.output.hide(secrets)
+    try:
+        outcome = await _run_once(worker, execution, context, attempt)
+    except BaseException:
+        await context.output.close(s.STEP_STATE_CANCELLED)
+        raise
+    await context.output.close(outcome.state)
     return dataclasses.replace(outcome, message=masked(outcome.message, secrets)) if secrets else outcome
 
 

@@ -49,6 +49,10 @@ class Engine:
     def active_jobs(self) -> int:
         return len(self._runs)
 
+    def is_running(self, job_id: str) -> bool:
+        """Whether `job_id` is in flight here (its output must stay)."""
+        return job_id in self._runs
+
     async def recover(self) -> int:
         """End the jobs a previous process left in flight; returns how many."""
         unfinished = await self._store.unfinished_jobs()

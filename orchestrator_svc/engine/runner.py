@@ -32,6 +32,7 @@ from orchestrator_svc.domain.rules import Interruption, Outcome, Stop
 from orchestrator_svc.domain.spec import JobSpec, StepSpec
 from orchestrator_svc.engine.attempts import AttemptHooks, run_attempts
 from orchestrator_svc.engine.recorder import Recorder, pending_child
+from orchestrator_svc.output import OutputKey, OutputStore
 from orchestrator_svc.workers import FanoutPlan, FanoutWorker, WorkContext, Worker
 from orchestrator_svc.workers.processes import ProcessRegistry
 from orchestrator_svc.workers.registry import WorkerRegistry
@@ -69,6 +70,8 @@ class WorkSlots:
 
 @dataclass(frozen=True)
 class RunSettings:
+    # Where every attempt's output goes (one sink per attempt, see WorkContextFactory).
+    output: OutputStore
     # Seconds between SIGTERM and SIGKILL when a command is stopped.
     kill_grace: float = 5.0
     processes: ProcessRegistry | None = None
@@ -421,5 +424,7 @@ class WorkContextFactory:
     settings: RunSettings
 
     def __call__(self, attempt: int) -> WorkContext:
-        return WorkContext(self.job_id, self.step_name, attempt, self.child_index, self.settings.kill_grace,
+        """The context of `attempt`, with its output sink opened: run_attempts closes it."""
+        output = self.settings.output.sink(OutputKey(self.job_id, self.step_name, self.child_index, attempt))
+        return WorkContext(self.job_id, self.step_name, attempt, self.child_index, output, self.settings.kill_grace,
                            self.settings.processes)

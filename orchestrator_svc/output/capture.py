@@ -30,29 +30,18 @@ _install_lock = threading.Lock()
 
 
 def _send(sink: OutputSink, stream: OutputStream, data: bytes) -> None:
-    """Hand `data` to `sink` from whichever thread writes it.
-
-    On the loop's own thread nothing can wait, so the sink takes it as it is
-    (past OutputSettings.max_pending_bytes unwritten it is dropped, counted).
-    From another thread (a plain function run by asyncio.to_thread) the
-    writer waits while the sink is behind, so a thread printing forever is
-    slowed to the disk's pace, never held in memory.
-    """
-    loop = sink.loop
+    """Hand `data` to `sink` from whichever thread writes it: on the loop's own
+    thread nothing can wait (OutputSink.emit_bounded); another thread waits
+    while the sink is behind (OutputSink.emit_from_thread)."""
     try:
-        running = asyncio.get_running_loop()
+        on_loop = asyncio.get_running_loop() is sink.loop
     except RuntimeError:
-        running = None
-    if running is loop:
+        on_loop = False
+    if on_loop:
         sink.emit_bounded(stream, data)
         return
-    try:
-        if sink.backlog > sink.high_water:
-            asyncio.run_coroutine_threadsafe(sink.write(stream, data), loop).result()
-        else:
-            loop.call_soon_threadsafe(sink.emit_bounded, stream, data)
-    except RuntimeError:  # the loop is closed: the attempt is long over
-        pass
+    with contextlib.suppress(RuntimeError):  # the loop is closed: the attempt is long over
+        sink.emit_from_thread(stream, data)
 
 
 class _Router:

@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-import bisect
 import contextlib
 import json
 import logging
 import os
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from stepstream.common.v1 import states_pb2 as s
 
@@ -32,6 +32,9 @@ from orchestrator_svc.output.records import (
     unframe,
 )
 
+if TYPE_CHECKING:
+    from orchestrator_svc.config import OrchestratorConfig
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -39,6 +42,8 @@ DATA, INDEX, END = ".out", ".idx", ".end"
 # The key of the step itself (not a child) in a file name.
 STEP_ITSELF = "-"
 SECRET_MARKER = b"<secret>"
+# Seconds between checks that the loop still runs, for a thread waiting on a sink.
+THREAD_WAIT_CHECK = 1.0
 INTERRUPTED_NOTICE = b"\xe2\x80\xa6 output ends here: the orchestrator stopped while this attempt ran \xe2\x80\xa6"
 
 
@@ -55,8 +60,15 @@ class OutputSettings:
     retention_seconds: float = 7 * 86400.0
     # Most bytes of line data one read() returns (always at least one line).
     read_bytes: int = 1024 * 1024
-    # Bytes a sink holds unwritten before a writer that cannot wait (print in an async function) loses lines.
+    # Bytes a sink holds unwritten before a writer that cannot wait (print() in an async function that
+    # never awaits) has the rest of the attempt's output dropped, as past the limit.
     max_pending_bytes: int = 4 * 1024 * 1024
+
+    @classmethod
+    def of(cls, config: OrchestratorConfig, directory: Path) -> OutputSettings:
+        """From an OrchestratorConfig (its output_* settings)."""
+        return cls(directory, limit_bytes=config.output_limit, chunk_bytes=config.output_chunk_bytes,
+                   retention_seconds=config.output_retention_days * 86400.0)
 
 
 def _base(directory: Path, key: OutputKey) -> Path:
@@ -72,109 +84,199 @@ def _key_of(job_id: str, stem: str) -> OutputKey | None:
     return OutputKey(job_id, step, None if child == STEP_ITSELF else int(child), int(rest))
 
 
+# What a sink queues for its framer, in order: output, a stream's end, the cut (OutputSink.emit_bounded), the end.
+_EMIT, _END, _CUT, _FINISH = range(4)
+_Operation = tuple[int, OutputStream, bytes, float]
+
+
+class _Framer:
+    """The thread side of a sink: splits output into lines, masks, frames,
+    numbers and appends them, a batch at a time (never two at once for one
+    sink), in the store's threads: what it costs per line is not the loop's."""
+
+    def __init__(self, base: Path, limit: int, chunk: int) -> None:
+        self.base = base
+        self.limit = limit
+        self.chunk = chunk
+        # Replaced whole (OutputSink.hide), never changed in place: a batch sees one list.
+        self.masks: list[bytes] = []
+        self.partial: dict[OutputStream, bytes] = {}
+        self.lines = self.size = self.stored = self.dropped = 0
+        self.cut = False
+        self.last = b""
+        self._data = bytearray()
+        self._index = bytearray()
+
+    def apply(self, batch: list[_Operation]) -> tuple[int, int]:
+        """Frame and append `batch`; (lines, data file bytes) now written."""
+        lines, size, stored = self.lines, self.size, self.stored
+        for operation, stream, data, now in batch:
+            if operation == _EMIT:
+                self._emit(stream, data, now)
+            elif operation == _END:
+                self._end(stream, now)
+            elif operation == _CUT:
+                self.cut = True
+            else:
+                self._finish(now)
+        data, index = bytes(self._data), bytes(self._index)
+        self._data.clear()
+        self._index.clear()
+        if data:
+            try:
+                _append(self.base, data, index, lines == 0)
+            except OSError as error:
+                log.warning("output cut short (%s): %s", self.base.name, error)
+                # Nothing of this batch is kept: it counts as dropped, and so does all that follows.
+                self.dropped += (self.size - size) - (self.lines - lines) * HEADER.size
+                self.lines, self.size, self.stored, self.cut = lines, size, stored, True
+        return self.lines, self.size
+
+    def _emit(self, stream: OutputStream, data: bytes, now: float) -> None:
+        buffered = self.partial.pop(stream, b"") + data
+        for mask in self.masks:
+            buffered = buffered.replace(mask, SECRET_MARKER)
+        *complete, rest = buffered.split(b"\n")
+        for line in complete:
+            self._record(stream, self._chunks(stream, line, now, 0), now, continued=False)
+        for line in reversed(complete):
+            if line.strip():
+                self.last = line[-800:]
+                break
+        # Masked already; but a secret may start here and end in what comes next: keep its possible beginning.
+        rest = self._chunks(stream, rest, now, len(self.masks[0]) - 1 if self.masks else 0)
+        if rest:
+            self.partial[stream] = rest
+
+    def _chunks(self, stream: OutputStream, line: bytes, now: float, keep: int) -> bytes:
+        """Record `line` a chunk at a time (continued) while more than `keep`
+        bytes would be left; what is left (at most a chunk plus `keep`)."""
+        while len(line) > self.chunk + keep:
+            self._record(stream, line[: self.chunk], now, continued=True)
+            line = line[self.chunk :]
+        return line
+
+    def _end(self, stream: OutputStream, now: float) -> None:
+        rest = self.partial.pop(stream, b"")
+        if rest:
+            self._record(stream, rest, now, continued=False)
+            if rest.strip():
+                self.last = rest[-800:]
+
+    def _finish(self, now: float) -> None:
+        for stream in list(self.partial):
+            self._end(stream, now)
+        if self.dropped:
+            notice = f"\u2026 {self.dropped:,} bytes dropped (limit {self.limit:,} bytes per attempt) \u2026"
+            self.cut = False  # the notice is kept whatever the limit
+            self._record(OutputStream.NOTICE, notice.encode(), now, continued=False)
+
+    def _record(self, stream: OutputStream, data: bytes, now: float, continued: bool) -> None:
+        cost = len(data) + RECORD_OVERHEAD
+        if self.cut or (self.stored + cost > self.limit and stream != OutputStream.NOTICE):
+            self.cut = True
+            self.dropped += len(data)
+            return
+        self._data += frame(stream, data, now, continued)
+        self._index += INDEX_ENTRY.pack(self.size)
+        self.size += HEADER.size + len(data)
+        self.lines += 1
+        self.stored += cost
+
+
 class OutputSink:
     """Where one attempt's output goes while it runs: opened before the worker
     starts, closed with the attempt's final state.
 
-    `emit` is synchronous and cheap (it frames and numbers lines on the loop);
-    a background flush writes them in the store's own threads, and readers see
-    lines only once written. Producers that can wait await `drain()` after
-    each emit (or use `write`), so at most one read's worth is ever held.
-    Secrets are masked before anything is stored, line by line (as the
-    command worker's message always was).
+    `emit` is synchronous and costs the loop next to nothing: it queues the
+    bytes for the sink's flush, which frames and writes them in the store's
+    threads (_Framer); readers see lines only once written. Producers that
+    can wait await `drain()` after each emit (or use `write`), so at most one
+    read's worth is ever held. Secrets are masked before anything is stored,
+    line by line (as the command worker's message always was).
     """
 
     def __init__(self, store: OutputStore, key: OutputKey, limit: int, secrets: Iterable[str]) -> None:
         self.key = key
         self._store = store
         self._settings = store.settings
-        self._base = _base(store.settings.directory, key)
-        self._limit = limit
-        self._masks: list[bytes] = []
+        self._framer = _Framer(_base(store.settings.directory, key), limit, store.settings.chunk_bytes)
         self.hide(secrets)
-        self._partial: dict[OutputStream, bytes] = {}
-        self._pending = bytearray()
-        self._pending_index = bytearray()
-        self._lines = self._size = self._bytes = self._stored = 0
+        self._inbox: list[_Operation] = []
+        self._inbox_bytes = 0
         self._written_lines = self._written_size = 0
-        self._dropped = 0
-        self._cut = False
-        self._last = b""
         self._flusher: asyncio.Task[None] | None = None
         self._closing: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()
         self.loop = asyncio.get_running_loop()
+        # Bytes handed over by other threads, not yet taken on the loop (emit_from_thread).
+        self._queued = 0
+        self._queue_lock = threading.Lock()
 
     def hide(self, secrets: Iterable[str]) -> None:
         """Mask every line of each of `secrets` from now on (a secret known only
         once the worker runs, such as a secret_file's content)."""
         lines = {os.fsencode(line) for secret in secrets for line in secret.splitlines() if line.strip()}
-        self._masks = sorted(lines.union(self._masks), key=len, reverse=True)
+        self._framer.masks = sorted(lines.union(self._framer.masks), key=len, reverse=True)
 
     @property
     def last_line(self) -> str:
-        """The last non-blank line printed (masked, stripped, at most 200 characters): a command's message."""
-        return self._last.decode(errors="replace").strip()[:200]
+        """The last non-blank line written (masked, stripped, at most 200 characters): a command's message."""
+        return self._framer.last.decode(errors="replace").strip()[:200]
 
     @property
     def dropped(self) -> int:
         """Bytes of line data past the limit, not kept."""
-        return self._dropped
-
-    @property
-    def backlog(self) -> int:
-        """Bytes framed but not yet written."""
-        return len(self._pending)
+        return self._framer.dropped
 
     def emit(self, stream: OutputStream, data: bytes) -> None:
         """Take `data` as printed on `stream`: complete lines become records; a
         line's unfinished end waits for the rest (or end_stream), a chunk at a
         time once it is longer than the chunk size."""
-        if self._closing is not None or not data:
-            return
-        buffered = self._partial.pop(stream, b"") + data
-        for mask in self._masks:
-            buffered = buffered.replace(mask, SECRET_MARKER)
-        *complete, rest = buffered.split(b"\n")
-        now = time.time()
-        for line in complete:
-            self._record(stream, line, now, continued=False)
-        for line in reversed(complete):
-            if line.strip():
-                self._last = line[-800:]
-                break
-        chunk = self._settings.chunk_bytes
-        # A secret may start in a chunk and end in the next: keep its possible beginning.
-        keep = len(self._masks[0]) - 1 if self._masks else 0
-        while len(rest) > chunk:
-            cut = max(1, min(chunk, len(rest) - keep))
-            self._record(stream, rest[:cut], now, continued=True)
-            rest = rest[cut:]
-        if rest:
-            self._partial[stream] = rest
-        self._kick()
-
-    @property
-    def high_water(self) -> int:
-        """Unwritten bytes past which a writer in another thread waits (output.capture)."""
-        return self._settings.max_pending_bytes // 2
-
-    def emit_bounded(self, stream: OutputStream, data: bytes) -> None:
-        """emit() for a writer that cannot wait: past max_pending_bytes unwritten, `data` is dropped (counted)."""
-        if len(self._pending) > self._settings.max_pending_bytes:
-            if self._closing is None:
-                self._dropped += len(data)
-            return
-        self.emit(stream, data)
+        if self._closing is None and data:
+            self._queue(_EMIT, stream, data)
 
     def end_stream(self, stream: OutputStream) -> None:
         """`stream` is closed: an unfinished last line is a line."""
-        rest = self._partial.pop(stream, b"")
-        if rest and self._closing is None:
-            self._record(stream, rest, time.time(), continued=False)
-            if rest.strip():
-                self._last = rest[-800:]
-            self._kick()
+        if self._closing is None:
+            self._queue(_END, stream, b"")
+
+    def emit_bounded(self, stream: OutputStream, data: bytes) -> None:
+        """emit() for a writer that cannot wait: once more than max_pending_bytes
+        wait to be written, the attempt's output is cut there, as at its limit."""
+        if self._inbox_bytes > self._settings.max_pending_bytes and self._closing is None:
+            self._queue(_CUT, stream, b"")
+        self.emit(stream, data)
+
+    def emit_from_thread(self, stream: OutputStream, data: bytes) -> None:
+        """emit() from a thread other than the loop's (print() in a plain python
+        function): the writer waits while more than half max_pending_bytes are
+        queued or unwritten, so a thread printing forever goes at the disk's
+        pace and is never held in memory. All goes through the loop's queue, in order."""
+        if self._closing is not None:
+            return
+        with self._queue_lock:
+            self._queued += len(data)
+            behind = self._queued + self._inbox_bytes > self._settings.max_pending_bytes // 2
+        if not behind:
+            self.loop.call_soon_threadsafe(self._take, stream, data)
+            return
+        taken = asyncio.run_coroutine_threadsafe(self._take_and_drain(stream, data), self.loop)
+        # Never wait on a loop that has stopped (the service is exiting): it would never answer.
+        while self.loop.is_running():
+            with contextlib.suppress(TimeoutError):
+                taken.result(THREAD_WAIT_CHECK)
+                return
+        taken.cancel()
+
+    def _take(self, stream: OutputStream, data: bytes) -> None:
+        with self._queue_lock:
+            self._queued -= len(data)
+        self.emit(stream, data)
+
+    async def _take_and_drain(self, stream: OutputStream, data: bytes) -> None:
+        self._take(stream, data)
+        await self.drain()
 
     async def write(self, stream: OutputStream, data: bytes) -> None:
         """emit(), then wait until it is written: the plugin API for a worker's own lines."""
@@ -195,26 +297,19 @@ class OutputSink:
         await asyncio.shield(self._closing)
 
     async def _finish(self, final_state: int) -> None:
-        now = time.time()
-        for stream in list(self._partial):
-            self._record(stream, self._partial.pop(stream), now, continued=False)
-        if self._dropped:
-            self._cut = False  # the notice is written whatever the limit
-            notice = f"\u2026 {self._dropped:,} bytes dropped (limit {self._limit:,} bytes per attempt) \u2026"
-            self._record(OutputStream.NOTICE, notice.encode(), now, continued=False)
-        self._kick()
+        self._queue(_FINISH, OutputStream.NOTICE, b"")
         await self.drain()
         if self._written_lines:
-            end = json.dumps({"state": final_state, "dropped": self._dropped}).encode()
+            end = json.dumps({"state": final_state, "dropped": self.dropped}).encode()
             try:
-                await self._store.in_thread(_write_end, self._base, end)
+                await self._store.in_thread(_write_end, self._framer.base, end)
             except OSError as error:
                 log.warning("could not finish the output of %s: %s", self.key, error)
         self._store.finished(self, final_state)
 
     def describe(self) -> AttemptOutput:
         written_data = self._written_size - self._written_lines * HEADER.size
-        return AttemptOutput(self.key, self._written_lines, written_data, self._dropped, 0, False, 0)
+        return AttemptOutput(self.key, self._written_lines, written_data, self.dropped, 0, False, 0)
 
     @property
     def readable(self) -> tuple[int, int]:
@@ -222,47 +317,24 @@ class OutputSink:
         return self._written_lines, self._written_size
 
     def changed(self) -> asyncio.Event:
+        """Set at the next write or at the end (a fresh event each time)."""
         return self._changed
 
-    def _notify(self) -> None:
+    def notify(self) -> None:
         self._changed.set()
         self._changed = asyncio.Event()
 
-    def _record(self, stream: OutputStream, data: bytes, now: float, continued: bool) -> None:
-        cost = len(data) + RECORD_OVERHEAD
-        if self._cut or (self._stored + cost > self._limit and stream != OutputStream.NOTICE):
-            self._cut = True
-            self._dropped += len(data)
-            return
-        self._pending += frame(stream, data, now, continued)
-        self._pending_index += INDEX_ENTRY.pack(self._size)
-        self._size += HEADER.size + len(data)
-        self._lines += 1
-        self._stored += cost
-        self._bytes += len(data)
-
-    def _kick(self) -> None:
-        if self._pending and (self._flusher is None or self._flusher.done()):
+    def _queue(self, operation: int, stream: OutputStream, data: bytes) -> None:
+        self._inbox.append((operation, stream, data, time.time()))
+        self._inbox_bytes += len(data)
+        if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush(), name=f"output-flush-{self.key}")
 
     async def _flush(self) -> None:
-        while self._pending:
-            data, index = bytes(self._pending), bytes(self._pending_index)
-            lines, size = self._lines, self._size
-            self._pending.clear()
-            self._pending_index.clear()
-            try:
-                await self._store.in_thread(_append, self._base, data, index, self._written_lines == 0)
-            except OSError as error:
-                log.warning("output of %s cut short: %s", self.key, error)
-                # Nothing after what was written is kept; the rest counts as dropped.
-                self._dropped += len(data) - (lines - self._written_lines) * HEADER.size
-                self._lines, self._size, self._cut = self._written_lines, self._written_size, True
-                self._pending.clear()
-                self._pending_index.clear()
-                break
-            self._written_lines, self._written_size = lines, size
-            self._notify()
+        while self._inbox:
+            batch, self._inbox, self._inbox_bytes = self._inbox, [], 0
+            self._written_lines, self._written_size = await self._store.in_thread(self._framer.apply, batch)
+            self.notify()
 
 
 def _append(base: Path, data: bytes, index: bytes, first: bool) -> None:
@@ -346,8 +418,11 @@ def _read(base: Path, from_line: int, count: int, lines: int, size: int, budget:
     offsets = [offset for (offset,) in INDEX_ENTRY.iter_unpack(raw)]
     ends = [*offsets[1:], size] if len(offsets) == count else offsets[1:]
     start = offsets[0]
-    # The most whole records within the budget, at least one.
-    count = max(1, bisect.bisect_right(ends, start + budget + count * HEADER.size))
+    # The most whole records whose data is within the budget, at least one.
+    taken = 1
+    while taken < count and ends[taken] - start - (taken + 1) * HEADER.size <= budget:
+        taken += 1
+    count = taken
     with open(base.with_suffix(base.suffix + DATA), "rb") as file:
         file.seek(start)
         buffer = file.read(ends[count - 1] - start)
@@ -366,9 +441,11 @@ class OutputStore:
     lives in memory until retention removes their job.
     """
 
-    def __init__(self, settings: OutputSettings, running: Callable[[str], bool] = lambda job_id: False) -> None:
+    def __init__(self, settings: OutputSettings) -> None:
         self.settings = settings
-        self._running = running
+        # Whether a job is in flight (the engine's answer): retention never touches such a job's output.
+        self.running: Callable[[str], bool] = lambda job_id: False
+        self._retention: asyncio.Task[None] | None = None
         self._jobs: dict[str, dict[OutputKey, OutputSink | AttemptOutput]] = {}
         self._last_write: dict[str, float] = {}
         # Files are written and read here, never on the loop nor through the event log's connection.
@@ -381,8 +458,16 @@ class OutputStore:
             self._jobs.setdefault(key.job_id, {})[key] = found.output
             self._last_write[key.job_id] = max(self._last_write.get(key.job_id, 0.0), found.mtime)
 
+    def start_retention(self, every: float) -> None:
+        """prune() every `every` seconds until close()."""
+        self._retention = asyncio.create_task(self._prune_forever(every), name="output-retention")
+
     async def close(self) -> None:
-        """After every sink is closed: let the last writes end."""
+        """After every sink is closed: stop retention, let the last writes end."""
+        if self._retention is not None:
+            self._retention.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._retention
         await asyncio.to_thread(self._executor.shutdown)
 
     async def in_thread(self, function: Callable[..., T], *args: Any) -> T:
@@ -402,7 +487,7 @@ class OutputStore:
             sink.key, lines, size - lines * HEADER.size, sink.dropped, 0, True, final_state,
         )
         self._last_write[sink.key.job_id] = time.time()
-        sink._notify()
+        sink.notify()
 
     def attempts(self, job_id: str, step: str | None = None, child: int | None = None) -> list[AttemptOutput]:
         """What exists for `job_id` (every step), or `step` (itself and its children), or one `child` of `step`;
@@ -469,7 +554,7 @@ class OutputStore:
         cutoff = (time.time() if now is None else now) - self.settings.retention_seconds
         old = [
             job_id for job_id, entries in self._jobs.items()
-            if self._last_write.get(job_id, 0.0) < cutoff and not self._running(job_id)
+            if self._last_write.get(job_id, 0.0) < cutoff and not self.running(job_id)
             and not any(isinstance(entry, OutputSink) for entry in entries.values())
         ]
         for job_id in old:
@@ -478,8 +563,7 @@ class OutputStore:
             await self.in_thread(shutil.rmtree, self.settings.directory / job_id, True)
         return len(old)
 
-    async def prune_forever(self, every: float) -> None:
-        """prune() every `every` seconds, until cancelled."""
+    async def _prune_forever(self, every: float) -> None:
         while True:
             await asyncio.sleep(every)
             try:

@@ -14,6 +14,7 @@ with its rights: a plugin is trusted code.
 """
 
 from orchestrator_svc.domain.spec import Execution, Params, WorkerCatalog
+from orchestrator_svc.output import OutputSink, OutputStream
 from orchestrator_svc.workers._fields import Field, FieldKind, check_child, check_fields, parse_child
 from orchestrator_svc.workers._worker import FanoutPlan, FanoutWorker, WorkContext, Worker, WorkFailed
 from stepstream_common.errors import FieldViolation, quoted
@@ -24,6 +25,9 @@ __all__ = [  # noqa: RUF022 (grouped by role, not sorted)
     "WorkContext",
     "WorkFailed",
     "Params",
+    # Writing output lines: `await context.output.write(OutputStream.STDOUT, b"...\n")`.
+    "OutputSink",
+    "OutputStream",
     # Validating parameters: a definition with any violation is rejected whole.
     "Field",
     "FieldKind",

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from orchestrator_svc.domain.spec import Execution, Params, WorkerCatalog
+from orchestrator_svc.output import OutputSink
 from orchestrator_svc.workers.processes import ProcessRegistry
 from stepstream_common.errors import FieldViolation
 
@@ -26,6 +27,9 @@ class WorkContext:
     attempt: int
     # Set for fan-out children.
     child_index: int | None
+    # Where this attempt's output goes: `await context.output.write(OutputStream.STDOUT, b"...\n")`.
+    # (python steps' print() and the "stepstream.step" logger land there too.)
+    output: OutputSink
     # Seconds between the polite stop signal and the forced one.
     kill_grace: float
     # Where process groups are recorded (so a restart can stop leftovers).

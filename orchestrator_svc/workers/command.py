@@ -6,11 +6,11 @@ import asyncio
 import contextlib
 import os
 import signal
-from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
-from orchestrator_svc.domain.spec import SECRET_KEY, SECRET_MARKER
+from orchestrator_svc.domain.spec import SECRET_KEY
+from orchestrator_svc.output import OutputSink, OutputStream
 from orchestrator_svc.workers import (
     Field,
     FieldViolation,
@@ -29,7 +29,8 @@ FIELDS = (
     Field("env", "table"),
     Field("cwd", "string"),
 )
-OUTPUT_TAIL_LINES = 5
+# Bytes read from a command's pipe at once (asyncio's stream buffer holds at most twice this).
+READ_BYTES = 64 * 1024
 SECRET_FILE_KEY = "secret_file"
 # An environment variable's value is at most 128 KiB on Linux; no real secret comes near.
 MAX_SECRET_BYTES = 64 * 1024
@@ -62,8 +63,13 @@ class CommandWorker(Worker):
     rather than failing later. The path is not secret: it is shown as written.
     (This reaches no further than the command itself could: it runs as the
     orchestrator's user.) Every line of a secret the command prints shows as
-    "<secret>" in the step's message: a safety net against accidents, no more,
-    since a command that encodes or splits a secret prints it.
+    "<secret>" in its stored output and the step's message: a safety net
+    against accidents, no more, since a command that encodes or splits a
+    secret prints it.
+
+    Its stdout and stderr are captured whole into the attempt's output
+    (orchestrator_svc.output), interleaved as they are read; the step's
+    message is the last non-blank line of either.
 
     Stopping (timeout, cancel) sends SIGTERM to the whole group, then SIGKILL
     after the grace period. When the command exits, anything it left running in
@@ -84,6 +90,7 @@ class CommandWorker(Worker):
     async def run(self, params: Params, context: WorkContext) -> str:
         command = list(params["command"])
         env, secrets = await _environment(params.get("env", {}), context)
+        context.output.hide(secrets)
         try:
             process = await asyncio.create_subprocess_exec(
                 *command,
@@ -91,31 +98,37 @@ class CommandWorker(Worker):
                 cwd=params.get("cwd"),
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.STDOUT,
+                stderr=asyncio.subprocess.PIPE,
                 start_new_session=True,
             )
         except OSError as error:
             raise WorkFailed(f"could not start {command[0]!r}: {error.strerror or error}") from error
         if context.processes is not None:
             context.processes.add(process.pid, _owner(context))
-        tail: deque[str] = deque(maxlen=OUTPUT_TAIL_LINES)
-        reader = asyncio.create_task(_read_lines(process, tail, _masks(secrets)))
+        assert process.stdout is not None
+        assert process.stderr is not None
+        readers = [
+            asyncio.create_task(_capture(process.stdout, OutputStream.STDOUT, context.output)),
+            asyncio.create_task(_capture(process.stderr, OutputStream.STDERR, context.output)),
+        ]
         try:
             code = await process.wait()
         except asyncio.CancelledError:
             await _stop_group(process, context.kill_grace)
-            reader.cancel()
+            for reader in readers:
+                reader.cancel()
             raise
         finally:
             _kill_group(process.pid, signal.SIGKILL)
             if context.processes is not None:
                 context.processes.remove(process.pid)
         try:
-            await reader  # ends at EOF, now that the whole group is gone
+            await asyncio.gather(*readers)  # they end at EOF, now that the whole group is gone
         except asyncio.CancelledError:
-            reader.cancel()
+            for reader in readers:
+                reader.cancel()
             raise
-        last = f": {tail[-1]}" if tail else ""
+        last = f": {context.output.last_line}" if context.output.last_line else ""
         if code == 0:
             return f"exit 0{last}"
         if code < 0:
@@ -199,26 +212,18 @@ def _read_secret_file(name: str, path: str) -> str:
     return os.fsdecode(data.removesuffix(b"\n"))
 
 
-def _masks(secrets: Sequence[str]) -> list[bytes]:
-    """What to hide in the output: every line of every secret (output is read a
-    line at a time), longest first so that a secret holding another is hidden whole."""
-    lines = {os.fsencode(line) for secret in secrets for line in secret.splitlines() if line.strip()}
-    return sorted(lines, key=len, reverse=True)
-
-
 def _owner(context: WorkContext) -> str:
     child = f"[{context.child_index}]" if context.child_index is not None else ""
     return f"job {context.job_id} step {context.step_name}{child} attempt {context.attempt}"
 
 
-async def _read_lines(process: asyncio.subprocess.Process, tail: deque[str], masks: Sequence[bytes]) -> None:
-    assert process.stdout is not None
-    async for raw in process.stdout:
-        for mask in masks:
-            raw = raw.replace(mask, SECRET_MARKER.encode())
-        line = raw.decode(errors="replace").strip()
-        if line:
-            tail.append(line[:200])
+async def _capture(pipe: asyncio.StreamReader, stream: OutputStream, output: OutputSink) -> None:
+    """Drain `pipe` into `output` until EOF, a read at a time: each read is written
+    before the next, so memory holds one read whatever the command prints."""
+    while chunk := await pipe.read(READ_BYTES):
+        output.emit(stream, chunk)
+        await output.drain()
+    output.end_stream(stream)
 
 
 def _kill_group(pgid: int, signum: signal.Signals) -> None:

@@ -8,6 +8,13 @@ timeout or CancelJob); plain functions run in a thread, which Python cannot
 interrupt: on timeout or cancel the step ends at once but the thread finishes
 in the background. Code run this way is trusted: it runs with the
 orchestrator's rights.
+
+What the function prints (stdout, stderr) and logs through the
+`stepstream.step` logger (logging.getLogger("stepstream.step"), or a child of
+it) is the attempt's output, as a command's is; other threads and tasks the
+function starts write there too, as they inherit its context. A plain
+function's prints after a timeout or cancel (its thread still running) are
+not kept.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from collections.abc import Callable
 from importlib.metadata import entry_points
 from typing import Any
 
+from orchestrator_svc.output import capturing
 from orchestrator_svc.workers import (
     Field,
     FieldViolation,
@@ -81,10 +89,11 @@ class PythonWorker(Worker):
             raise WorkFailed(str(error)) from error
         kwargs = dict(params.get("args", {}))
         try:
-            if inspect.iscoroutinefunction(function):
-                result = await function(**kwargs)
-            else:
-                result = await asyncio.to_thread(function, **kwargs)
+            with capturing(context.output):
+                if inspect.iscoroutinefunction(function):
+                    result = await function(**kwargs)
+                else:
+                    result = await asyncio.to_thread(function, **kwargs)
         except WorkFailed:
             raise
         except Exception as error:
