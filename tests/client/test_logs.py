@@ -1,0 +1,180 @@
+"""What steps printed, through the SDK, the sync client and the `stepstream logs`
+console script, against a real orchestrator (a subprocess) whose steps are
+real commands: a follower that resumes across a kill -9 and restart of the
+orchestrator, every step's output in order, bytes that are not UTF-8, colours
+on a terminal (a pty) and off it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from stepstream_client import Client, LogLine, NotFoundError, SyncClient
+
+from tests.client.services import DEADLINE, STEPSTREAM, Service, gate_step, run_cli
+
+# Colour, a bell and a title change, then bytes that are not UTF-8.
+TALK = r"""
+import sys
+sys.stdout.write("\x1b[31mred\x1b[0m \x07plain\x1b]0;title\x07\n"); sys.stdout.flush()
+sys.stdout.buffer.write(b"bad \xff\xfe bytes\n")
+"""
+# 50 lines, then it waits for the gate file (argv[1]).
+FIFTY_THEN_WAIT = """
+import os, sys, time
+for n in range(50):
+    print(f"line {n}", flush=True)
+while not os.path.exists(sys.argv[1]):
+    time.sleep(0.02)
+"""
+UNREACHABLE_STATUS = "127.0.0.1:1"  # logs never need the status service
+
+
+def command(name: str, script: str, *args: str) -> dict[str, object]:
+    return {"name": name, "type": "command", "command": [sys.executable, "-c", script, *args]}
+
+
+DEMO = {"name": "demo", "steps": [
+    command("talk", TALK),
+    command("warn", "import sys; print('oops', file=sys.stderr)"),
+    {"name": "fan", "type": "fanout", "count": 2,
+     "child": {"type": "command", "command": ["echo", "child", "{index}"]}},
+]}
+
+
+@pytest.fixture
+async def client(orchestrator: Service) -> AsyncIterator[Client]:
+    async with Client(orchestrator.address, UNREACHABLE_STATUS) as client:
+        yield client
+
+
+async def demo_job(client: Client) -> str:
+    job = await client.submit(DEMO)
+    async with contextlib.aclosing(client.logs(job.id)) as lines:
+        async for _ in lines:  # following every step to its end: the job has ended
+            pass
+    return job.id
+
+
+async def test_a_follower_resumes_across_an_orchestrator_kill_and_restart(
+    client: Client, orchestrator: Service, tmp_path: Path
+) -> None:
+    """The step prints 50 lines and waits; the orchestrator is killed -9 and
+    started again. The follower reconnects from the line after its last one:
+    the output up to the crash, with nothing missed or repeated, then the
+    orchestrator's notice that the attempt was cut, and the end."""
+    job = await client.submit({"name": "crash", "steps": [
+        command("talk", FIFTY_THEN_WAIT, str(tmp_path / "gate")),
+    ]})
+    received: list[LogLine] = []
+    async with contextlib.aclosing(client.logs(job.id, "talk")) as lines:
+        async for line in lines:
+            received.append(line)
+            if len(received) == 50:
+                await orchestrator.kill()
+                await orchestrator.start()
+    assert [line.number for line in received] == list(range(51))
+    assert [line.text for line in received[:50]] == [f"line {n}" for n in range(50)]
+    assert received[50].stream == "notice" and "output ends here" in received[50].text
+    assert {line.attempt for line in received} == {1}
+
+
+async def test_every_steps_output_in_order_through_the_sdk_and_the_sync_client(
+    client: Client, orchestrator: Service
+) -> None:
+    job_id = await demo_job(client)
+    lines = [line async for line in client.logs(job_id, follow=False)]
+    assert [(line.step, line.child, line.stream, line.text) for line in lines] == [
+        ("talk", None, "stdout", "\x1b[31mred\x1b[0m \x07plain\x1b]0;title\x07"),
+        ("talk", None, "stdout", "bad \ufffd\ufffd bytes"),
+        ("warn", None, "stderr", "oops"),
+        ("fan", 0, "stdout", "child 0"),
+        ("fan", 1, "stdout", "child 1"),
+    ]
+    assert lines[1].data == b"bad \xff\xfe bytes"
+
+    def synchronously() -> tuple[list[str], list[tuple[str, int | None, int]], list[str]]:
+        with SyncClient(orchestrator.address, UNREACHABLE_STATUS) as sync:
+            errors = [line.text for step in ("talk", "warn") for line in sync.logs(job_id, step, streams=["stderr"])]
+            listed = [(each.step, each.child, each.lines) for each in sync.output(job_id)]
+            last = [line.text for line in sync.logs(job_id, "fan", child=1, tail=1)]
+        return errors, listed, last
+
+    errors, listed, last = await asyncio.to_thread(synchronously)
+    assert errors == ["oops"]
+    assert listed == [("talk", None, 2), ("warn", None, 1), ("fan", 0, 1), ("fan", 1, 1)]
+    assert last == ["child 1"]
+    with pytest.raises(NotFoundError, match="has no step 'nope'"):
+        _ = [line async for line in client.logs(job_id, "nope")]
+    with pytest.raises(ValueError, match="unknown output stream"):
+        client.logs(job_id, "talk", streams=["stdin"])
+
+
+async def test_the_logs_command(client: Client, orchestrator: Service, tmp_path: Path) -> None:
+    job_id = await demo_job(client)
+    cli = ("--orchestrator", orchestrator.address)
+    every = await run_cli(*cli, "logs", job_id)
+    assert every.code == 0, every
+    assert every.stdout.splitlines() == [
+        "talk › red \x07plain", "talk › bad \ufffd\ufffd bytes", "warn › oops", "fan/0 › child 0", "fan/1 › child 1",
+    ]
+    as_json = await run_cli(*cli, "logs", job_id, "--tail", "1", "-o", "json")
+    assert as_json.code == 0, as_json
+    last = [json.loads(line) for line in as_json.stdout.splitlines()]
+    assert [(each["step"], each["child"], each["number"], each["text"]) for each in last] == [
+        ("talk", None, 1, "bad \ufffd\ufffd bytes"), ("warn", None, 0, "oops"), ("fan", 0, 0, "child 0"),
+        ("fan", 1, 0, "child 1"),
+    ]
+    assert last[0]["data_base64"] == "YmFkIP/+IGJ5dGVz" and "data_base64" not in last[1]
+    assert {each["attempt"] for each in last} == {1} and last[1]["stream"] == "stderr"
+    child = await run_cli(*cli, "logs", job_id, "fan/1", "--stream", "stdout")
+    assert (child.code, child.stdout) == (0, "child 1\n"), child
+    no_child = await run_cli(*cli, "logs", job_id, "fan/7")
+    assert no_child.code == 5 and "has no child 7" in no_child.stderr, no_child
+    bad = await run_cli(*cli, "logs", job_id, "fan/x")
+    assert bad.code == 2 and "is not STEP or STEP/INDEX" in bad.stderr, bad
+
+    gate = tmp_path / "gate"
+    waiting = await client.submit({"name": "wait", "steps": [gate_step("slow", gate)]})
+    following = asyncio.create_task(run_cli(*cli, "logs", waiting.id, "slow", "-f"))
+    await asyncio.sleep(0)
+    gate.touch()
+    followed = await following
+    assert (followed.code, followed.stdout) == (0, "gate open\n")
+
+
+async def on_a_terminal(*args: str, env: dict[str, str]) -> str:
+    """What `stepstream ARGS` writes to a terminal (a pty)."""
+    leader, follower = os.openpty()
+    try:
+        process = await asyncio.create_subprocess_exec(str(STEPSTREAM), *args, stdout=follower,
+                                                       stderr=asyncio.subprocess.PIPE, env={**os.environ, **env})
+        os.close(follower)
+        async with asyncio.timeout(DEADLINE):
+            _, err = await process.communicate()
+        assert process.returncode == 0, err
+        written = b""
+        with contextlib.suppress(OSError):  # EIO once the pty's other end is closed and read empty
+            while chunk := os.read(leader, 65536):
+                written += chunk
+        return written.decode()
+    finally:
+        os.close(leader)
+
+
+async def test_colours_reach_a_terminal_unless_no_color(client: Client, orchestrator: Service) -> None:
+    """On a terminal a step's colours are kept (and reset after its line), every
+    other control character escaped; --no-color and NO_COLOR strip the colours."""
+    job_id = await demo_job(client)
+    command_line = ("--orchestrator", orchestrator.address, "logs", job_id, "talk", "--tail", "3")
+    coloured = await on_a_terminal(*command_line, env={"NO_COLOR": ""})
+    assert coloured.splitlines()[0] == "\x1b[31mred\x1b[0m \\x07plain\\x1b]0;title\\x07\x1b[0m"
+    for plain in (await on_a_terminal(*command_line, "--no-color", env={}),
+                  await on_a_terminal(*command_line, env={"NO_COLOR": "1"})):
+        assert plain.splitlines()[0] == "red \\x07plain"
