@@ -39,6 +39,13 @@ EXPECTED: dict[str, list[str]] = {
         "lag_revisions_1000_split", "catchup_seconds_1000_split", "incomplete_watchers_1000_split",
         "slowest_watcher_lag_revisions", "slowest_watcher_lag_seconds", "slowest_watcher_catchup_seconds",
     ],
+    "logs": [
+        "lines", "bytes", "lines_per_second_captured", "capture_seconds", "baseline_seconds_without_capture",
+        "bytes_per_second_served", "baseline_disk_bytes_per_second", "latency_with_output_p50_ms",
+        "latency_with_output_p99_ms", "latency_without_output_p50_ms", "latency_without_output_p99_ms",
+        "orchestrator_peak_rss_mb_with_output", "status_peak_rss_mb_with_output",
+        "orchestrator_peak_rss_mb_without_output", "status_peak_rss_mb_without_output",
+    ],
 }
 
 
