@@ -115,3 +115,6 @@ class OrchestratorConfig(ServiceConfig):
         "STEPSTREAM_MAX_PARAMS_BYTES", "most bytes of params in a job definition, all steps together, as encoded",
         positive_int,
     ))
+    max_output_limit: int = field(default=DefinitionLimits.max_output_limit, metadata=setting(
+        "STEPSTREAM_MAX_OUTPUT_LIMIT", "largest `output_limit` a step may ask for, in bytes per attempt", positive_int,
+    ))

@@ -29,7 +29,7 @@ from stepstream.orchestrator.v1 import definition_pb2
 from stepstream_client.errors import DefinitionError, Violation
 
 JOB_FIELDS = ("name", "timeout", "steps")
-STEP_FIELDS = ("name", "type", "depends_on", "timeout", "retries", "retry_backoff", "always_run")
+STEP_FIELDS = ("name", "type", "depends_on", "timeout", "retries", "retry_backoff", "always_run", "output_limit")
 
 # A definition file is read as YAML or JSON by its suffix, anything else as TOML.
 FORMATS = {".yaml": "YAML", ".yml": "YAML", ".json": "JSON"}
@@ -263,13 +263,8 @@ def _step(data: Mapping[str, Any], path: str, violations: list[Violation]) -> de
         timeout=_duration(data, "timeout", f"{path}.timeout", violations),
         retry_backoff=_duration(data, "retry_backoff", f"{path}.retry_backoff", violations),
     )
-    retries = data.get("retries", 0)
-    if isinstance(retries, bool) or not isinstance(retries, int):
-        violations.append(Violation(f"{path}.retries", f"must be a whole number, got {_shown.repr(retries)}"))
-    elif not -(2**31) <= retries < 2**31:
-        violations.append(Violation(f"{path}.retries", "out of range (must fit in 32 bits)"))
-    else:
-        step.retries = retries
+    step.retries = _whole_number(data, "retries", 32, f"{path}.retries", violations)
+    step.output_limit = _whole_number(data, "output_limit", 64, f"{path}.output_limit", violations)
     always_run = data.get("always_run", False)
     if not isinstance(always_run, bool):
         violations.append(Violation(f"{path}.always_run", f"must be true or false, got {_shown.repr(always_run)}"))
@@ -293,6 +288,18 @@ def _step(data: Mapping[str, Any], path: str, violations: list[Violation]) -> de
         except (ValueError, TypeError) as error:
             violations.append(Violation(path, f"a field cannot be sent: {error}"))
     return step
+
+
+def _whole_number(data: Mapping[str, Any], key: str, bits: int, path: str, violations: list[Violation]) -> int:
+    """`data[key]` (0 when absent) if a whole number that fits a signed `bits`-bit field; else 0 and a violation."""
+    value = data.get(key, 0)
+    if isinstance(value, bool) or not isinstance(value, int):
+        violations.append(Violation(path, f"must be a whole number, got {_shown.repr(value)}"))
+    elif not -(2 ** (bits - 1)) <= value < 2 ** (bits - 1):
+        violations.append(Violation(path, f"out of range (must fit in {bits} bits)"))
+    else:
+        return value
+    return 0
 
 
 def _field(key: object) -> str:

@@ -74,6 +74,8 @@ class StepSpec:
     depends_on: tuple[str, ...]
     always_run: bool
     execution: Execution
+    # Bytes of output kept per attempt (each child's, for a fan-out); None: the service's limit.
+    output_limit: int | None = None
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,7 @@ class DefinitionLimits:
     max_fanout_concurrency: int = 1_000  # a fan-out's `concurrency`
     max_params_depth: int = MAX_PARAMS_DEPTH  # tables and lists nested in one step's params
     max_params_bytes: int = 2 * 1024 * 1024  # every step's params together, encoded
+    max_output_limit: int = 1024 * 1024 * 1024  # one step's output_limit, bytes per attempt
 
 
 class _OverLimits:
@@ -157,6 +160,9 @@ def _over_limits(
         if dependencies > limits.max_dependencies:
             over.add(f"{path}.depends_on.steps", f"at most {limits.max_dependencies} dependencies, got {dependencies}",
                      "max-dependencies", limits.max_dependencies)
+        if step.output_limit > limits.max_output_limit:
+            over.add(f"{path}.output_limit", f"at most {limits.max_output_limit} bytes, got {step.output_limit}",
+                     "max-output-limit", limits.max_output_limit)
         if step.HasField("params") and index not in over.steps_over:
             _params_over(step.params, f"{path}.params", 1, over)
             if workers.is_fanout(step.type):
@@ -305,8 +311,12 @@ def validate_job(
             graph[step.name] = (index, depends_on)
         params = None if over is not None and index in over.steps_over else _params(step, f"{path}.params", violations)
         execution = _execution(step, params, path, workers, violations)
+        if step.output_limit < 0:
+            violations.append(FieldViolation(
+                f"{path}.output_limit", f"must be 0 (the orchestrator's limit) or more bytes, got {step.output_limit}",
+            ))
         if execution is not None:
-            steps.append(StepSpec(step.name, index, depends_on, step.always_run, execution))
+            steps.append(StepSpec(step.name, index, depends_on, step.always_run, execution, step.output_limit or None))
 
     violations.extend(_cycles(graph, root))
     if violations:

@@ -317,7 +317,7 @@ class JobRun:
         else:
             # PENDING until a slot is free; the outcome is recorded before the slot is.
             async with self._settings.slots:
-                context, hooks = self._context(spec.name, None), self._step_hooks(record)
+                context, hooks = self._context(spec, None), self._step_hooks(record)
                 attempts = run_attempts(worker, spec.execution, context, hooks)
                 self._record_step(record, await self._outcome(spec.name, attempts))
         log.debug("job %s step %s ended %s", self.job.id, spec.name, s.StepState.Name(record.state))
@@ -331,8 +331,8 @@ class JobRun:
             log.exception("job %s step %s: internal error", self.job.id, step_name)
             return rules.internal_error(error)
 
-    def _context(self, step_name: str, child_index: int | None) -> WorkContextFactory:
-        return WorkContextFactory(self.job.id, step_name, child_index, self._settings)
+    def _context(self, spec: StepSpec, child_index: int | None) -> WorkContextFactory:
+        return WorkContextFactory(self.job.id, spec.name, child_index, self._settings, spec.output_limit)
 
     def _step_hooks(self, record: records_pb2.Step) -> AttemptHooks:
         return AttemptHooks(lambda status, attempt: self._record_step(record, status, attempt), self._may_start)
@@ -359,7 +359,7 @@ class JobRun:
         limit = spec.execution.timeout
         try:
             async with asyncio.timeout(limit):
-                over = await self._run_children(plan, children)
+                over = await self._run_children(spec, plan, children)
         except TimeoutError:
             assert limit is not None  # children catch their own TimeoutErrors: this is the fan-out's
             await children.stop(self._recorder, rules.fanout_timeout(limit))
@@ -368,7 +368,7 @@ class JobRun:
             await children.stop(self._recorder, rules.OVER_TOLERANCE)
         return rules.fanout_outcome(children.tally(), plan.max_child_failures)
 
-    async def _run_children(self, plan: FanoutPlan, children: FanoutChildren) -> bool:
+    async def _run_children(self, spec: StepSpec, plan: FanoutPlan, children: FanoutChildren) -> bool:
         """Run children `plan.concurrency` at a time (fewer if the service has
         fewer slots); True if stopped early because the failures went over the
         tolerance."""
@@ -394,7 +394,7 @@ class JobRun:
                 async with self._settings.slots:
                     with log_context(child=child.index):
                         outcome = await run_attempts(
-                            worker, plan.child_execution(child.index), self._context(child.step_name, child.index),
+                            worker, plan.child_execution(child.index), self._context(spec, child.index),
                             self._child_hooks(child, may_start),
                         )
                     self._record_child(child, outcome)
@@ -422,9 +422,12 @@ class WorkContextFactory:
     step_name: str
     child_index: int | None
     settings: RunSettings
+    # The step's own output limit, if it has one.
+    output_limit: int | None = None
 
     def __call__(self, attempt: int) -> WorkContext:
         """The context of `attempt`, with its output sink opened: run_attempts closes it."""
-        output = self.settings.output.sink(OutputKey(self.job_id, self.step_name, self.child_index, attempt))
+        key = OutputKey(self.job_id, self.step_name, self.child_index, attempt)
+        output = self.settings.output.sink(key, self.output_limit)
         return WorkContext(self.job_id, self.step_name, attempt, self.child_index, output, self.settings.kill_grace,
                            self.settings.processes)

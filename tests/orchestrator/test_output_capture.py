@@ -13,10 +13,13 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import grpc
+import pytest
 from stepstream.common.v1 import states_pb2 as s
 from stepstream.orchestrator.v1 import orchestrator_service_pb2 as orch_pb
 from stepstream.orchestrator.v1 import orchestrator_service_pb2_grpc as orch_grpc
 from stepstream.states import TERMINAL_JOB_STATES
+from stepstream_client.errors import InvalidArgumentError, from_rpc_error
 
 from orchestrator_svc.app import Orchestrator, start
 from orchestrator_svc.output import STEP_LOGGER, OutputKey, OutputLine, OutputStore, OutputStream
@@ -158,6 +161,34 @@ async def test_past_the_limit_lines_are_dropped_counted_and_noticed_while_the_pi
     )
     assert view.steps[0].step.state == s.STEP_STATE_COMPLETED
     assert view.steps[0].step.message == "exit 0: done"
+
+
+async def test_a_step_sets_its_own_limit_for_each_attempt_and_child(tmp_path: Path) -> None:
+    nine = "i=0; while [ $i -lt 100 ]; do printf '%09d\\n' $i; i=$((i+1)); done"
+    limit = 10 * (9 + RECORD_OVERHEAD)  # ten lines
+    fan = {"name": "fan", "type": "fanout", "count": 2, "output_limit": limit,
+           "child": {"type": "command", "command": ["sh", "-c", nine]}}
+    async with orchestrator(tmp_path, max_output_limit=limit) as (service, stub):
+        view = await run_job(stub, [sh("own", nine, output_limit=limit), fan, sh("default", nine)])
+        store = service.output
+        kept = {
+            (out.key.step, out.key.child): ([line.data for line in await read_all(store, out.key)], out.dropped_bytes)
+            for out in store.attempts(view.job.id)
+        }
+        for too_much in (-1, limit + 1):
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stub.SubmitJob(orch_pb.SubmitJobRequest(
+                    definition=job_definition([sh("greedy", "true", output_limit=too_much)])
+                ))
+            error = from_rpc_error(caught.value)
+            assert isinstance(error, InvalidArgumentError)
+            assert [violation.field for violation in error.violations] == ["definition.steps[0].output_limit"]
+    ten = [b"%09d" % i for i in range(10)]
+    notice = "\u2026 810 bytes dropped (limit 300 bytes per attempt) \u2026".encode()  # 90 lines of 9 bytes
+    assert kept == {
+        ("own", None): ([*ten, notice], 810), ("fan", 0): ([*ten, notice], 810), ("fan", 1): ([*ten, notice], 810),
+        ("default", None): ([b"%09d" % i for i in range(100)], 0),
+    }
 
 
 async def test_each_attempt_has_its_own_output(tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n+stepstream/orchestrator/v1/definition.proto\x12\x1astepstream.orchestrator.v1\x1a\x1cgoogle/protobuf/struct.proto\"i\n\rJobDefinition\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07timeout\x18\x02 \x01(\t\x12\x39\n\x05steps\x18\x03 \x03(\x0b\x32*.stepstream.orchestrator.v1.StepDefinition\"\xe4\x01\n\x0eStepDefinition\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12@\n\ndepends_on\x18\x03 \x01(\x0b\x32,.stepstream.orchestrator.v1.StepDependencies\x12\x0f\n\x07timeout\x18\x04 \x01(\t\x12\x0f\n\x07retries\x18\x05 \x01(\x05\x12\x15\n\rretry_backoff\x18\x06 \x01(\t\x12\x12\n\nalways_run\x18\x07 \x01(\x08\x12\'\n\x06params\x18\x08 \x01(\x0b\x32\x17.google.protobuf.Struct\"!\n\x10StepDependencies\x12\r\n\x05steps\x18\x01 \x03(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n+stepstream/orchestrator/v1/definition.proto\x12\x1astepstream.orchestrator.v1\x1a\x1cgoogle/protobuf/struct.proto\"i\n\rJobDefinition\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07timeout\x18\x02 \x01(\t\x12\x39\n\x05steps\x18\x03 \x03(\x0b\x32*.stepstream.orchestrator.v1.StepDefinition\"\xfa\x01\n\x0eStepDefinition\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12@\n\ndepends_on\x18\x03 \x01(\x0b\x32,.stepstream.orchestrator.v1.StepDependencies\x12\x0f\n\x07timeout\x18\x04 \x01(\t\x12\x0f\n\x07retries\x18\x05 \x01(\x05\x12\x15\n\rretry_backoff\x18\x06 \x01(\t\x12\x12\n\nalways_run\x18\x07 \x01(\x08\x12\'\n\x06params\x18\x08 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x14\n\x0coutput_limit\x18\t \x01(\x03\"!\n\x10StepDependencies\x12\r\n\x05steps\x18\x01 \x03(\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,7 +35,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_JOBDEFINITION']._serialized_start=105
   _globals['_JOBDEFINITION']._serialized_end=210
   _globals['_STEPDEFINITION']._serialized_start=213
-  _globals['_STEPDEFINITION']._serialized_end=441
-  _globals['_STEPDEPENDENCIES']._serialized_start=443
-  _globals['_STEPDEPENDENCIES']._serialized_end=476
+  _globals['_STEPDEFINITION']._serialized_end=463
+  _globals['_STEPDEPENDENCIES']._serialized_start=465
+  _globals['_STEPDEPENDENCIES']._serialized_end=498
 # @@protoc_insertion_point(module_scope)

@@ -69,6 +69,7 @@ class StepDefinition(_message.Message):
     RETRY_BACKOFF_FIELD_NUMBER: _builtins.int
     ALWAYS_RUN_FIELD_NUMBER: _builtins.int
     PARAMS_FIELD_NUMBER: _builtins.int
+    OUTPUT_LIMIT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Unique within the job."""
     type: _builtins.str
@@ -85,6 +86,11 @@ class StepDefinition(_message.Message):
     """
     always_run: _builtins.bool
     """Run even when a dependency failed or was cancelled."""
+    output_limit: _builtins.int
+    """Bytes of output kept per attempt (per child attempt for a fan-out), framing
+    included; past it lines are dropped and counted. 0 means the orchestrator's
+    --output-limit; at most its --max-output-limit.
+    """
     @_builtins.property
     def depends_on(self) -> Global___StepDependencies:
         """The steps this one waits for. When unset, the step depends on the step
@@ -106,10 +112,11 @@ class StepDefinition(_message.Message):
         retry_backoff: _builtins.str = ...,
         always_run: _builtins.bool = ...,
         params: _struct_pb2.Struct | None = ...,
+        output_limit: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["depends_on", b"depends_on", "params", b"params"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["always_run", b"always_run", "depends_on", b"depends_on", "name", b"name", "params", b"params", "retries", b"retries", "retry_backoff", b"retry_backoff", "timeout", b"timeout", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["always_run", b"always_run", "depends_on", b"depends_on", "name", b"name", "output_limit", b"output_limit", "params", b"params", "retries", b"retries", "retry_backoff", b"retry_backoff", "timeout", b"timeout", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
