@@ -307,6 +307,11 @@ class OutputSink:
                 log.warning("could not finish the output of %s: %s", self.key, error)
         self._store.finished(self, final_state)
 
+    @property
+    def closing(self) -> asyncio.Task[None] | None:
+        """The close under way, once close() was called."""
+        return self._closing
+
     def describe(self) -> AttemptOutput:
         written_data = self._written_size - self._written_lines * HEADER.size
         return AttemptOutput(self.key, self._written_lines, written_data, self.dropped, 0, False, 0)
@@ -463,11 +468,15 @@ class OutputStore:
         self._retention = asyncio.create_task(self._prune_forever(every), name="output-retention")
 
     async def close(self) -> None:
-        """After every sink is closed: stop retention, let the last writes end."""
+        """Once the runs are stopped: stop retention, let the sinks still closing
+        (shielded from their runs' cancellation) finish, then the last writes."""
         if self._retention is not None:
             self._retention.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._retention
+        closing = [entry.closing for entries in self._jobs.values() for entry in entries.values()
+                   if isinstance(entry, OutputSink) and entry.closing is not None]
+        await asyncio.gather(*closing, return_exceptions=True)
         await asyncio.to_thread(self._executor.shutdown)
 
     async def in_thread(self, function: Callable[..., T], *args: Any) -> T:

@@ -224,6 +224,7 @@ async def _capture(pipe: asyncio.StreamReader, stream: OutputStream, output: Out
         output.emit(stream, chunk)
         await output.drain()
     output.end_stream(stream)
+    await output.drain()  # an unfinished last line may be the step's message
 
 
 def _kill_group(pgid: int, signum: signal.Signals) -> None:

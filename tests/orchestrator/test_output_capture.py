@@ -298,3 +298,26 @@ async def test_cancel_mid_output_leaves_a_readable_finished_attempt(tmp_path: Pa
     assert described.dropped_bytes > 0
     assert {line.data for line in lines[:-1]} <= {b"y"}
     assert lines[-1].stream == NOTICE and len(lines) == described.lines
+
+
+async def test_a_graceful_stop_finishes_the_attempts_it_stops(tmp_path: Path) -> None:
+    service = await start(orchestrator_config(tmp_path / "orchestrator"))
+    try:
+        async with channel(service.address) as ch:
+            stub = Stub(ch)
+            submitted = await stub.SubmitJob(orch_pb.SubmitJobRequest(definition=job_definition([sh("talk", "yes")])))
+            key = OutputKey(submitted.job.id, "talk", None, 1)
+            await eventually(lambda: asyncio.sleep(0, service.output.attempts(key.job_id) or None), "the attempt")
+            await service.output.wait(key, 100, 60)
+    finally:
+        await service.stop()
+    reopened = OutputStore(service.output.settings)
+    await reopened.open()
+    try:
+        (described,) = reopened.attempts(key.job_id)
+        last = (await reopened.read(key, described.lines - 1, 1))[0]
+    finally:
+        await reopened.close()
+    # Closed by the stopping service (not found unfinished by the next one): its own end, no "output ends here".
+    assert (described.finished, described.final_state) == (True, s.STEP_STATE_CANCELLED)
+    assert (last.stream, last.data) == (OUT, b"y")
