@@ -40,6 +40,7 @@ from stepstream_client.errors import (
 )
 from stepstream_client.models import JobView, LogLine
 from stepstream_client.render import (
+    LogTails,
     child_json,
     child_line,
     dumps,
@@ -76,6 +77,8 @@ EXIT_STDOUT_CLOSED = 141  # 128 + SIGPIPE
 TOKEN_ENV = "STEPSTREAM_TOKEN"
 
 EXIT_BY_JOB_STATE = {"completed": EXIT_OK, "failed": EXIT_FAILED, "cancelled": EXIT_CANCELLED}
+# `watch --logs`: how many of each running step's last lines are shown under the tree.
+LOG_TAIL_LINES = 5
 
 Handler = Callable[[argparse.Namespace], Awaitable[int]]
 
@@ -225,12 +228,30 @@ async def cmd_submit(args: argparse.Namespace) -> int:
 
 async def cmd_watch(args: argparse.Namespace) -> int:
     async with _client(args) as client:
-        return await _follow(client, args.job, args.output)
+        return await _follow(client, args.job, args.output, logs=args.logs)
 
 
-async def _follow(client: Client, job_id: str, output: str) -> int:
-    async with client.watch(job_id) as views:
-        return exit_code_of(await show_views(views, output, sys.stdout))
+async def _follow(client: Client, job_id: str, output: str, *, logs: bool = False) -> int:
+    """Watch the job to its end; with `logs`, the last lines of its running steps too
+    (under the tree on a terminal, else as `step › line` lines or {"log": ...} objects)."""
+    tails = None
+    if logs:
+        live = output == "text" and sys.stdout.isatty()
+
+        def on_line(line: LogLine) -> None:
+            if output == "json":
+                print(dumps({"log": log_json(line)}), flush=True)
+            elif not live:
+                show_log_line(line, output, prefixed=True, color=False, terminal=False)
+                sys.stdout.flush()
+
+        tails = LogTails(lambda step: client.logs(job_id, step, tail=LOG_TAIL_LINES), LOG_TAIL_LINES, on_line)
+    try:
+        async with client.watch(job_id) as views:
+            return exit_code_of(await show_views(views, output, sys.stdout, tails))
+    finally:
+        if tails is not None:
+            await tails.close()
 
 
 async def cmd_get(args: argparse.Namespace) -> int:
@@ -387,6 +408,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     watch = command("watch", cmd_watch, "show a job live until it ends; exit code follows its final state")
     watch.add_argument("job")
+    watch.add_argument("--logs", action="store_true",
+                       help=f"also show what the running steps print (their last {LOG_TAIL_LINES} lines under "
+                            "the tree on a terminal)")
     _output(watch)
 
     get = command("get", cmd_get, "show a job and its steps")

@@ -39,12 +39,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import contextlib
 import dataclasses
 import json
 import re
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
@@ -53,6 +54,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from stepstream_client.errors import StepstreamError
 from stepstream_client.models import ChildView, JobSummary, JobView, LogLine, StepView, SubmittedJob
 
 FRAME_SECONDS = 0.1  # at most ~10 redraws a second
@@ -353,30 +355,85 @@ def _clock_tick(view: JobView) -> int | None:
     return None if view.terminal else int(time.time())
 
 
-async def _show_live(views: AsyncIterator[JobView], console: Console) -> JobView | None:
-    """Redraw when the view changed or the clock ticked, at most every FRAME_SECONDS."""
+class LogTails:
+    """The last `keep` lines each running step printed, for `watch --logs`: a step is
+    followed (`follow(step)`, from its last `keep` lines) from the first view that
+    shows it running until its attempts end; each line also goes to `on_line`."""
+
+    def __init__(
+        self, follow: Callable[[str], AsyncGenerator[LogLine, None]], keep: int = 5,
+        on_line: Callable[[LogLine], None] = lambda line: None,
+    ) -> None:
+        self._follow = follow
+        self._keep = keep
+        self._on_line = on_line
+        self._tails: dict[str, collections.deque[str]] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        # Set whenever a line arrived (a frame to redraw).
+        self.changed = asyncio.Event()
+
+    def track(self, view: JobView) -> None:
+        for step in view.steps:
+            if step.state == "running" and step.name not in self._tasks:
+                self._tails[step.name] = collections.deque(maxlen=self._keep)
+                self._tasks[step.name] = asyncio.create_task(self._tail(step.name), name=f"logs-{step.name}")
+
+    async def _tail(self, step: str) -> None:
+        tail = self._tails[step]
+        try:
+            async with contextlib.aclosing(self._follow(step)) as lines:
+                async for line in lines:
+                    tail.append(log_text(line.text, color=False, terminal=True))
+                    self._on_line(line)
+                    self.changed.set()
+        except StepstreamError as error:
+            tail.append(f"(no output: {printable(error.message)})")
+            self.changed.set()
+
+    def lines(self, view: JobView) -> list[Text]:
+        """The tails of the steps the view shows running, each line after its step's name."""
+        shown: list[Text] = []
+        for step in view.steps:
+            if step.state == "running":
+                shown.extend(Text.assemble((f"{printable(step.name)} › ", "dim"), line)
+                             for line in self._tails.get(step.name, ()))
+        return shown
+
+    async def close(self) -> None:
+        for task in self._tasks.values():
+            task.cancel()
+        for task in self._tasks.values():
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+async def _show_live(views: AsyncIterator[JobView], console: Console, tails: LogTails | None) -> JobView | None:
+    """Redraw when the view changed, a line arrived or the clock ticked, at most every FRAME_SECONDS."""
     latest: JobView | None = None
-    arrived = asyncio.Event()
+    arrived = tails.changed if tails is not None else asyncio.Event()
 
     async def pump() -> None:
         nonlocal latest
         try:
             async for view in views:
                 latest = view
+                if tails is not None:
+                    tails.track(view)
                 arrived.set()
         finally:
             arrived.set()
 
     pumping = asyncio.create_task(pump())
-    shown: tuple[JobView | None, int | None] = (None, None)
+    shown: tuple[JobView | None, int | None, bool] = (None, None, False)
     try:
         with Live(console=console, auto_refresh=False, transient=False) as live:
             while True:
                 finished = pumping.done()
                 if latest is not None:
-                    frame = (latest, _clock_tick(latest))
-                    if frame[0] is not shown[0] or frame[1] != shown[1]:
-                        live.update(job_tree(latest, datetime.now(UTC)), refresh=True)
+                    frame = (latest, _clock_tick(latest), arrived.is_set())
+                    if frame[0] is not shown[0] or frame[1] != shown[1] or frame[2]:
+                        tree = job_tree(latest, datetime.now(UTC))
+                        live.update(Group(tree, *tails.lines(latest)) if tails is not None else tree, refresh=True)
                         shown = frame
                 if finished:
                     break
@@ -393,16 +450,22 @@ async def _show_live(views: AsyncIterator[JobView], console: Console) -> JobView
     return latest
 
 
-async def show_views(views: AsyncIterator[JobView], output: str, out: TextIO) -> JobView | None:
+async def show_views(
+    views: AsyncIterator[JobView], output: str, out: TextIO, tails: LogTails | None = None
+) -> JobView | None:
     """Show a watch to its end (`output`: "json", "text"); returns the last view.
 
-    Text is a live tree when `out` is a terminal, else one line per change.
+    Text is a live tree when `out` is a terminal (with `tails`, the last lines of
+    the running steps under it), else one line per change (`tails` prints its
+    lines itself, through its on_line).
     """
     if output == "text" and out.isatty():
-        return await _show_live(views, Console(file=out))
+        return await _show_live(views, Console(file=out), tails)
     latest: JobView | None = None
     lines = LineWriter(out)
     async for view in views:
+        if tails is not None:
+            tails.track(view)
         latest = view
         if output == "json":
             print(dumps(view_json(view)), file=out, flush=True)

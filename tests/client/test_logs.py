@@ -178,3 +178,34 @@ async def test_colours_reach_a_terminal_unless_no_color(client: Client, orchestr
     for plain in (await on_a_terminal(*command_line, "--no-color", env={}),
                   await on_a_terminal(*command_line, env={"NO_COLOR": "1"})):
         assert plain.splitlines()[0] == "red \\x07plain"
+
+
+async def test_watch_shows_the_running_steps_last_lines_under_the_tree(
+    orchestrator: Service, status: Service, tmp_path: Path
+) -> None:
+    """`watch --logs` on a terminal: the step's lines appear under the live tree
+    while it runs; the watch ends with the job."""
+    gate = tmp_path / "gate"
+    async with Client(orchestrator.address, status.address) as client:
+        job = await client.submit({"name": "tails", "steps": [
+            command("talk", "import os, sys, time\nprint('hello \\x1b[32mthere\\x1b[0m', flush=True)\n"
+                            "while not os.path.exists(sys.argv[1]):\n    time.sleep(0.02)", str(gate)),
+        ]})
+    leader, follower = os.openpty()
+    try:
+        process = await asyncio.create_subprocess_exec(
+            str(STEPSTREAM), "--orchestrator", orchestrator.address, "--status", status.address,
+            "watch", job.id, "--logs", stdout=follower, stderr=asyncio.subprocess.PIPE,
+        )
+        os.close(follower)
+        shown = ""
+        async with asyncio.timeout(DEADLINE):
+            while "hello there" not in shown:  # under the tree (after its dimmed `talk › `)
+                shown += (await asyncio.to_thread(os.read, leader, 65536)).decode(errors="replace")
+            assert "running" in shown and "talk › " in shown, shown
+            gate.touch()
+            _, err = await process.communicate()
+        assert process.returncode == 0, err
+    finally:
+        gate.touch()
+        os.close(leader)
