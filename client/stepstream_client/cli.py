@@ -40,6 +40,7 @@ from stepstream_client.errors import (
 )
 from stepstream_client.models import JobView, LogLine
 from stepstream_client.render import (
+    LogPrinter,
     LogTails,
     child_json,
     child_line,
@@ -47,8 +48,6 @@ from stepstream_client.render import (
     header_line,
     iso,
     log_json,
-    log_prefix,
-    log_text,
     printable,
     show_table,
     show_view,
@@ -238,11 +237,13 @@ async def _follow(client: Client, job_id: str, output: str, *, logs: bool = Fals
     if logs:
         live = output == "text" and sys.stdout.isatty()
 
+        printer = LogPrinter(sys.stdout, output, prefixed=True, color=False)
+
         def on_line(line: LogLine) -> None:
             if output == "json":
                 print(dumps({"log": log_json(line)}), flush=True)
             elif not live:
-                show_log_line(line, output, prefixed=True, color=False, terminal=False)
+                printer.show(line)
                 sys.stdout.flush()
 
         tails = LogTails(lambda step: client.logs(job_id, step, tail=LOG_TAIL_LINES), LOG_TAIL_LINES, on_line)
@@ -321,26 +322,16 @@ async def cmd_logs(args: argparse.Namespace) -> int:
     step, child = args.unit if args.unit is not None else (None, None)
     if args.attempt is not None and step is None:
         return fail("--attempt needs a STEP", EXIT_USAGE)
-    terminal = sys.stdout.isatty()
-    color = wants_color(args)
-    prefixed = step is None
+    printer = LogPrinter(sys.stdout, args.output, prefixed=step is None, color=wants_color(args))
     async with _client(args) as client:
         lines = client.logs(args.job, step, child, args.attempt, follow=args.follow, tail=args.tail,
                             streams=[args.stream] if args.stream else ())
         async with contextlib.aclosing(lines) as each:
             async for line in each:
-                show_log_line(line, args.output, prefixed=prefixed, color=color, terminal=terminal)
+                printer.show(line)
                 if args.follow:
                     sys.stdout.flush()
     return EXIT_OK
-
-
-def show_log_line(line: LogLine, output: str, *, prefixed: bool, color: bool, terminal: bool) -> None:
-    if output == "json":
-        print(dumps(log_json(line)))
-        return
-    text = log_text(line.text, color=color, terminal=terminal)
-    sys.stdout.write(f"{log_prefix(line) if prefixed else ''}{text}{'' if line.continued else chr(10)}")
 
 
 async def cmd_cancel(args: argparse.Namespace) -> int:

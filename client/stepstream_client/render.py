@@ -127,6 +127,28 @@ def log_json(line: LogLine) -> dict[str, Any]:
     return data
 
 
+class LogPrinter:
+    """Log lines as `stepstream logs` shows them: JSON objects, or text (after `step › `
+    when `prefixed`), the pieces of a line cut for length (`continued`) joined again."""
+
+    def __init__(self, out: TextIO, output: str, *, prefixed: bool, color: bool) -> None:
+        self._out = out
+        self._json = output == "json"
+        self._prefixed = prefixed
+        self._color = color
+        self._terminal = out.isatty()
+        self._midline = False
+
+    def show(self, line: LogLine) -> None:
+        if self._json:
+            print(dumps(log_json(line)), file=self._out)
+            return
+        prefix = log_prefix(line) if self._prefixed and not self._midline else ""
+        text = log_text(line.text, color=self._color, terminal=self._terminal)
+        self._out.write(f"{prefix}{text}{'' if line.continued else chr(10)}")
+        self._midline = line.continued
+
+
 def iso(moment: datetime | None) -> str | None:
     """ISO 8601 in UTC with a Z, or None."""
     if moment is None:

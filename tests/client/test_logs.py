@@ -141,12 +141,15 @@ async def test_the_logs_command(client: Client, orchestrator: Service, tmp_path:
     assert bad.code == 2 and "is not STEP or STEP/INDEX" in bad.stderr, bad
 
     gate = tmp_path / "gate"
-    waiting = await client.submit({"name": "wait", "steps": [gate_step("slow", gate)]})
-    following = asyncio.create_task(run_cli(*cli, "logs", waiting.id, "slow", "-f"))
+    # Every step followed in turn; a line longer than a record (64 KiB) is joined again.
+    waiting = await client.submit({"name": "wait", "steps": [
+        gate_step("slow", gate), command("long", "print('x' * 100_000)"),
+    ]})
+    following = asyncio.create_task(run_cli(*cli, "logs", waiting.id, "-f"))
     await asyncio.sleep(0)
     gate.touch()
     followed = await following
-    assert (followed.code, followed.stdout) == (0, "gate open\n")
+    assert (followed.code, followed.stdout) == (0, "slow › gate open\nlong › " + "x" * 100_000 + "\n"), followed
 
 
 async def on_a_terminal(*args: str, env: dict[str, str]) -> str:
