@@ -19,14 +19,16 @@ Figures:
   completed, read from the orchestrator's GetJob), next to the same job's
   wall time without capture;
 - bytes/s served to a follower: after the job, one client reads every
-  child's output through StreamOutput, back to back; baseline: the harness
-  reading the same store files straight from disk;
+  child's output through StreamOutput, back to back; baseline: the same
+  reader against a bare grpc.aio server streaming as many lines of the same
+  shape from memory (bench/bare_output.py);
 - transition -> watcher p50/p99 with the output job running vs without it;
 - peak RSS of both services in each scenario.
 
 JSON keys: lines, bytes, lines_per_second_captured, capture_seconds,
 baseline_seconds_without_capture, bytes_per_second_served,
-baseline_disk_bytes_per_second, latency_with_output_p50_ms,
+lines_per_second_served, baseline_bare_bytes_per_second,
+baseline_bare_lines_per_second, latency_with_output_p50_ms,
 latency_with_output_p99_ms, latency_without_output_p50_ms,
 latency_without_output_p99_ms, samples_with_output, samples_without_output,
 missed_with_output, missed_without_output, orchestrator_peak_rss_mb_with_output,
@@ -51,8 +53,10 @@ from stepstream.status.v1 import status_service_pb2_grpc as status_grpc
 from stepstream_client.definitions import definition_from_mapping
 
 from bench.common import WatchClient, mb, orchestrator, pct_ms, rss_sampled, status, watch_clients
+from bench.common import started as started_services
 from bench.ingest import committed_cursor
 from bench.latency import in_window, job_steps, latency_text, transitions, wait_known
+from bench.processes import Service
 from bench.report import Report, fmt_rate, rate
 
 CHILDREN = 100
@@ -76,7 +80,7 @@ class Outcome:
     missed: int = 0
     rss: dict[str, int] = field(default_factory=dict)
     served: tuple[int, int, float] = (0, 0, 0.0)  # lines, bytes, seconds
-    disk: tuple[int, float] = (0, 0.0)  # bytes, seconds
+    bare: tuple[int, int, float] = (0, 0, 0.0)  # the same, from bench/bare_output.py
 
 
 def output_job(children: int, lines: int, capture: bool) -> orch_pb.SubmitJobRequest:
@@ -88,10 +92,13 @@ def output_job(children: int, lines: int, capture: bool) -> orch_pb.SubmitJobReq
     }]}))
 
 
-async def until_ended(stub: orch_grpc.OrchestratorServiceAsyncStub, job_id: str) -> None:
+async def until_completed(stub: orch_grpc.OrchestratorServiceAsyncStub, job_id: str) -> None:
+    """Until the job has ended; RuntimeError unless it completed (then its figures would mean nothing)."""
     async with asyncio.timeout(600):
-        while (await stub.GetJob(orch_pb.GetJobRequest(job_id=job_id))).job.state not in TERMINAL:
+        while (job := (await stub.GetJob(orch_pb.GetJobRequest(job_id=job_id))).job).state not in TERMINAL:
             await asyncio.sleep(0.05)
+    if job.state != s.JOB_STATE_COMPLETED:
+        raise RuntimeError(f"the printing job ended {s.JobState.Name(job.state)}: {job.message}")
 
 
 async def read_back(stub: orch_grpc.OrchestratorServiceAsyncStub, job_id: str, children: int) -> tuple[int, int]:
@@ -106,12 +113,12 @@ async def read_back(stub: orch_grpc.OrchestratorServiceAsyncStub, job_id: str, c
     return lines, size
 
 
-def read_files(directory: Path) -> int:
-    """The store's files of output, read straight from disk: their size."""
-    size = 0
-    for path in sorted(directory.rglob("*.out")):
-        size += len(path.read_bytes())
-    return size
+async def timed_read_back(address: str, job_id: str, children: int) -> tuple[int, int, float]:
+    """read_back() from `address` on a channel of its own: (lines, bytes, seconds)."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        started = time.monotonic()
+        lines, size = await read_back(orch_grpc.OrchestratorServiceStub(channel), job_id, children)
+        return lines, size, time.monotonic() - started
 
 
 async def scenario(outcome: Outcome, work: Path, *, children: int, lines: int, window: float, drain: float) -> None:
@@ -145,7 +152,7 @@ async def scenario(outcome: Outcome, work: Path, *, children: int, lines: int, w
                 window_start = time.time()
                 started = time.monotonic()
                 printing = await orch_stub.SubmitJob(output_job(children, lines, outcome.capture))
-                await until_ended(orch_stub, printing.job.id)
+                await until_completed(orch_stub, printing.job.id)
                 outcome.seconds = time.monotonic() - started
                 await asyncio.sleep(max(0.0, window_start + window - time.time()))
                 window_end = time.time()
@@ -154,11 +161,9 @@ async def scenario(outcome: Outcome, work: Path, *, children: int, lines: int, w
             snapshots = {job_id: await status_stub.GetJob(status_pb.GetJobRequest(job_id=job_id))
                          for job_id in job_ids}
             if outcome.capture:
-                started = time.monotonic()
-                served_lines, served_bytes = await read_back(orch_stub, printing.job.id, children)
-                outcome.served = (served_lines, served_bytes, time.monotonic() - started)
-                started = time.monotonic()
-                outcome.disk = (read_files(orch_dir / "output"), time.monotonic() - started)
+                outcome.served = await timed_read_back(orch_address, printing.job.id, children)
+                async with started_services(Service("bench.bare_output", [str(lines)])) as (bare_address,):
+                    outcome.bare = await timed_read_back(bare_address, "bare", children)
         outcome.rss = {"orchestrator": orch_service.peak_rss, "status": status_service.peak_rss}
     finally:
         status_service.stop()
@@ -180,15 +185,16 @@ async def run(quick: bool) -> Report:
 
     total = children * lines
     served_lines, served_bytes, served_seconds = with_output.served
-    disk_bytes, disk_seconds = with_output.disk
+    bare_lines, bare_bytes, bare_seconds = with_output.bare
     report = Report("logs")
     report.add("output job", f"{children} children x {lines:,} lines", f"~50 bytes a line, {CONCURRENCY} at a time")
     report.add("lines captured", fmt_rate(rate(total, with_output.seconds), "lines"),
                f"job {with_output.seconds:.2f} s; baseline: the same job, output to /dev/null, "
                f"{without.seconds:.2f} s")
     report.add("bytes served to a follower", fmt_rate(rate(served_bytes, served_seconds), "B"),
-               f"{served_lines:,} lines, every child's StreamOutput back to back; baseline: the store's "
-               f"files read from disk {fmt_rate(rate(disk_bytes, disk_seconds), 'B')}")
+               f"{fmt_rate(rate(served_lines, served_seconds), 'lines')}, every child's StreamOutput back to back")
+    report.add("  baseline: bare grpc.aio stream", fmt_rate(rate(bare_bytes, bare_seconds), "B"),
+               f"{fmt_rate(rate(bare_lines, bare_seconds), 'lines')}, the same reader, the same lines from memory")
     report.add("transition -> watcher, with output", latency_text(with_output.latencies),
                f"p50 / p95 / p99 / max, n={len(with_output.latencies):,}, missed {with_output.missed}")
     report.add("  baseline: without output", latency_text(without.latencies),
@@ -203,7 +209,9 @@ async def run(quick: bool) -> Report:
         lines_per_second_captured=round(rate(total, with_output.seconds), 1),
         capture_seconds=round(with_output.seconds, 3), baseline_seconds_without_capture=round(without.seconds, 3),
         bytes_per_second_served=round(rate(served_bytes, served_seconds), 1),
-        baseline_disk_bytes_per_second=round(rate(disk_bytes, disk_seconds), 1),
+        lines_per_second_served=round(rate(served_lines, served_seconds), 1),
+        baseline_bare_bytes_per_second=round(rate(bare_bytes, bare_seconds), 1),
+        baseline_bare_lines_per_second=round(rate(bare_lines, bare_seconds), 1),
         latency_with_output_p50_ms=pct_ms(with_output.latencies, 0.5),
         latency_with_output_p99_ms=pct_ms(with_output.latencies, 0.99),
         latency_without_output_p50_ms=pct_ms(without.latencies, 0.5),

@@ -41,7 +41,7 @@ EXPECTED: dict[str, list[str]] = {
     ],
     "logs": [
         "lines", "bytes", "lines_per_second_captured", "capture_seconds", "baseline_seconds_without_capture",
-        "bytes_per_second_served", "baseline_disk_bytes_per_second", "latency_with_output_p50_ms",
+        "bytes_per_second_served", "baseline_bare_bytes_per_second", "latency_with_output_p50_ms",
         "latency_with_output_p99_ms", "latency_without_output_p50_ms", "latency_without_output_p99_ms",
         "orchestrator_peak_rss_mb_with_output", "status_peak_rss_mb_with_output",
         "orchestrator_peak_rss_mb_without_output", "status_peak_rss_mb_without_output",
