@@ -62,6 +62,11 @@ class OrchestratorConfig(ServiceConfig):
         "STEPSTREAM_OUTPUT_CHUNK_BYTES", "a longer output line is kept as several records of at most this many bytes",
         positive_int,
     ))
+    output_rate: int = field(default=OutputSettings.rate_bytes, metadata=setting(
+        "STEPSTREAM_OUTPUT_RATE",
+        "bytes per second of commands' output captured, all steps together; past it the loudest commands are slowed "
+        "(their pipes fill) so that capturing never starves the event log", positive_int,
+    ))
     output_retention_days: float = field(default=7.0, metadata=setting(
         "STEPSTREAM_OUTPUT_RETENTION_DAYS",
         "a finished job's output goes once its last line is older than this many days (a running job's never)",

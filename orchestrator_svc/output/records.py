@@ -71,22 +71,25 @@ class OutputGone(Exception):
         self.first_retained = first_retained
 
 
-# A record: flags (stream in bits 0-1, continued in bit 2), time (float64), length (uint32), then the data.
-HEADER = struct.Struct("<BdI")
-# The index: the byte offset of each record in the data file, one uint64 per line.
-INDEX_ENTRY = struct.Struct("<Q")
+# A record: flags (stream in bits 0-1, continued in bit 2), time (float64), length (uint32), lines (uint32),
+# then `length` bytes: `lines` whole lines, each with its newline, as printed; or (continued) one chunk
+# of a longer line, without one. A fast printer's read becomes one record, not one per line.
+HEADER = struct.Struct("<BdII")
+# The index: per record, the number of its first line and its offset in the data file.
+INDEX_ENTRY = struct.Struct("<QQ")
 # What one record costs on disk beyond its data; counted against the per-attempt limit.
 RECORD_OVERHEAD = HEADER.size + INDEX_ENTRY.size
-_CONTINUED = 4
+CONTINUED = 4
 
 
-def frame(stream: OutputStream, data: bytes, time: float, continued: bool) -> bytes:
-    return HEADER.pack(int(stream) | (_CONTINUED if continued else 0), time, len(data)) + data
+def frame(stream: OutputStream, data: bytes, time: float, lines: int, continued: bool) -> bytes:
+    return HEADER.pack(int(stream) | (CONTINUED if continued else 0), time, len(data), lines) + data
 
 
-def unframe(buffer: bytes | memoryview, offset: int, number: int) -> tuple[OutputLine, int]:
-    """The record at `offset` of `buffer`, numbered `number`, and the offset after it."""
-    flags, time, length = HEADER.unpack_from(buffer, offset)
-    start = offset + HEADER.size
-    data = bytes(buffer[start : start + length])
-    return OutputLine(number, OutputStream(flags & 3), data, time, bool(flags & _CONTINUED)), start + length
+def unframe(header: bytes, data: bytes, first: int) -> list[OutputLine]:
+    """The lines of the record with this header and data, numbered from `first`."""
+    flags, time, _, _ = HEADER.unpack(header)
+    stream, continued = OutputStream(flags & 3), bool(flags & CONTINUED)
+    if continued:
+        return [OutputLine(first, stream, data, time, True)]
+    return [OutputLine(first + n, stream, line, time, False) for n, line in enumerate(data.split(b"\n")[:-1])]

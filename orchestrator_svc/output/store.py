@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from stepstream.common.v1 import states_pb2 as s
 
 from orchestrator_svc.output.records import (
+    CONTINUED,
     HEADER,
     INDEX_ENTRY,
     RECORD_OVERHEAD,
@@ -60,6 +61,8 @@ class OutputSettings:
     retention_seconds: float = 7 * 86400.0
     # Most bytes of line data one read() returns (always at least one line).
     read_bytes: int = 1024 * 1024
+    # Bytes per second captured from commands' pipes, all attempts together (a second's worth may come at once).
+    rate_bytes: int = 32 * 1024 * 1024
     # Bytes a sink holds unwritten before a writer that cannot wait (print() in an async function that
     # never awaits) has the rest of the attempt's output dropped, as past the limit.
     max_pending_bytes: int = 4 * 1024 * 1024
@@ -68,7 +71,7 @@ class OutputSettings:
     def of(cls, config: OrchestratorConfig, directory: Path) -> OutputSettings:
         """From an OrchestratorConfig (its output_* settings)."""
         return cls(directory, limit_bytes=config.output_limit, chunk_bytes=config.output_chunk_bytes,
-                   retention_seconds=config.output_retention_days * 86400.0)
+                   retention_seconds=config.output_retention_days * 86400.0, rate_bytes=config.output_rate)
 
 
 def _base(directory: Path, key: OutputKey) -> Path:
@@ -92,7 +95,9 @@ _Operation = tuple[int, OutputStream, bytes, float]
 class _Framer:
     """The thread side of a sink: splits output into lines, masks, frames,
     numbers and appends them, a batch at a time (never two at once for one
-    sink), in the store's threads: what it costs per line is not the loop's."""
+    sink), in the store's threads. The lines of one read go into one record
+    (split, counted and joined by C code), so what a fast printer costs the
+    process, and the GIL the loop needs, is a few operations per read, not per line."""
 
     def __init__(self, base: Path, limit: int, chunk: int) -> None:
         self.base = base
@@ -101,15 +106,21 @@ class _Framer:
         # Replaced whole (OutputSink.hide), never changed in place: a batch sees one list.
         self.masks: list[bytes] = []
         self.partial: dict[OutputStream, bytes] = {}
-        self.lines = self.size = self.stored = self.dropped = 0
+        # Line data kept and dropped, newlines not counted (as AttemptOutput.bytes).
+        self.lines = self.size = self.records = self.bytes = self.dropped = 0
         self.cut = False
         self.last = b""
         self._data = bytearray()
         self._index = bytearray()
 
-    def apply(self, batch: list[_Operation]) -> tuple[int, int]:
-        """Frame and append `batch`; (lines, data file bytes) now written."""
-        lines, size, stored = self.lines, self.size, self.stored
+    @property
+    def written(self) -> tuple[int, int, int, int]:
+        """(lines, data file bytes, records, line data bytes)."""
+        return self.lines, self.size, self.records, self.bytes
+
+    def apply(self, batch: list[_Operation]) -> tuple[int, int, int, int]:
+        """Frame and append `batch`; `written` after it."""
+        before = self.written
         for operation, stream, data, now in batch:
             if operation == _EMIT:
                 self._emit(stream, data, now)
@@ -124,64 +135,97 @@ class _Framer:
         self._index.clear()
         if data:
             try:
-                _append(self.base, data, index, lines == 0)
+                _append(self.base, data, index, before[1] == 0)
             except OSError as error:
                 log.warning("output cut short (%s): %s", self.base.name, error)
                 # Nothing of this batch is kept: it counts as dropped, and so does all that follows.
-                self.dropped += (self.size - size) - (self.lines - lines) * HEADER.size
-                self.lines, self.size, self.stored, self.cut = lines, size, stored, True
-        return self.lines, self.size
+                self.dropped += self.bytes - before[3]
+                (self.lines, self.size, self.records, self.bytes), self.cut = before, True
+        return self.written
 
     def _emit(self, stream: OutputStream, data: bytes, now: float) -> None:
         buffered = self.partial.pop(stream, b"") + data
         for mask in self.masks:
             buffered = buffered.replace(mask, SECRET_MARKER)
-        *complete, rest = buffered.split(b"\n")
-        for line in complete:
-            self._record(stream, self._chunks(stream, line, now, 0), now, continued=False)
-        for line in reversed(complete):
-            if line.strip():
-                self.last = line[-800:]
-                break
+        end = buffered.rfind(b"\n") + 1
+        block, rest = buffered[:end], buffered[end:]
+        if block:
+            # (A block no longer than a chunk cannot hold a longer line: no need to split it.)
+            if len(block) <= self.chunk + 1 or max(map(len, block.split(b"\n"))) <= self.chunk:
+                self._block(stream, block, block.count(b"\n"), now)
+            else:
+                for line in block.split(b"\n")[:-1]:
+                    self._block(stream, self._chunks(stream, line, now, 0) + b"\n", 1, now)
+            self._last_of(block)
         # Masked already; but a secret may start here and end in what comes next: keep its possible beginning.
         rest = self._chunks(stream, rest, now, len(self.masks[0]) - 1 if self.masks else 0)
         if rest:
             self.partial[stream] = rest
 
+    def _last_of(self, block: bytes) -> None:
+        """Keep the last non-blank line of `block` (whole lines) as the last line."""
+        end = len(block) - 1
+        while end > 0:
+            start = block.rfind(b"\n", 0, end) + 1
+            if block[start:end].strip():
+                self.last = block[max(start, end - 800) : end]
+                return
+            end = start - 1
+
     def _chunks(self, stream: OutputStream, line: bytes, now: float, keep: int) -> bytes:
         """Record `line` a chunk at a time (continued) while more than `keep`
         bytes would be left; what is left (at most a chunk plus `keep`)."""
         while len(line) > self.chunk + keep:
-            self._record(stream, line[: self.chunk], now, continued=True)
+            self._record(stream, line[: self.chunk], now, 1, continued=True)
             line = line[self.chunk :]
         return line
 
     def _end(self, stream: OutputStream, now: float) -> None:
         rest = self.partial.pop(stream, b"")
         if rest:
-            self._record(stream, rest, now, continued=False)
-            if rest.strip():
-                self.last = rest[-800:]
+            self._block(stream, rest + b"\n", 1, now)
+            self._last_of(rest + b"\n")
 
     def _finish(self, now: float) -> None:
         for stream in list(self.partial):
             self._end(stream, now)
         if self.dropped:
-            notice = f"\u2026 {self.dropped:,} bytes dropped (limit {self.limit:,} bytes per attempt) \u2026"
+            notice = f"\u2026 {self.dropped:,} bytes dropped (limit {self.limit:,} bytes per attempt) \u2026\n"
             self.cut = False  # the notice is kept whatever the limit
-            self._record(OutputStream.NOTICE, notice.encode(), now, continued=False)
+            self._record(OutputStream.NOTICE, notice.encode(), now, 1, continued=False)
 
-    def _record(self, stream: OutputStream, data: bytes, now: float, continued: bool) -> None:
-        cost = len(data) + RECORD_OVERHEAD
-        if self.cut or (self.stored + cost > self.limit and stream != OutputStream.NOTICE):
+    def _stored(self) -> int:
+        """Bytes on disk: records and index."""
+        return self.size + self.records * INDEX_ENTRY.size
+
+    def _block(self, stream: OutputStream, block: bytes, lines: int, now: float) -> None:
+        """Whole lines (`block` ends with a newline): as many as fit within the limit."""
+        room = self.limit - self._stored() - RECORD_OVERHEAD
+        if not self.cut and len(block) > room:
+            fits = block.rfind(b"\n", 0, max(room, 0)) + 1
+            if fits:
+                self._record(stream, block[:fits], now, block.count(b"\n", 0, fits), continued=False)
+            self.dropped += len(block) - fits - block.count(b"\n", fits)
             self.cut = True
-            self.dropped += len(data)
             return
-        self._data += frame(stream, data, now, continued)
-        self._index += INDEX_ENTRY.pack(self.size)
+        self._record(stream, block, now, lines, continued=False)
+
+    def _record(self, stream: OutputStream, data: bytes, now: float, lines: int, continued: bool) -> None:
+        """`lines` whole lines (each with its newline), or a continued chunk (lines 1, no newline)."""
+        data_bytes = len(data) - (0 if continued else lines)
+        if self.cut and stream != OutputStream.NOTICE:
+            self.dropped += data_bytes
+            return
+        if continued and self._stored() + RECORD_OVERHEAD + len(data) > self.limit:
+            self.cut = True
+            self.dropped += data_bytes
+            return
+        self.bytes += data_bytes
+        self._data += frame(stream, data, now, lines, continued)
+        self._index += INDEX_ENTRY.pack(self.lines, self.size)
         self.size += HEADER.size + len(data)
-        self.lines += 1
-        self.stored += cost
+        self.lines += lines
+        self.records += 1
 
 
 class OutputSink:
@@ -204,7 +248,7 @@ class OutputSink:
         self.hide(secrets)
         self._inbox: list[_Operation] = []
         self._inbox_bytes = 0
-        self._written_lines = self._written_size = 0
+        self._written: tuple[int, int, int, int] = (0, 0, 0, 0)
         self._flusher: asyncio.Task[None] | None = None
         self._closing: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()
@@ -283,6 +327,10 @@ class OutputSink:
         self.emit(stream, data)
         await self.drain()
 
+    async def pace(self, size: int) -> None:
+        """Spend `size` bytes of the service's output budget (Pace), waiting if it is spent."""
+        await self._store.pace.take(size)
+
     async def drain(self) -> None:
         """Return once everything emitted so far is written (readable)."""
         while self._flusher is not None and not self._flusher.done():
@@ -299,8 +347,8 @@ class OutputSink:
     async def _finish(self, final_state: int) -> None:
         self._queue(_FINISH, OutputStream.NOTICE, b"")
         await self.drain()
-        if self._written_lines:
-            end = json.dumps({"state": final_state, "dropped": self.dropped}).encode()
+        if self._written[0]:
+            end = json.dumps({"state": final_state, "dropped": self.dropped, "bytes": self._written[3]}).encode()
             try:
                 await self._store.in_thread(_write_end, self._framer.base, end)
             except OSError as error:
@@ -312,14 +360,15 @@ class OutputSink:
         """The close under way, once close() was called."""
         return self._closing
 
-    def describe(self) -> AttemptOutput:
-        written_data = self._written_size - self._written_lines * HEADER.size
-        return AttemptOutput(self.key, self._written_lines, written_data, self.dropped, 0, False, 0)
+    def describe(self, final_state: int = 0) -> AttemptOutput:
+        """What is written so far; finished if given its final state."""
+        lines, _, _, data_bytes = self._written
+        return AttemptOutput(self.key, lines, data_bytes, self.dropped, 0, bool(final_state), final_state)
 
     @property
     def readable(self) -> tuple[int, int]:
         """(lines, data file bytes) written so far."""
-        return self._written_lines, self._written_size
+        return self._written[0], self._written[1]
 
     def changed(self) -> asyncio.Event:
         """Set at the next write or at the end (a fresh event each time)."""
@@ -338,7 +387,7 @@ class OutputSink:
     async def _flush(self) -> None:
         while self._inbox:
             batch, self._inbox, self._inbox_bytes = self._inbox, [], 0
-            self._written_lines, self._written_size = await self._store.in_thread(self._framer.apply, batch)
+            self._written = await self._store.in_thread(self._framer.apply, batch)
             self.notify()
 
 
@@ -387,55 +436,98 @@ def _recover(base: Path, key: OutputKey) -> AttemptOutput:
     if not data_file.exists():
         data_file.touch()
     size = data_file.stat().st_size
-    with open(index_file, "rb") as file:
-        index = file.read()
-    lines = len(index) // INDEX_ENTRY.size
-    end = 0
+    index = index_file.read_bytes()
+    records = len(index) // INDEX_ENTRY.size
+    lines = end = 0
     with open(data_file, "rb") as file:
-        while lines:
-            (offset,) = INDEX_ENTRY.unpack_from(index, (lines - 1) * INDEX_ENTRY.size)
-            file.seek(offset)
-            header = file.read(HEADER.size)
-            if len(header) == HEADER.size and offset + HEADER.size + HEADER.unpack(header)[2] <= size:
-                end = offset + HEADER.size + HEADER.unpack(header)[2]
-                break
-            lines -= 1
-    state, dropped = 0, 0
+        while records:
+            first, offset = INDEX_ENTRY.unpack_from(index, (records - 1) * INDEX_ENTRY.size)
+            header = os.pread(file.fileno(), HEADER.size, offset)
+            if len(header) == HEADER.size:
+                _, _, length, count = HEADER.unpack(header)
+                if offset + HEADER.size + length <= size:
+                    lines, end = first + count, offset + HEADER.size + length
+                    break
+            records -= 1
+    state, dropped, data_bytes = 0, 0, -1
     if end_file.exists():
-        with contextlib.suppress(ValueError, OSError):
+        with contextlib.suppress(ValueError, OSError, KeyError):
             recorded = json.loads(end_file.read_bytes())
-            state, dropped = int(recorded["state"]), int(recorded["dropped"])
+            state, dropped, data_bytes = int(recorded["state"]), int(recorded["dropped"]), int(recorded["bytes"])
     if not state:
         os.truncate(data_file, end)
-        os.truncate(index_file, lines * INDEX_ENTRY.size)
-        _append(base, frame(OutputStream.NOTICE, INTERRUPTED_NOTICE, time.time(), False), INDEX_ENTRY.pack(end), False)
-        end += HEADER.size + len(INTERRUPTED_NOTICE)
-        lines += 1
-        state = s.STEP_STATE_FAILED
-        _write_end(base, json.dumps({"state": state, "dropped": dropped}).encode())
-    return AttemptOutput(key, lines, end - lines * HEADER.size, dropped, 0, True, state)
+        os.truncate(index_file, records * INDEX_ENTRY.size)
+        notice = INTERRUPTED_NOTICE + b"\n"
+        _append(base, frame(OutputStream.NOTICE, notice, time.time(), 1, False), INDEX_ENTRY.pack(lines, end), False)
+        end, lines, records = end + HEADER.size + len(notice), lines + 1, records + 1
+        state, data_bytes = s.STEP_STATE_FAILED, _data_bytes(data_file, end)
+        _write_end(base, json.dumps({"state": state, "dropped": dropped, "bytes": data_bytes}).encode())
+    return AttemptOutput(key, lines, data_bytes, dropped, 0, True, state)
 
 
-def _read(base: Path, from_line: int, count: int, lines: int, size: int, budget: int) -> list[OutputLine]:
-    with open(base.with_suffix(base.suffix + INDEX), "rb") as file:
-        file.seek(from_line * INDEX_ENTRY.size)
-        raw = file.read((count + (from_line + count < lines)) * INDEX_ENTRY.size)
-    offsets = [offset for (offset,) in INDEX_ENTRY.iter_unpack(raw)]
-    ends = [*offsets[1:], size] if len(offsets) == count else offsets[1:]
-    start = offsets[0]
-    # The most whole records whose data is within the budget, at least one.
-    taken = 1
-    while taken < count and ends[taken] - start - (taken + 1) * HEADER.size <= budget:
-        taken += 1
-    count = taken
-    with open(base.with_suffix(base.suffix + DATA), "rb") as file:
-        file.seek(start)
-        buffer = file.read(ends[count - 1] - start)
-    result, offset = [], 0
-    for number in range(from_line, from_line + count):
-        line, offset = unframe(buffer, offset, number)
-        result.append(line)
-    return result
+def _data_bytes(data_file: Path, end: int) -> int:
+    """Line data in the records before `end` (newlines not counted): a walk over their headers."""
+    total, offset = 0, 0
+    with open(data_file, "rb") as file:
+        while offset < end:
+            flags, _, length, lines = HEADER.unpack(os.pread(file.fileno(), HEADER.size, offset))
+            total += length - (0 if flags & CONTINUED else lines)
+            offset += HEADER.size + length
+    return total
+
+
+def _read(base: Path, from_line: int, count: int, budget: int) -> list[OutputLine]:
+    """Up to `count` lines from `from_line` (which exists): the record holding
+    it is found by a binary search of the index, then records are read in turn."""
+    with open(base.with_suffix(base.suffix + INDEX), "rb") as index, \
+            open(base.with_suffix(base.suffix + DATA), "rb") as data:
+
+        def entry(position: int) -> tuple[int, int]:
+            first, offset = INDEX_ENTRY.unpack(os.pread(index.fileno(), INDEX_ENTRY.size, position * INDEX_ENTRY.size))
+            return first, offset
+
+        low, high = 0, os.fstat(index.fileno()).st_size // INDEX_ENTRY.size
+        while high - low > 1:
+            middle = (low + high) // 2
+            low, high = (middle, high) if entry(middle)[0] <= from_line else (low, middle)
+        first, offset = entry(low)
+        result: list[OutputLine] = []
+        taken = 0
+        while True:
+            header = os.pread(data.fileno(), HEADER.size, offset)
+            length = HEADER.unpack(header)[2]
+            block = os.pread(data.fileno(), length, offset + HEADER.size)
+            for line in unframe(header, block, first):
+                if line.number < from_line:
+                    continue
+                taken += len(line.data)
+                if result and taken > budget:
+                    return result
+                result.append(line)
+                if len(result) == count:
+                    return result
+            first, offset = first + HEADER.unpack(header)[3], offset + HEADER.size + length
+
+
+class Pace:
+    """The output budget of the whole orchestrator, in bytes per second (a
+    token bucket holding at most one second's worth). Capturing output costs
+    this process CPU, which the event log and the status stream need too: past
+    the budget, readers of commands' pipes wait, the pipes fill and the
+    commands printing the most are slowed, instead of the service."""
+
+    def __init__(self, rate: int) -> None:
+        self.rate = rate
+        self._tokens = float(rate)
+        self._stamp = time.monotonic()
+
+    async def take(self, size: int) -> None:
+        """Spend `size` bytes, waiting first if the budget is overdrawn. Holds nothing while it waits."""
+        now = time.monotonic()
+        self._tokens = min(float(self.rate), self._tokens + (now - self._stamp) * self.rate) - size
+        self._stamp = now
+        if self._tokens < 0:
+            await asyncio.sleep(-self._tokens / self.rate)
 
 
 class OutputStore:
@@ -455,6 +547,7 @@ class OutputStore:
         self._last_write: dict[str, float] = {}
         # Files are written and read here, never on the loop nor through the event log's connection.
         self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="output")
+        self.pace = Pace(settings.rate_bytes)
 
     async def open(self) -> None:
         """Load what a previous process left (finishing its interrupted attempts)."""
@@ -491,10 +584,7 @@ class OutputStore:
 
     def finished(self, sink: OutputSink, final_state: int) -> None:
         """Called by the sink as it closes."""
-        lines, size = sink.readable
-        self._jobs[sink.key.job_id][sink.key] = AttemptOutput(
-            sink.key, lines, size - lines * HEADER.size, sink.dropped, 0, True, final_state,
-        )
+        self._jobs[sink.key.job_id][sink.key] = sink.describe(final_state)
         self._last_write[sink.key.job_id] = time.time()
         sink.notify()
 
@@ -529,13 +619,12 @@ class OutputStore:
         if from_line < 0 or limit < 1:
             raise ValueError("from_line must be >= 0 and limit >= 1")
         entry = self._entry(key)
-        lines, size = entry.readable if isinstance(entry, OutputSink) else (
-            entry.lines, entry.bytes + entry.lines * HEADER.size)
+        lines = entry.readable[0] if isinstance(entry, OutputSink) else entry.lines
         count = min(limit, lines - from_line)
         if count <= 0:
             return []
         try:
-            return await self.in_thread(_read, _base(self.settings.directory, key), from_line, count, lines, size,
+            return await self.in_thread(_read, _base(self.settings.directory, key), from_line, count,
                                         self.settings.read_bytes)
         except FileNotFoundError:
             raise OutputGone(key, lines) from None

@@ -219,10 +219,12 @@ def _owner(context: WorkContext) -> str:
 
 async def _capture(pipe: asyncio.StreamReader, stream: OutputStream, output: OutputSink) -> None:
     """Drain `pipe` into `output` until EOF, a read at a time: each read is written
-    before the next, so memory holds one read whatever the command prints."""
+    before the next, so memory holds one read whatever the command prints, and
+    within the service's output budget (OutputStore.pace)."""
     while chunk := await pipe.read(READ_BYTES):
         output.emit(stream, chunk)
         await output.drain()
+        await output.pace(len(chunk))
     output.end_stream(stream)
     await output.drain()  # an unfinished last line may be the step's message
 

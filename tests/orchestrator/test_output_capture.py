@@ -22,7 +22,7 @@ from stepstream.states import TERMINAL_JOB_STATES
 from stepstream_client.errors import InvalidArgumentError, from_rpc_error
 
 from orchestrator_svc.app import Orchestrator, start
-from orchestrator_svc.output import STEP_LOGGER, OutputKey, OutputLine, OutputStore, OutputStream
+from orchestrator_svc.output import STEP_LOGGER, AttemptOutput, OutputKey, OutputLine, OutputStore, OutputStream
 from orchestrator_svc.output.records import RECORD_OVERHEAD
 from orchestrator_svc.workers import FieldViolation, Params, WorkContext, Worker, WorkerCatalog
 from orchestrator_svc.workers import OutputStream as PluginStream
@@ -145,36 +145,53 @@ async def test_a_10_mb_line_is_kept_in_bounded_chunks(tmp_path: Path) -> None:
     assert (after.data, after.continued) == (b"after", False)
 
 
+def within_limit(lines: list[OutputLine], described: AttemptOutput, expected: list[bytes], limit: int) -> None:
+    """`lines` are the first of `expected`, then the notice of what was dropped; kept and dropped make the whole."""
+    *kept, notice = lines
+    assert [line.data for line in kept] == expected[: len(kept)]
+    assert described.bytes == sum(len(line.data) for line in lines)
+    assert described.dropped_bytes > 0
+    assert described.bytes - len(notice.data) + described.dropped_bytes == sum(map(len, expected))
+    assert (notice.stream, notice.data) == (
+        NOTICE, f"\u2026 {described.dropped_bytes:,} bytes dropped (limit {limit:,} bytes per attempt) \u2026".encode()
+    )
+
+
 async def test_past_the_limit_lines_are_dropped_counted_and_noticed_while_the_pipe_drains(tmp_path: Path) -> None:
-    limit = 100 * (99 + RECORD_OVERHEAD)  # exactly the first 100 lines
-    # 4 MB through a 12 kB limit: the command is never blocked, and its last line is still the message.
+    limit = 100 * (100 + RECORD_OVERHEAD)  # the first 100 lines, however the reads cut them into records
+    # 4 MB through a 13 kB limit: the command is never blocked, and its last line is still the message.
     script = "i=0; while [ $i -lt 100 ]; do printf '%099d\\n' $i; i=$((i+1)); done; yes | head -c 4000000; echo done"
     async with orchestrator(tmp_path, output_limit=limit) as (service, stub):
         view = await run_job(stub, [sh("loud", script)])
         lines = await read_all(service.output, OutputKey(view.job.id, "loud", None, 1))
         (described,) = service.output.attempts(view.job.id)
-    kept, notice = lines[:-1], lines[-1]
-    assert [line.data for line in kept] == [b"%099d" % i for i in range(100)]
-    assert described.dropped_bytes == 4_000_000 // 2 + len("done")
-    assert (notice.stream, notice.data) == (
-        NOTICE, f"\u2026 {described.dropped_bytes:,} bytes dropped (limit {limit:,} bytes per attempt) \u2026".encode()
-    )
+    expected = [b"%099d" % i for i in range(100)] + [b"y"] * 2_000_000 + [b"done"]
+    within_limit(lines, described, expected, limit)
+    assert len(lines) > 100
     assert view.steps[0].step.state == s.STEP_STATE_COMPLETED
     assert view.steps[0].step.message == "exit 0: done"
 
 
+async def test_output_over_the_services_rate_is_slowed_never_lost(tmp_path: Path) -> None:
+    # 340 kB from two commands at once through a 150 kB/s budget: they wait for it, and lose nothing.
+    steps = [sh(f"fast{n}", "seq 0 29999", depends_on=[]) for n in (1, 2)]
+    async with orchestrator(tmp_path, output_rate=150_000) as (service, stub):
+        view = await run_job(stub, steps)
+        outputs = [await read_all(service.output, out.key) for out in service.output.attempts(view.job.id)]
+    assert view.job.state == s.JOB_STATE_COMPLETED
+    assert [[line.data for line in lines] for lines in outputs] == [[str(i).encode() for i in range(30_000)]] * 2
+
+
 async def test_a_step_sets_its_own_limit_for_each_attempt_and_child(tmp_path: Path) -> None:
     nine = "i=0; while [ $i -lt 100 ]; do printf '%09d\\n' $i; i=$((i+1)); done"
-    limit = 10 * (9 + RECORD_OVERHEAD)  # ten lines
+    limit = 300
     fan = {"name": "fan", "type": "fanout", "count": 2, "output_limit": limit,
            "child": {"type": "command", "command": ["sh", "-c", nine]}}
     async with orchestrator(tmp_path, max_output_limit=limit) as (service, stub):
         view = await run_job(stub, [sh("own", nine, output_limit=limit), fan, sh("default", nine)])
         store = service.output
-        kept = {
-            (out.key.step, out.key.child): ([line.data for line in await read_all(store, out.key)], out.dropped_bytes)
-            for out in store.attempts(view.job.id)
-        }
+        outputs = {(out.key.step, out.key.child): (await read_all(store, out.key), out)
+                   for out in store.attempts(view.job.id)}
         for too_much in (-1, limit + 1):
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 await stub.SubmitJob(orch_pb.SubmitJobRequest(
@@ -183,12 +200,13 @@ async def test_a_step_sets_its_own_limit_for_each_attempt_and_child(tmp_path: Pa
             error = from_rpc_error(caught.value)
             assert isinstance(error, InvalidArgumentError)
             assert [violation.field for violation in error.violations] == ["definition.steps[0].output_limit"]
-    ten = [b"%09d" % i for i in range(10)]
-    notice = "\u2026 810 bytes dropped (limit 300 bytes per attempt) \u2026".encode()  # 90 lines of 9 bytes
-    assert kept == {
-        ("own", None): ([*ten, notice], 810), ("fan", 0): ([*ten, notice], 810), ("fan", 1): ([*ten, notice], 810),
-        ("default", None): ([b"%09d" % i for i in range(100)], 0),
-    }
+    expected = [b"%09d" % i for i in range(100)]
+    assert set(outputs) == {("own", None), ("fan", 0), ("fan", 1), ("default", None)}
+    for (step, _), (lines, described) in outputs.items():
+        if step == "default":
+            assert [line.data for line in lines] == expected and described.dropped_bytes == 0
+        else:
+            within_limit(lines, described, expected, limit)
 
 
 async def test_each_attempt_has_its_own_output(tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ from orchestrator_svc.output import (
     OutputStream,
     capturing,
 )
-from orchestrator_svc.output.records import HEADER
+from orchestrator_svc.output.records import HEADER, INDEX_ENTRY
 from orchestrator_svc.output.store import INTERRUPTED_NOTICE
 from tests.orchestrator.test_output_capture import joined, read_all
 
@@ -173,9 +173,9 @@ async def test_a_torn_file_is_cut_after_its_last_whole_record_on_open(store: Out
     # A crash mid-write: a record's header with part of its data, and an index entry for it.
     size = data.stat().st_size
     with data.open("ab") as file:
-        file.write(HEADER.pack(1, 0.0, 50) + b"part")
+        file.write(HEADER.pack(1, 0.0, 50, 1) + b"part")
     with index.open("ab") as file:
-        file.write(size.to_bytes(8, "little"))
+        file.write(INDEX_ENTRY.pack(2, size))
     reopened = OutputStore(store.settings)
     await reopened.open()
     try:
