@@ -55,8 +55,8 @@ class OrchestratorConfig(ServiceConfig):
     # Step output (orchestrator_svc.output): kept under <data dir>/output, apart from the event log.
     output_limit: int = field(default=OutputSettings.limit_bytes, metadata=setting(
         "STEPSTREAM_OUTPUT_LIMIT",
-        "most bytes of output kept per attempt of a step or child (line data plus 21 bytes a line); "
-        "past it lines are dropped and counted", positive_int,
+        "most bytes of output kept per attempt of a step or child, as stored (lines plus 33 bytes per read "
+        "of its output); past it lines are dropped and counted", positive_int,
     ))
     output_chunk_bytes: int = field(default=OutputSettings.chunk_bytes, metadata=setting(
         "STEPSTREAM_OUTPUT_CHUNK_BYTES", "a longer output line is kept as several records of at most this many bytes",
