@@ -6,12 +6,12 @@ would put megabytes of output in the way of the status events the status
 service must apply in order (a follower reads one stream). On a stream of its
 own, a step printing without pause costs status watchers nothing.
 
-Limits (the README's "Limits" table): a stream reads at most READ_LINES lines
-at a time (and at most the store's read size, 1 MiB of line data, unless one
-line alone is more) and sends them in messages of at most MAX_LINES_PER_MESSAGE
-lines and stepstream_common.streaming's MAX_BYTES_PER_MESSAGE; it holds one
-such read and the message handed to gRPC (stepstream_common.streaming.handed_over),
-and lets go of both when its client stops reading for --stream-stall-timeout.
+Limits (the README's "Limits" table): a stream reads at most MAX_LINES_PER_MESSAGE
+lines at a time (and at most the store's read size, 1 MiB of line data, unless
+one line alone is more) and sends them in messages of at most
+stepstream_common.streaming's MAX_BYTES_PER_MESSAGE; it holds one such read
+and the message handed to gRPC (stepstream_common.streaming.handed_over), and
+lets go of both when its client stops reading for --stream-stall-timeout.
 `tail` is at most MAX_TAIL lines.
 """
 
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Iterator
 from dataclasses import dataclass
 
 from stepstream.orchestrator.v1 import orchestrator_service_pb2 as pb
@@ -35,14 +35,12 @@ from orchestrator_svc.output import (
     OutputStream,
 )
 from orchestrator_svc.storage.base import EventStore, StoredJob
-from stepstream_common import wire
 from stepstream_common.errors import CursorOutOfRangeError, NotFoundError, quoted
 from stepstream_common.paging import page_size, scope
 from stepstream_common.rpc import Violations
 from stepstream_common.streaming import MAX_BYTES_PER_MESSAGE
 from stepstream_common.timeutil import duration, timestamp
 
-READ_LINES = 500
 MAX_LINES_PER_MESSAGE = 500
 MAX_TAIL = 100_000
 
@@ -52,10 +50,6 @@ LINE_AHEAD = "LINE_AHEAD"  # from_line is past the attempt's last line
 
 _STREAMS = frozenset(pb.OutputStream.values()) - {pb.OUTPUT_STREAM_UNSPECIFIED}
 _ALWAYS_SENT = frozenset({OutputStream.NOTICE})
-_CHUNK = pb.StreamOutputResponse.CHUNK_FIELD_NUMBER
-_CHUNK_LINES = pb.OutputChunk.LINES_FIELD_NUMBER
-
-Response = bytes | pb.StreamOutputResponse
 
 
 @dataclass(frozen=True)
@@ -96,16 +90,22 @@ def _where(job_id: str, step: str, child: int | None) -> str:
     return f"job {job_id} step {quoted(step)}" + ("" if child is None else f" child {child}")
 
 
-def _line(line: OutputLine) -> bytes:
-    return pb.OutputLine(
-        number=line.number, stream=pb.OutputStream.ValueType(line.stream), data=line.data,
-        time=timestamp(line.time), continued=line.continued,
-    ).SerializeToString()
-
-
-def _chunk(lines: list[bytes]) -> bytes:
-    """StreamOutputResponse{chunk: OutputChunk{lines}} around encoded OutputLines (see stepstream_common.wire)."""
-    return wire.length_delimited(_CHUNK, wire.repeated(_CHUNK_LINES, lines))
+def _chunks(lines: list[OutputLine]) -> Iterator[pb.StreamOutputResponse]:
+    """`lines` in chunks of at most MAX_BYTES_PER_MESSAGE of line data (unless one line
+    alone is more), each line added in place: twice as fast as building each line's
+    message apart and copying it in, and the serving rate is bound by this."""
+    response = pb.StreamOutputResponse()
+    size = 0
+    for line in lines:
+        if size and size + len(line.data) > MAX_BYTES_PER_MESSAGE:
+            yield response
+            response, size = pb.StreamOutputResponse(), 0
+        added = response.chunk.lines.add(number=line.number, stream=pb.OutputStream.ValueType(line.stream),
+                                         data=line.data, continued=line.continued)
+        added.time.seconds, added.time.nanos = divmod(round(line.time * 1e9), 1_000_000_000)
+        size += len(line.data)
+    if response.chunk.lines:
+        yield response
 
 
 class OutputApi:
@@ -121,7 +121,7 @@ class OutputApi:
         # client stalled has let go and is not counted.
         self.open_streams = 0
 
-    async def stream(self, request: pb.StreamOutputRequest) -> AsyncGenerator[Response, None]:
+    async def stream(self, request: pb.StreamOutputRequest) -> AsyncGenerator[pb.StreamOutputResponse, None]:
         """StreamOutput's messages: OutputStart, chunks (and heartbeats), OutputEnd."""
         _check_stream_request(request)
         child = request.child if request.HasField("child") else None
@@ -203,20 +203,20 @@ class OutputApi:
         except NotFoundError:
             raise self._gone(key, position) from None
 
-    async def _lines(self, plan: _Plan) -> AsyncGenerator[Response, None]:
+    async def _lines(self, plan: _Plan) -> AsyncGenerator[pb.StreamOutputResponse, None]:
         """The plan's lines as they come, a heartbeat for each quiet interval, then OutputEnd."""
         loop = asyncio.get_running_loop()
         position = plan.start
         quiet_since = loop.time()
         while True:
-            limit = READ_LINES if plan.stop is None else min(READ_LINES, plan.stop - position)
+            limit = MAX_LINES_PER_MESSAGE if plan.stop is None else min(MAX_LINES_PER_MESSAGE, plan.stop - position)
             lines = await self._read(plan.key, position, limit) if limit > 0 else []
             if lines:
                 position = lines[-1].number + 1
-                wanted = [_line(line) for line in lines
+                wanted = [line for line in lines
                           if not plan.streams or line.stream in plan.streams or line.stream in _ALWAYS_SENT]
-                for chunk in wire.chunks(wanted, MAX_LINES_PER_MESSAGE, MAX_BYTES_PER_MESSAGE):
-                    yield _chunk(chunk)
+                for chunk in _chunks(wanted):
+                    yield chunk
                     quiet_since = loop.time()
                 continue
             output = self._current(plan.key, position)

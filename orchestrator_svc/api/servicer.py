@@ -234,7 +234,7 @@ class OrchestratorServicer:
 
     async def StreamOutput(
         self, request: pb.StreamOutputRequest, context: Context
-    ) -> AsyncIterator[bytes | pb.StreamOutputResponse]:
+    ) -> AsyncIterator[pb.StreamOutputResponse]:
         async with contextlib.aclosing(handed_over(self.output.stream(request), self._stall_timeout)) as responses:
             async for response in responses:
                 yield response

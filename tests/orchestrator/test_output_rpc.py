@@ -331,9 +331,8 @@ async def test_stream_output_survives_cancellation_at_every_await(orchestrator: 
 
     async def whole_output() -> list[tuple[int, bytes]]:
         stream = servicer.StreamOutput(request(job_id, follow=True), context)
-        async with contextlib.aclosing(cast("AsyncGenerator[bytes | pb.StreamOutputResponse, None]", stream)):
-            responses = [message if isinstance(message, pb.StreamOutputResponse)
-                         else pb.StreamOutputResponse.FromString(message) async for message in stream]
+        async with contextlib.aclosing(cast("AsyncGenerator[pb.StreamOutputResponse, None]", stream)):
+            responses = [message async for message in stream]
         return [(line.number, line.data) for line in lines_of(responses)]
 
     def nothing_held() -> None:
