@@ -14,10 +14,11 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
 from stepstream.common.v1 import states_pb2 as s
 
+from orchestrator_svc.domain.spec import SECRET_MARKER
 from orchestrator_svc.output.records import (
     CONTINUED,
     HEADER,
@@ -42,7 +43,7 @@ T = TypeVar("T")
 DATA, INDEX, END = ".out", ".idx", ".end"
 # The key of the step itself (not a child) in a file name.
 STEP_ITSELF = "-"
-SECRET_MARKER = b"<secret>"
+_MASKED = SECRET_MARKER.encode()
 # Seconds between checks that the loop still runs, for a thread waiting on a sink.
 THREAD_WAIT_CHECK = 1.0
 INTERRUPTED_NOTICE = b"\xe2\x80\xa6 output ends here: the orchestrator stopped while this attempt ran \xe2\x80\xa6"
@@ -53,7 +54,7 @@ class OutputSettings:
     """Where output lives and how much of it (OrchestratorConfig's output_* settings)."""
 
     directory: Path
-    # Bytes kept per attempt, framing included (RECORD_OVERHEAD per line); the rest is dropped and counted.
+    # Bytes kept per attempt, as stored (RECORD_OVERHEAD per record); the rest is dropped and counted.
     limit_bytes: int = 10 * 1024 * 1024
     # A line longer than this is kept as several records (continued=True but the last).
     chunk_bytes: int = 64 * 1024
@@ -146,7 +147,7 @@ class _Framer:
     def _emit(self, stream: OutputStream, data: bytes, now: float) -> None:
         buffered = self.partial.pop(stream, b"") + data
         for mask in self.masks:
-            buffered = buffered.replace(mask, SECRET_MARKER)
+            buffered = buffered.replace(mask, _MASKED)
         end = buffered.rfind(b"\n") + 1
         block, rest = buffered[:end], buffered[end:]
         if block:
@@ -391,18 +392,29 @@ class OutputSink:
             self.notify()
 
 
+def _private(path: Path, flags: int) -> BinaryIO:
+    """`path` opened for writing, made 0600 whatever the umask: output may hold what a step should not show others."""
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | flags, 0o600), "wb")
+
+
 def _append(base: Path, data: bytes, index: bytes, first: bool) -> None:
     """Data before index: an index entry never points past what is written."""
     if first:
-        base.parent.mkdir(parents=True, exist_ok=True)
-    with open(base.with_suffix(base.suffix + DATA), "ab") as file:
+        base.parent.mkdir(mode=0o700, exist_ok=True)
+    with _private(base.with_suffix(base.suffix + DATA), os.O_APPEND) as file:
         file.write(data)
-    with open(base.with_suffix(base.suffix + INDEX), "ab") as file:
+    with _private(base.with_suffix(base.suffix + INDEX), os.O_APPEND) as file:
         file.write(index)
 
 
 def _write_end(base: Path, end: bytes) -> None:
-    base.with_suffix(base.suffix + END).write_bytes(end)
+    with _private(base.with_suffix(base.suffix + END), os.O_TRUNC) as file:
+        file.write(end)
+
+
+def _private_dir(path: Path) -> None:
+    path.mkdir(mode=0o700, exist_ok=True)
+    path.chmod(0o700)
 
 
 @dataclass(frozen=True)
@@ -434,7 +446,7 @@ def _scan(directory: Path) -> list[_Found]:
 def _recover(base: Path, key: OutputKey) -> AttemptOutput:
     data_file, index_file, end_file = (base.with_suffix(base.suffix + ext) for ext in (DATA, INDEX, END))
     if not data_file.exists():
-        data_file.touch()
+        _private(data_file, os.O_APPEND).close()
     size = data_file.stat().st_size
     index = index_file.read_bytes()
     records = len(index) // INDEX_ENTRY.size
@@ -550,7 +562,9 @@ class OutputStore:
         self.pace = Pace(settings.rate_bytes)
 
     async def open(self) -> None:
-        """Load what a previous process left (finishing its interrupted attempts)."""
+        """Make the directory (0700, as the data directory), and load what a
+        previous process left (finishing its interrupted attempts)."""
+        await self.in_thread(_private_dir, self.settings.directory)
         for found in await self.in_thread(_scan, self.settings.directory):
             key = found.output.key
             self._jobs.setdefault(key.job_id, {})[key] = found.output
