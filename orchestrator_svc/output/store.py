@@ -542,12 +542,18 @@ class Pace:
             await asyncio.sleep(-self._tokens / self.rate)
 
 
+def _described(entry: OutputSink | AttemptOutput) -> AttemptOutput:
+    return entry.describe() if isinstance(entry, OutputSink) else entry
+
+
 class OutputStore:
     """Every attempt's output in the data directory; the API's only way to it.
 
     Attempts are listed while they run and, once finished, if they printed
     anything. The catalogue of finished attempts (a few hundred bytes each)
-    lives in memory until retention removes their job.
+    lives in memory until retention removes their job, grouped by job, then by
+    step and child, so that one child's attempts are found without looking at
+    its siblings (a fan-out may have 100,000).
     """
 
     def __init__(self, settings: OutputSettings) -> None:
@@ -555,7 +561,9 @@ class OutputStore:
         # Whether a job is in flight (the engine's answer): retention never touches such a job's output.
         self.running: Callable[[str], bool] = lambda job_id: False
         self._retention: asyncio.Task[None] | None = None
-        self._jobs: dict[str, dict[OutputKey, OutputSink | AttemptOutput]] = {}
+        self._jobs: dict[str, dict[tuple[str, int | None], dict[int, OutputSink | AttemptOutput]]] = {}
+        # The sinks open, by job: retention skips their jobs; close() waits for the ones closing.
+        self._open: dict[str, set[OutputSink]] = {}
         self._last_write: dict[str, float] = {}
         # Files are written and read here, never on the loop nor through the event log's connection.
         self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="output")
@@ -567,7 +575,7 @@ class OutputStore:
         await self.in_thread(_private_dir, self.settings.directory)
         for found in await self.in_thread(_scan, self.settings.directory):
             key = found.output.key
-            self._jobs.setdefault(key.job_id, {})[key] = found.output
+            self._put(key, found.output)
             self._last_write[key.job_id] = max(self._last_write.get(key.job_id, 0.0), found.mtime)
 
     def start_retention(self, every: float) -> None:
@@ -581,8 +589,7 @@ class OutputStore:
             self._retention.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._retention
-        closing = [entry.closing for entries in self._jobs.values() for entry in entries.values()
-                   if isinstance(entry, OutputSink) and entry.closing is not None]
+        closing = [sink.closing for sinks in self._open.values() for sink in sinks if sink.closing is not None]
         await asyncio.gather(*closing, return_exceptions=True)
         await asyncio.to_thread(self._executor.shutdown)
 
@@ -593,34 +600,42 @@ class OutputStore:
     def sink(self, key: OutputKey, limit: int | None = None, secrets: Sequence[str] = ()) -> OutputSink:
         """A new sink for `key` (an attempt that starts now): listed at once, with no lines."""
         sink = OutputSink(self, key, limit or self.settings.limit_bytes, secrets)
-        self._jobs.setdefault(key.job_id, {})[key] = sink
+        self._put(key, sink)
+        self._open.setdefault(key.job_id, set()).add(sink)
         return sink
 
     def finished(self, sink: OutputSink, final_state: int) -> None:
         """Called by the sink as it closes."""
-        self._jobs[sink.key.job_id][sink.key] = sink.describe(final_state)
-        self._last_write[sink.key.job_id] = time.time()
+        job_id = sink.key.job_id
+        self._put(sink.key, sink.describe(final_state))
+        self._open[job_id].discard(sink)
+        if not self._open[job_id]:
+            del self._open[job_id]
+        self._last_write[job_id] = time.time()
         sink.notify()
+
+    def _put(self, key: OutputKey, entry: OutputSink | AttemptOutput) -> None:
+        self._jobs.setdefault(key.job_id, {}).setdefault((key.step, key.child), {})[key.attempt] = entry
 
     def attempts(self, job_id: str, step: str | None = None, child: int | None = None) -> list[AttemptOutput]:
         """What exists for `job_id` (every step), or `step` (itself and its children), or one `child` of `step`;
         ordered by step name, then the step's own before its children by index, then attempt. [] if none."""
-        entries = self._jobs.get(job_id, {})
-        found = [
-            entry.describe() if isinstance(entry, OutputSink) else entry
-            for key, entry in entries.items()
-            if (step is None or key.step == step) and (child is None or key.child == child)
-        ]
+        groups = self._jobs.get(job_id, {})
+        if step is not None and child is not None:
+            selected = [groups.get((step, child), {})]
+        else:
+            selected = [group for (name, _), group in groups.items() if step is None or name == step]
+        found = [_described(entry) for group in selected for entry in group.values()]
         return sorted(found, key=lambda out: (out.key.step, -1 if out.key.child is None else out.key.child,
                                               out.key.attempt))
 
     def latest_attempt(self, job_id: str, step: str, child: int | None) -> AttemptOutput | None:
         """The newest attempt of the step itself (child None) or of one child; None if none."""
-        own = [out for out in self.attempts(job_id, step, child) if out.key.child == child]
-        return own[-1] if own else None
+        group = self._jobs.get(job_id, {}).get((step, child))
+        return _described(group[max(group)]) if group else None
 
     def _entry(self, key: OutputKey) -> OutputSink | AttemptOutput:
-        entry = self._jobs.get(key.job_id, {}).get(key)
+        entry = self._jobs.get(key.job_id, {}).get((key.step, key.child), {}).get(key.attempt)
         if entry is None:
             raise OutputNotFound(key)
         return entry
@@ -665,9 +680,8 @@ class OutputStore:
         write is older than the retention; how many jobs it removed."""
         cutoff = (time.time() if now is None else now) - self.settings.retention_seconds
         old = [
-            job_id for job_id, entries in self._jobs.items()
-            if self._last_write.get(job_id, 0.0) < cutoff and not self.running(job_id)
-            and not any(isinstance(entry, OutputSink) for entry in entries.values())
+            job_id for job_id in self._jobs
+            if self._last_write.get(job_id, 0.0) < cutoff and job_id not in self._open and not self.running(job_id)
         ]
         for job_id in old:
             del self._jobs[job_id]
