@@ -251,7 +251,7 @@ class OutputSink:
         self._inbox_bytes = 0
         self._written: tuple[int, int, int, int] = (0, 0, 0, 0)
         self._flusher: asyncio.Task[None] | None = None
-        self._closing: asyncio.Task[None] | None = None
+        self._closing: asyncio.Future[None] | None = None
         self._changed = asyncio.Event()
         self.loop = asyncio.get_running_loop()
         # Bytes handed over by other threads, not yet taken on the loop (emit_from_thread).
@@ -341,6 +341,11 @@ class OutputSink:
         """End the attempt: unfinished lines, then "… N bytes dropped …" if any
         were, are written; then the attempt reads as finished with `final_state`.
         Runs to its end even if the caller is cancelled meanwhile."""
+        if self._closing is None and self._flusher is None:
+            # Nothing was ever printed: nothing to write, nothing to wait for.
+            self._closing = self.loop.create_future()
+            self._closing.set_result(None)
+            self._store.finished(self, final_state)
         if self._closing is None:
             self._closing = asyncio.create_task(self._finish(final_state), name=f"output-close-{self.key}")
         await asyncio.shield(self._closing)
@@ -357,7 +362,7 @@ class OutputSink:
         self._store.finished(self, final_state)
 
     @property
-    def closing(self) -> asyncio.Task[None] | None:
+    def closing(self) -> asyncio.Future[None] | None:
         """The close under way, once close() was called."""
         return self._closing
 
