@@ -27,6 +27,7 @@ from orchestrator_svc.output.store import OutputSink
 STEP_LOGGER = "stepstream.step"
 _current: ContextVar[OutputSink | None] = ContextVar("stepstream_output_sink", default=None)
 _install_lock = threading.Lock()
+_step_handler_added = threading.Event()
 
 
 def _send(sink: OutputSink, stream: OutputStream, data: bytes) -> None:
@@ -68,16 +69,19 @@ class _Router:
 
 def _install() -> None:
     """Wrap sys.stdout and sys.stderr, unless they are wrapped already (idempotent; test runners swap them)."""
+    if isinstance(sys.stdout, _Router) and isinstance(sys.stderr, _Router) and _step_handler_added.is_set():
+        return  # every python attempt comes here: the common case takes no lock
     with _install_lock:
         if not isinstance(sys.stdout, _Router):
             sys.stdout = _Router(sys.stdout, OutputStream.STDOUT)
         if not isinstance(sys.stderr, _Router):
             sys.stderr = _Router(sys.stderr, OutputStream.STDERR)
-        step_logger = logging.getLogger(STEP_LOGGER)
-        if not any(isinstance(handler, _StepHandler) for handler in step_logger.handlers):
+        if not _step_handler_added.is_set():
+            step_logger = logging.getLogger(STEP_LOGGER)
             step_logger.addHandler(_StepHandler())
             step_logger.propagate = False
             step_logger.setLevel(logging.DEBUG)
+            _step_handler_added.set()
 
 
 class _StepHandler(logging.Handler):

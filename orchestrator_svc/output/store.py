@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -18,7 +19,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
 from stepstream.common.v1 import states_pb2 as s
 
-from orchestrator_svc.domain.spec import SECRET_MARKER
+from orchestrator_svc.domain.spec import MAX_RETRIES, SECRET_MARKER
 from orchestrator_svc.output.records import (
     CONTINUED,
     HEADER,
@@ -547,18 +548,35 @@ class Pace:
             await asyncio.sleep(-self._tokens / self.rate)
 
 
-def _described(entry: OutputSink | AttemptOutput) -> AttemptOutput:
-    return entry.describe() if isinstance(entry, OutputSink) else entry
+# A finished attempt, as the catalogue keeps it: (lines, bytes, dropped bytes, final state).
+_Done = tuple[int, int, int, int]
+# An attempt in the catalogue: (step, child, attempt).
+_Place = tuple[str, int | None, int]
+@functools.cache
+def _silent(state: int) -> _Done:
+    """An attempt that printed nothing, one tuple per final state for them all: they cost the catalogue a key."""
+    return 0, 0, 0, state
+
+
+# Attempts of one unit a lookup tries: a unit has at most 1 + MAX_RETRIES.
+_MOST_ATTEMPTS = 1 + MAX_RETRIES
+
+
+def _described(job_id: str, place: _Place, entry: OutputSink | _Done) -> AttemptOutput:
+    if isinstance(entry, OutputSink):
+        return entry.describe()
+    lines, data_bytes, dropped, state = entry
+    return AttemptOutput(OutputKey(job_id, *place), lines, data_bytes, dropped, 0, True, state)
 
 
 class OutputStore:
     """Every attempt's output in the data directory; the API's only way to it.
 
-    Attempts are listed while they run and, once finished, if they printed
-    anything. The catalogue of finished attempts (a few hundred bytes each)
-    lives in memory until retention removes their job, grouped by job, then by
-    step and child, so that one child's attempts are found without looking at
-    its siblings (a fan-out may have 100,000).
+    The catalogue of attempts lives in memory until retention removes their
+    job: one dict per job, so that one child's attempts are a few lookups
+    whatever how many siblings it has; a finished attempt costs it about 250
+    bytes, one that printed nothing about 150 (it has no files, so a restart
+    forgets it).
     """
 
     def __init__(self, settings: OutputSettings) -> None:
@@ -566,7 +584,7 @@ class OutputStore:
         # Whether a job is in flight (the engine's answer): retention never touches such a job's output.
         self.running: Callable[[str], bool] = lambda job_id: False
         self._retention: asyncio.Task[None] | None = None
-        self._jobs: dict[str, dict[tuple[str, int | None], dict[int, OutputSink | AttemptOutput]]] = {}
+        self._jobs: dict[str, dict[_Place, OutputSink | _Done]] = {}
         # The sinks open, by job: retention skips their jobs; close() waits for the ones closing.
         self._open: dict[str, set[OutputSink]] = {}
         self._last_write: dict[str, float] = {}
@@ -579,9 +597,10 @@ class OutputStore:
         previous process left (finishing its interrupted attempts)."""
         await self.in_thread(_private_dir, self.settings.directory)
         for found in await self.in_thread(_scan, self.settings.directory):
-            key = found.output.key
-            self._put(key, found.output)
-            self._last_write[key.job_id] = max(self._last_write.get(key.job_id, 0.0), found.mtime)
+            output = found.output
+            self._put(output.key, (output.lines, output.bytes, output.dropped_bytes, output.final_state))
+            job_id = output.key.job_id
+            self._last_write[job_id] = max(self._last_write.get(job_id, 0.0), found.mtime)
 
     def start_retention(self, every: float) -> None:
         """prune() every `every` seconds until close()."""
@@ -611,36 +630,43 @@ class OutputStore:
 
     def finished(self, sink: OutputSink, final_state: int) -> None:
         """Called by the sink as it closes."""
-        job_id = sink.key.job_id
-        self._put(sink.key, sink.describe(final_state))
+        job_id, done = sink.key.job_id, sink.describe(final_state)
+        self._put(sink.key, (done.lines, done.bytes, done.dropped_bytes, final_state) if done.lines
+                  else _silent(final_state))
         self._open[job_id].discard(sink)
         if not self._open[job_id]:
             del self._open[job_id]
         self._last_write[job_id] = time.time()
         sink.notify()
 
-    def _put(self, key: OutputKey, entry: OutputSink | AttemptOutput) -> None:
-        self._jobs.setdefault(key.job_id, {}).setdefault((key.step, key.child), {})[key.attempt] = entry
+    def _put(self, key: OutputKey, entry: OutputSink | _Done) -> None:
+        self._jobs.setdefault(key.job_id, {})[key.step, key.child, key.attempt] = entry
 
     def attempts(self, job_id: str, step: str | None = None, child: int | None = None) -> list[AttemptOutput]:
         """What exists for `job_id` (every step), or `step` (itself and its children), or one `child` of `step`;
         ordered by step name, then the step's own before its children by index, then attempt. [] if none."""
-        groups = self._jobs.get(job_id, {})
+        entries = self._jobs.get(job_id, {})
         if step is not None and child is not None:
-            selected = [groups.get((step, child), {})]
+            places: Iterable[_Place] = [
+                (step, child, n) for n in range(1, _MOST_ATTEMPTS + 1) if (step, child, n) in entries
+            ]
         else:
-            selected = [group for (name, _), group in groups.items() if step is None or name == step]
-        found = [_described(entry) for group in selected for entry in group.values()]
+            places = [place for place in entries if step is None or place[0] == step]
+        found = [_described(job_id, place, entries[place]) for place in places]
         return sorted(found, key=lambda out: (out.key.step, -1 if out.key.child is None else out.key.child,
                                               out.key.attempt))
 
     def latest_attempt(self, job_id: str, step: str, child: int | None) -> AttemptOutput | None:
         """The newest attempt of the step itself (child None) or of one child; None if none."""
-        group = self._jobs.get(job_id, {}).get((step, child))
-        return _described(group[max(group)]) if group else None
+        entries = self._jobs.get(job_id, {})
+        for attempt in range(_MOST_ATTEMPTS, 0, -1):
+            entry = entries.get((step, child, attempt))
+            if entry is not None:
+                return _described(job_id, (step, child, attempt), entry)
+        return None
 
-    def _entry(self, key: OutputKey) -> OutputSink | AttemptOutput:
-        entry = self._jobs.get(key.job_id, {}).get((key.step, key.child), {}).get(key.attempt)
+    def _entry(self, key: OutputKey) -> OutputSink | _Done:
+        entry = self._jobs.get(key.job_id, {}).get((key.step, key.child, key.attempt))
         if entry is None:
             raise OutputNotFound(key)
         return entry
@@ -653,7 +679,7 @@ class OutputStore:
         if from_line < 0 or limit < 1:
             raise ValueError("from_line must be >= 0 and limit >= 1")
         entry = self._entry(key)
-        lines = entry.readable[0] if isinstance(entry, OutputSink) else entry.lines
+        lines = entry.readable[0] if isinstance(entry, OutputSink) else entry[0]
         count = min(limit, lines - from_line)
         if count <= 0:
             return []
