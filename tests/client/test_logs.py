@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from stepstream_client import Client, LogLine, NotFoundError, SyncClient
+from stepstream_client.cli import build_parser
 
 from tests.client.services import DEADLINE, STEPSTREAM, Service, gate_step, run_cli
 
@@ -135,10 +136,6 @@ async def test_the_logs_command(client: Client, orchestrator: Service, tmp_path:
     assert {each["attempt"] for each in last} == {1} and last[1]["stream"] == "stderr"
     child = await run_cli(*cli, "logs", job_id, "fan/1", "--stream", "stdout")
     assert (child.code, child.stdout) == (0, "child 1\n"), child
-    no_child = await run_cli(*cli, "logs", job_id, "fan/7")
-    assert no_child.code == 5 and "has no child 7" in no_child.stderr, no_child
-    bad = await run_cli(*cli, "logs", job_id, "fan/x")
-    assert bad.code == 2 and "is not STEP or STEP/INDEX" in bad.stderr, bad
 
     gate = tmp_path / "gate"
     # Every step followed in turn; a line longer than a record (64 KiB) is joined again.
@@ -150,6 +147,15 @@ async def test_the_logs_command(client: Client, orchestrator: Service, tmp_path:
     gate.touch()
     followed = await following
     assert (followed.code, followed.stdout) == (0, "slow › gate open\nlong › " + "x" * 100_000 + "\n"), followed
+
+
+def test_a_malformed_step_or_child_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    for malformed in ("fan/x", "/1", "fan/"):
+        with pytest.raises(SystemExit) as exited:
+            build_parser().parse_args(["logs", "some-job", malformed])
+        assert exited.value.code == 2
+        assert "is not STEP or STEP/INDEX" in capsys.readouterr().err
+    assert build_parser().parse_args(["logs", "some-job", "fan/12"]).unit == ("fan", 12)
 
 
 async def on_a_terminal(*args: str, env: dict[str, str]) -> str:
