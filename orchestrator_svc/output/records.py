@@ -45,7 +45,7 @@ class AttemptOutput:
     """What an attempt's output is, without reading it."""
 
     key: OutputKey
-    # Lines (records) readable now: numbers 0 .. lines-1.
+    # Lines readable now: numbers 0 .. lines-1.
     lines: int
     # Bytes of line data kept (newlines and framing not counted).
     bytes: int

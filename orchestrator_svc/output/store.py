@@ -373,9 +373,9 @@ class OutputSink:
         return AttemptOutput(self.key, lines, data_bytes, self.dropped, 0, bool(final_state), final_state)
 
     @property
-    def readable(self) -> tuple[int, int]:
-        """(lines, data file bytes) written so far."""
-        return self._written[0], self._written[1]
+    def readable(self) -> int:
+        """Lines written so far: the ones readers may have."""
+        return self._written[0]
 
     def changed(self) -> asyncio.Event:
         """Set at the next write or at the end (a fresh event each time)."""
@@ -679,7 +679,7 @@ class OutputStore:
         if from_line < 0 or limit < 1:
             raise ValueError("from_line must be >= 0 and limit >= 1")
         entry = self._entry(key)
-        lines = entry.readable[0] if isinstance(entry, OutputSink) else entry[0]
+        lines = entry.readable if isinstance(entry, OutputSink) else entry[0]
         count = min(limit, lines - from_line)
         if count <= 0:
             return []
@@ -697,7 +697,7 @@ class OutputStore:
         deadline = asyncio.get_running_loop().time() + timeout
         while True:
             entry = self._entry(key)
-            if not isinstance(entry, OutputSink) or entry.readable[0] > beyond_line + 1:
+            if not isinstance(entry, OutputSink) or entry.readable > beyond_line + 1:
                 return
             remaining = deadline - asyncio.get_running_loop().time()
             if remaining <= 0:
