@@ -14,6 +14,7 @@ from stepstream.common.v1 import states_pb2 as s
 from orchestrator_svc.domain import rules
 from orchestrator_svc.domain.rules import Outcome
 from orchestrator_svc.domain.spec import Execution, masked, secret_values
+from orchestrator_svc.output import capturing
 from orchestrator_svc.workers import WorkContext, Worker, WorkFailed
 
 log = logging.getLogger(__name__)
@@ -73,8 +74,10 @@ async def _attempt(worker: Worker, execution: Execution, context: WorkContext, a
 async def _run_once(worker: Worker, execution: Execution, context: WorkContext, attempt: int) -> Outcome:
     deadline = asyncio.timeout(execution.timeout)
     try:
+        # What the worker's code prints (a python step's function, a plugin) is the attempt's output.
         async with deadline:
-            message = await worker.run(execution.params, context)
+            with capturing(context.output):
+                message = await worker.run(execution.params, context)
     except WorkFailed as error:
         return rules.work_failed(str(error))
     except Exception as error:

@@ -26,7 +26,6 @@ from collections.abc import Callable
 from importlib.metadata import entry_points
 from typing import Any
 
-from orchestrator_svc.output import capturing
 from orchestrator_svc.workers import (
     Field,
     FieldViolation,
@@ -89,11 +88,10 @@ class PythonWorker(Worker):
             raise WorkFailed(str(error)) from error
         kwargs = dict(params.get("args", {}))
         try:
-            with capturing(context.output):
-                if inspect.iscoroutinefunction(function):
-                    result = await function(**kwargs)
-                else:
-                    result = await asyncio.to_thread(function, **kwargs)
+            if inspect.iscoroutinefunction(function):
+                result = await function(**kwargs)
+            else:
+                result = await asyncio.to_thread(function, **kwargs)
         except WorkFailed:
             raise
         except Exception as error:

@@ -275,6 +275,8 @@ class TalkingWorker(Worker):
     async def run(self, params: Params, context: WorkContext) -> str:
         await context.output.write(PluginStream.STDOUT, b"hello from a plugin\n")
         await context.output.write(PluginStream.STDERR, f"attempt {context.attempt}\n".encode())
+        print("and a print")
+        await context.output.drain()
         return "talked"
 
 
@@ -282,7 +284,9 @@ async def test_a_plugin_worker_writes_through_its_context(tmp_path: Path) -> Non
     async with orchestrator(tmp_path, WorkerRegistry({"talk": TalkingWorker()})) as (service, stub):
         view = await run_job(stub, [{"name": "talk", "type": "talk"}])
         lines = await read_all(service.output, OutputKey(view.job.id, "talk", None, 1))
-    assert [(line.stream, line.data) for line in lines] == [(OUT, b"hello from a plugin"), (ERR, b"attempt 1")]
+    assert [(line.stream, line.data) for line in lines] == [
+        (OUT, b"hello from a plugin"), (ERR, b"attempt 1"), (OUT, b"and a print"),
+    ]
 
 
 async def test_fanout_children_each_have_their_output(tmp_path: Path) -> None:
