@@ -1,0 +1,364 @@
+"""The web gateway's HTTP face: the two pages, their JSON reads and their live
+streams, all read through the SDK (it decides nothing: every state, count and
+freshness flag shown is one the status service sent, mapped by the SDK).
+
+A job page's stream is Server-Sent Events whose `id:` is the revision of the
+view it carries. Every connection starts with GetJob, sends the steps changed
+after the browser's Last-Event-ID (all of them without one), then watches from
+that snapshot's revision (WatchJob after_revision, through JobWatch(since=)):
+a reconnecting browser misses nothing and gets nothing twice. Between the
+watch and the browser sits one slot holding the latest view, never a queue:
+a browser that reads slowly gets fewer, larger deltas (every step changed since
+what it was sent), and one that reads nothing for --send-timeout is dropped,
+to come back with its Last-Event-ID. So a stream holds one view, whatever the
+browser does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
+from importlib.resources import files
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+from starlette.types import Receive, Scope, Send
+from stepstream_client import Applied, Client, JobView
+from stepstream_client.cli import CHILD_STATE_WORDS, JOB_STATE_WORDS
+from stepstream_client.errors import (
+    InvalidArgumentError,
+    NotFoundError,
+    PermissionDeniedError,
+    RpcError,
+    UnauthenticatedError,
+)
+from stepstream_client.render import child_json, iso, step_json, summary_json, view_json
+
+from stepstream_web.config import WebConfig
+
+log = logging.getLogger(__name__)
+
+COOKIE = "stepstream_web_token"
+MAX_PAGE = 500
+MAX_OFFSET = 100_000
+# How long the browser waits before reconnecting a stream that ended (EventSource's `retry:`).
+RECONNECT_MS = 1_000
+STATIC = files("stepstream_web") / "static"
+
+
+class BadRequest(Exception):
+    """A query parameter or header that cannot be what it claims; answered 400 with the reason."""
+
+
+def sse(event: str, data: Any, revision: int | None = None) -> bytes:
+    """One Server-Sent Event; `revision` becomes its id, the browser's Last-Event-ID on reconnect."""
+    head = f"id: {revision}\n" if revision is not None else ""
+    return f"{head}event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+
+
+def view_event(view: JobView, after: int | None, snapshot: bool) -> bytes:
+    """The job at view.revision: its header, whether the watch is live, and every step changed after `after`."""
+    steps = [step_json(step) for step in view.steps if snapshot or after is None or step.revision > after]
+    data = {"revision": view.revision, "snapshot": snapshot or after is None, "job": summary_json(view),
+            "live": view.live, "last_heard": iso(view.last_heard), "steps": steps}
+    return sse("view", data, view.revision)
+
+
+def link_event(view: JobView) -> bytes:
+    """The watch's connection state alone (no new revision): drives the page's "stale since"."""
+    return sse("link", {"live": view.live, "last_heard": iso(view.last_heard)})
+
+
+def error_response(error: RpcError | BadRequest) -> JSONResponse:
+    """An SDK failure or a bad request as the HTTP status a browser understands, with the reason."""
+    if isinstance(error, BadRequest):
+        return JSONResponse({"error": str(error)}, 400)
+    status = {NotFoundError: 404, InvalidArgumentError: 400, UnauthenticatedError: 502,
+              PermissionDeniedError: 502}.get(type(error), 503)
+    return JSONResponse({"error": str(error)}, status)
+
+
+def _words(request: Request, allowed: list[str]) -> list[str]:
+    words = request.query_params.getlist("state")
+    unknown = [word for word in words if word not in allowed]
+    if unknown:
+        raise BadRequest(f"unknown state {unknown[0]!r}: expected one of {', '.join(allowed)}")
+    return words
+
+
+def _number(request: Request, name: str, default: int, low: int, high: int) -> int:
+    text = request.query_params.get(name)
+    if text is None:
+        return default
+    if not text.isdigit() or not low <= int(text) <= high:
+        raise BadRequest(f"{name} must be a whole number from {low} to {high}, got {text[:40]!r}")
+    return int(text)
+
+
+def resume_point(request: Request) -> int | None:
+    """The revision the browser already shows: its Last-Event-ID, else ?after= (a page that
+    opens a new EventSource after the old one gave up), else None (it shows nothing yet)."""
+    text = request.headers.get("last-event-id") or request.query_params.get("after")
+    if not text:
+        return None
+    if not text.isdigit() or len(text) > 19:
+        raise BadRequest(f"Last-Event-ID must be a revision (a whole number), got {text[:40]!r}")
+    return int(text)
+
+
+class EventStream:
+    """An ASGI response sending `events` as SSE until they end or the browser leaves; a
+    browser that takes nothing for `send_timeout` seconds is dropped (its connection
+    closed) so that nothing waits on it. `done` runs however it ends."""
+
+    def __init__(self, events: AsyncGenerator[bytes, None], send_timeout: float, done: Callable[[], None]) -> None:
+        self._events = events
+        self._send_timeout = send_timeout
+        self._done = done
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": [
+                (b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-store"),
+                (b"x-accel-buffering", b"no")]})
+            writer = asyncio.create_task(self._write(send))
+            leaving = asyncio.create_task(_disconnect(receive))
+            try:
+                await asyncio.wait({writer, leaving}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for task in (writer, leaving):
+                    task.cancel()
+                await asyncio.gather(writer, leaving, return_exceptions=True)
+            if writer.done() and not writer.cancelled() and isinstance(writer.exception(), TimeoutError):
+                log.warning("dropped a browser that read nothing for %gs; it reconnects from its Last-Event-ID",
+                            self._send_timeout)
+        finally:
+            self._done()
+
+    async def _write(self, send: Send) -> None:
+        async with contextlib.aclosing(self._events) as events:
+            async for chunk in events:
+                async with asyncio.timeout(self._send_timeout):
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def _disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+class Gateway:
+    """The routes, over one SDK client (one channel to the status service for every browser)."""
+
+    def __init__(self, client: Client, config: WebConfig, access_token: str = "") -> None:
+        self._client = client
+        self._config = config
+        self._access_token = access_token
+        self.streams = 0
+
+    def app(self) -> Starlette:
+        routes = [
+            Route("/", self._page("jobs.html")),
+            Route("/jobs/{job_id}", self._page("job.html")),
+            Route("/login", self._login),
+            Route("/api/jobs", self._jobs),
+            Route("/api/jobs/stream", self._jobs_stream),
+            Route("/api/jobs/{job_id}", self._job),
+            Route("/api/jobs/{job_id}/stream", self._job_stream),
+            Route("/api/jobs/{job_id}/steps/{step}/children", self._children),
+            Mount("/static", StaticFiles(packages=[("stepstream_web", "static")]), name="static"),
+        ]
+        middleware = [Middleware(BaseHTTPMiddleware, dispatch=self._authorize)] if self._access_token else []
+        return Starlette(routes=routes, middleware=middleware)
+
+    # --- access --------------------------------------------------------------------------------------------
+
+    def _granted(self, presented: str | None) -> bool:
+        return presented is not None and hmac.compare_digest(presented.encode(), self._access_token.encode())
+
+    async def _authorize(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
+        """With an access token configured, every request but /login carries it (header or cookie)."""
+        bearer = request.headers.get("authorization", "")
+        presented = bearer[7:] if bearer.lower().startswith("bearer ") else request.cookies.get(COOKIE)
+        if request.url.path == "/login" or self._granted(presented):
+            return await call_next(request)
+        return HTMLResponse("<!doctype html><title>stepstream</title><p>This page needs its access token: open "
+                            "<code>/login?token=TOKEN</code> once (ask whoever runs the gateway).", 401)
+
+    async def _login(self, request: Request) -> Response:
+        """Trade ?token= for a cookie, then go to ?next= (a path here) without the token in the address."""
+        if not self._access_token:
+            return RedirectResponse("/", 303)
+        if not self._granted(request.query_params.get("token")):
+            return HTMLResponse("<!doctype html><title>stepstream</title><p>Wrong access token.", 401)
+        target = request.query_params.get("next", "/")
+        if not target.startswith("/") or target.startswith("//"):
+            target = "/"
+        response = RedirectResponse(target, 303)
+        response.set_cookie(COOKIE, self._access_token, httponly=True, samesite="strict", path="/",
+                            secure=self._config.https_cert is not None)
+        return response
+
+    # --- pages and reads -----------------------------------------------------------------------------------
+
+    @staticmethod
+    def _page(name: str) -> Callable[[Request], Awaitable[Response]]:
+        async def page(request: Request) -> Response:
+            return HTMLResponse((STATIC / name).read_text(), headers={"cache-control": "no-store"})
+        return page
+
+    async def _jobs(self, request: Request) -> Response:
+        try:
+            jobs = await self._listing(request)
+        except (RpcError, BadRequest) as error:
+            return error_response(error)
+        return JSONResponse({"jobs": jobs})
+
+    async def _listing(self, request: Request) -> list[dict[str, Any]]:
+        states = _words(request, JOB_STATE_WORDS)
+        limit = _number(request, "limit", 100, 1, MAX_PAGE)
+        name = request.query_params.get("name", "")
+        listed = self._client.list(states=states, name=name, page_size=limit)
+        return [summary_json(job) async for job in _first(listed, limit)]
+
+    async def _job(self, request: Request) -> Response:
+        try:
+            view = await self._client.get(request.path_params["job_id"])
+        except RpcError as error:
+            return error_response(error)
+        return JSONResponse(view_json(view))
+
+    async def _children(self, request: Request) -> Response:
+        """One page of a fan-out step's children (in index order, optionally only some states)."""
+        try:
+            states = _words(request, CHILD_STATE_WORDS)
+            offset = _number(request, "offset", 0, 0, MAX_OFFSET)
+            limit = _number(request, "limit", 50, 1, MAX_PAGE)
+            listed = self._client.children(request.path_params["job_id"], request.path_params["step"],
+                                           states=states, page_size=min(MAX_PAGE, offset + limit + 1))
+            page = [child_json(child) async for child in _first(listed, offset + limit + 1)][offset:]
+        except (RpcError, BadRequest) as error:
+            return error_response(error)
+        return JSONResponse({"offset": offset, "children": page[:limit], "more": len(page) > limit})
+
+    # --- live streams --------------------------------------------------------------------------------------
+
+    def _open_stream(self, events: AsyncGenerator[bytes, None]) -> Response | EventStream:
+        if self.streams >= self._config.max_streams:
+            return JSONResponse({"error": f"the gateway holds its most streams ({self._config.max_streams})"}, 503,
+                                headers={"retry-after": "5"})
+        self.streams += 1
+
+        def done() -> None:
+            self.streams -= 1
+
+        return EventStream(events, self._config.send_timeout, done)
+
+    async def _job_stream(self, request: Request) -> Response | EventStream:
+        job_id = request.path_params["job_id"]
+        try:
+            after = resume_point(request)
+            view = await self._client.get(job_id)
+        except (RpcError, BadRequest) as error:
+            return error_response(error)
+        return self._open_stream(self._job_events(job_id, view, after))
+
+    async def _job_events(self, job_id: str, view: JobView, after: int | None) -> AsyncGenerator[bytes, None]:
+        """The view the stream starts from (what changed after `after`), then each newer one as the
+        browser takes them, heartbeats while nothing changes, and `end` once the job has ended."""
+        yield f"retry: {RECONNECT_MS}\n\n".encode()
+        if after is None or view.revision > after:
+            yield view_event(view, after, snapshot=False)
+        sent = max(view.revision, after or 0)
+        latest = view
+        resnapshot = False
+        changed = asyncio.Event()
+
+        def note(applied: Applied) -> None:
+            nonlocal resnapshot
+            resnapshot |= applied.snapshot
+
+        async def follow() -> None:
+            nonlocal latest
+            async with self._client.watch(job_id, since=view, on_apply=note) as views:
+                async for each in views:
+                    latest = each
+                    changed.set()
+
+        watching = asyncio.create_task(follow()) if not view.terminal else None
+        try:
+            shown_live = view.live
+            while watching is not None and not watching.done():
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self._config.heartbeat_interval):
+                        await changed.wait()
+                if not changed.is_set():
+                    yield sse("beat", {"interval": self._config.heartbeat_interval, "revision": sent})
+                    continue
+                changed.clear()
+                current, snapshot, resnapshot = latest, resnapshot, False
+                if current.revision > sent or snapshot:
+                    yield view_event(current, sent, snapshot)
+                    sent = current.revision
+                elif current.live != shown_live:
+                    yield link_event(current)
+                shown_live = current.live
+            if watching is not None and not watching.cancelled() and watching.exception() is not None:
+                # The watch gave up (e.g. its credentials were refused): the browser reconnects and is told why.
+                log.warning("a job page's watch of %s ended: %s", job_id, watching.exception())
+                return
+            if latest.revision > sent:
+                yield view_event(latest, sent, snapshot=False)
+            yield sse("end", {"revision": latest.revision})
+        finally:
+            if watching is not None:
+                watching.cancel()
+                await asyncio.gather(watching, return_exceptions=True)
+
+    async def _jobs_stream(self, request: Request) -> Response | EventStream:
+        try:
+            first = await self._listing(request)
+        except (RpcError, BadRequest) as error:
+            return error_response(error)
+        return self._open_stream(self._jobs_events(request, first))
+
+    async def _jobs_events(self, request: Request, listing: list[dict[str, Any]]) -> AsyncGenerator[bytes, None]:
+        """The jobs list, again whenever a read of it differs from the last one sent."""
+        yield f"retry: {RECONNECT_MS}\n\n".encode()
+        yield sse("jobs", {"jobs": listing, "live": True, "at": iso(datetime.now(UTC))})
+        live = True
+        while True:
+            await asyncio.sleep(self._config.list_refresh)
+            try:
+                latest = await self._listing(request)
+            except RpcError as error:
+                if live:
+                    yield sse("jobs_link", {"live": False, "detail": str(error)})
+                live = False
+                continue
+            if latest != listing or not live:
+                listing, live = latest, True
+                yield sse("jobs", {"jobs": listing, "live": True, "at": iso(datetime.now(UTC))})
+
+
+async def _first(items: AsyncIterator[Any], count: int) -> AsyncIterator[Any]:
+    """The first `count` of `items`, closing the iterator (no further page is fetched)."""
+    async with contextlib.aclosing(items) as each:  # type: ignore[type-var]
+        index = 0
+        async for item in each:
+            if index >= count:
+                return
+            index += 1
+            yield item
