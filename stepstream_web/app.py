@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import json
 import logging
@@ -273,6 +274,8 @@ class Gateway:
             view = await self._client.get(job_id)
         except (RpcError, BadRequest) as error:
             return error_response(error)
+        # Heard from the status service just now: what "stale since" shows if the watch cannot follow.
+        view = dataclasses.replace(view, last_heard=datetime.now(UTC))
         return self._open_stream(self._job_events(job_id, view, after))
 
     async def _job_events(self, job_id: str, view: JobView, after: int | None) -> AsyncGenerator[bytes, None]:

@@ -157,8 +157,9 @@ class WatchLoop:
         self._snapshot = since is None
         # The current call is still sending the initial state (it was asked for a snapshot).
         self._initial = False
-        self._live = False
-        self._last_heard: datetime | None = None
+        # A view handed in (`since`) is being shown as live: if the first call fails, its holder must hear otherwise.
+        self._live = since is not None
+        self._last_heard: datetime | None = since.last_heard if since is not None else None
         # Learned from the server's heartbeats; until then only keepalive detects a dead peer.
         self.heartbeat_interval: float | None = None
 

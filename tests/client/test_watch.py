@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 import grpc
@@ -219,6 +221,23 @@ async def test_live_goes_false_when_the_status_service_goes_away(
         assert gone.step("gate").state == "running", "the last known state is kept"
         assert gone.last_heard is not None
         await recorder.stop()
+        await client.cancel(job.id)
+
+
+async def test_a_watch_resumed_from_a_view_says_so_when_it_cannot_reconnect(
+    orchestrator: Service, status: Service, tmp_path: Path
+) -> None:
+    """A view handed in (since=) is shown as live by its holder (the web gateway draws it): a watch
+    whose very first call fails yields it again with live=False rather than staying silent."""
+    async with Client(orchestrator.address, status.address) as client:
+        job = await client.submit({"name": "held", "steps": [gate_step("gate", tmp_path / "never")]})
+        held = dataclasses.replace(await client.get(job.id), last_heard=datetime.now(UTC))
+        await status.kill()
+        async with client.watch(job.id, since=held) as views, asyncio.timeout(DEADLINE):
+            first = await anext(views)
+        assert not first.live
+        assert first == held
+        assert first.last_heard == held.last_heard, "stale since the holder last heard"
         await client.cancel(job.id)
 
 
