@@ -15,8 +15,12 @@ is kept, so no such URL is ever logged.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import logging
+import signal
 import socket
+from collections.abc import Iterator
 from typing import Any
 
 import uvicorn
@@ -38,6 +42,25 @@ ACCESS_TOKEN = Protection("an access token (--access-token-file, env STEPSTREAM_
 INSECURE = "--insecure (env STEPSTREAM_WEB_INSECURE=1)"
 # How long a stop (SIGTERM, Ctrl-C) waits for open page streams before closing them: browsers reconnect.
 SHUTDOWN_GRACE = 1
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, stopped by SIGINT or SIGTERM as every stepstream process is (the exit code 0
+    of a graceful stop), not by uvicorn's own handlers, which re-raise the signal once stopped."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, self._stop)
+        try:
+            yield
+        finally:
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(signum)
+
+    def _stop(self) -> None:
+        self.should_exit = True
 
 
 class _DroppedBrowser(logging.Filter):
@@ -95,7 +118,7 @@ class Web:
             options: dict[str, Any] = {}
             if config.https_cert is not None:
                 options = {"ssl_certfile": str(config.https_cert), "ssl_keyfile": str(config.https_key)}
-            server = uvicorn.Server(uvicorn.Config(
+            server = _Server(uvicorn.Config(
                 gateway.app(), log_level="warning", access_log=False, lifespan="off",
                 timeout_graceful_shutdown=SHUTDOWN_GRACE, **options,
             ))

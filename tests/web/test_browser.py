@@ -11,18 +11,20 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import signal
 import time
 from collections import defaultdict
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from playwright.async_api import Browser, Page, Request
 from stepstream_client import Client, JobView
 
-from stepstream_common.local.demo import DEMO_STEPS, demo_definition
-from tests.client.services import DEADLINE, Service, eventually, gate_step
+from stepstream_common.local.demo import DEMO_STEPS
+from tests.client.services import DEADLINE, STEPSTREAM, Service, eventually, gate_step
 from tests.web.conftest import WebGateway
 
 # Records [step, revision, state] each time a step row is drawn (once per row per frame).
@@ -37,11 +39,15 @@ new MutationObserver((mutations) => {
 Shown = dict[str, tuple[int, str]]
 
 
-async def open_job(browser: Browser, gateway: WebGateway, job_id: str, *, width: int = 1000) -> Page:
+async def open_page(browser: Browser, url: str, *, width: int = 1000) -> Page:
     page = await browser.new_page(viewport={"width": width, "height": 900})
     await page.add_init_script(SAMPLER)
-    await page.goto(f"{gateway.url}/jobs/{job_id}")
+    await page.goto(url)
     return page
+
+
+async def open_job(browser: Browser, gateway: WebGateway, job_id: str) -> Page:
+    return await open_page(browser, f"{gateway.url}/jobs/{job_id}")
 
 
 async def shown(page: Page) -> Shown:
@@ -77,52 +83,85 @@ async def banner(page: Page, which: str) -> str | None:
     return await node.text_content() if await node.is_visible() else None
 
 
-async def test_the_demo_job_never_goes_backwards_live_or_on_reload(
-    browser: Browser, gateway: WebGateway, orchestrator: Service, status: Service, tmp_path: Path
-) -> None:
-    """One page watches the demo job start to end; another is reloaded throughout. Each
-    step's shown states follow the status service's own history of it, in order."""
-    async with Client(orchestrator.address, status.address) as client:
-        job = await client.submit(demo_definition(tmp_path))
-        history: dict[str, list[str]] = defaultdict(list)
+async def test_the_demo_job_never_goes_backwards_live_or_on_reload(browser: Browser) -> None:
+    """`stepstream demo --web`: one page watches the demo job start to end; another is reloaded
+    throughout. Each step's shown states follow the status service's own history of it, in order;
+    the page stays up after the job until Ctrl-C."""
+    demo = await asyncio.create_subprocess_exec(
+        str(STEPSTREAM), "demo", "--web", stdout=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL)
+    assert demo.stdout is not None
+    lines: asyncio.Queue[str] = asyncio.Queue()
 
-        async def record() -> JobView:
-            async with client.watch(job.id) as views:
-                async for view in views:
-                    for step in view.steps:
-                        if not history[step.name] or history[step.name][-1] != step.state:
-                            history[step.name].append(step.state)
-            return view
+    async def read() -> None:
+        assert demo.stdout is not None
+        while line := (await demo.stdout.readline()).decode():
+            if line.startswith("demo: "):
+                lines.put_nowait(line.strip())
 
-        watching = asyncio.create_task(record())
-        await eventually(lambda: asyncio.sleep(0, history or None), "the watch's first view")
-        live = await open_job(browser, gateway, job.id)
-        reloaded = await open_job(browser, gateway, job.id, width=360)
-        reloads = 0
-        while not watching.done():
-            before = await shown(reloaded)
-            await reloaded.reload()
-            await reloaded.wait_for_function("Number(document.querySelector('#revision').dataset.revision) > 0")
-            after = await shown(reloaded)
-            for step, (revision, _) in before.items():
-                assert after[step][0] >= revision, (step, before, after)
-            reloads += 1
-            await asyncio.sleep(0.3)
-        final = await watching
-        await until_ended(live)
-        assert await shown(live) == truth(final) == truth(await client.get(job.id))
-        assert reloads >= 5
-        assert final.state == "completed"
-        for step, seen in (await samples(live)).items():
-            revisions = [revision for revision, _ in seen]
-            assert revisions == sorted(revisions), (step, seen)
-            states = [state for _, state in seen]
-            order = history[step]
-            positions = [order.index(state) for state in states]
-            assert positions == sorted(positions), (step, states, order)
-        assert {step: history[step][-1] for step in DEMO_STEPS} == dict.fromkeys(DEMO_STEPS, "completed")
-        # The steps that start seconds after the page opened were first drawn pending.
-        assert {(await samples(live))[step][0][1] for step in ("index", "report")} == {"pending"}
+    reading = asyncio.create_task(read())
+    try:
+        async with asyncio.timeout(DEADLINE):
+            addresses, submitted, page_line = [await lines.get() for _ in range(3)]
+        orchestrator, status = (word.rstrip(",") for word in addresses.split()[2:5:2])
+        url = page_line.removeprefix("demo: live page ")
+        job_id = submitted.rsplit(" ", 1)[1]
+        assert url.endswith(f"/jobs/{job_id}")
+        async with Client(orchestrator, status) as client:
+            await _demo_in_two_pages(browser, client, job_id, url)
+        async with asyncio.timeout(DEADLINE):
+            stays = await lines.get()
+        assert stays == f"demo: job completed; the page stays up at {url} until Ctrl-C"
+        async with httpx.AsyncClient(timeout=DEADLINE) as http:
+            assert (await http.get(url)).status_code == 200
+        demo.send_signal(signal.SIGINT)
+        async with asyncio.timeout(DEADLINE):
+            assert await demo.wait() == 0
+    finally:
+        if demo.returncode is None:
+            demo.kill()
+            await demo.wait()
+        await reading
+
+
+async def _demo_in_two_pages(browser: Browser, client: Client, job_id: str, url: str) -> None:
+    history: dict[str, list[str]] = defaultdict(list)
+
+    async def record() -> JobView:
+        async with client.watch(job_id) as views:
+            async for view in views:
+                for step in view.steps:
+                    if not history[step.name] or history[step.name][-1] != step.state:
+                        history[step.name].append(step.state)
+        return view
+
+    watching = asyncio.create_task(record())
+    await eventually(lambda: asyncio.sleep(0, history or None), "the watch's first view")
+    live = await open_page(browser, url)
+    reloaded = await open_page(browser, url, width=360)
+    reloads = 0
+    while not watching.done():
+        before = await shown(reloaded)
+        await reloaded.reload()
+        await reloaded.wait_for_function("Number(document.querySelector('#revision').dataset.revision) > 0")
+        after = await shown(reloaded)
+        for step, (revision, _) in before.items():
+            assert after[step][0] >= revision, (step, before, after)
+        reloads += 1
+        await asyncio.sleep(0.3)
+    final = await watching
+    await until_ended(live)
+    assert await shown(live) == truth(final) == truth(await client.get(job_id))
+    assert reloads >= 5
+    assert final.state == "completed"
+    seen_live = await samples(live)
+    for step, seen in seen_live.items():
+        revisions = [revision for revision, _ in seen]
+        assert revisions == sorted(revisions), (step, seen)
+        positions = [history[step].index(state) for _, state in seen]
+        assert positions == sorted(positions), (step, seen, history[step])
+    assert {step: history[step][-1] for step in DEMO_STEPS} == dict.fromkeys(DEMO_STEPS, "completed")
+    # The steps that start seconds after the page opened were first drawn pending.
+    assert {seen_live[step][0][1] for step in ("index", "report")} == {"pending"}
 
 
 async def test_a_dead_status_service_shows_stale_and_the_page_catches_up(
