@@ -69,7 +69,8 @@ def sse(event: str, data: Any, revision: int | None = None) -> bytes:
 
 
 def view_event(view: JobView, after: int | None, snapshot: bool) -> bytes:
-    """The job at view.revision: its header, whether the watch is live, and every step changed after `after`."""
+    """The job at view.revision: its header, whether the watch is live, and every step changed after
+    `after` (every step for a snapshot)."""
     steps = [step_json(step) for step in view.steps if snapshot or after is None or step.revision > after]
     data = {"revision": view.revision, "snapshot": snapshot or after is None, "job": summary_json(view),
             "live": view.live, "last_heard": iso(view.last_heard), "steps": steps}
@@ -160,6 +161,51 @@ async def _disconnect(receive: Receive) -> None:
         pass
 
 
+class JobFeed:
+    """One SDK watch of a job, shared by every browser showing it: the status service sees one
+    WatchJob per job whatever the number of browsers (its per-connection stream limit would
+    otherwise cap them), and each browser's stream reads `latest` at its own pace."""
+
+    def __init__(self, client: Client, view: JobView) -> None:
+        self.job_id = view.id
+        self.latest = view
+        self.subscribers = 0
+        # Full snapshots the watch took after OUT_OF_RANGE: every browser then gets every step again.
+        self.snapshots = 0
+        self.ended = view.terminal
+        self.failed = False
+        self.tick = asyncio.Event()
+        self._task = None if view.terminal else asyncio.create_task(self._follow(client))
+
+    async def _follow(self, client: Client) -> None:
+        try:
+            async with client.watch(self.job_id, since=self.latest, on_apply=self._applied) as views:
+                async for view in views:
+                    self.latest = view
+                    self._changed()
+        except Exception as error:  # the watch gave up (e.g. refused credentials): browsers reconnect and see why
+            log.warning("the watch of job %s ended: %s", self.job_id, error)
+            self.failed = True
+        finally:
+            self.ended = True
+            self._changed()
+
+    def _applied(self, applied: Applied) -> None:
+        if applied.snapshot:
+            self.snapshots += 1
+
+    def _changed(self) -> None:
+        """Wake every browser's stream (each waits on the tick it saw last)."""
+        tick, self.tick = self.tick, asyncio.Event()
+        tick.set()
+
+    def close(self) -> None:
+        """Stop the watch; a browser still reading (one that joined as it closed) reconnects."""
+        self.failed = True
+        if self._task is not None:
+            self._task.cancel()
+
+
 class Gateway:
     """The routes, over one SDK client (one channel to the status service for every browser)."""
 
@@ -167,6 +213,7 @@ class Gateway:
         self._client = client
         self._config = config
         self._access_token = access_token
+        self._feeds: dict[str, JobFeed] = {}
         self.streams = 0
 
     def app(self) -> Starlette:
@@ -256,81 +303,79 @@ class Gateway:
 
     # --- live streams --------------------------------------------------------------------------------------
 
-    def _open_stream(self, events: AsyncGenerator[bytes, None]) -> Response | EventStream:
-        if self.streams >= self._config.max_streams:
-            return JSONResponse({"error": f"the gateway holds its most streams ({self._config.max_streams})"}, 503,
-                                headers={"retry-after": "5"})
+    def _full(self) -> Response | None:
+        """503 when the gateway holds its most streams (the browser retries), else None."""
+        if self.streams < self._config.max_streams:
+            return None
+        return JSONResponse({"error": f"the gateway holds its most streams ({self._config.max_streams})"}, 503,
+                            headers={"retry-after": "5"})
+
+    def _open_stream(self, events: AsyncGenerator[bytes, None], release: Callable[[], None] = lambda: None
+                     ) -> EventStream:
+        """`events` as the response; `release` runs when it ends, however it ends (even unstarted)."""
         self.streams += 1
 
         def done() -> None:
             self.streams -= 1
+            release()
 
         return EventStream(events, self._config.send_timeout, done)
 
     async def _job_stream(self, request: Request) -> Response | EventStream:
         job_id = request.path_params["job_id"]
+        if full := self._full():
+            return full
         try:
             after = resume_point(request)
-            view = await self._client.get(job_id)
+            feed = self._feeds.get(job_id)
+            if feed is None or feed.failed:
+                view = await self._client.get(job_id)
+                # Heard from the status service just now: what "stale since" shows if the watch cannot follow.
+                heard = dataclasses.replace(view, last_heard=datetime.now(UTC))
+                feed = self._feeds[job_id] = JobFeed(self._client, heard)
         except (RpcError, BadRequest) as error:
             return error_response(error)
-        # Heard from the status service just now: what "stale since" shows if the watch cannot follow.
-        view = dataclasses.replace(view, last_heard=datetime.now(UTC))
-        return self._open_stream(self._job_events(job_id, view, after))
+        feed.subscribers += 1
+        return self._open_stream(self._job_events(feed, after), lambda: self._leave(feed))
 
-    async def _job_events(self, job_id: str, view: JobView, after: int | None) -> AsyncGenerator[bytes, None]:
-        """The view the stream starts from (what changed after `after`), then each newer one as the
-        browser takes them, heartbeats while nothing changes, and `end` once the job has ended."""
+    def _leave(self, feed: JobFeed) -> None:
+        """A browser stopped showing the job: the last one to go stops the watch."""
+        feed.subscribers -= 1
+        if feed.subscribers == 0:
+            feed.close()
+            if self._feeds.get(feed.job_id) is feed:
+                del self._feeds[feed.job_id]
+
+    async def _job_events(self, feed: JobFeed, after: int | None) -> AsyncGenerator[bytes, None]:
+        """What changed after `after` in the feed's view, then each newer view as the browser takes
+        them (the latest one at that moment: a slow browser gets fewer, larger deltas), heartbeats
+        while nothing changes, and `end` once the job has ended."""
         yield f"retry: {RECONNECT_MS}\n\n".encode()
-        if after is None or view.revision > after:
-            yield view_event(view, after, snapshot=False)
-        sent = max(view.revision, after or 0)
-        latest = view
-        resnapshot = False
-        changed = asyncio.Event()
-
-        def note(applied: Applied) -> None:
-            nonlocal resnapshot
-            resnapshot |= applied.snapshot
-
-        async def follow() -> None:
-            nonlocal latest
-            async with self._client.watch(job_id, since=view, on_apply=note) as views:
-                async for each in views:
-                    latest = each
-                    changed.set()
-
-        watching = asyncio.create_task(follow()) if not view.terminal else None
-        try:
-            shown_live = view.live
-            while watching is not None and not watching.done():
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(self._config.heartbeat_interval):
-                        await changed.wait()
-                if not changed.is_set():
-                    yield sse("beat", {"interval": self._config.heartbeat_interval, "revision": sent})
-                    continue
-                changed.clear()
-                current, snapshot, resnapshot = latest, resnapshot, False
-                if current.revision > sent or snapshot:
-                    yield view_event(current, sent, snapshot)
-                    sent = current.revision
-                elif current.live != shown_live:
-                    yield link_event(current)
+        sent = after
+        snapshots = feed.snapshots
+        shown_live: bool | None = None
+        while True:
+            tick, ended, current = feed.tick, feed.ended, feed.latest  # `ended` first: then `current` is final
+            resnapshot, snapshots = feed.snapshots != snapshots, feed.snapshots
+            if sent is None or current.revision > sent or resnapshot:
+                yield view_event(current, sent, resnapshot)
+                sent, shown_live = max(current.revision, sent or 0), current.live
+            elif current.live != shown_live:
+                yield link_event(current)
                 shown_live = current.live
-            if watching is not None and not watching.cancelled() and watching.exception() is not None:
-                # The watch gave up (e.g. its credentials were refused): the browser reconnects and is told why.
-                log.warning("a job page's watch of %s ended: %s", job_id, watching.exception())
-                return
-            if latest.revision > sent:
-                yield view_event(latest, sent, snapshot=False)
-            yield sse("end", {"revision": latest.revision})
-        finally:
-            if watching is not None:
-                watching.cancel()
-                await asyncio.gather(watching, return_exceptions=True)
+            if ended:
+                break
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._config.heartbeat_interval):
+                    await tick.wait()
+            if not tick.is_set():
+                yield sse("beat", {"interval": self._config.heartbeat_interval, "revision": sent})
+        if not feed.failed:
+            yield sse("end", {"revision": feed.latest.revision})
 
     async def _jobs_stream(self, request: Request) -> Response | EventStream:
+        if full := self._full():
+            return full
         try:
             first = await self._listing(request)
         except (RpcError, BadRequest) as error:

@@ -5,6 +5,7 @@ leaves (at any moment) leaves no watch behind on the status service."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import subprocess
 import sys
@@ -152,8 +153,8 @@ async def _ended(client: Client, job_id: str) -> int | None:
 async def test_a_browser_that_leaves_at_any_moment_leaves_no_watch_behind(
     orchestrator: Service, tmp_path: Path
 ) -> None:
-    """Streams closed at moments spread over their start (before, during and after the GetJob and the
-    watch it starts): every watch the gateway opened on the status service is closed."""
+    """Browsers of one job share one watch; streams closed at moments spread over their start (before,
+    during and after the GetJob and the watch it starts) close every watch the gateway opened."""
     metrics = f"127.0.0.1:{free_port()}"
     status = services.status(tmp_path / "status", orchestrator.address, *QUICK_STATUS, "--metrics-listen", metrics)
     await status.start()
@@ -164,6 +165,12 @@ async def test_a_browser_that_leaves_at_any_moment_leaves_no_watch_behind(
                 httpx.AsyncClient(base_url=web.url, timeout=DEADLINE) as http:
             job = await client.submit({"name": "held", "steps": [gate_step("hold", tmp_path / "never")]})
             await eventually(lambda: _state(client, job.id, "hold", "running"), "hold to run")
+
+            async with contextlib.AsyncExitStack() as held:
+                for _ in range(5):
+                    response = await held.enter_async_context(http.stream("GET", f"/api/jobs/{job.id}/stream"))
+                    await anext(aiter(events(response)))
+                await eventually(lambda: _watchers(http, metrics, 1), "one watch shared by the browsers of a job")
 
             async def leave(after: float) -> None:
                 async with http.stream("GET", f"/api/jobs/{job.id}/stream"):
