@@ -23,14 +23,10 @@ from playwright.async_api import Browser, async_playwright
 
 from tests.client.conftest import open_gates_afterwards, orchestrator, status  # noqa: F401 (fixtures)
 from tests.client.services import START_BOUND, Service
+from tests.web.chromium import CHROMIUM, CHROMIUM_ARGS, INSTALL
 
-CHROMIUM = os.environ.get("STEPSTREAM_CHROMIUM", "/usr/bin/chromium")
-INSTALL = "apt-get install -y chromium chromium-driver"
 # Heartbeats every half second: a quiet page stream is noticed within 1.5 s.
 QUICK_WEB = ("--heartbeat-interval", "0.5")
-# The flags Debian's chromium needs to stay off the network (notes/facts-2026-12.md); as root, --no-sandbox.
-CHROMIUM_ARGS = ["--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", *(["--no-sandbox"] if os.geteuid() == 0 else [])]
 
 
 def require_chromium() -> None:
