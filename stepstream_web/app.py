@@ -55,6 +55,8 @@ MAX_PAGE = 500
 MAX_OFFSET = 100_000
 # How long the browser waits before reconnecting a stream that ended (EventSource's `retry:`).
 RECONNECT_MS = 1_000
+# Encoded view events a job's feed keeps for the browsers following it (a handful of starting points).
+ENCODED_KEPT = 16
 STATIC = files("stepstream_web") / "static"
 
 
@@ -175,6 +177,7 @@ class JobFeed:
         self.ended = view.terminal
         self.failed = False
         self.tick = asyncio.Event()
+        self._encoded: dict[tuple[int, bool, int | None, bool], bytes] = {}
         self._task = None if view.terminal else asyncio.create_task(self._follow(client))
 
     async def _follow(self, client: Client) -> None:
@@ -189,6 +192,17 @@ class JobFeed:
         finally:
             self.ended = True
             self._changed()
+
+    def event(self, view: JobView, after: int | None, snapshot: bool) -> bytes:
+        """view_event, encoded once for every browser at the same point (most are: they follow the
+        same feed), not once per browser."""
+        key = (view.revision, view.live, after, snapshot)
+        encoded = self._encoded.get(key)
+        if encoded is None:
+            if len(self._encoded) >= ENCODED_KEPT:
+                self._encoded.clear()
+            encoded = self._encoded[key] = view_event(view, after, snapshot)
+        return encoded
 
     def _applied(self, applied: Applied) -> None:
         if applied.snapshot:
@@ -358,7 +372,7 @@ class Gateway:
             tick, ended, current = feed.tick, feed.ended, feed.latest  # `ended` first: then `current` is final
             resnapshot, snapshots = feed.snapshots != snapshots, feed.snapshots
             if sent is None or current.revision > sent or resnapshot:
-                yield view_event(current, sent, resnapshot)
+                yield feed.event(current, sent, resnapshot)
                 sent, shown_live = max(current.revision, sent or 0), current.live
             elif current.live != shown_live:
                 yield link_event(current)

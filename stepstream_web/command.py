@@ -26,10 +26,10 @@ from typing import Any
 import uvicorn
 from stepstream_client import Client, RetryPolicy
 from stepstream_client.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, fail
-from stepstream_client.sdk import read_token
 
-from stepstream_common.config import add_options, values_of
+from stepstream_common.config import SettingError, add_options, values_of
 from stepstream_common.exposure import Protection, assess_exposure
+from stepstream_common.tokens import read_token_file
 from stepstream_web.app import Gateway
 from stepstream_web.config import WebConfig
 
@@ -94,8 +94,8 @@ class Web:
     async def run(args: argparse.Namespace) -> int:
         config = WebConfig(**values_of(args.web_parser, WebConfig, vars(args)))
         try:
-            access_token = read_token(None, config.access_token_file) if config.access_token_file else ""
-        except ValueError as error:
+            access_token = read_token_file(config.access_token_file) if config.access_token_file else ""
+        except SettingError as error:
             return fail(f"--access-token-file: {error}", EXIT_USAGE)
         exposure = assess_exposure(config.listen, tls_enabled=config.https_cert is not None,
                                    auth_enabled=bool(access_token), insecure=config.insecure, tls=HTTPS,

@@ -17,7 +17,17 @@ import httpx
 from stepstream_client import Client
 
 from tests.client import services
-from tests.client.services import DEADLINE, QUICK_STATUS, REPO, STEPSTREAM, Service, eventually, free_port, gate_step
+from tests.client.services import (
+    DEADLINE,
+    QUICK_STATUS,
+    REPO,
+    STEPSTREAM,
+    Service,
+    eventually,
+    free_port,
+    gate_step,
+    run_cli,
+)
 from tests.web.conftest import WebGateway
 
 Event = tuple[str | None, str, dict[str, Any]]
@@ -74,6 +84,10 @@ async def test_with_an_access_token_every_request_needs_it(
 ) -> None:
     token = tmp_path / "token"
     token.write_text("s3cret-token\n")
+    token.chmod(0o644)
+    unsafe = await run_cli("web", "--access-token-file", str(token))
+    assert unsafe.code == 2 and "chmod 600" in unsafe.stderr, unsafe
+    token.chmod(0o600)
     web = WebGateway(tmp_path / "web.log", status, orchestrator, "--access-token-file", str(token))
     await web.start()
     try:
