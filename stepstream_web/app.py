@@ -228,6 +228,7 @@ class Gateway:
         self._config = config
         self._access_token = access_token
         self._feeds: dict[str, JobFeed] = {}
+        self._starting_feeds: dict[str, asyncio.Future[JobFeed]] = {}
         self.streams = 0
 
     def app(self) -> Starlette:
@@ -343,14 +344,31 @@ class Gateway:
             after = resume_point(request)
             feed = self._feeds.get(job_id)
             if feed is None or feed.failed:
-                view = await self._client.get(job_id)
-                # Heard from the status service just now: what "stale since" shows if the watch cannot follow.
-                heard = dataclasses.replace(view, last_heard=datetime.now(UTC))
-                feed = self._feeds[job_id] = JobFeed(self._client, heard)
+                feed = await asyncio.shield(self._starting(job_id))
         except (RpcError, BadRequest) as error:
             return error_response(error)
         feed.subscribers += 1
         return self._open_stream(self._job_events(feed, after), lambda: self._leave(feed))
+
+    def _starting(self, job_id: str) -> asyncio.Future[JobFeed]:
+        """The feed of `job_id` being started: one GetJob and one watch however many browsers
+        arrive meanwhile (shielded: a browser that leaves does not cancel it for the others)."""
+        starting = self._starting_feeds.get(job_id)
+        if starting is None:
+            starting = self._starting_feeds[job_id] = asyncio.ensure_future(self._start_feed(job_id))
+            starting.add_done_callback(lambda done: self._started(job_id, done))
+        return starting
+
+    async def _start_feed(self, job_id: str) -> JobFeed:
+        view = await self._client.get(job_id)
+        # Heard from the status service just now: what "stale since" shows if the watch cannot follow.
+        feed = self._feeds[job_id] = JobFeed(self._client, dataclasses.replace(view, last_heard=datetime.now(UTC)))
+        return feed
+
+    def _started(self, job_id: str, done: asyncio.Future[JobFeed]) -> None:
+        del self._starting_feeds[job_id]
+        if not done.cancelled():
+            done.exception()  # retrieved, even if every browser waiting for it left
 
     def _leave(self, feed: JobFeed) -> None:
         """A browser stopped showing the job: the last one to go stops the watch."""

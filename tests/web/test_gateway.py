@@ -68,6 +68,7 @@ def test_the_gateway_imports_no_service_and_no_store() -> None:
 def test_a_reachable_address_is_refused_without_https_and_an_access_token(tmp_path: Path) -> None:
     token = tmp_path / "token"
     token.write_text("s3cret-token\n")
+    token.chmod(0o600)
     for extra in ([], ["--access-token-file", str(token)]):
         result = subprocess.run([str(STEPSTREAM), "web", "--listen", "0.0.0.0:0", *extra], capture_output=True,
                                 text=True, timeout=DEADLINE, cwd=REPO)
