@@ -9,13 +9,14 @@ import contextlib
 import json
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, MutableMapping
 from pathlib import Path
 from typing import Any
 
 import httpx
 from stepstream_client import Client
 
+from stepstream_web.app import EventStream
 from tests.client import services
 from tests.client.services import (
     DEADLINE,
@@ -203,3 +204,34 @@ async def _watchers(http: httpx.AsyncClient, metrics: str, wanted: int) -> bool 
     text = (await http.get(f"http://{metrics}/metrics")).text
     lines = [line for line in text.splitlines() if line.startswith("stepstream_watchers_attached")]
     return True if lines and all(float(line.rsplit(" ", 1)[1]) == wanted for line in lines) else None
+
+
+async def test_a_browser_that_reads_nothing_is_dropped_and_its_stream_let_go() -> None:
+    """EventStream under an ASGI server whose socket never drains (a browser that reads nothing):
+    after send_timeout the response ends, the events generator is closed, and its release runs once."""
+    closed: list[str] = []
+    released: list[bool] = []
+
+    async def forever() -> AsyncGenerator[bytes, None]:
+        try:
+            while True:
+                yield b"event: beat\ndata: {}\n\n"
+        finally:
+            closed.append("closed")
+
+    async def receive() -> dict[str, Any]:
+        await asyncio.Event().wait()  # the browser never leaves
+        return {"type": "http.disconnect"}
+
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        sent.append(dict(message))
+        if message["type"] == "http.response.body" and len(sent) > 3:
+            await asyncio.Event().wait()  # its socket buffer is full: this write never completes
+
+    stream = EventStream(forever(), 0.2, lambda: released.append(True))
+    async with asyncio.timeout(DEADLINE):
+        await stream({"type": "http"}, receive, send)
+    assert closed == ["closed"] and released == [True]
+    assert sent[0]["status"] == 200 and all(m.get("more_body") for m in sent[1:])
