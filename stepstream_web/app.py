@@ -11,7 +11,10 @@ watch and the browser sits one slot holding the latest view, never a queue:
 a browser that reads slowly gets fewer, larger deltas (every step changed since
 what it was sent), and one that reads nothing for --send-timeout is dropped,
 to come back with its Last-Event-ID. So a stream holds one view, whatever the
-browser does.
+browser does. Every browser showing a job shares one watch of it (Feed).
+
+The jobs list's stream is the same over WatchJobs (Client.watch_jobs): one watch
+per filter, its newest jobs sent whenever the listing changes.
 """
 
 from __future__ import annotations
@@ -19,13 +22,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import hmac
 import json
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from importlib.resources import files
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -35,7 +39,7 @@ from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Re
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
-from stepstream_client import Applied, Client, JobView
+from stepstream_client import Applied, Client, JobsView, JobView
 from stepstream_client.cli import CHILD_STATE_WORDS, JOB_STATE_WORDS
 from stepstream_client.errors import (
     InvalidArgumentError,
@@ -45,10 +49,12 @@ from stepstream_client.errors import (
     UnauthenticatedError,
 )
 from stepstream_client.render import child_json, iso, step_json, summary_json, view_json
+from stepstream_client.watch import Watch
 
 from stepstream_web.config import WebConfig
 
 log = logging.getLogger(__name__)
+V = TypeVar("V")
 
 COOKIE = "stepstream_web_token"
 MAX_PAGE = 500
@@ -79,7 +85,13 @@ def view_event(view: JobView, after: int | None, snapshot: bool) -> bytes:
     return sse("view", data, view.revision)
 
 
-def link_event(view: JobView) -> bytes:
+def jobs_event(view: JobsView, limit: int) -> bytes:
+    """The newest `limit` jobs of a listing, with the watch's connection state."""
+    return sse("jobs", {"revision": view.revision, "jobs": [summary_json(job) for job in view.jobs[:limit]],
+                        "live": view.live, "last_heard": iso(view.last_heard)}, view.revision)
+
+
+def link_event(view: JobView | JobsView) -> bytes:
     """The watch's connection state alone (no new revision): drives the page's "stale since"."""
     return sse("link", {"live": view.live, "last_heard": iso(view.last_heard)})
 
@@ -163,50 +175,46 @@ async def _disconnect(receive: Receive) -> None:
         pass
 
 
-class JobFeed:
-    """One SDK watch of a job, shared by every browser showing it: the status service sees one
-    WatchJob per job whatever the number of browsers (its per-connection stream limit would
-    otherwise cap them), and each browser's stream reads `latest` at its own pace."""
+class Feed(Generic[V]):
+    """One SDK watch shared by every browser showing what it watches (a job, or the jobs a filter
+    matches): the status service sees one watch per job or filter whatever the number of browsers
+    (its per-connection stream limit would otherwise cap them), and each browser's stream reads
+    `latest` at its own pace."""
 
-    def __init__(self, client: Client, view: JobView) -> None:
-        self.job_id = view.id
-        self.latest = view
+    def __init__(self, key: str, latest: V) -> None:
+        self.key = key
+        self.latest = latest
         self.subscribers = 0
-        # Full snapshots the watch took after OUT_OF_RANGE: every browser then gets every step again.
-        self.snapshots = 0
-        self.ended = view.terminal
+        self.ended = False
         self.failed = False
         self.tick = asyncio.Event()
-        self._encoded: dict[tuple[int, bool, int | None, bool], bytes] = {}
-        self._task = None if view.terminal else asyncio.create_task(self._follow(client))
+        self._encoded: dict[tuple[Any, ...], bytes] = {}
+        self._task: asyncio.Task[None] | None = None
 
-    async def _follow(self, client: Client) -> None:
+    def follow(self, watch: Watch[V]) -> None:
+        self._task = asyncio.create_task(self._follow(watch))
+
+    async def _follow(self, watch: Watch[V]) -> None:
         try:
-            async with client.watch(self.job_id, since=self.latest, on_apply=self._applied) as views:
+            async with watch as views:
                 async for view in views:
                     self.latest = view
                     self._changed()
         except Exception as error:  # the watch gave up (e.g. refused credentials): browsers reconnect and see why
-            log.warning("the watch of job %s ended: %s", self.job_id, error)
+            log.warning("the watch behind %s ended: %s", self.key, error)
             self.failed = True
         finally:
             self.ended = True
             self._changed()
 
-    def event(self, view: JobView, after: int | None, snapshot: bool) -> bytes:
-        """view_event, encoded once for every browser at the same point (most are: they follow the
-        same feed), not once per browser."""
-        key = (view.revision, view.live, after, snapshot)
+    def event(self, key: tuple[Any, ...], encode: Callable[[], bytes]) -> bytes:
+        """`encode()`, once for every browser at the same point (most are: they follow the same feed)."""
         encoded = self._encoded.get(key)
         if encoded is None:
             if len(self._encoded) >= ENCODED_KEPT:
                 self._encoded.clear()
-            encoded = self._encoded[key] = view_event(view, after, snapshot)
+            encoded = self._encoded[key] = encode()
         return encoded
-
-    def _applied(self, applied: Applied) -> None:
-        if applied.snapshot:
-            self.snapshots += 1
 
     def _changed(self) -> None:
         """Wake every browser's stream (each waits on the tick it saw last)."""
@@ -220,6 +228,23 @@ class JobFeed:
             self._task.cancel()
 
 
+class JobFeed(Feed[JobView]):
+    """A job's feed: from a GetJob snapshot, watched after its revision."""
+
+    def __init__(self, client: Client, view: JobView) -> None:
+        super().__init__(f"job {view.id}", view)
+        # Full snapshots the watch took after OUT_OF_RANGE: every browser then gets every step again.
+        self.snapshots = 0
+        if view.terminal:
+            self.ended = True
+        else:
+            self.follow(client.watch(view.id, since=view, on_apply=self._applied))
+
+    def _applied(self, applied: Applied) -> None:
+        if applied.snapshot:
+            self.snapshots += 1
+
+
 class Gateway:
     """The routes, over one SDK client (one channel to the status service for every browser)."""
 
@@ -227,8 +252,8 @@ class Gateway:
         self._client = client
         self._config = config
         self._access_token = access_token
-        self._feeds: dict[str, JobFeed] = {}
-        self._starting_feeds: dict[str, asyncio.Future[JobFeed]] = {}
+        self._feeds: dict[str, Feed[Any]] = {}
+        self._starting_feeds: dict[str, asyncio.Future[Feed[Any]]] = {}
         self.streams = 0
 
     def app(self) -> Starlette:
@@ -342,41 +367,54 @@ class Gateway:
             return full
         try:
             after = resume_point(request)
-            feed = self._feeds.get(job_id)
-            if feed is None or feed.failed:
-                feed = await asyncio.shield(self._starting(job_id))
+            feed = await self._feed(f"job {job_id}", lambda: self._start_job_feed(job_id))
         except (RpcError, BadRequest) as error:
             return error_response(error)
+        assert isinstance(feed, JobFeed)
         feed.subscribers += 1
         return self._open_stream(self._job_events(feed, after), lambda: self._leave(feed))
 
-    def _starting(self, job_id: str) -> asyncio.Future[JobFeed]:
-        """The feed of `job_id` being started: one GetJob and one watch however many browsers
-        arrive meanwhile (shielded: a browser that leaves does not cancel it for the others)."""
-        starting = self._starting_feeds.get(job_id)
+    async def _feed(self, key: str, start: Callable[[], Awaitable[Feed[Any]]]) -> Feed[Any]:
+        """The running feed called `key`, else a new one from `start()`: one start (one GetJob or first
+        listing, one watch) however many browsers arrive meanwhile, shielded so that a browser that
+        leaves does not cancel it for the others."""
+        feed = self._feeds.get(key)
+        if feed is not None and not feed.failed:
+            return feed
+        starting = self._starting_feeds.get(key)
         if starting is None:
-            starting = self._starting_feeds[job_id] = asyncio.ensure_future(self._start_feed(job_id))
-            starting.add_done_callback(lambda done: self._started(job_id, done))
-        return starting
+            starting = self._starting_feeds[key] = asyncio.ensure_future(start())
+            starting.add_done_callback(lambda done: self._started(key, done))
+        return await asyncio.shield(starting)
 
-    async def _start_feed(self, job_id: str) -> JobFeed:
+    async def _start_job_feed(self, job_id: str) -> Feed[Any]:
         view = await self._client.get(job_id)
         # Heard from the status service just now: what "stale since" shows if the watch cannot follow.
-        feed = self._feeds[job_id] = JobFeed(self._client, dataclasses.replace(view, last_heard=datetime.now(UTC)))
+        return JobFeed(self._client, dataclasses.replace(view, last_heard=datetime.now(UTC)))
+
+    async def _start_jobs_feed(self, key: str, states: list[str], name: str) -> Feed[Any]:
+        watch = self._client.watch_jobs(states=states, name=name)
+        try:
+            first = await anext(watch)
+        except BaseException:
+            await watch.aclose()
+            raise
+        feed: Feed[JobsView] = Feed(key, first)
+        feed.follow(watch)
         return feed
 
-    def _started(self, job_id: str, done: asyncio.Future[JobFeed]) -> None:
-        del self._starting_feeds[job_id]
-        if not done.cancelled():
-            done.exception()  # retrieved, even if every browser waiting for it left
+    def _started(self, key: str, done: asyncio.Future[Feed[Any]]) -> None:
+        del self._starting_feeds[key]
+        if not done.cancelled() and done.exception() is None:
+            self._feeds[key] = done.result()
 
-    def _leave(self, feed: JobFeed) -> None:
-        """A browser stopped showing the job: the last one to go stops the watch."""
+    def _leave(self, feed: Feed[Any]) -> None:
+        """A browser stopped showing it: the last one to go stops the watch."""
         feed.subscribers -= 1
         if feed.subscribers == 0:
             feed.close()
-            if self._feeds.get(feed.job_id) is feed:
-                del self._feeds[feed.job_id]
+            if self._feeds.get(feed.key) is feed:
+                del self._feeds[feed.key]
 
     async def _job_events(self, feed: JobFeed, after: int | None) -> AsyncGenerator[bytes, None]:
         """What changed after `after` in the feed's view, then each newer view as the browser takes
@@ -390,7 +428,8 @@ class Gateway:
             tick, ended, current = feed.tick, feed.ended, feed.latest  # `ended` first: then `current` is final
             resnapshot, snapshots = feed.snapshots != snapshots, feed.snapshots
             if sent is None or current.revision > sent or resnapshot:
-                yield feed.event(current, sent, resnapshot)
+                yield feed.event((current.revision, current.live, sent, resnapshot),
+                                 functools.partial(view_event, current, sent, resnapshot))
                 sent, shown_live = max(current.revision, sent or 0), current.live
             elif current.live != shown_live:
                 yield link_event(current)
@@ -409,28 +448,37 @@ class Gateway:
         if full := self._full():
             return full
         try:
-            first = await self._listing(request)
+            states = _words(request, JOB_STATE_WORDS)
+            limit = _number(request, "limit", 100, 1, MAX_PAGE)
+            name = request.query_params.get("name", "")
+            key = f"jobs {','.join(sorted(set(states)))} {name}"
+            feed = await self._feed(key, lambda: self._start_jobs_feed(key, states, name))
         except (RpcError, BadRequest) as error:
             return error_response(error)
-        return self._open_stream(self._jobs_events(request, first))
+        feed.subscribers += 1
+        return self._open_stream(self._jobs_events(feed, limit), lambda: self._leave(feed))
 
-    async def _jobs_events(self, request: Request, listing: list[dict[str, Any]]) -> AsyncGenerator[bytes, None]:
-        """The jobs list, again whenever a read of it differs from the last one sent."""
+    async def _jobs_events(self, feed: Feed[JobsView], limit: int) -> AsyncGenerator[bytes, None]:
+        """The newest `limit` jobs of the feed's listing (WatchJobs through the SDK), again whenever it
+        changes (the latest listing when the browser is ready for it), heartbeats while nothing does."""
         yield f"retry: {RECONNECT_MS}\n\n".encode()
-        yield sse("jobs", {"jobs": listing, "live": True, "at": iso(datetime.now(UTC))})
-        live = True
+        sent: int | None = None
+        shown_live: bool | None = None
         while True:
-            await asyncio.sleep(self._config.list_refresh)
-            try:
-                latest = await self._listing(request)
-            except RpcError as error:
-                if live:
-                    yield sse("jobs_link", {"live": False, "detail": str(error)})
-                live = False
-                continue
-            if latest != listing or not live:
-                listing, live = latest, True
-                yield sse("jobs", {"jobs": listing, "live": True, "at": iso(datetime.now(UTC))})
+            tick, ended, current = feed.tick, feed.ended, feed.latest
+            if sent is None or current.revision > sent:
+                yield feed.event((current.revision, current.live, limit), functools.partial(jobs_event, current, limit))
+                sent, shown_live = current.revision, current.live
+            elif current.live != shown_live:
+                yield link_event(current)
+                shown_live = current.live
+            if ended:
+                return
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._config.heartbeat_interval):
+                    await tick.wait()
+            if not tick.is_set():
+                yield sse("beat", {"interval": self._config.heartbeat_interval, "revision": sent})
 
 
 async def _first(items: AsyncIterator[Any], count: int) -> AsyncIterator[Any]:

@@ -52,7 +52,3 @@ class WebConfig:
         "most page streams (job pages and jobs lists) open at once; past it a new one is answered 503",
         positive_int,
     ))
-    list_refresh: float = field(default=2.0, metadata=setting(
-        "STEPSTREAM_WEB_LIST_REFRESH",
-        "seconds between the jobs list's reads of ListJobs (the SDK has no WatchJobs yet)", positive_float,
-    ))

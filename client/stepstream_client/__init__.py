@@ -29,6 +29,7 @@ from stepstream_client.models import (
     ChildView,
     JobRecord,
     JobSummary,
+    JobsView,
     JobView,
     LogPosition,
     StepCounts,
@@ -37,7 +38,7 @@ from stepstream_client.models import (
 )
 from stepstream_client.sdk import Client
 from stepstream_client.sync import SyncClient
-from stepstream_client.watch import Applied, JobWatch
+from stepstream_client.watch import Applied, JobsWatch, JobWatch
 
 __all__ = [
     "DEFAULT_ORCHESTRATOR",
@@ -55,6 +56,8 @@ __all__ = [
     "JobSummary",
     "JobView",
     "JobWatch",
+    "JobsView",
+    "JobsWatch",
     "LogPosition",
     "NotFoundError",
     "OutOfRangeError",

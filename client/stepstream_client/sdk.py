@@ -60,7 +60,7 @@ from stepstream_client.models import (
     job_view,
     submitted_job,
 )
-from stepstream_client.watch import Applied, IngestGrace, JobWatch, WatchLoop
+from stepstream_client.watch import Applied, IngestGrace, JobsWatch, JobsWatchLoop, JobWatch, WatchLoop
 
 # Reconnect quickly once a restarted service is back (gRPC's own default backs off to 2 minutes).
 _CHANNEL_OPTIONS = [
@@ -366,6 +366,16 @@ class Client:
             not_older_than=request.not_older_than if request.HasField("not_older_than") else None,
             stale_after_heartbeats=self._stale_after_heartbeats, grace=self._grace(), backoff=self._backoff,
             on_apply=on_apply,
+        ))
+
+    def watch_jobs(self, *, states: Iterable[str] = (), name: str = "") -> JobsWatch:
+        """Live views of every job in `states` (state words; none: all) with exactly `name`
+        (none: any), newest first; never ends by itself (see stepstream_client.watch).
+        It holds every matching job's header: filter by state or name on a large service."""
+        wanted = [states_pb2.JobState.ValueType(job_state_from_word(word)) for word in states]
+        return JobsWatch(JobsWatchLoop(
+            self._status, self._status_target, status_pb.JobFilter(states=wanted, name=name),
+            stale_after_heartbeats=self._stale_after_heartbeats, backoff=self._backoff,
         ))
 
     def _position_of(

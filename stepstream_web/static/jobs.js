@@ -1,12 +1,16 @@
 "use strict";
-// The jobs list: each `jobs` event is the listing as the status service answers it now; a row already
-// showing a newer revision of a job keeps it (the SDK's rule), and rows are drawn once per animation frame.
+// The jobs list, live from WatchJobs through the gateway: each `jobs` event is the newest jobs the filter
+// matches at one revision; a row already showing a newer revision of a job keeps it (the SDK's rule), and
+// rows are drawn once per animation frame. "Stale since" follows the job page's rules.
 
 const rows = new Map();  // job id -> <li>
 let source = null;
 let latest = null;
 let frame = 0;
-let stale = null;
+let link = {live: true, last_heard: null};
+let lastMessage = Date.now();
+let beatInterval = null;
+let gatewayDown = false;
 
 function filterQuery() {
   const query = new URLSearchParams();
@@ -20,9 +24,7 @@ function filterQuery() {
 function draw() {
   frame = 0;
   const list = document.getElementById("jobs");
-  const banner = document.getElementById("list-stale");
-  banner.hidden = !stale;
-  banner.textContent = stale || "";
+  drawBanner();
   if (latest === null) return;
   const keep = new Set();
   const ordered = latest.map((job) => {
@@ -63,6 +65,24 @@ function drawRow(row, job) {
   row.querySelector(".detail").textContent = [staleWords, job.reason, job.message].filter(Boolean).join(" · ");
 }
 
+function drawBanner() {
+  const quiet = beatInterval !== null && Date.now() - lastMessage > 3 * beatInterval * 1000;
+  let text = "";
+  if (gatewayDown || quiet) {
+    text = "⚠ stale since " + wallClock(new Date(lastMessage).toISOString()) + ": no word from the web gateway, reconnecting";
+  } else if (!link.live && link.last_heard) {
+    text = "⚠ stale since " + wallClock(link.last_heard) + ": no word from the status service, reconnecting";
+  }
+  const banner = document.getElementById("list-stale");
+  banner.hidden = !text;
+  banner.textContent = text;
+}
+
+function heard() {
+  lastMessage = Date.now();
+  gatewayDown = false;
+}
+
 function schedule() {
   if (!frame) frame = requestAnimationFrame(draw);
 }
@@ -72,21 +92,22 @@ function open() {
   const query = filterQuery();
   source = new EventSource("/api/jobs/stream" + (query.toString() ? "?" + query : ""));
   source.addEventListener("jobs", (event) => {
-    latest = JSON.parse(event.data).jobs;
-    stale = null;
+    heard();
+    const data = JSON.parse(event.data);
+    latest = data.jobs;
+    link = {live: data.live, last_heard: data.last_heard};
     schedule();
   });
-  source.addEventListener("jobs_link", (event) => {
-    stale = "⚠ stale since " + wallClock(new Date().toISOString()) + ": " + JSON.parse(event.data).detail;
-    schedule();
-  });
+  source.addEventListener("link", (event) => { heard(); link = JSON.parse(event.data); schedule(); });
+  source.addEventListener("beat", (event) => { heard(); beatInterval = JSON.parse(event.data).interval; schedule(); });
   source.addEventListener("error", () => {
-    if (!stale) stale = "⚠ stale since " + wallClock(new Date().toISOString()) + ": no word from the web gateway, reconnecting";
+    gatewayDown = true;
     schedule();
     if (source.readyState === EventSource.CLOSED) setTimeout(open, 1000);
   });
 }
 
+setInterval(drawBanner, 1000);
 document.getElementById("filters").addEventListener("submit", (event) => { event.preventDefault(); open(); });
 document.getElementById("state").addEventListener("change", open);
 document.getElementById("name").addEventListener("change", open);

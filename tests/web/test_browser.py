@@ -257,3 +257,30 @@ async def test_a_10000_child_fan_out_stays_responsive_and_ends_exact(
         updates = final.revision
         print(f"{drawn} draws of the fan-out row for {updates} revisions")
         assert drawn < updates
+
+
+async def test_the_jobs_list_is_live_and_filters_by_state_and_name(
+    browser: Browser, gateway: WebGateway, orchestrator: Service, status: Service, tmp_path: Path
+) -> None:
+    gate = tmp_path / "gate"
+    bound = DEADLINE * 1000
+    async with Client(orchestrator.address, status.address) as client:
+        every = await open_page(browser, f"{gateway.url}/")
+        running = await open_page(browser, f"{gateway.url}/", width=360)
+        await running.select_option("#state", "running")
+        named = await open_page(browser, f"{gateway.url}/")
+        await named.fill("#name", "quick")
+        await named.dispatch_event("#name", "change")
+        job = await client.submit({"name": "gated", "steps": [gate_step("gate", gate)]})
+        quick = await client.submit({"name": "quick", "steps": [{"name": "one", "type": "sleep", "seconds": 0}]})
+        await every.wait_for_selector(f'li.job[data-id="{job.id}"][data-state="running"]', timeout=bound)
+        await every.wait_for_selector(f'li.job[data-id="{quick.id}"][data-state="completed"]', timeout=bound)
+        await running.wait_for_selector(f'li.job[data-id="{job.id}"]', timeout=bound)
+        await named.wait_for_selector(f'li.job[data-id="{quick.id}"]', timeout=bound)
+        assert await running.locator(f'li.job[data-id="{quick.id}"]').count() == 0
+        assert await named.locator("li.job").count() == 1
+        assert await every.locator("li.job").evaluate_all("rows => rows.map(r => r.dataset.id)") == [quick.id, job.id]
+        gate.touch()
+        await every.wait_for_selector(f'li.job[data-id="{job.id}"][data-state="completed"]', timeout=bound)
+        await running.wait_for_selector(f'li.job[data-id="{job.id}"]', state="detached", timeout=bound)
+        assert await every.locator("#list-stale").is_hidden()
