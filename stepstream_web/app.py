@@ -3,15 +3,17 @@ streams, all read through the SDK (it decides nothing: every state, count and
 freshness flag shown is one the status service sent, mapped by the SDK).
 
 A job page's stream is Server-Sent Events whose `id:` is the revision of the
-view it carries. Every connection starts with GetJob, sends the steps changed
-after the browser's Last-Event-ID (all of them without one), then watches from
-that snapshot's revision (WatchJob after_revision, through JobWatch(since=)):
-a reconnecting browser misses nothing and gets nothing twice. Between the
-watch and the browser sits one slot holding the latest view, never a queue:
-a browser that reads slowly gets fewer, larger deltas (every step changed since
-what it was sent), and one that reads nothing for --send-timeout is dropped,
-to come back with its Last-Event-ID. So a stream holds one view, whatever the
-browser does. Every browser showing a job shares one watch of it (Feed).
+view it carries. Every browser showing a job shares one feed of it (Feed): the
+first one starts it with GetJob and a watch from that snapshot's revision
+(WatchJob after_revision, through Client.watch(since=)). Each stream sends the
+steps of the feed's latest view changed after the browser's Last-Event-ID (all
+of them without one), then each newer view's changes: a reconnecting browser
+misses nothing and gets nothing twice. Between the watch and the browser sits
+that one latest view, never a queue: a browser that reads slowly gets fewer,
+larger deltas (every step changed since what it was sent), and one that reads
+nothing for --send-timeout is dropped, to come back with its Last-Event-ID. So
+a stream holds nothing of its own but the revision it sent, whatever the
+browser does.
 
 The jobs list's stream is the same over WatchJobs (Client.watch_jobs): one watch
 per filter, its newest jobs sent whenever the listing changes.
@@ -117,7 +119,7 @@ def _number(request: Request, name: str, default: int, low: int, high: int) -> i
     text = request.query_params.get(name)
     if text is None:
         return default
-    if not text.isdigit() or not low <= int(text) <= high:
+    if not (text.isascii() and text.isdigit()) or not low <= int(text) <= high:
         raise BadRequest(f"{name} must be a whole number from {low} to {high}, got {text[:40]!r}")
     return int(text)
 
@@ -128,7 +130,7 @@ def resume_point(request: Request) -> int | None:
     text = request.headers.get("last-event-id") or request.query_params.get("after")
     if not text:
         return None
-    if not text.isdigit() or len(text) > 19:
+    if not (text.isascii() and text.isdigit()) or len(text) > 19:
         raise BadRequest(f"Last-Event-ID must be a revision (a whole number), got {text[:40]!r}")
     return int(text)
 

@@ -20,6 +20,7 @@ import contextlib
 import logging
 import signal
 import socket
+import ssl
 from collections.abc import Iterator
 from typing import Any
 
@@ -104,6 +105,12 @@ class Web:
             return fail(exposure.refusal, EXIT_USAGE)
         if (config.https_cert is None) != (config.https_key is None):
             return fail("--https-cert and --https-key go together", EXIT_USAGE)
+        if config.https_cert is not None:
+            try:  # now, so that a bad file is one line and exit 2, not a traceback from uvicorn
+                ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(config.https_cert,
+                                                                                    config.https_key)
+            except (OSError, ssl.SSLError) as error:
+                return fail(f"--https-cert/--https-key: {getattr(error, 'strerror', None) or error}", EXIT_USAGE)
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         logging.getLogger("uvicorn.error").addFilter(_DroppedBrowser())
         if exposure.warning:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import ssl
 import subprocess
 import sys
 from collections.abc import AsyncGenerator, AsyncIterator, MutableMapping
@@ -28,6 +29,7 @@ from tests.client.services import (
     gate_step,
     run_cli,
 )
+from tests.helpers.certs import Certificates
 from tests.web.conftest import WebGateway
 
 Event = tuple[str | None, str, dict[str, Any]]
@@ -112,12 +114,36 @@ async def test_with_an_access_token_every_request_needs_it(
     assert "s3cret" not in web.log.read_text()
 
 
+async def test_over_https_the_login_cookie_is_secure_and_a_bad_certificate_is_one_line(
+    tmp_path: Path, status: Service, orchestrator: Service
+) -> None:
+    certs = Certificates.make(tmp_path / "certs")
+    token = tmp_path / "token"
+    token.write_text("s3cret-token\n")
+    token.chmod(0o600)
+    broken = await run_cli("web", "--https-cert", str(tmp_path / "missing.pem"), "--https-key", str(certs.server.key))
+    assert broken.code == 2 and len(broken.stderr.splitlines()) == 1, broken
+    web = WebGateway(tmp_path / "web.log", status, orchestrator, "--access-token-file", str(token),
+                     "--https-cert", str(certs.server.cert), "--https-key", str(certs.server.key))
+    await web.start()
+    try:
+        trusted = ssl.create_default_context(cafile=str(certs.ca.cert))
+        async with httpx.AsyncClient(base_url=f"https://{web.address}", verify=trusted) as https:
+            assert (await https.get("/")).status_code == 401
+            login = await https.get("/login", params={"token": "s3cret-token"})
+            assert login.status_code == 303 and "secure" in login.headers["set-cookie"].lower()
+            assert "stepstream jobs" in (await https.get("/")).text
+    finally:
+        await web.kill()
+
+
 async def test_bad_requests_say_why_and_unknown_jobs_are_404(gateway: WebGateway) -> None:
     async with httpx.AsyncClient(base_url=gateway.url) as http:
         for path, params, headers in [
             ("/api/jobs", {"state": "bogus"}, {}), ("/api/jobs", {"limit": "0"}, {}),
             ("/api/jobs", {"limit": "9" * 30}, {}), ("/api/jobs/stream", {"state": "waiting"}, {}),
             ("/api/jobs/x/stream", {}, {"last-event-id": "abc"}), ("/api/jobs/x/stream", {"after": "-1"}, {}),
+            ("/api/jobs/x/stream", {"after": "²"}, {}), ("/api/jobs", {"limit": "١٠"}, {}),
             ("/api/jobs/x/steps/s/children", {"state": "waiting"}, {}),
             ("/api/jobs/x/steps/s/children", {"offset": "1e9"}, {}),
         ]:
