@@ -1,6 +1,6 @@
 """`python -m bench NAME [--quick] [--json FILE]`: run one benchmark and print its table.
 
-NAME is one of: ingest, latency, fanout, watchers, logs. --quick runs tiny sizes (for
+NAME is one of: ingest, latency, fanout, watchers, logs, web. --quick runs tiny sizes (for
 the smoke tests); figures from a quick run mean nothing. `fanout --children
 100000 [--fanouts 3]` is the large fan-out run (memory and loop stalls).
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 
 from stepstream.flags import positive_int
 
-BENCHMARKS = ("ingest", "latency", "fanout", "watchers", "logs")
+BENCHMARKS = ("ingest", "latency", "fanout", "watchers", "logs", "web")
 
 
 def main() -> None:

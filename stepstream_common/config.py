@@ -190,19 +190,30 @@ class ServiceConfig:
         the dataclass defaults. A bad environment value is rejected as a bad flag
         is: one line naming the variable, exit code 2."""
         parser = argparse.ArgumentParser(prog=cls.prog, description=cls.description)
-        every = options(cls)
-        for option in every:
-            switch: dict[str, Any] = {"nargs": "?", "const": True} if option.parse is boolean else {}
-            parser.add_argument(option.flag, dest=option.name, type=option.parse, default=argparse.SUPPRESS,
-                                help=f"{option.help} (env {option.env}; default {option.default_text})", **switch)
-        values = vars(parser.parse_args(argv))
-        for option in every:
-            if option.name not in values and option.env in os.environ:
-                try:
-                    values[option.name] = _parse(option, os.environ[option.env])
-                except argparse.ArgumentTypeError as error:
-                    parser.exit(2, f"{parser.prog}: error: environment variable {option.env}: {error}\n")
-        return cls(**values)
+        add_options(parser, cls)
+        return cls(**values_of(parser, cls, vars(parser.parse_args(argv))))
+
+
+def add_options(parser: argparse.ArgumentParser, config_class: type[Any]) -> None:
+    """A flag on `parser` for every setting of `config_class`; a flag not given is left out of the
+    parsed values, so that values_of can take its environment variable, else the default."""
+    for option in options(config_class):
+        switch: dict[str, Any] = {"nargs": "?", "const": True} if option.parse is boolean else {}
+        parser.add_argument(option.flag, dest=option.name, type=option.parse, default=argparse.SUPPRESS,
+                            help=f"{option.help} (env {option.env}; default {option.default_text})", **switch)
+
+
+def values_of(parser: argparse.ArgumentParser, config_class: type[Any], parsed: dict[str, Any]) -> dict[str, Any]:
+    """`config_class`'s settings from the flags `parsed` (add_options made them), else their environment
+    variables (a bad value exits 2 with one line naming the variable); unset ones keep their defaults."""
+    values = {option.name: parsed[option.name] for option in options(config_class) if option.name in parsed}
+    for option in options(config_class):
+        if option.name not in values and option.env in os.environ:
+            try:
+                values[option.name] = _parse(option, os.environ[option.env])
+            except argparse.ArgumentTypeError as error:
+                parser.exit(2, f"{parser.prog}: error: environment variable {option.env}: {error}\n")
+    return values
 
 
 @dataclass(frozen=True)
@@ -218,7 +229,7 @@ class Option:
     default_text: str
 
 
-def options(config_class: type[ServiceConfig]) -> list[Option]:
+def options(config_class: type[Any]) -> list[Option]:
     """Every field of `config_class` as an Option, in field order."""
     found = []
     for each in fields(config_class):

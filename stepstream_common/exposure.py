@@ -74,11 +74,15 @@ class Exposure:
     warning: str = ""
 
 
-def assess_exposure(listen: str, *, tls_enabled: bool, auth_enabled: bool, insecure: bool) -> Exposure:
+def assess_exposure(
+    listen: str, *, tls_enabled: bool, auth_enabled: bool, insecure: bool, tls: Protection = TLS,
+    tokens: Protection = TOKENS, insecure_flag: str = INSECURE,
+) -> Exposure:
     """Whether a service may serve `listen` with TLS and tokens as configured
     (see the module docstring): loopback always; any other address with both,
-    or, lacking either, only when `insecure`, with a warning."""
-    missing = [protection for protection, enabled in ((TOKENS, auth_enabled), (TLS, tls_enabled)) if not enabled]
+    or, lacking either, only when `insecure`, with a warning. `tls`, `tokens` and
+    `insecure_flag` name the settings in the refusal (the web gateway's differ)."""
+    missing = [protection for protection, enabled in ((tokens, auth_enabled), (tls, tls_enabled)) if not enabled]
     if not missing or is_loopback(listen):
         return Exposure()
     how = " and ".join(protection.how for protection in missing)
@@ -86,7 +90,8 @@ def assess_exposure(listen: str, *, tls_enabled: bool, auth_enabled: bool, insec
     if not insecure:
         return Exposure(refusal=(
             f"refusing to serve {serving}: other machines may reach that address. Configure {how}, "
-            f"or listen on a loopback address (127.0.0.1, ::1, localhost), or pass {INSECURE} to serve it so anyway"
+            f"or listen on a loopback address (127.0.0.1, ::1, localhost), or pass {insecure_flag} to serve it so "
+            "anyway"
         ))
     return Exposure(warning=(
         f"serving {serving} (--insecure), on an address other machines may reach: "

@@ -30,6 +30,7 @@ from stepstream_client.models import (
     ChildView,
     JobRecord,
     JobSummary,
+    JobsView,
     JobView,
     LogLine,
     LogPosition,
@@ -40,7 +41,7 @@ from stepstream_client.models import (
 )
 from stepstream_client.sdk import Client
 from stepstream_client.sync import SyncClient
-from stepstream_client.watch import Applied, JobWatch
+from stepstream_client.watch import Applied, JobsWatch, JobWatch
 
 __all__ = [
     "DEFAULT_ORCHESTRATOR",
@@ -58,6 +59,8 @@ __all__ = [
     "JobSummary",
     "JobView",
     "JobWatch",
+    "JobsView",
+    "JobsWatch",
     "LogLine",
     "LogPosition",
     "NotFoundError",

@@ -87,6 +87,7 @@ LOCAL_COMMAND_GROUP = "stepstream.cli"
 LOCAL_COMMANDS = {
     "up": "start both services locally (on --orchestrator and --status) until Ctrl-C",
     "demo": "start throwaway services, run a demo job live, and stop them",
+    "web": "serve a live web page of the jobs the status service (--status) knows, until Ctrl-C",
 }
 
 

@@ -136,6 +136,17 @@ class JobView(JobSummary):
 
 
 @dataclass(frozen=True)
+class JobsView:
+    """Every job a watch's filter matches (newest first), valid at `revision`."""
+
+    jobs: tuple[JobSummary, ...]
+    revision: int
+    # As JobView's: the watch's connection state, not server data.
+    live: bool = field(default=True, compare=False)
+    last_heard: datetime | None = field(default=None, compare=False)
+
+
+@dataclass(frozen=True)
 class ChildView:
     """One child of a fan-out step."""
 

@@ -65,7 +65,7 @@ from stepstream_client.models import (
     output_summary,
     submitted_job,
 )
-from stepstream_client.watch import Applied, IngestGrace, JobWatch, WatchLoop
+from stepstream_client.watch import Applied, IngestGrace, JobsWatch, JobsWatchLoop, JobWatch, WatchLoop
 
 # Reconnect quickly once a restarted service is back (gRPC's own default backs off to 2 minutes).
 _CHANNEL_OPTIONS = [
@@ -505,6 +505,16 @@ class Client:
                 return None
             await asyncio.sleep(_STEP_POLL.delay(polls))
             polls += 1
+
+    def watch_jobs(self, *, states: Iterable[str] = (), name: str = "") -> JobsWatch:
+        """Live views of every job in `states` (state words; none: all) with exactly `name`
+        (none: any), newest first; never ends by itself (see stepstream_client.watch).
+        It holds every matching job's header: filter by state or name on a large service."""
+        wanted = [states_pb2.JobState.ValueType(job_state_from_word(word)) for word in states]
+        return JobsWatch(JobsWatchLoop(
+            self._status, self._status_target, status_pb.JobFilter(states=wanted, name=name),
+            stale_after_heartbeats=self._stale_after_heartbeats, backoff=self._backoff,
+        ))
 
     def _position_of(
         self, job_id: str, given: LogPosition | None,

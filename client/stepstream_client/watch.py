@@ -1,5 +1,5 @@
-"""Watching one job: a snapshot, then every change, resumed by revision across
-any disconnect.
+"""Watching one job (or every job a filter matches): a snapshot, then every
+change, resumed by revision across any disconnect.
 
 The rules (DESIGN.md invariants 4-6, from the client's side):
 
@@ -18,7 +18,8 @@ The rules (DESIGN.md invariants 4-6, from the client's side):
 - NOT_FOUND may only mean that the status service has not ingested a job the
   orchestrator just accepted: it is retried for a bounded time unless the
   orchestrator itself says the job does not exist.
-- The watch ends after yielding a view whose job state is terminal. Closing
+- The watch ends after yielding a view whose job state is terminal (a jobs
+  watch never ends by itself). Closing
   it early (aclose, `async with`, or dropping it) cancels the RPC: breaking out
   of `async for` over a grpc.aio call does not (notes/grpc-python.md §1.3).
 """
@@ -32,6 +33,7 @@ from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import TracebackType
+from typing import Generic, Protocol, TypeVar
 
 import grpc
 from stepstream.backoff import Backoff
@@ -40,7 +42,7 @@ from stepstream.status.v1 import status_service_pb2 as pb
 from stepstream.status.v1 import status_service_pb2_grpc as pb_grpc
 
 from stepstream_client.errors import from_rpc_error
-from stepstream_client.models import JobView, job_view, step_view
+from stepstream_client.models import JobSummary, JobsView, JobView, job_summary, job_view, step_view
 
 # Codes after which a watch that has shown the job reconnects from its revision.
 RESUMABLE = frozenset({
@@ -89,8 +91,17 @@ def apply_update(view: JobView, update: pb.JobUpdate) -> JobView:
     return dataclasses.replace(header, steps=ordered, revision=update.revision)
 
 
-class JobWatch:
-    """An async iterator of JobViews for one job; see the module docstring.
+V = TypeVar("V", covariant=True)
+
+
+class Loop(Protocol[V]):
+    heartbeat_interval: float | None
+
+    def run(self) -> AsyncGenerator[V, None]: ...
+
+
+class Watch(Generic[V]):
+    """An async iterator of views (see the module docstring).
 
     Use as `async with client.watch(job_id) as views: async for view in views`
     (or call aclose()) so the RPC is cancelled as soon as you stop reading.
@@ -99,7 +110,7 @@ class JobWatch:
     left for the garbage collector).
     """
 
-    def __init__(self, watch_loop: WatchLoop) -> None:
+    def __init__(self, watch_loop: Loop[V]) -> None:
         self._watch_loop = watch_loop
         self._views = watch_loop.run()
 
@@ -109,22 +120,27 @@ class JobWatch:
         silence for stale_after_heartbeats of these makes the view not live."""
         return self._watch_loop.heartbeat_interval
 
-    def __aiter__(self) -> JobWatch:
+    def __aiter__(self) -> Watch[V]:
         return self
 
-    async def __anext__(self) -> JobView:
+    async def __anext__(self) -> V:
         return await self._views.__anext__()
 
     async def aclose(self) -> None:
         await self._views.aclose()
 
-    async def __aenter__(self) -> JobWatch:
+    async def __aenter__(self) -> Watch[V]:
         return self
 
     async def __aexit__(
         self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
     ) -> None:
         await self.aclose()
+
+
+# What Client.watch and Client.watch_jobs return.
+JobWatch = Watch[JobView]
+JobsWatch = Watch[JobsView]
 
 
 class WatchLoop:
@@ -157,8 +173,9 @@ class WatchLoop:
         self._snapshot = since is None
         # The current call is still sending the initial state (it was asked for a snapshot).
         self._initial = False
-        self._live = False
-        self._last_heard: datetime | None = None
+        # A view handed in (`since`) is being shown as live: if the first call fails, its holder must hear otherwise.
+        self._live = since is not None
+        self._last_heard: datetime | None = since.last_heard if since is not None else None
         # Learned from the server's heartbeats; until then only keepalive detects a dead peer.
         self.heartbeat_interval: float | None = None
 
@@ -246,4 +263,106 @@ class WatchLoop:
             return False
         if self._on_apply is not None:
             self._on_apply(Applied(update.revision, self._initial))
+        return True
+
+
+class JobsWatchLoop:
+    """Every job a WatchJobs filter matches, kept current by the resumable stream
+    (JobsWatch is its handle). The listing a snapshot sends is shown once complete
+    (at its InitialStateComplete), so a half-received one never hides jobs; a job
+    whose change takes it out of the filter's states leaves the view."""
+
+    def __init__(
+        self, stub: pb_grpc.StatusServiceAsyncStub, target: str, job_filter: pb.JobFilter, *,
+        stale_after_heartbeats: float, backoff: Backoff,
+    ) -> None:
+        self._stub = stub
+        self._target = target
+        self._filter = job_filter
+        self._states = frozenset(job_filter.states)
+        self._stale_after_heartbeats = stale_after_heartbeats
+        self._backoff = backoff
+        self._jobs: dict[str, JobSummary] = {}
+        # The listing being received after a snapshot was asked for (None: following changes).
+        self._listing: dict[str, JobSummary] | None = None
+        self._revision = 0
+        self._shown = False
+        self._live = False
+        self._last_heard: datetime | None = None
+        self.heartbeat_interval: float | None = None
+
+    def _current(self) -> JobsView:
+        ordered = sorted(self._jobs.values(), key=lambda job: (job.created_at or datetime.min.replace(tzinfo=UTC),
+                                                               job.id), reverse=True)
+        return JobsView(tuple(ordered), self._revision, live=self._live, last_heard=self._last_heard)
+
+    def _silence_limit(self) -> float | None:
+        return None if self.heartbeat_interval is None else self.heartbeat_interval * self._stale_after_heartbeats
+
+    async def run(self) -> AsyncGenerator[JobsView, None]:
+        stream = ResumableStream(
+            self._open_call, self._take, silence=self._silence_limit, classify=self._classify,
+            resync=self._start_over, backoff=self._backoff,
+        )
+        try:
+            async with contextlib.aclosing(aiter(stream)) as items:
+                async for item in items:
+                    if not isinstance(item, Reconnecting):
+                        yield item
+                    elif self._live:
+                        self._live = False
+                        yield self._current()
+        except grpc.aio.AioRpcError as error:
+            raise from_rpc_error(error, target=self._target) from None
+
+    def _open_call(self) -> grpc.aio.UnaryStreamCall[pb.WatchJobsRequest, pb.WatchJobsResponse]:
+        request = pb.WatchJobsRequest(filter=self._filter)
+        if not self._shown or self._listing is not None:
+            self._listing = {}
+        else:
+            request.after_revision = self._revision
+        return self._stub.WatchJobs(request)
+
+    async def _start_over(self) -> None:
+        """OUT_OF_RANGE: take a new listing."""
+        self._listing = {}
+
+    async def _classify(self, error: Exception) -> Verdict:
+        if isinstance(error, Silence | StreamEnded):
+            return Verdict.RETRY
+        if not isinstance(error, grpc.aio.AioRpcError):
+            return Verdict.FAIL
+        if error.code() == grpc.StatusCode.OUT_OF_RANGE:
+            return Verdict.RESYNC
+        return Verdict.RETRY if self._shown and error.code() in RESUMABLE else Verdict.FAIL
+
+    async def _take(self, message: pb.WatchJobsResponse) -> JobsView | None:
+        was_live, self._live = self._live, True
+        self._last_heard = datetime.now(UTC)
+        kind = message.WhichOneof("event")
+        changed = False
+        if kind == "updates":
+            for update in message.updates.updates:
+                if self._listing is not None:
+                    if update.HasField("job"):
+                        self._listing[update.job_id] = job_summary(update.job)
+                else:
+                    changed |= self._apply(update)
+        elif kind == "initial_state_complete" and self._listing is not None:
+            self._jobs, self._listing = self._listing, None
+            self._revision = message.initial_state_complete.revision
+            self._shown = changed = True
+        elif kind == "heartbeat" and message.heartbeat.HasField("interval"):
+            self.heartbeat_interval = message.heartbeat.interval.ToNanoseconds() / 1e9 or None
+        return self._current() if self._shown and (changed or not was_live) else None
+
+    def _apply(self, update: pb.JobUpdate) -> bool:
+        """Apply `update` to its job if newer than what is held of it."""
+        self._revision = max(self._revision, update.revision)
+        held = self._jobs.get(update.job_id)
+        if not update.HasField("job") or (held is not None and held.revision >= update.revision):
+            return False
+        if self._states and update.job.state not in self._states:
+            return self._jobs.pop(update.job_id, None) is not None
+        self._jobs[update.job_id] = job_summary(update.job)
         return True

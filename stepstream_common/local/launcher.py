@@ -1,4 +1,5 @@
-"""Both services as local child processes, for `stepstream up` and `stepstream demo`.
+"""Both services (and the web gateway, when asked for) as local child processes,
+for `stepstream up` and `stepstream demo`.
 
 Each service prints one "... listening on HOST:PORT" line once it serves, which
 is how a port-0 address is learned. The children get their own session, so a
@@ -29,6 +30,7 @@ START_TIMEOUT = 30.0
 STOP_TIMEOUT = 20.0
 ORCHESTRATOR = "orchestrator"
 STATUS = "status service"
+WEB = "web gateway"
 
 
 class ServiceStartError(Exception):
@@ -62,7 +64,8 @@ class LocalServices:
     """`async with LocalServices(...) as services:` runs the orchestrator and the
     status service (following it) until the block ends.
 
-    `log` receives both services' stderr (None: inherit ours).
+    `log` receives both services' stderr (None: inherit ours). With `web_listen`,
+    the web gateway (`stepstream web`) serves the page there, reading the status service.
     """
 
     data_dir: Path
@@ -70,6 +73,7 @@ class LocalServices:
     status_listen: str
     log: IO[str] | None = None
     log_level: str = "info"
+    web_listen: str | None = None
     services: list[Service] = field(default_factory=list)
 
     @property
@@ -80,17 +84,26 @@ class LocalServices:
     def status(self) -> str:
         return self.services[1].address
 
+    @property
+    def web_url(self) -> str:
+        """The page's address (with web_listen)."""
+        return f"http://{self.services[2].address}/"
+
     async def __aenter__(self) -> LocalServices:
         try:
             orchestrator = await self._start(
                 ORCHESTRATOR, "orchestrator_svc",
-                ["--listen", self.orchestrator_listen, "--data-dir", str(self.data_dir / "orchestrator")],
+                ["--listen", self.orchestrator_listen, "--data-dir", str(self.data_dir / "orchestrator"),
+                 "--log-level", self.log_level],
             )
-            await self._start(
+            status = await self._start(
                 STATUS, "status_svc",
                 ["--listen", self.status_listen, "--data-dir", str(self.data_dir / "status"),
-                 "--orchestrator", orchestrator.address],
+                 "--orchestrator", orchestrator.address, "--log-level", self.log_level],
             )
+            if self.web_listen is not None:
+                await self._start(WEB, "stepstream_web", ["--listen", self.web_listen, "--status", status.address,
+                                                          "--orchestrator", orchestrator.address])
         except BaseException:
             await self.stop()
             raise
@@ -103,7 +116,7 @@ class LocalServices:
 
     async def _start(self, name: str, module: str, args: list[str]) -> Service:
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", module, *args, "--log-level", self.log_level,
+            sys.executable, "-m", module, *args,
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=self.log,
             start_new_session=True,
         )

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 import grpc
@@ -18,7 +20,7 @@ from stepstream.orchestrator.v1 import orchestrator_service_pb2_grpc as orch_grp
 from stepstream.states import TERMINAL_JOB_STATES
 from stepstream.status.v1 import status_service_pb2 as status_pb
 from stepstream.status.v1 import status_service_pb2_grpc as status_grpc
-from stepstream_client import Applied, Client, JobView
+from stepstream_client import Applied, Client, JobsView, JobsWatch, JobView
 
 from tests.client import services
 from tests.client.services import DEADLINE, QUICK_ORCHESTRATOR, QUICK_STATUS, Service, eventually, gate_step
@@ -222,6 +224,23 @@ async def test_live_goes_false_when_the_status_service_goes_away(
         await client.cancel(job.id)
 
 
+async def test_a_watch_resumed_from_a_view_says_so_when_it_cannot_reconnect(
+    orchestrator: Service, status: Service, tmp_path: Path
+) -> None:
+    """A view handed in (since=) is shown as live by its holder (the web gateway draws it): a watch
+    whose very first call fails yields it again with live=False rather than staying silent."""
+    async with Client(orchestrator.address, status.address) as client:
+        job = await client.submit({"name": "held", "steps": [gate_step("gate", tmp_path / "never")]})
+        held = dataclasses.replace(await client.get(job.id), last_heard=datetime.now(UTC))
+        await status.kill()
+        async with client.watch(job.id, since=held) as views, asyncio.timeout(DEADLINE):
+            first = await anext(views)
+        assert not first.live
+        assert first == held
+        assert first.last_heard == held.last_heard, "stale since the holder last heard"
+        await client.cancel(job.id)
+
+
 async def test_watch_started_before_the_job_is_ingested_waits_for_it(orchestrator: Service, tmp_path: Path) -> None:
     """Submit while no status service runs, then start one and watch at once: NOT_FOUND
     until it has ingested the job is ingestion lag, not an unknown job."""
@@ -304,3 +323,36 @@ async def test_a_job_whose_orchestrator_is_gone_shows_the_servers_stale_flag(tmp
     finally:
         await status.kill()
         await orchestrator.kill()
+
+
+async def test_watch_jobs_shows_new_jobs_and_their_changes_and_drops_those_leaving_the_filter(
+    orchestrator: Service, status: Service, tmp_path: Path
+) -> None:
+    gate = tmp_path / "gate"
+    async with Client(orchestrator.address, status.address) as client:
+        earlier = await client.submit({"name": "earlier", "steps": [{"name": "one", "type": "sleep", "seconds": 0}]})
+        await eventually(lambda: _ended(client, earlier.id), "the earlier job to end")
+        async with client.watch_jobs() as every, client.watch_jobs(states=["running"]) as running, \
+                asyncio.timeout(DEADLINE):
+            first = await anext(every)
+            assert [job.id for job in first.jobs] == [earlier.id] and first.live
+            assert (await anext(running)).jobs == ()
+            job = await client.submit({"name": "later", "steps": [gate_step("gate", gate)]})
+
+            async def until(views: JobsWatch, holds: Callable[[JobsView], bool]) -> JobsView:
+                async for view in views:
+                    if holds(view):
+                        return view
+                raise AssertionError("the watch ended")
+
+            both = await until(every, lambda v: [j.id for j in v.jobs] == [job.id, earlier.id]
+                               and v.jobs[0].state == "running")
+            assert [j.state for j in both.jobs] == ["running", "completed"], "newest first"
+            await until(running, lambda v: [j.id for j in v.jobs] == [job.id])
+            gate.touch()
+            await until(every, lambda v: v.jobs[0].state == "completed")
+            assert (await until(running, lambda v: not v.jobs)).revision >= both.revision
+
+
+async def _ended(client: Client, job_id: str) -> bool | None:
+    return True if (await client.get(job_id)).terminal else None

@@ -51,7 +51,13 @@ def test_the_client_wheel_holds_only_the_client(tmp_path: Path) -> None:
 
 def test_the_server_wheel_holds_the_services_and_pulls_in_contract_and_client(tmp_path: Path) -> None:
     top, metadata, entry_points = build_wheel(REPO, tmp_path)
-    assert top == {"orchestrator_svc", "status_svc", "stepstream_common"}
+    assert top == {"orchestrator_svc", "status_svc", "stepstream_common", "stepstream_web"}
+    # The web page's assets ship inside the wheel: no build step, nothing fetched at run time.
+    with zipfile.ZipFile(next(tmp_path.glob("*.whl"))) as archive:
+        assets = {name for name in archive.namelist() if name.startswith("stepstream_web/static/")}
+    assert {f"stepstream_web/static/{name}" for name in ("jobs.html", "job.html", "app.css", "common.js", "jobs.js",
+                                                          "job.js")} <= assets
+    assert "Requires-Dist: starlette" in metadata and "Requires-Dist: uvicorn" in metadata
     assert f"Requires-Dist: stepstream-api @ {(REPO / 'protos').as_uri()}" in metadata
     assert f"Requires-Dist: stepstream-client @ {(REPO / 'client').as_uri()}" in metadata
     for line in (
@@ -61,6 +67,7 @@ def test_the_server_wheel_holds_the_services_and_pulls_in_contract_and_client(tm
         "fanout = orchestrator_svc.workers.fanout:ItemsFanoutWorker",
         "[stepstream.cli]",
         "up = stepstream_common.local.commands:Up",
+        "web = stepstream_web.command:Web",
         "demo.crawl = stepstream_common.local.demo:crawl",
     ):
         assert line in entry_points, line

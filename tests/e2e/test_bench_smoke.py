@@ -46,10 +46,21 @@ EXPECTED: dict[str, list[str]] = {
         "orchestrator_peak_rss_mb_with_output", "status_peak_rss_mb_with_output",
         "orchestrator_peak_rss_mb_without_output", "status_peak_rss_mb_without_output",
     ],
+    "web": [
+        "dom_p50_ms", "dom_p99_ms", "dom_samples", "dom_missed", "sdk_p50_ms", "sdk_p99_ms", "sdk_samples",
+        "sdk_missed", "transitions_per_second",
+        *(f"clients_{n}_{figure}" for n in (10, 50) for figure in (
+            "connected", "events_per_second", "gateway_cpu_us_per_event", "gateway_cpu_percent",
+            "gateway_rss_kb_per_client", "status_cpu_us_per_revision",
+        )),
+    ],
 }
+# A browser and up to 50 page streams: run with the slow tests.
+SLOW = {"web"}
 
 
-@pytest.mark.parametrize("name", list(EXPECTED))
+@pytest.mark.parametrize("name", [pytest.param(name, marks=[pytest.mark.slow] if name in SLOW else [])
+                                  for name in EXPECTED])
 def test_benchmark_runs_and_reports_its_figures(name: str, tmp_path: Path) -> None:
     output = tmp_path / f"{name}.json"
     result = subprocess.run(

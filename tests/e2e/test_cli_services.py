@@ -7,6 +7,7 @@ import os
 import re
 import signal
 import subprocess
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from stepstream_client import SyncClient
 
 from stepstream_common.local.demo import DEMO_STEPS
 from tests.helpers import (
+    DEADLINE,
     STEPSTREAM,
     ServiceProcess,
     free_port,
@@ -48,20 +50,22 @@ async def test_demo_runs_a_job_end_to_end_and_stops_its_services() -> None:
     assert not listening & set(addresses), "the demo's services are gone"
 
 
-def test_up_starts_both_services_and_ctrl_c_stops_them_cleanly(tmp_path: Path) -> None:
-    orchestrator, status = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+def test_up_starts_both_services_and_the_web_page_and_ctrl_c_stops_them_cleanly(tmp_path: Path) -> None:
+    orchestrator, status, web = (f"127.0.0.1:{free_port()}" for _ in range(3))
     with (tmp_path / "services.log").open("w") as log:
         up = subprocess.Popen(
             [str(STEPSTREAM), "--orchestrator", orchestrator, "--status", status, "up", "--data-dir",
-             str(tmp_path / "data")],
+             str(tmp_path / "data"), "--web-listen", web],
             stdout=subprocess.PIPE, stderr=log, text=True,
         )
     try:
         assert up.stdout is not None
-        banner = [up.stdout.readline() for _ in range(3)]
-        assert orchestrator in banner[0] and status in banner[1] and "Ctrl-C" in banner[2], banner
+        banner = [up.stdout.readline() for _ in range(4)]
+        assert orchestrator in banner[0] and status in banner[1] and "Ctrl-C" in banner[3], banner
+        assert banner[2].strip() == f"web page on http://{web}/"
+        assert "stepstream jobs" in urllib.request.urlopen(f"http://{web}/", timeout=DEADLINE).read().decode()
         services = psutil.Process(up.pid).children()
-        assert len(services) == 2
+        assert len(services) == 3
         with SyncClient(orchestrator, status) as client:
             job = client.submit({"name": "via-up", "steps": [{"name": "one", "type": "sleep", "seconds": 0}]})
             assert list(client.watch(job.id))[-1].state == "completed"
