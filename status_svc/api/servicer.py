@@ -36,6 +36,8 @@ Request = (
 Response = pb.WatchJobResponse | pb.WatchJobsResponse
 
 MAX_UPDATES_PER_MESSAGE = 500
+# How long past a call's deadline a wait may last if gRPC has not cancelled it by then.
+_DEADLINE_SLACK = 5.0
 
 _JOB_STATES = frozenset(states_pb2.JobState.values()) - {states_pb2.JOB_STATE_UNSPECIFIED}
 
@@ -128,8 +130,12 @@ class StatusServicer:
         position = request.not_older_than
         Violations().require("not_older_than.seq", position.seq >= 0, "must not be negative").check()
         remaining = context.time_remaining()
-        timeout = self._max_wait_applied if remaining is None else min(remaining, self._max_wait_applied)
-        await self._applied.wait(position.log_id, position.seq, timeout)
+        if remaining is not None and remaining < self._max_wait_applied:
+            # The call's deadline comes first and ends it DEADLINE_EXCEEDED (gRPC cancels this wait):
+            # an UNAVAILABLE of our own a moment before it would race the client's clock.
+            await self._applied.wait(position.log_id, position.seq, remaining + _DEADLINE_SLACK)
+        else:
+            await self._applied.wait(position.log_id, position.seq, self._max_wait_applied)
 
     async def GetJob(self, request: pb.GetJobRequest, context: Context) -> pb.GetJobResponse:
         Violations().require("job_id", bool(request.job_id), "is required").check()
