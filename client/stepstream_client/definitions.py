@@ -16,6 +16,7 @@ field violation per problem).
 from __future__ import annotations
 
 import json
+import re
 import reprlib
 import tomllib
 from collections.abc import Mapping
@@ -48,6 +49,13 @@ MAX_VALUES = 1_000_000
 """The most values (tables, lists, keys, scalars) a definition may hold once YAML
 aliases are expanded: ten times the items of the largest fan-out the orchestrator takes
 (100,000), and a tiny fraction of what a "billion laughs" expands to."""
+
+# TOML's strings and comments (replaced by one character before keys are counted) and a
+# run of more than MAX_DEPTH + 1 dotted key parts: tomllib builds a dotted key's tables in
+# time and memory quadratic in its parts (100,000 parts exhaust 24 GiB), so such a key is
+# refused before parsing. Anything shorter is parsed and then held to MAX_DEPTH as usual.
+_TOML_STRING_OR_COMMENT = re.compile(r'"""[\s\S]*?"""|\'\'\'[\s\S]*?\'\'\'|"(?:[^"\\\n]|\\.)*"|\'[^\'\n]*\'|#[^\n]*')
+_TOML_DEEP_KEY = re.compile(rf"(?<![\w-])(?:[\w-]+[ \t]*\.[ \t]*){{{MAX_DEPTH + 1},}}[\w-]")
 
 _shown = reprlib.Repr()
 _shown.maxstring = _shown.maxother = 60  # a bad value is quoted in an error, never in full
@@ -103,6 +111,8 @@ def _parse(text: str, kind: str) -> Any:
             loader.dispose()
     if kind == "JSON":
         return json.loads(text)
+    if _TOML_DEEP_KEY.search(_TOML_STRING_OR_COMMENT.sub("s", text)):
+        raise _Refused(f"is nested more than {MAX_DEPTH} levels deep", None)
     return tomllib.loads(text)
 
 
@@ -114,7 +124,7 @@ class _Mark(Protocol):
 
 
 class _Refused(Exception):
-    """A YAML document over the limits, found while composing it (before anything is built)."""
+    """A document over the limits, found before anything is built (YAML: while composing it)."""
 
     def __init__(self, problem: str, mark: _Mark | None) -> None:
         super().__init__(problem)

@@ -57,6 +57,8 @@ def _hostile_files() -> dict[str, tuple[Callable[[], bytes], str]]:
         "deep-lists.toml": (lambda: b"a = " + b"[" * DEEP + b"]" * DEEP + b"\n", deep),
         "deep-inline-tables.toml": (lambda: b"a = " + b"{b = " * DEEP + b"1" + b"}" * DEEP + b"\n", deep),
         "deep-table-header.toml": (lambda: b"[" + b".".join([b"a"] * DEEP) + b"]\n", deep),
+        "deep-dotted-key.toml": (lambda: b".".join([b"a"] * DEEP) + b" = 1\n", deep),
+        "deep-dotted-key-inline.toml": (lambda: b"a = {" + b'."b"'.join([b"c"] * DEEP) + b" = 1}\n", deep),
         "deep-lists.yaml": (lambda: b"a: " + b"[" * DEEP + b"]" * DEEP + b"\n", deep),
         "deep-mappings.yaml": (lambda: b"a: " + b"{b: " * DEEP + b"1" + b"}" * DEEP + b"\n", deep),
         "deep-lists.json": (lambda: b'{"a": ' + b"[" * DEEP + b"]" * DEEP + b"}", deep),
