@@ -19,7 +19,7 @@ import asyncio
 import dataclasses
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,10 +43,12 @@ from status_svc.domain.projector import (
     restore,
 )
 from status_svc.storage.base import ChangeFilter, OpenedStore, Source, StatusStore, StoredChange, WriteBatch
+from status_svc.storage.postgres import PostgresStatusStore
 from status_svc.storage.sqlite import SqliteStatusStore
 from stepstream_common.errors import CursorOutOfRangeError, InvalidArgumentError, ServiceError
 from tests.e2e.test_cancellation import MAX_AWAITS, cancel_at
 from tests.helpers import DEADLINE
+from tests.helpers.postgres import fresh_database
 
 SOURCE, OTHER = "orch-a:1", "orch-b:2"
 BASE = 1_700_000_000.0
@@ -56,25 +58,41 @@ STEP_99 = 99  # a state no version of states.proto has
 # --- the backends -------------------------------------------------------------------------------------------
 
 
+Storage = Callable[[Path], AbstractAsyncContextManager[Callable[[], StatusStore]]]
+
+
 @dataclass(frozen=True)
 class Backend:
     name: str
-    # A store on the storage under `root`: each call another handle on the same data.
-    new: Callable[[Path], StatusStore]
+    # Storage of a test's own (`root`: a directory only it uses), for as long as the
+    # context lasts: it gives a function making stores on it, each another handle on the same data.
+    storage: Storage
     # Returns once no work a cancelled caller left behind is still running in `store`.
     settled: Callable[[StatusStore], Awaitable[None]]
 
 
-async def _sqlite_settled(store: StatusStore) -> None:
-    assert isinstance(store, SqliteStatusStore)
+async def _until_idle(store: StatusStore) -> None:
+    assert isinstance(store, SqliteStatusStore | PostgresStatusStore)
     end = time.monotonic() + DEADLINE
     while not store.idle():
         assert time.monotonic() < end, "a database unit never finished"
         await asyncio.sleep(0.001)
 
 
+@asynccontextmanager
+async def _sqlite_file(root: Path) -> AsyncIterator[Callable[[], StatusStore]]:
+    yield lambda: SqliteStatusStore(root / "status.sqlite3")
+
+
+@asynccontextmanager
+async def _postgres_database(root: Path) -> AsyncIterator[Callable[[], StatusStore]]:
+    async with fresh_database() as database:
+        yield lambda: PostgresStatusStore(database.dsn)
+
+
 BACKENDS = [
-    Backend("sqlite", lambda root: SqliteStatusStore(root / "status.sqlite3"), _sqlite_settled),
+    Backend("sqlite", _sqlite_file, _until_idle),
+    Backend("postgres", _postgres_database, _until_idle),
 ]
 
 
@@ -84,11 +102,17 @@ class Stores:
 
     backend: Backend
     root: Path
+    resources: AsyncExitStack
+    storages: dict[str, Callable[[], StatusStore]] = dataclasses.field(default_factory=dict)
 
     @asynccontextmanager
     async def opened(self, where: str = "") -> AsyncIterator[StatusStore]:
         """An open store on this test's storage (`where`: on other storage of its own)."""
-        store = self.backend.new(self.root / where if where else self.root)
+        if where not in self.storages:
+            self.storages[where] = await self.resources.enter_async_context(
+                self.backend.storage(self.root / where if where else self.root)
+            )
+        store = self.storages[where]()
         await store.open()
         try:
             yield store
@@ -105,9 +129,10 @@ class Stores:
 
 
 @pytest.fixture(params=BACKENDS, ids=[backend.name for backend in BACKENDS])
-def store_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Stores:
+async def store_factory(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Stores]:
     backend: Backend = request.param
-    return Stores(backend, tmp_path)
+    async with AsyncExitStack() as resources:
+        yield Stores(backend, tmp_path, resources)
 
 
 # --- data made as ingest makes it ---------------------------------------------------------------------------
