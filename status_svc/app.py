@@ -24,8 +24,9 @@ from status_svc.api.servicer import StatusServicer, WatchLimits
 from status_svc.config import StatusConfig
 from status_svc.ingest.follower import OrchestratorFollower
 from status_svc.ingest.writer import IngestWriter
-from status_svc.storage.base import StoredChange
-from status_svc.storage.sqlite import SqliteStatusStore
+from status_svc.storage.base import StatusStore, StoredChange
+from status_svc.storage.open import DATABASE_FILE as DATABASE_FILE  # where tests and benches find the file
+from status_svc.storage.open import store_from_config
 from stepstream_common.auth import Authorizer
 from stepstream_common.config import SettingError
 from stepstream_common.feed import Feed
@@ -38,7 +39,6 @@ from stepstream_common.tokens import read_token_file
 log = logging.getLogger(__name__)
 
 LABEL = "stepstream status"
-DATABASE_FILE = "status.sqlite3"
 
 
 @dataclass
@@ -47,7 +47,7 @@ class StatusService:
 
     config: StatusConfig
     server: RunningServer
-    store: SqliteStatusStore
+    store: StatusStore
     feed: Feed[StoredChange]
     writer: IngestWriter
     writer_task: asyncio.Task[None]
@@ -88,7 +88,7 @@ async def start(config: StatusConfig) -> StatusService:
     orchestrator_tls = _orchestrator_tls(config)
     auth = Authorizer.load(config.tokens_file)
     orchestrator_token = read_token_file(config.orchestrator_token_file) if config.orchestrator_token_file else ""
-    store = SqliteStatusStore(config.data_dir / DATABASE_FILE)
+    store = store_from_config(config)
     opened = await store.open()
     feed: Feed[StoredChange] = Feed(max_pending=config.watcher_queue, key_of=lambda change: change.job_id)
     metrics = Metrics()
