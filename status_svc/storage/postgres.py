@@ -221,11 +221,17 @@ class PostgresStatusStore(SqlReads):
             log.debug("database unit failed: %r", task.exception())
 
 
-def _is_trouble(error: BaseException) -> bool:
-    """The database, not the query, is at fault (see the module docstring)."""
-    if isinstance(error, asyncpg.PostgresError):
-        return str(getattr(error, "sqlstate", "") or "")[:2] in UNAVAILABLE_CLASSES
-    return isinstance(error, OSError | TimeoutError | asyncpg.exceptions.ConnectionDoesNotExistError)
+def _is_trouble(error: BaseException | None) -> bool:
+    """The database, not the query, is at fault (see the module docstring). The
+    error itself or the one it was raised while handling: a transaction's exit on
+    a connection that died mid-statement fails with "the connection is closed"."""
+    for each in (error, error.__context__ if error is not None else None):
+        if isinstance(each, asyncpg.PostgresError):
+            if str(getattr(each, "sqlstate", "") or "")[:2] in UNAVAILABLE_CLASSES:
+                return True
+        elif isinstance(each, OSError | TimeoutError):
+            return True
+    return False
 
 
 async def _unavailable_on_trouble(work: Awaitable[R], where: str) -> R:
