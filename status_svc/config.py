@@ -130,3 +130,14 @@ class StatusConfig(ServiceConfig):
         "STEPSTREAM_MAX_WATCHERS_PER_JOB", "most WatchJob streams of one job open at once; past it RESOURCE_EXHAUSTED",
         positive_int,
     ))
+    # Replicas on one PostgreSQL store (status_svc.replication); unused with SQLite.
+    lease_ttl: float = field(default=10.0, metadata=setting(
+        "STEPSTREAM_STATUS_LEASE_TTL",
+        "PostgreSQL store: seconds the ingest lease lasts unless renewed (every third of it); a replica that "
+        "hangs while holding it is replaced after this", positive_float,
+    ))
+    poll_interval: float = field(default=1.0, metadata=setting(
+        "STEPSTREAM_STATUS_POLL_INTERVAL",
+        "PostgreSQL store: seconds between a replica's reads of the change log without a notification, and "
+        "between its tries for the ingest lease (a killed holder is replaced within about this)", positive_float,
+    ))

@@ -1,6 +1,8 @@
 """The single writer: folds what the followers bring, gives every change the
 next revision, and commits state, change log and cursors in one transaction;
-only then are the changes handed to watchers.
+only then are the changes handed to watchers (by the writer itself, or, with
+feed None, by whoever reads the committed log: several replicas on one
+PostgreSQL database, see status_svc.replication).
 
 It takes everything queued at once (one transaction per batch under load, one
 per message when idle, so batching adds no latency) and never waits on a
@@ -104,7 +106,7 @@ class IngestWriter:
     def __init__(
         self,
         store: StatusStore,
-        feed: Feed[StoredChange],
+        feed: Feed[StoredChange] | None,
         *,
         latest_revision: int,
         sources: dict[str, Source],
@@ -133,7 +135,8 @@ class IngestWriter:
         self.events_rejected = 0
         # What each log has committed up to: reads that must not be older wait on it.
         self.applied = AppliedPositions(sources.values(), followed)
-        feed.latest = latest_revision
+        if feed is not None:
+            feed.latest = latest_revision
 
     def source(self, address: str) -> Source:
         """What is known of `address` (its cursor counts everything submitted and applied)."""
@@ -221,7 +224,8 @@ class IngestWriter:
         await self._store.commit(pending.batch)
         if self._metrics is not None:
             self._metrics.committed(pending.events, time.perf_counter() - started)
-        self._feed.publish(pending.changes, pending.revision)
+        if self._feed is not None:
+            self._feed.publish(pending.changes, pending.revision)
         self.applied.advance(pending.batch.sources)
         # A finished job receives no more events; once all its changes are
         # committed it leaves memory (a stray event reads it back).
