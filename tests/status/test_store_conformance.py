@@ -42,12 +42,20 @@ from status_svc.domain.projector import (
     StoredStep,
     restore,
 )
-from status_svc.storage.base import ChangeFilter, OpenedStore, Source, StatusStore, StoredChange, WriteBatch
+from status_svc.storage.base import (
+    ChangeFilter,
+    JobSnapshot,
+    OpenedStore,
+    Source,
+    StatusStore,
+    StoredChange,
+    WriteBatch,
+)
 from status_svc.storage.postgres import PostgresStatusStore
 from status_svc.storage.sqlite import SqliteStatusStore
 from stepstream_common.errors import CursorOutOfRangeError, InvalidArgumentError, ServiceError
 from tests.e2e.test_cancellation import MAX_AWAITS, cancel_at
-from tests.helpers import DEADLINE
+from tests.helpers import DEADLINE, WatchedJob, update_of
 from tests.helpers.postgres import fresh_database
 
 SOURCE, OTHER = "orch-a:1", "orch-b:2"
@@ -287,6 +295,8 @@ async def everything(store: StatusStore, job_ids: Sequence[str]) -> dict[str, An
         "changes": await store.read_changes(0, 10_000),
         "loaded": await store.load_jobs(job_ids),
         "unfinished": sorted(await store.unfinished_jobs(SOURCE)),
+        "sources": await store.sources(),  # the cursors, committed with the state they produced
+        "latest": await store.latest_revision(),
     }
 
 
@@ -504,7 +514,7 @@ async def test_revisions_only_grow_and_pruned_ones_are_refused(store_factory: St
             page = await store.read_changes(0, 10_000)
             assert page.horizon == latest
             seen = [c.revision for c in page.items]
-            assert seen == sorted(set(seen)) and seen[-1] == latest
+            assert seen == list(range(1, latest + 1))  # contiguous, strictly increasing, from 1
             snapshot = await store.get_job(batch.changes[-1].job_id)
             assert snapshot is not None and snapshot.revision == latest
             assert (await store.list_jobs([], "", 1, "")).revision == latest
@@ -530,6 +540,34 @@ async def test_revisions_only_grow_and_pruned_ones_are_refused(store_factory: St
     assert (await store_factory.reopened()).revision == latest
     async with store_factory.opened() as reopened:
         assert (await reopened.read_changes(latest, 10)).items == []
+
+
+async def test_a_snapshot_at_each_revision_equals_the_changes_folded_to_it(store_factory: Stores) -> None:
+    """What a watcher holds after folding the change log up to revision R (header
+    replaced, steps by name) is the snapshot read when R was the latest, job by job
+    (and no snapshot where no change of the job is at or before R)."""
+    ingest = Ingest()
+    batches = a_busy_day(ingest)
+    snapshots: list[tuple[str, int, JobSnapshot | None]] = []
+    async with store_factory.opened() as store:
+        for batch in batches:
+            await store.commit(batch)
+            latest = await store.latest_revision()
+            for job_id in ingest.jobs:
+                snapshots.append((job_id, latest, await store.get_job(job_id)))
+        changes = (await store.read_changes(0, 10_000)).items
+    assert len({latest for _, latest, _ in snapshots}) == len(batches)
+    for job_id, latest, snapshot in snapshots:
+        watched = WatchedJob()
+        for change in changes:
+            if change.job_id == job_id and change.revision <= latest:
+                assert watched.apply(update_of(change.revision, change.job_id, change.header, change.steps))
+        if snapshot is None:
+            assert watched.job is None and not watched.steps, (job_id, latest)
+            continue
+        assert snapshot.revision == latest
+        assert watched.job == snapshot.job, (job_id, latest)
+        assert watched.ordered_steps() == snapshot.steps, (job_id, latest)
 
 
 # --- restart ------------------------------------------------------------------------------------------------
