@@ -78,6 +78,12 @@ class StatusConfig(ServiceConfig):
         "most PostgreSQL connections the reads (GetJob, ListJobs, watches catching up) use at once; the writer "
         "has one more of its own", positive_int,
     ))
+    store_timeout: float = field(default=60.0, metadata=setting(
+        "STEPSTREAM_STATUS_STORE_TIMEOUT",
+        "seconds a PostgreSQL statement, a connection attempt or a wait for a pooled connection may take before "
+        "the store gives up on it (as on a lost connection: UNAVAILABLE, the replica reports the trouble)",
+        positive_float,
+    ))
     # Not STEPSTREAM_ORCHESTRATOR: to the CLI that is the one orchestrator it calls.
     orchestrators: list[str] = field(default_factory=lambda: [DEFAULT_ORCHESTRATOR], metadata=setting(
         "STEPSTREAM_STATUS_ORCHESTRATORS", "orchestrator(s) to follow, comma-separated HOST:PORT", host_ports,

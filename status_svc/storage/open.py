@@ -26,4 +26,5 @@ def store_from_config(config: StatusConfig) -> StatusStore:
         password = _read_private(config.store_password_file, "store password file").rstrip("\r\n")
         if not password:
             raise SettingError(f"store password file {config.store_password_file}: empty")
-    return PostgresStatusStore(url, password=password, pool_size=config.store_pool_size)
+    return PostgresStatusStore(url, password=password, pool_size=config.store_pool_size,
+                               timeout=config.store_timeout)

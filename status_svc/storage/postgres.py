@@ -51,7 +51,6 @@ PG_SCHEMA = "stepstream"
 CHANGES_CHANNEL = "stepstream_changes"  # NOTIFY channel of committed revisions (payload: the latest, as text)
 SCHEMA_LOCK = 0x5354_4550_5354_5245  # pg_advisory_xact_lock key held while the schema is made or migrated
 APPLICATION_NAME = "stepstream-status"
-COMMAND_TIMEOUT = 60.0  # seconds any one statement (or a wait for a pooled connection) may take
 UNAVAILABLE_CLASSES = ("08", "53", "57", "58")  # SQLSTATE classes: connection, resources, operator, system
 
 Fence = Callable[[asyncpg.Connection], Awaitable[None]]
@@ -98,9 +97,12 @@ async def _migrate(db: Db, found: int) -> None:
 
 
 class PostgresStatusStore(SqlReads):
-    def __init__(self, dsn: str, *, password: str | None = None, pool_size: int = 10,
+    def __init__(self, dsn: str, *, password: str | None = None, pool_size: int = 10, timeout: float = 60.0,
                  fence: Fence | None = None) -> None:
+        """`timeout`: seconds a statement, a connection attempt or a wait for a pooled
+        connection may take (--store-timeout); past it, StoreUnavailableError."""
         self.fence = fence
+        self._timeout = timeout
         self._dsn = dsn
         self._password = password
         self._pool_size = pool_size
@@ -127,7 +129,7 @@ class PostgresStatusStore(SqlReads):
 
     def _connect_args(self) -> dict[str, Any]:
         return {
-            "password": self._password, "command_timeout": COMMAND_TIMEOUT, "timeout": COMMAND_TIMEOUT,
+            "password": self._password, "command_timeout": self._timeout, "timeout": self._timeout,
             "server_settings": {"search_path": PG_SCHEMA, "application_name": APPLICATION_NAME},
         }
 
@@ -161,7 +163,7 @@ class PostgresStatusStore(SqlReads):
         writer, pool = self._writer, self._pool
         self._writer = self._pool = None
         if writer is not None:
-            await _quietly(writer.close(timeout=COMMAND_TIMEOUT), writer.terminate)
+            await _quietly(writer.close(timeout=self._timeout), writer.terminate)
         if pool is not None:
             await _quietly(pool.close(), pool.terminate)
 
@@ -186,7 +188,7 @@ class PostgresStatusStore(SqlReads):
         assert pool is not None, "open() first"
 
         async def run() -> R:
-            async with pool.acquire(timeout=COMMAND_TIMEOUT) as conn, conn.transaction(
+            async with pool.acquire(timeout=self._timeout) as conn, conn.transaction(
                 isolation="repeatable_read", readonly=True
             ):
                 return await unit(_Connection(conn))

@@ -145,6 +145,22 @@ async def test_connections_killed_mid_use_fail_clearly_and_the_next_call_reconne
         assert await store.latest_revision() == before + len(batch.changes)
 
 
+async def test_a_statement_past_the_store_timeout_is_unavailable_and_the_store_goes_on(
+    postgres: PostgresDatabase,
+) -> None:
+    store = PostgresStatusStore(postgres.dsn, timeout=0.2)
+    await store.open()
+    try:
+        await store.commit(Ingest().events(job("j", s.JOB_STATE_RUNNING)))
+        async with changes_locked(postgres):
+            with pytest.raises(StoreUnavailableError, match="cannot be used"):
+                await store.read_changes(0, 10)
+        assert [change.revision for change in (await store.read_changes(0, 10)).items] == [1]
+        assert store.idle()
+    finally:
+        await store.close()
+
+
 async def test_a_server_that_cannot_be_reached_is_unavailable_not_a_crash() -> None:
     store = PostgresStatusStore("postgresql://postgres@127.0.0.1:1/nowhere")
     with pytest.raises(StoreUnavailableError, match=re.escape("postgresql://127.0.0.1:1/nowhere")):
