@@ -19,11 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 from stepstream.common.v1 import records_pb2
 from stepstream.common.v1 import states_pb2 as s
 from stepstream.orchestrator.v1 import orchestrator_service_pb2 as orch_pb
 from stepstream.status.v1 import status_service_pb2 as status_pb
 
+from status_svc.storage.postgres import PG_SCHEMA
 from stepstream_common.timeutil import seconds
 from tests.helpers import entity_key, job_definition, open_sqlite_readonly
 
@@ -56,7 +58,7 @@ class StoredRows:
     changes: list[tuple[Any, ...]]
 
 
-def stored_rows(results: dict[str, Sequence[Sequence[Any]]]) -> StoredRows:
+def stored_rows(results: dict[str, Sequence[Any]]) -> StoredRows:
     """StoredRows from each statement's result rows (any row type a driver returns)."""
     return StoredRows(**{name: [tuple(bytes(v) if isinstance(v, memoryview) else v for v in row)
                                 for row in results[name]] for name in STATEMENTS})
@@ -71,15 +73,15 @@ def sqlite_rows(path: Path) -> StoredRows:
         db.close()
 
 
-def crash_workload(release: Path, count: int, concurrency: int) -> Any:
-    """A busy fan-out (every 13th child fails twice: retried once), then a gate that
-    keeps the job running until the test has finished killing."""
+def crash_workload(release: Path, count: int, concurrency: int, delay: float = 0.02) -> Any:
+    """A busy fan-out (children of `delay` seconds; every 13th fails twice: retried once),
+    then a gate that keeps the job running until the test has finished killing."""
     gate = f"while [ ! -f {release} ]; do sleep 0.02; done"
     return job_definition([
         {"name": "prep", "type": "sleep", "seconds": 0},
         {"name": "fan", "type": "fanout", "count": count, "concurrency": concurrency, "max_child_failures": count,
          "child": {"type": "python", "function": "tests.helpers:flaky_child", "retries": 1, "retry_backoff": "10ms",
-                   "args": {"index": "{index}", "fail_every": "13", "delay": "0.02"}}},
+                   "args": {"index": "{index}", "fail_every": "13", "delay": str(delay)}}},
         {"name": "gate", "type": "command", "command": ["sh", "-c", gate]},
     ], name="crash-loop")
 
@@ -255,3 +257,17 @@ def drop_freshness_only(changes: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]
             held = decoded
         real.append(row)
     return real
+
+
+async def store_connection(dsn: str) -> asyncpg.Connection:
+    """A connection to a status store's PostgreSQL database that finds its tables (close it)."""
+    return await asyncpg.connect(dsn, server_settings={"search_path": PG_SCHEMA})
+
+
+async def postgres_rows(dsn: str) -> StoredRows:
+    """A status store's PostgreSQL database, read on a connection of its own."""
+    connection = await store_connection(dsn)
+    try:
+        return stored_rows({name: await connection.fetch(sql) for name, sql in STATEMENTS.items()})
+    finally:
+        await connection.close()

@@ -1,0 +1,263 @@
+"""Status replicas on one PostgreSQL database lose the ingest lease's holder
+mid fan-out (kill -9, or hung with its connections open), and still nothing is
+lost or doubled, and every watcher sees every revision once, in order.
+
+Three `python -m status_svc --store postgresql://...` subprocesses follow one
+orchestrator (in-process) on a fresh database, with quick lease timing
+(LEASE_FLAGS). A watcher on each replica follows the job from revision 0 and,
+when its replica dies, resumes on a live one with after_revision, as a client
+would. The lease holder is found from the lease row. The time from the
+interruption to the first commit by another replica (the committed cursor
+moving) is printed. At the end the database is audited row by row against the
+orchestrator's whole log, folded independently (tests/helpers/audit.py, the
+same audit as the SQLite crash test), and each watcher's updates must be
+exactly the committed `changes` rows, 1..N.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import asyncpg
+import grpc
+from stepstream.common.v1 import states_pb2 as s
+from stepstream.orchestrator.v1 import orchestrator_service_pb2 as orch_pb
+from stepstream.orchestrator.v1 import orchestrator_service_pb2_grpc as orch_grpc
+from stepstream.states import TERMINAL_JOB_STATES
+from stepstream.status.v1 import status_service_pb2 as status_pb
+from stepstream.status.v1 import status_service_pb2_grpc as status_grpc
+
+from orchestrator_svc.app import Orchestrator
+from status_svc.replication.lease import lease_holder
+from tests.helpers import (
+    DEADLINE,
+    ServiceProcess,
+    channel,
+    ends_job,
+    eventually,
+    read_whole_log,
+    status_job_finished,
+    status_process,
+    update_of,
+    wait_job_state,
+    wait_status_job,
+)
+from tests.helpers.audit import assert_rows_match_the_log, crash_workload, postgres_rows, store_connection
+from tests.helpers.postgres import PostgresDatabase
+
+if TYPE_CHECKING:
+    OrchStub = orch_grpc.OrchestratorServiceAsyncStub
+
+COUNT = 400
+# Quick lease timing, so that the tests do not wait out the production defaults (10 s, 1 s).
+TTL, POLL = 2.0, 0.1
+LEASE_FLAGS = ("--lease-ttl", str(TTL), "--poll-interval", str(POLL))
+
+
+class Replica(ServiceProcess):
+    """A status replica on the test's database."""
+
+    def __init__(self, data_dir: Path, orchestrator: str, dsn: str) -> None:
+        process = status_process(data_dir, orchestrator, "--store", dsn, *LEASE_FLAGS)
+        super().__init__(process.module, process.args)
+        self.killed = False
+
+    def kill(self) -> None:
+        self.killed = True
+        super().kill()
+
+    def signal(self, number: signal.Signals) -> None:
+        assert self.process is not None
+        self.process.send_signal(number)
+
+
+class Watcher:
+    """WatchJob from revision 0 until the job ends, on one replica and, each time
+    that one dies (UNAVAILABLE), resumed on a live one with after_revision."""
+
+    def __init__(self, replica: Replica, replicas: list[Replica], job_id: str) -> None:
+        self.first = replica
+        self.replicas = replicas
+        self.job_id = job_id
+        self.updates: list[Any] = []
+        self.resumed = 0
+        self.task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        replica = self.first
+        while not await self._watch(replica):
+            self.resumed += 1
+            replica = next(r for r in self.replicas if not r.killed)
+
+    async def _watch(self, replica: Replica) -> bool:
+        """Follow the job on `replica`; False if the replica went away first."""
+        after = self.updates[-1].revision if self.updates else 0
+        async with channel(replica.address) as ch:
+            call = status_grpc.StatusServiceStub(ch).WatchJob(
+                status_pb.WatchJobRequest(job_id=self.job_id, after_revision=after))
+            broken: grpc.aio.AioRpcError | None = None
+            try:
+                async for message in call:
+                    if message.WhichOneof("event") != "updates":
+                        continue
+                    self.updates.extend(message.updates.updates)
+                    if any(ends_job(update) for update in message.updates.updates):
+                        return True
+            except grpc.aio.AioRpcError as error:
+                broken = error
+        assert broken is not None, f"the watch on {replica.address} ended before the job"
+        assert broken.code() == grpc.StatusCode.UNAVAILABLE and replica.killed, broken
+        return False
+
+    async def ended(self) -> Watcher:
+        async with asyncio.timeout(DEADLINE):
+            await self.task
+        return self
+
+
+async def lease_held(connection: asyncpg.Connection, replicas: list[Replica]) -> tuple[Replica, int]:
+    """(the one of `replicas` holding the unexpired lease, its epoch), polled until one does.
+    The row names its holder HOST:PID:ADDRESS."""
+
+    async def probe() -> tuple[Replica, int] | None:
+        held = await lease_holder(connection)
+        if held is None or not held[2]:
+            return None
+        named = [replica for replica in replicas if held[0].endswith(f":{replica.address}")]
+        return (named[0], held[1]) if named else None
+
+    return await eventually(probe, "a replica to hold the lease")
+
+
+async def committed_cursor(connection: asyncpg.Connection) -> int:
+    return int(await connection.fetchval("SELECT COALESCE(MAX(cursor), 0) FROM sources"))
+
+
+async def children_done(connection: asyncpg.Connection, job_id: str, count: int) -> None:
+    async def probe() -> bool | None:
+        done = await connection.fetchval(
+            "SELECT count(*) FROM children WHERE job_id = $1 AND state >= $2", job_id, s.STEP_STATE_COMPLETED)
+        return True if done >= count else None
+
+    await eventually(probe, f"{count} children to be done")
+
+
+# What the test does to the lease holder: returns what undoes it once another replica has taken over.
+Interrupt = Callable[[Replica], Awaitable[Callable[[], Awaitable[None]]]]
+
+
+async def failover(
+    orchestrator: Orchestrator, stub: OrchStub, tmp_path: Path, dsn: str, *, interrupt: Interrupt,
+    rounds: int, delay: float,
+) -> None:
+    """Interrupt the lease holder `rounds` times mid fan-out (each next one right after the previous
+    takeover's first commit), then audit the database and every watcher."""
+    release = tmp_path / "release"
+    replicas = [Replica(tmp_path / f"status-{n}", orchestrator.address, dsn) for n in range(3)]
+    watchers: list[Watcher] = []
+    undo: list[Callable[[], Awaitable[None]]] = []
+    connection = await store_connection(dsn)
+    try:
+        for replica in replicas:  # not on the loop: the orchestrator runs on it
+            await asyncio.to_thread(replica.start)
+        workload = crash_workload(release, COUNT, concurrency=10, delay=delay)
+        job_id = (await stub.SubmitJob(orch_pb.SubmitJobRequest(definition=workload))).job.id
+        for replica in replicas:
+            async with channel(replica.address) as ch:
+                await wait_status_job(status_grpc.StatusServiceStub(ch), job_id, lambda _: True,
+                                      f"the job on {replica.address}")
+            watchers.append(Watcher(replica, replicas, job_id))
+
+        await children_done(connection, job_id, COUNT // 4)  # mid fan-out
+        holder, epoch = await lease_held(connection, replicas)
+        for _ in range(rounds):
+            fan = (await stub.GetJob(orch_pb.GetJobRequest(job_id=job_id))).steps[1]
+            assert fan.step.state == s.STEP_STATE_WAITING, "the fan-out must still run when the holder is interrupted"
+            undo.append(await interrupt(holder))
+            interrupted_at = time.monotonic()
+            # What the interrupted holder committed is all it may ever commit: the next move is another's.
+            cursor = await committed_cursor(connection)
+            while await committed_cursor(connection) == cursor:
+                assert time.monotonic() - interrupted_at < DEADLINE, "no replica took over"
+                await asyncio.sleep(0.002)
+            takeover = time.monotonic() - interrupted_at
+            others = [replica for replica in replicas if replica is not holder and not replica.killed]
+            new_holder, new_epoch = await lease_held(connection, others)
+            print(f"\nthe lease holder interrupted; first commit by another replica after {takeover:.3f} s "
+                  f"(epoch {epoch} -> {new_epoch}; lease TTL {TTL:g} s, poll {POLL:g} s)")
+            assert new_epoch > epoch
+            holder, epoch = new_holder, new_epoch
+        for undone in undo:
+            await undone()
+
+        release.touch()
+        await wait_job_state(stub, job_id, set(TERMINAL_JOB_STATES))
+        for replica in replicas:
+            if not replica.killed:
+                async with channel(replica.address) as ch:
+                    final = await wait_status_job(status_grpc.StatusServiceStub(ch), job_id, status_job_finished,
+                                                  f"the job to end on {replica.address}")
+                assert final.job.state == s.JOB_STATE_COMPLETED
+        for watcher in watchers:
+            await watcher.ended()
+    finally:
+        for watcher in watchers:
+            watcher.task.cancel()
+        for replica in replicas:
+            if replica.process is not None and replica.process.poll() is None:
+                replica.signal(signal.SIGCONT)
+            replica.stop()
+        await connection.close()
+
+    events = await read_whole_log(stub)
+    view = await stub.GetJob(orch_pb.GetJobRequest(job_id=job_id))
+    rows = await postgres_rows(dsn)
+    assert_rows_match_the_log(rows, orchestrator.address, job_id, events, view)
+    committed = [update_of(revision, job_id, header, steps) for revision, _, _, _, header, steps, _ in rows.changes]
+    for watcher in watchers:
+        assert [u.revision for u in watcher.updates] == [u.revision for u in committed], watcher.first.address
+        assert watcher.updates == committed, f"{watcher.first.address}: an update differs from what was committed"
+    killed = [watcher for watcher in watchers if watcher.first.killed]
+    assert all(watcher.resumed for watcher in killed), "a watcher on a killed replica resumed elsewhere"
+    print(f"{len(committed)} revisions; watchers resumed {[w.resumed for w in watchers]} times")
+
+
+async def killed(replica: Replica) -> Callable[[], Awaitable[None]]:
+    await asyncio.to_thread(replica.kill)
+
+    async def nothing() -> None:
+        """It stays dead: its watchers have moved on."""
+
+    return nothing
+
+
+async def hung(replica: Replica) -> Callable[[], Awaitable[None]]:
+    """SIGSTOP: it keeps its connections (and whatever it holds on the database) but does nothing."""
+    replica.signal(signal.SIGSTOP)
+
+    async def wake() -> None:
+        replica.signal(signal.SIGCONT)
+
+    return wake
+
+
+async def test_kill_9_of_the_lease_holder_twice_mid_fanout_loses_nothing_and_watchers_see_every_revision_once(
+    orchestrator: Orchestrator, orchestrator_stub: OrchStub, tmp_path: Path, postgres: PostgresDatabase
+) -> None:
+    """The holder killed -9, then the new holder killed right after its first commit (mid catch-up)."""
+    await failover(orchestrator, orchestrator_stub, tmp_path, postgres.dsn, interrupt=killed, rounds=2,
+                   delay=0.05)
+
+
+async def test_a_hung_lease_holder_is_replaced_after_the_ttl_and_never_commits_after_it_wakes(
+    orchestrator: Orchestrator, orchestrator_stub: OrchStub, tmp_path: Path, postgres: PostgresDatabase
+) -> None:
+    """SIGSTOP with its connections open: taken over once its lease expires; woken, it may still
+    hold events it read before, which it must never commit (the fence); the audit finds any."""
+    await failover(orchestrator, orchestrator_stub, tmp_path, postgres.dsn, interrupt=hung, rounds=1,
+                   delay=0.05)
