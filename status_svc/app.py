@@ -232,7 +232,6 @@ async def start_replica(config: StatusConfig, store: PostgresStatusStore) -> Rep
     # Who holds the lease, as its row and the logs show it: host, process, address served.
     lease = IngestLease(store.connect, holder=f"{socket.gethostname()}:{os.getpid()}:{server.address}",
                         ttl=config.lease_ttl)
-    store.fence = lease.fence
     health = ReplicaHealth(lambda serving: _set_health(server, serving), servicer.mark_stale)
     ingest = LeasedIngest(
         store, lease, lambda where: links.ingest(config, store, None, where, ingest_metrics),

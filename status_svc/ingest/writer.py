@@ -154,32 +154,38 @@ class IngestWriter:
         """
         next_prune = time.monotonic() + self._prune_every
         committing: asyncio.Task[None] | None = None
-        while not (self._stopping and self._queue.empty()):
-            items: list[IngestItem | None] = []
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(max(0.0, next_prune - time.monotonic())):
-                    items.append(await self._queue.get())
-            size = 0
-            while not self._queue.empty() and size < MAX_EVENTS_PER_TRANSACTION:
-                item = self._queue.get_nowait()
-                items.append(item)
-                if isinstance(item, Events):
-                    size += len(item.events)
-            work = [item for item in items if item is not None]
-            if work:
-                job_ids, touched = await self._load_jobs(work)
-                pending = self._fold(work, job_ids, touched)
-                if committing is not None:
-                    await committing
-                committing = asyncio.create_task(self._commit(pending), name="ingest-commit")
-            if time.monotonic() >= next_prune:
-                if committing is not None:
-                    await committing
-                    committing = None
-                await self._store.prune(self._keep_changes)
-                next_prune = time.monotonic() + self._prune_every
-        if committing is not None:
-            await committing
+        try:
+            while not (self._stopping and self._queue.empty()):
+                items: list[IngestItem | None] = []
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(max(0.0, next_prune - time.monotonic())):
+                        items.append(await self._queue.get())
+                size = 0
+                while not self._queue.empty() and size < MAX_EVENTS_PER_TRANSACTION:
+                    item = self._queue.get_nowait()
+                    items.append(item)
+                    if isinstance(item, Events):
+                        size += len(item.events)
+                work = [item for item in items if item is not None]
+                if work:
+                    job_ids, touched = await self._load_jobs(work)
+                    pending = self._fold(work, job_ids, touched)
+                    if committing is not None:
+                        await committing
+                    committing = asyncio.create_task(self._commit(pending), name="ingest-commit")
+                if time.monotonic() >= next_prune:
+                    if committing is not None:
+                        await committing
+                        committing = None
+                    await self._store.prune(self._keep_changes)
+                    next_prune = time.monotonic() + self._prune_every
+            if committing is not None:
+                await committing
+        finally:
+            if committing is not None and not committing.done():
+                # Cancelled (a replica stepping down): the commit itself runs on,
+                # shielded by the store, to its end; its task need not be awaited.
+                committing.cancel()
 
     async def stop(self) -> None:
         """Ask run() to return once everything queued is applied."""

@@ -27,7 +27,8 @@ from status_svc.ingest.follower import OrchestratorFollower
 from status_svc.ingest.writer import IngestWriter
 from status_svc.replication.health import DATABASE_ERRORS, INGEST, ReplicaHealth, describe
 from status_svc.replication.lease import IngestLease, LeaseLost
-from status_svc.storage.base import OpenedStore, StatusStore
+from status_svc.storage.base import OpenedStore
+from status_svc.storage.postgres import PostgresStatusStore
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ MakeTerm = Callable[[OpenedStore], tuple[IngestWriter, list[OrchestratorFollower
 class LeasedIngest:
     def __init__(
         self,
-        store: StatusStore,
+        store: PostgresStatusStore,
         lease: IngestLease,
         make: MakeTerm,
         *,
@@ -58,6 +59,7 @@ class LeasedIngest:
     ) -> None:
         self._store = store
         self.lease = lease
+        store.fence = lease.fence_for(None)  # no commit outside a term
         self._make = make
         self._poll_interval = poll_interval
         self._health = health
@@ -110,6 +112,7 @@ class LeasedIngest:
 
     async def _hold(self, epoch: int) -> None:
         log.info("holding the ingest lease (epoch %d, holder %s)", epoch, self.lease.holder)
+        self._store.fence = self.lease.fence_for(epoch)
         opened = OpenedStore(await self._store.latest_revision(), await self._store.sources())
         if self._stopping.is_set():
             return

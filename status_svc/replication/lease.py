@@ -11,7 +11,7 @@ connection (`holder_pid`) and when it expires (`expires_at`, database clock).
   over once its lease expires.
 - The holder renews every TTL/3 on the same dedicated connection; a renewal
   that fails (the epoch moved, the connection is gone) is LeaseLost.
-- fence() runs inside every commit transaction: it locks the row (FOR UPDATE)
+- The fence (fence_for) runs inside every commit transaction: it locks the row (FOR UPDATE)
   and lets the commit go on only if the epoch is still ours and unexpired.
   A takeover updates the same row, so it waits for a commit in flight, and a
   commit that starts after it sees the new epoch and rolls back: once the
@@ -37,6 +37,7 @@ LEASE_NAME = "ingest"
 _CREATE_LOCK = 0x5374_6570_4C65_6173  # "StepLeas"
 
 Connect = Callable[[], Awaitable[asyncpg.Connection]]
+Fence = Callable[[asyncpg.Connection], Awaitable[None]]
 
 _CREATE = f"""
 CREATE TABLE IF NOT EXISTS {LEASE_TABLE} (
@@ -134,9 +135,21 @@ class IngestLease:
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
             log.warning("could not release the ingest lease (epoch %d; it expires by itself): %s", epoch, error)
 
-    async def fence(self, connection: asyncpg.Connection) -> None:
-        """Inside a commit transaction: let it go on only under our unexpired epoch (see the module docstring)."""
-        epoch = self.epoch
+    def fence_for(self, epoch: int | None) -> Fence:
+        """The store's fence for commits made under `epoch` (None: refuse every commit).
+
+        Bound to the epoch of the term that made the batch, not to whatever this
+        replica holds when the commit runs: a commit of an earlier term that
+        reaches the database late (after this replica stepped down and won the
+        lease again) is refused too."""
+
+        async def fence(connection: asyncpg.Connection) -> None:
+            await self._fence(connection, epoch)
+
+        return fence
+
+    async def _fence(self, connection: asyncpg.Connection, epoch: int | None) -> None:
+        """Inside a commit transaction: go on only under `epoch`, ours and unexpired (see the module docstring)."""
         if epoch is None:
             raise LeaseLost("not holding the ingest lease")
         await connection.execute(
@@ -144,8 +157,9 @@ class IngestLease:
         )
         row = await connection.fetchrow(_FENCE, self.name)
         if row is None or row[0] != epoch:
-            self.epoch = None
-            raise LeaseLost(f"the ingest lease moved to epoch {row[0] if row else '?'} (ours was {epoch})")
+            if self.epoch == epoch:
+                self.epoch = None
+            raise LeaseLost(f"the ingest lease moved to epoch {row[0] if row else '?'} (this commit's was {epoch})")
         if not row[1]:
             raise LeaseLost(f"the ingest lease (epoch {epoch}) expired before this commit")
 

@@ -27,7 +27,7 @@ import logging
 from stepstream.backoff import DEFAULT_BACKOFF, Backoff
 
 from status_svc.ingest.progress import AppliedPositions
-from status_svc.replication.health import DATABASE, DATABASE_ERRORS, ReplicaHealth, describe
+from status_svc.replication.health import DATABASE, DATABASE_ERRORS, INGEST, ReplicaHealth, describe
 from status_svc.replication.lease import Connect
 from status_svc.storage.base import StatusStore, StoredChange
 from stepstream_common.errors import CursorOutOfRangeError
@@ -91,6 +91,8 @@ class ChangeTailer:
                 continue
             if page.items:
                 self._feed.publish(page.items, page.items[-1].revision)
+                # Whoever holds the lease commits again: ingest trouble seen here is over.
+                await self._health.fine(INGEST)
             if len(page.items) < self._page_size:
                 break
         self._applied.advance((await self._store.sources()).values())

@@ -1,0 +1,370 @@
+"""Several status replicas on one PostgreSQL database (status_svc.replication):
+one ingests under the lease, all serve; fencing, the change tailer's safety-net
+poll, a watcher resuming on another replica, and database trouble.
+
+Replicas run in-process (status_svc.app.start_replica) on a fresh database
+each (the `postgres` fixture), following a real orchestrator in-process; the
+database is a real PostgreSQL server. Database outages go through a TCP proxy
+of the test's own (the shared server is never restarted): cutting it closes
+every connection and refuses new ones, as a server restart does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from stepstream.common.v1 import states_pb2 as s
+from stepstream.orchestrator.v1 import orchestrator_service_pb2 as orch_pb
+from stepstream.orchestrator.v1 import orchestrator_service_pb2_grpc as orch_grpc
+from stepstream.status.v1 import status_service_pb2 as status_pb
+from stepstream.status.v1 import status_service_pb2_grpc as status_grpc
+
+from orchestrator_svc.app import Orchestrator
+from status_svc.app import ReplicaService, start_replica
+from status_svc.replication.lease import LEASE_NAME, LEASE_TABLE, IngestLease
+from status_svc.storage.base import StoredChange, WriteBatch
+from status_svc.storage.open import store_from_config
+from status_svc.storage.postgres import PostgresStatusStore
+from status_svc.storage.sql import CHANGE_COLUMNS
+from tests.conftest import status_config
+from tests.helpers import (
+    channel,
+    ends_job,
+    eventually,
+    free_port,
+    read_whole_log,
+    status_job_finished,
+    wait_status_job,
+    watch_until,
+)
+from tests.helpers.audit import assert_rows_match_the_log, crash_workload, postgres_rows, store_connection
+from tests.helpers.postgres import PostgresDatabase
+
+# Quick enough for tests: a notification-less change shows within 0.1 s, a hung holder is replaced after 1 s.
+FAST = {"poll_interval": 0.1, "lease_ttl": 1.0}
+
+
+async def start(tmp_path: Path, name: str, orchestrator: str, dsn: str) -> ReplicaService:
+    config = status_config(tmp_path / name, orchestrator, store=dsn, **FAST)
+    store = store_from_config(config)
+    assert isinstance(store, PostgresStatusStore)
+    return await start_replica(config, store)
+
+
+@contextlib.asynccontextmanager
+async def replicas(tmp_path: Path, orchestrator: str, dsn: str, count: int) -> AsyncIterator[list[ReplicaService]]:
+    """`count` replicas, the first started holding the lease before the next start."""
+    started: list[ReplicaService] = []
+    try:
+        for index in range(count):
+            started.append(await start(tmp_path, f"replica{index}", orchestrator, dsn))
+            if index == 0:
+                await eventually(lambda: _true(started[0].ingest.term is not None), "the first replica to ingest")
+        yield started
+    finally:
+        for replica in started:
+            await replica.stop()
+
+
+async def _true(value: bool) -> bool | None:
+    return True if value else None
+
+
+async def submit(orchestrator: Orchestrator, gate: Path) -> str:
+    """The kill -9 tests' busy fan-out (the audit knows it), then a step that runs until `gate` exists."""
+    async with channel(orchestrator.address) as ch:
+        response = await orch_grpc.OrchestratorServiceStub(ch).SubmitJob(
+            orch_pb.SubmitJobRequest(definition=crash_workload(gate, 24, 4)))
+    return response.job.id
+
+
+def step_state(response: Any, name: str) -> int:
+    return next((step.state for step in response.steps if step.name == name), s.STEP_STATE_UNSPECIFIED)
+
+
+async def wait_step(replica: ReplicaService, job_id: str, name: str, state: int) -> Any:
+    async with channel(replica.address) as ch:
+        return await wait_status_job(status_grpc.StatusServiceStub(ch), job_id,
+                                     lambda response: step_state(response, name) == state, f"{name} in {state}")
+
+
+async def job_revisions(dsn: str, job_id: str) -> list[int]:
+    """The change log's revisions of one job, as committed."""
+    connection = await store_connection(dsn)
+    try:
+        return [row[0] for row in await connection.fetch(
+            "SELECT revision FROM changes WHERE job_id = $1 ORDER BY revision", job_id)]
+    finally:
+        await connection.close()
+
+
+async def latest_revision(dsn: str) -> int:
+    connection = await store_connection(dsn)
+    try:
+        return int(await connection.fetchval("SELECT coalesce(max(revision), 0) FROM changes"))
+    finally:
+        await connection.close()
+
+
+async def audit(orchestrator: Orchestrator, dsn: str, job_id: str) -> None:
+    """The database, row by row, against the orchestrator's whole log (tests/helpers/audit.py)."""
+    async with channel(orchestrator.address) as ch:
+        stub = orch_grpc.OrchestratorServiceStub(ch)
+        events = await read_whole_log(stub)
+        view = await stub.GetJob(orch_pb.GetJobRequest(job_id=job_id))
+    assert_rows_match_the_log(await postgres_rows(dsn), orchestrator.address, job_id, events, view)
+
+
+async def health(replica: ReplicaService) -> int:
+    async with channel(replica.address) as ch:
+        response = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""))
+    return int(response.status)
+
+
+async def wait_health(replica: ReplicaService, status: int) -> None:
+    await eventually(lambda: _when(health(replica), status), f"health {status}")
+
+
+async def _when(value: Any, wanted: int) -> bool | None:
+    return True if await value == wanted else None
+
+
+async def test_one_ingests_and_a_watcher_resumes_on_another_replica_missing_nothing(
+    tmp_path: Path, orchestrator: Orchestrator, postgres: PostgresDatabase
+) -> None:
+    gate = tmp_path / "gate"
+    async with replicas(tmp_path, orchestrator.address, postgres.dsn, 2) as (a, b):
+        assert a.ingest.term is not None and b.ingest.term is None, "exactly one replica ingests"
+        job_id = await submit(orchestrator, gate)
+        await wait_step(b, job_id, "prep", s.STEP_STATE_COMPLETED)  # b serves what a ingests
+        seen: list[int] = []
+        async with channel(a.address) as ch:
+            call = status_grpc.StatusServiceStub(ch).WatchJob(status_pb.WatchJobRequest(job_id=job_id,
+                                                                                        after_revision=0))
+            updates, _ = await watch_until(call, lambda update: update.HasField("job") or bool(update.steps))
+            seen += [update.revision for update in updates]
+            call.cancel()
+        # The holder goes away mid-job; the other replica takes over; the watcher resumes there.
+        await a.stop()
+        gate.touch()
+        async with channel(b.address) as ch:
+            call = status_grpc.StatusServiceStub(ch).WatchJob(status_pb.WatchJobRequest(job_id=job_id,
+                                                                                        after_revision=seen[-1]))
+            updates, _ = await watch_until(call, ends_job)
+            seen += [update.revision for update in updates]
+        assert b.ingest.term is not None and b.ingest.term.epoch == 2
+        assert seen == await job_revisions(postgres.dsn, job_id), "a revision missed, repeated or out of order"
+        await audit(orchestrator, postgres.dsn, job_id)
+
+
+async def test_a_holder_that_lost_the_lease_never_commits_and_steps_down(
+    tmp_path: Path, orchestrator: Orchestrator, postgres: PostgresDatabase
+) -> None:
+    gate = tmp_path / "gate"
+    async with replicas(tmp_path, orchestrator.address, postgres.dsn, 2) as (a, b):
+        job_id = await submit(orchestrator, gate)
+        await wait_step(a, job_id, "prep", s.STEP_STATE_COMPLETED)
+        # Another party locks the lease row (once a commit in flight has ended): a's next commit waits in its fence ...
+        thief = await store_connection(postgres.dsn)
+        try:
+            transaction = thief.transaction()
+            await transaction.start()
+            await thief.execute(f"SELECT 1 FROM {LEASE_TABLE} WHERE name = $1 FOR UPDATE", LEASE_NAME)
+            before = await latest_revision(postgres.dsn)
+            gate.touch()
+            await eventually(lambda: _fence_waiting(thief), "a's commit to wait in its fence")
+            # ... while the lease is taken over (as a replica that won it would).
+            epoch = await thief.fetchval(
+                f"UPDATE {LEASE_TABLE} SET holder = 'the test', epoch = epoch + 1, holder_pid = pg_backend_pid(), "
+                "expires_at = clock_timestamp() + interval '1 hour' WHERE name = $1 RETURNING epoch", LEASE_NAME)
+            await transaction.commit()
+            assert epoch == 2
+            await eventually(lambda: _true(a.ingest.term is None), "a to step down")
+            assert await latest_revision(postgres.dsn) == before, "a committed after losing the lease"
+            held = await wait_step(a, job_id, "prep", s.STEP_STATE_COMPLETED)  # nothing a folded is visible
+            assert held.revision == before and not held.job.freshness.stale
+            assert a.ingest.term is None and b.ingest.term is None and a.health.serving
+            # The lease is free again: a replica takes it (a new epoch) and ingests the rest.
+            await thief.execute(f"UPDATE {LEASE_TABLE} SET expires_at = '-infinity' WHERE name = $1", LEASE_NAME)
+        finally:
+            await thief.close()
+        for replica in (a, b):
+            async with channel(replica.address) as ch:
+                await wait_status_job(status_grpc.StatusServiceStub(ch), job_id, status_job_finished, "the end")
+        terms = [replica.ingest.term for replica in (a, b) if replica.ingest.term is not None]
+        assert [term.epoch for term in terms] == [3]
+        await audit(orchestrator, postgres.dsn, job_id)
+
+
+async def _fence_waiting(connection: Any) -> bool | None:
+    """A status replica's statement waits for a lock on the lease row (the fence's SELECT ... FOR UPDATE)."""
+    waiting = await connection.fetchval(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'stepstream-status' "
+        "AND wait_event_type = 'Lock' AND query LIKE '%FOR UPDATE%'")
+    return True if waiting else None
+
+
+async def test_a_change_committed_without_a_notification_reaches_watchers_by_the_poll(
+    tmp_path: Path, orchestrator: Orchestrator, postgres: PostgresDatabase
+) -> None:
+    # The test holds the lease (a replica of its own), so the one under test only reads.
+    store = PostgresStatusStore(postgres.dsn)
+    await store.open()
+    try:
+        replica = await start(tmp_path, "replica", orchestrator.address, postgres.dsn)
+        await replica.stop()  # it made the lease table; the test now takes the lease first
+        lease = IngestLease(store.connect, holder="the test", ttl=60.0)
+        epoch = await lease.try_acquire()
+        assert epoch is not None
+        store.fence = lease.fence_for(epoch)
+        replica = await start(tmp_path, "replica", orchestrator.address, postgres.dsn)
+        try:
+            async with channel(replica.address) as ch:
+                call = status_grpc.StatusServiceStub(ch).WatchJobs(status_pb.WatchJobsRequest(after_revision=0))
+                await store.commit(WriteBatch(changes=[change(1, "notified")]))  # NOTIFY in its transaction
+                updates, _ = await watch_until(call, lambda update: update.revision == 1)
+                assert replica.tailer.notifications == 1
+                silent = await store.connect()  # a commit that sends no notification
+                try:
+                    await silent.execute(
+                        f"INSERT INTO changes ({', '.join(CHANGE_COLUMNS)}) "
+                        f"VALUES ({', '.join(f'${i + 1}' for i in range(len(CHANGE_COLUMNS)))})",
+                        *change(2, "silent"))
+                finally:
+                    await silent.close()
+                more, _ = await watch_until(call, lambda update: update.revision == 2)
+                assert [u.job_id for u in updates + more] == ["notified", "silent"]
+                assert replica.tailer.notifications == 1 and replica.tailer.polls > 0
+                call.cancel()
+        finally:
+            await replica.stop()
+            await lease.release()
+            await lease.close()
+    finally:
+        await store.close()
+
+
+def change(revision: int, job_id: str) -> StoredChange:
+    header = status_pb.JobStatus(id=job_id, name="ghost", state=s.JOB_STATE_RUNNING, revision=revision)
+    return StoredChange(revision, job_id, "ghost", s.JOB_STATE_PENDING, s.JOB_STATE_RUNNING,
+                        header.SerializeToString(), None, 0)
+
+
+class Proxy:
+    """A TCP proxy to the PostgreSQL server: cut() closes every connection through it and
+    refuses new ones (what a server restart looks like to a client); restore() takes them again."""
+
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        self.upstream = upstream
+        self.port = free_port()
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    def dsn(self, dsn: str) -> str:
+        parts = urlsplit(dsn)
+        user = f"{parts.username}@" if parts.username else ""
+        return urlunsplit(parts._replace(netloc=f"{user}127.0.0.1:{self.port}"))
+
+    async def restore(self) -> None:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
+
+    async def cut(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        for writer in list(self._writers):
+            writer.transport.abort()
+        await self._server.wait_closed()
+        self._server = None
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.upstream)
+        except OSError:
+            writer.transport.abort()
+            return
+        self._writers.update((writer, up_writer))
+        try:
+            await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+        finally:
+            for each in (writer, up_writer):
+                self._writers.discard(each)
+                each.transport.abort()
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    with contextlib.suppress(ConnectionError):
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    writer.transport.abort()
+
+
+async def test_database_outage_not_serving_then_recovers_and_watchers_miss_nothing(
+    tmp_path: Path, orchestrator: Orchestrator, postgres: PostgresDatabase
+) -> None:
+    parts = urlsplit(postgres.dsn)
+    proxy = Proxy((parts.hostname or "127.0.0.1", parts.port or 5432))
+    await proxy.restore()
+    gate = tmp_path / "gate"
+    async with replicas(tmp_path, orchestrator.address, proxy.dsn(postgres.dsn), 1) as (replica,):
+        job_id = await submit(orchestrator, gate)
+        await wait_step(replica, job_id, "prep", s.STEP_STATE_COMPLETED)
+        async with channel(replica.address) as ch:
+            stub = status_grpc.StatusServiceStub(ch)
+            call = stub.WatchJob(status_pb.WatchJobRequest(job_id=job_id, after_revision=0))
+            seen, _ = await watch_until(call, lambda update: step_state(update, "prep") == s.STEP_STATE_COMPLETED)
+            await proxy.cut()
+            await wait_health(replica, health_pb2.HealthCheckResponse.NOT_SERVING)
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await stub.GetJob(status_pb.GetJobRequest(job_id=job_id))
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "status database" in (refused.value.details() or "")
+            gate.touch()  # the job runs on while the database is away
+            await proxy.restore()
+            await wait_health(replica, health_pb2.HealthCheckResponse.SERVING)
+            rest, _ = await watch_until(call, ends_job)
+            call.cancel()
+        revisions = [update.revision for update in seen + rest]
+        assert revisions == await job_revisions(postgres.dsn, job_id), "a revision missed, repeated or out of order"
+        assert replica.ingest.term is not None and replica.ingest.term.epoch == 2
+    await audit(orchestrator, postgres.dsn, job_id)
+    await proxy.cut()
+
+
+async def test_failing_commits_mark_reads_stale_then_recover(
+    tmp_path: Path, orchestrator: Orchestrator, postgres: PostgresDatabase
+) -> None:
+    gate = tmp_path / "gate"
+    async with replicas(tmp_path, orchestrator.address, postgres.dsn, 1) as (replica,):
+        job_id = await submit(orchestrator, gate)
+        await wait_step(replica, job_id, "prep", s.STEP_STATE_COMPLETED)
+        admin = await store_connection(postgres.dsn)
+        try:
+            await admin.execute(
+                "CREATE FUNCTION disk_full() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                "RAISE EXCEPTION 'could not extend file: No space left on device' USING ERRCODE = 'disk_full'; "
+                "END $$")
+            await admin.execute("CREATE TRIGGER disk_full BEFORE INSERT ON changes "
+                                "FOR EACH ROW EXECUTE FUNCTION disk_full()")
+            gate.touch()
+            await wait_health(replica, health_pb2.HealthCheckResponse.NOT_SERVING)
+            async with channel(replica.address) as ch:
+                response = await status_grpc.StatusServiceStub(ch).GetJob(status_pb.GetJobRequest(job_id=job_id))
+            assert response.job.freshness.stale, "old data served as if current"
+            assert "No space left on device" in response.job.freshness.detail
+            await admin.execute("DROP TRIGGER disk_full ON changes")
+        finally:
+            await admin.close()
+        await wait_health(replica, health_pb2.HealthCheckResponse.SERVING)
+        async with channel(replica.address) as ch:
+            done = await wait_status_job(status_grpc.StatusServiceStub(ch), job_id, status_job_finished, "the end")
+        assert done.job.state == s.JOB_STATE_COMPLETED and not done.job.freshness.stale
+    await audit(orchestrator, postgres.dsn, job_id)
