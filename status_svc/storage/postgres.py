@@ -205,8 +205,14 @@ class PostgresStatusStore(SqlReads):
             async with self._write_lock:
                 if self._writer is None or self._writer.is_closed():
                     self._writer = await self.connect()
-                async with self._writer.transaction():
-                    return await unit(self._writer)
+                writer = self._writer
+                try:
+                    async with writer.transaction():
+                        return await unit(writer)
+                except Exception as error:
+                    if _is_trouble(error):  # whatever state it was left in, the next call starts afresh
+                        writer.terminate()
+                    raise
 
         return await self._shielded(_unavailable_on_trouble(run(), self.where))
 

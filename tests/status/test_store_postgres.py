@@ -148,14 +148,23 @@ async def test_connections_killed_mid_use_fail_clearly_and_the_next_call_reconne
 async def test_a_statement_past_the_store_timeout_is_unavailable_and_the_store_goes_on(
     postgres: PostgresDatabase,
 ) -> None:
+    """A read and a commit waiting on a lock past --store-timeout: UNAVAILABLE, the commit
+    left nothing, and both go on once the lock is gone."""
+    ingest = Ingest()
     store = PostgresStatusStore(postgres.dsn, timeout=0.2)
     await store.open()
     try:
-        await store.commit(Ingest().events(job("j", s.JOB_STATE_RUNNING)))
+        await store.commit(ingest.events(job("j", s.JOB_STATE_RUNNING)))
+        batch = ingest.events(job("k", s.JOB_STATE_RUNNING))
         async with changes_locked(postgres):
             with pytest.raises(StoreUnavailableError, match="cannot be used"):
                 await store.read_changes(0, 10)
+            with pytest.raises(StoreUnavailableError, match="cannot be used"):
+                await store.commit(batch)
         assert [change.revision for change in (await store.read_changes(0, 10)).items] == [1]
+        assert await store.get_job("k") is None
+        await store.commit(batch)
+        assert [change.revision for change in (await store.read_changes(0, 10)).items] == [1, 2]
         assert store.idle()
     finally:
         await store.close()
