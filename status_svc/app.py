@@ -14,8 +14,10 @@ Two ways to run, chosen by the store (--store; start_service() picks):
   (status_svc.replication): it ingests only while it holds the lease, its
   watches are fed from the committed change log, and a database error is
   trouble it reports and recovers from in-process (health NOT_SERVING, reads
-  stale, then back), not a reason to exit. Only a bug (the lease loop or the
-  tailer ending) still ends the process as above.
+  stale, then back), not a reason to exit. Only the lease loop or the tailer
+  ending still ends the process as above: a bug, or a database that is behind
+  what this replica already served (restored from a backup: a restarted
+  replica starts from the database as it is).
 """
 
 from __future__ import annotations
@@ -136,7 +138,7 @@ class ReplicaService:
         await asyncio.gather(self.tailer_task, return_exceptions=True)
 
     async def run_until_stopped(self) -> None:
-        """Serve until stop(); if the lease loop or the tailer ends first (a bug), fail loudly."""
+        """Serve until stop(); if the lease loop or the tailer ends first, fail loudly (see the module docstring)."""
         await self.server.serve_while({self.ingest_task: "ingest (the lease loop)",
                                        self.tailer_task: "the change tailer"})
 

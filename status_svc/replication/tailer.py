@@ -30,7 +30,7 @@ from status_svc.ingest.progress import AppliedPositions
 from status_svc.replication.health import DATABASE, DATABASE_ERRORS, INGEST, ReplicaHealth, describe
 from status_svc.replication.lease import Connect
 from status_svc.storage.base import StatusStore, StoredChange
-from stepstream_common.errors import CursorOutOfRangeError
+from stepstream_common.errors import CURSOR_TOO_OLD, CursorOutOfRangeError
 from stepstream_common.feed import Feed
 
 log = logging.getLogger(__name__)
@@ -83,6 +83,11 @@ class ChangeTailer:
             try:
                 page = await self._store.read_changes(self._feed.latest, self._page_size)
             except CursorOutOfRangeError as error:
+                if error.reason != CURSOR_TOO_OLD:
+                    # The database is behind what this replica has published (restored
+                    # from a backup?): its revisions would be given again. Not trouble
+                    # to wait out: the tailer ends and with it the process (see app.py).
+                    raise
                 # Pruned past us (the database was unreachable for long): every watch
                 # goes back to storage from its own cursor and learns it is too old.
                 log.error("the change log was pruned past revision %d (oldest kept: %d); watches must resync",

@@ -212,44 +212,72 @@ async def _fence_waiting(connection: Any) -> bool | None:
     return True if waiting else None
 
 
-async def test_a_change_committed_without_a_notification_reaches_watchers_by_the_poll(
-    tmp_path: Path, orchestrator: Orchestrator, postgres: PostgresDatabase
-) -> None:
-    # The test holds the lease (a replica of its own), so the one under test only reads.
-    store = PostgresStatusStore(postgres.dsn)
+@contextlib.asynccontextmanager
+async def reader(
+    tmp_path: Path, orchestrator: str, dsn: str
+) -> AsyncIterator[tuple[PostgresStatusStore, ReplicaService]]:
+    """A replica that only reads: the test holds the lease (a replica of its own) and
+    commits with the store it yields, fenced by that lease."""
+    store = PostgresStatusStore(dsn)
     await store.open()
+    lease = IngestLease(store.connect, holder="the test", ttl=60.0)
     try:
-        replica = await start(tmp_path, "replica", orchestrator.address, postgres.dsn)
-        await replica.stop()  # it made the lease table; the test now takes the lease first
-        lease = IngestLease(store.connect, holder="the test", ttl=60.0)
+        first = await start(tmp_path, "replica", orchestrator, dsn)
+        await first.stop()  # it made the lease table; now the test takes the lease first
         epoch = await lease.try_acquire()
         assert epoch is not None
         store.fence = lease.fence_for(epoch)
-        replica = await start(tmp_path, "replica", orchestrator.address, postgres.dsn)
+        replica = await start(tmp_path, "replica", orchestrator, dsn)
         try:
-            async with channel(replica.address) as ch:
-                call = status_grpc.StatusServiceStub(ch).WatchJobs(status_pb.WatchJobsRequest(after_revision=0))
-                await store.commit(WriteBatch(changes=[change(1, "notified")]))  # NOTIFY in its transaction
-                updates, _ = await watch_until(call, lambda update: update.revision == 1)
-                assert replica.tailer.notifications == 1
-                silent = await store.connect()  # a commit that sends no notification
-                try:
-                    await silent.execute(
-                        f"INSERT INTO changes ({', '.join(CHANGE_COLUMNS)}) "
-                        f"VALUES ({', '.join(f'${i + 1}' for i in range(len(CHANGE_COLUMNS)))})",
-                        *change(2, "silent"))
-                finally:
-                    await silent.close()
-                more, _ = await watch_until(call, lambda update: update.revision == 2)
-                assert [u.job_id for u in updates + more] == ["notified", "silent"]
-                assert replica.tailer.notifications == 1 and replica.tailer.polls > 0
-                call.cancel()
+            yield store, replica
         finally:
             await replica.stop()
-            await lease.release()
-            await lease.close()
     finally:
+        await lease.release()
+        await lease.close()
         await store.close()
+
+
+async def commit_silently(store: PostgresStatusStore, changes: list[StoredChange], prune_to: int = 0) -> None:
+    """Changes committed with no notification (and the log pruned up to `prune_to`), in one transaction."""
+    connection = await store.connect()
+    try:
+        async with connection.transaction():
+            await connection.executemany(
+                f"INSERT INTO changes ({', '.join(CHANGE_COLUMNS)}) "
+                f"VALUES ({', '.join(f'${i + 1}' for i in range(len(CHANGE_COLUMNS)))})", changes)
+            await connection.execute("DELETE FROM changes WHERE revision <= $1", prune_to)
+    finally:
+        await connection.close()
+
+
+async def test_a_change_committed_without_a_notification_reaches_watchers_by_the_poll(
+    tmp_path: Path, orchestrator: Orchestrator, postgres: PostgresDatabase
+) -> None:
+    async with reader(tmp_path, orchestrator.address, postgres.dsn) as (store, replica), channel(replica.address) as ch:
+        call = status_grpc.StatusServiceStub(ch).WatchJobs(status_pb.WatchJobsRequest(after_revision=0))
+        await eventually(lambda: _true(replica.tailer.polls > 0), "the tailer to listen")
+        await store.commit(WriteBatch(changes=[change(1, "notified")]))  # NOTIFY in its transaction
+        updates, _ = await watch_until(call, lambda update: update.revision == 1)
+        await eventually(lambda: _true(replica.tailer.notifications == 1), "the notification")
+        await commit_silently(store, [change(2, "silent")])
+        more, _ = await watch_until(call, lambda update: update.revision == 2)
+        assert [update.job_id for update in updates + more] == ["notified", "silent"]
+        assert replica.tailer.notifications == 1 and replica.tailer.polls > 0
+        call.cancel()
+
+
+async def test_a_watcher_behind_a_log_pruned_before_the_replica_read_it_is_told_out_of_range(
+    tmp_path: Path, orchestrator: Orchestrator, postgres: PostgresDatabase
+) -> None:
+    async with reader(tmp_path, orchestrator.address, postgres.dsn) as (store, replica), channel(replica.address) as ch:
+        call = status_grpc.StatusServiceStub(ch).WatchJobs(status_pb.WatchJobsRequest(after_revision=0))
+        await eventually(lambda: _true(replica.feed.subscriber_count == 1), "the watch to be live")
+        await commit_silently(store, [change(revision, f"job{revision}") for revision in (1, 2, 3)], prune_to=2)
+        with pytest.raises(grpc.aio.AioRpcError) as ended:
+            await watch_until(call, lambda update: True)
+        assert ended.value.code() == grpc.StatusCode.OUT_OF_RANGE, "revision 3 would follow 0: 1 and 2 skipped"
+        await eventually(lambda: _true(replica.feed.latest == 3), "the replica to publish on from what is kept")
 
 
 def change(revision: int, job_id: str) -> StoredChange:
