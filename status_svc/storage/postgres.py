@@ -144,8 +144,9 @@ class PostgresStatusStore(SqlReads):
 
             async def unit(conn: asyncpg.Connection) -> tuple[OpenedStore, str]:
                 await conn.execute("SELECT pg_advisory_xact_lock($1)", SCHEMA_LOCK)
-                await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {PG_SCHEMA}")
-                await conn.execute(META_TABLE)
+                if await conn.fetchval("SELECT to_regclass('meta')") is None:  # a new database: the only DDL
+                    await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {PG_SCHEMA}")  # then, needing CREATE on it
+                    await conn.execute(META_TABLE)
                 return await open_in(_Connection(conn), _migrate, self.where)
 
             opened, secret = await self._writing(unit)
