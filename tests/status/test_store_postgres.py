@@ -14,10 +14,13 @@ import re
 import sqlite3
 import subprocess
 import sys
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
+import asyncpg
 import pytest
 from stepstream.common.v1 import states_pb2 as s
 from stepstream.orchestrator.v1 import orchestrator_service_pb2 as orch_pb
@@ -192,6 +195,34 @@ async def test_replicas_opening_one_new_database_at_once_make_one_schema(postgre
             SCHEMA_VERSION)
     finally:
         await conn.close()
+
+
+async def test_a_replica_on_an_existing_schema_needs_only_rights_on_its_tables(postgres: PostgresDatabase) -> None:
+    """No DDL once the schema exists: a role with USAGE and DML rights alone (no CREATE
+    on the database) opens the store, commits and reads."""
+    async with opened(postgres.dsn):
+        pass
+    role = f"stepstream_test_role_{uuid.uuid4().hex[:12]}"
+    admin = await postgres.connect()
+    try:
+        await admin.execute(f'CREATE ROLE "{role}" LOGIN')
+        await admin.execute(f'GRANT USAGE ON SCHEMA {PG_SCHEMA} TO "{role}"')
+        await admin.execute(f'GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA {PG_SCHEMA} TO "{role}"')
+        parts = urlsplit(postgres.dsn)
+        limited = urlunsplit(parts._replace(netloc=f"{role}@{parts.netloc.rsplit('@', 1)[-1]}"))
+        async with opened(limited) as store:
+            await store.commit(Ingest().events(job("j", s.JOB_STATE_RUNNING)))
+            assert await store.latest_revision() == 1
+        conn = await asyncpg.connect(limited)
+        try:
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):  # the role really cannot make a schema
+                await conn.execute("CREATE SCHEMA elsewhere")
+        finally:
+            await conn.close()
+    finally:
+        await admin.execute(f'DROP OWNED BY "{role}"')
+        await admin.execute(f'DROP ROLE IF EXISTS "{role}"')
+        await admin.close()
 
 
 # --- schema versions, both backends ---------------------------------------------------------------------------
