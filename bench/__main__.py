@@ -1,9 +1,10 @@
 """`python -m bench NAME [--quick] [--json FILE]`: run one benchmark and print its table.
 
-NAME is one of: ingest, latency, fanout, watchers, pg_ingest (needs PostgreSQL:
-STEPSTREAM_TEST_POSTGRES). --quick runs tiny sizes (for
-the smoke tests); figures from a quick run mean nothing. `fanout --children
-100000 [--fanouts 3]` is the large fan-out run (memory and loop stalls).
+NAME is one of: ingest, latency, fanout, watchers, pg_ingest, failover,
+replica_watchers (the last three need PostgreSQL: STEPSTREAM_TEST_POSTGRES).
+--quick runs tiny sizes (for the smoke tests); figures from a quick run mean
+nothing. `fanout --children 100000 [--fanouts 3]` is the large fan-out run
+(memory and loop stalls).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from stepstream.flags import positive_int
 
-BENCHMARKS = ("ingest", "latency", "fanout", "watchers", "pg_ingest")
+BENCHMARKS = ("ingest", "latency", "fanout", "watchers", "failover", "replica_watchers", "pg_ingest")
 
 
 def main() -> None:

@@ -43,10 +43,18 @@ EXPECTED: dict[str, list[str]] = {
         "events", "events_per_second", "baseline_copy_rows_per_second", "baseline_upsert_rows_per_second",
         "sqlite_events_per_second",
     ],
+    "failover": [
+        "runs", "failover_median_seconds", "failover_max_seconds", "failover_min_seconds", "fresh_start_seconds",
+        "lease_ttl_seconds", "lease_poll_seconds", "events_per_second",
+    ],
+    "replica_watchers": [
+        "events", "events_per_second_0_watchers", "events_per_second_1000_on_second", "share_1000_on_second",
+        "lag_revisions_1000_on_second", "catchup_seconds_1000_on_second", "incomplete_watchers_1000_on_second",
+    ],
 }
 # These make a database of their own on the tests' PostgreSQL server: without one they are
 # skipped (failed, in CI) as the PostgreSQL tests are.
-NEEDS_POSTGRES = {"pg_ingest"}
+NEEDS_POSTGRES = {"pg_ingest", "failover", "replica_watchers"}
 
 
 @pytest.mark.parametrize("name", list(EXPECTED))
