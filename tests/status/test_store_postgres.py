@@ -80,7 +80,7 @@ async def changes_locked(database: PostgresDatabase) -> AsyncIterator[None]:
 async def waiting_on_the_lock(database: PostgresDatabase, count: int = 1) -> None:
     """Until `count` of the store's statements are waiting for the lock in the server."""
 
-    async def waiting() -> bool:
+    async def waiting() -> bool | None:
         conn = await database.connect()
         try:
             found = await conn.fetchval(
@@ -89,13 +89,13 @@ async def waiting_on_the_lock(database: PostgresDatabase, count: int = 1) -> Non
             )
         finally:
             await conn.close()
-        return int(found) >= count
+        return True if int(found) >= count else None  # eventually() waits out None only
 
     await eventually(waiting, f"{count} statement(s) of the store waiting on the lock")
 
 
-async def idle(store: PostgresStatusStore) -> bool:
-    return store.idle()
+async def idle(store: PostgresStatusStore) -> bool | None:
+    return True if store.idle() else None
 
 
 async def test_a_read_and_a_commit_cancelled_while_the_server_runs_them(postgres: PostgresDatabase) -> None:
