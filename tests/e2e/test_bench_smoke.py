@@ -44,8 +44,8 @@ EXPECTED: dict[str, list[str]] = {
         "sqlite_events_per_second",
     ],
     "failover": [
-        "runs", "failover_median_seconds", "failover_max_seconds", "failover_min_seconds", "fresh_start_seconds",
-        "lease_ttl_seconds", "lease_poll_seconds", "events_per_second",
+        "runs", "children", "failover_median_seconds", "failover_max_seconds", "failover_min_seconds",
+        "fresh_start_seconds", "lease_ttl_seconds", "lease_poll_seconds", "events_per_second",
     ],
     "replica_watchers": [
         "events", "events_per_second_0_watchers", "events_per_second_1000_on_second", "share_1000_on_second",
