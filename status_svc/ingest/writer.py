@@ -166,6 +166,9 @@ class IngestWriter:
                     items.append(item)
                     if isinstance(item, Events):
                         size += len(item.events)
+                if committing is not None and committing.done():
+                    await committing  # raises what a commit that failed meanwhile raised
+                    committing = None
                 work = [item for item in items if item is not None]
                 if work:
                     job_ids, touched = await self._load_jobs(work)
@@ -173,6 +176,7 @@ class IngestWriter:
                     if committing is not None:
                         await committing
                     committing = asyncio.create_task(self._commit(pending), name="ingest-commit")
+                    committing.add_done_callback(self._wake_if_failed)
                 if time.monotonic() >= next_prune:
                     if committing is not None:
                         await committing
@@ -186,6 +190,12 @@ class IngestWriter:
                 # Cancelled (a replica stepping down): the commit itself runs on,
                 # shielded by the store, to its end; its task need not be awaited.
                 committing.cancel()
+
+    def _wake_if_failed(self, commit: asyncio.Task[None]) -> None:
+        """A commit failed: wake run() now (it raises it), not when the next item arrives."""
+        if not commit.cancelled() and commit.exception() is not None:
+            with contextlib.suppress(asyncio.QueueFull):  # full: run() is about to take from it anyway
+                self._queue.put_nowait(None)
 
     async def stop(self) -> None:
         """Ask run() to return once everything queued is applied."""

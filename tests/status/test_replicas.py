@@ -367,13 +367,13 @@ async def test_database_outage_not_serving_then_recovers_and_watchers_miss_nothi
     await proxy.cut()
 
 
-async def test_failing_commits_mark_reads_stale_then_recover(
+async def test_failing_commits_mark_reads_stale_on_every_replica_then_recover(
     tmp_path: Path, orchestrator: Orchestrator, postgres: PostgresDatabase
 ) -> None:
     gate = tmp_path / "gate"
-    async with replicas(tmp_path, orchestrator.address, postgres.dsn, 1) as (replica,):
+    async with replicas(tmp_path, orchestrator.address, postgres.dsn, 2) as pair:
         job_id = await submit(orchestrator, gate)
-        await wait_step(replica, job_id, "prep", s.STEP_STATE_COMPLETED)
+        await wait_step(pair[1], job_id, "prep", s.STEP_STATE_COMPLETED)
         admin = await store_connection(postgres.dsn)
         try:
             await admin.execute(
@@ -383,16 +383,22 @@ async def test_failing_commits_mark_reads_stale_then_recover(
             await admin.execute("CREATE TRIGGER disk_full BEFORE INSERT ON changes "
                                 "FOR EACH ROW EXECUTE FUNCTION disk_full()")
             gate.touch()
-            await wait_health(replica, health_pb2.HealthCheckResponse.NOT_SERVING)
-            async with channel(replica.address) as ch:
-                response = await status_grpc.StatusServiceStub(ch).GetJob(status_pb.GetJobRequest(job_id=job_id))
-            assert response.job.freshness.stale, "old data served as if current"
-            assert "No space left on device" in response.job.freshness.detail
+            # The holder's commits fail: it steps down, the other takes the lease and fails
+            # too: each says NOT_SERVING and shows the unfinished job stale, with why.
+            for replica in pair:
+                await wait_health(replica, health_pb2.HealthCheckResponse.NOT_SERVING)
+                async with channel(replica.address) as ch:
+                    response = await status_grpc.StatusServiceStub(ch).GetJob(
+                        status_pb.GetJobRequest(job_id=job_id))
+                assert response.job.freshness.stale, "old data served as if current"
+                assert "No space left on device" in response.job.freshness.detail
             await admin.execute("DROP TRIGGER disk_full ON changes")
         finally:
             await admin.close()
-        await wait_health(replica, health_pb2.HealthCheckResponse.SERVING)
-        async with channel(replica.address) as ch:
-            done = await wait_status_job(status_grpc.StatusServiceStub(ch), job_id, status_job_finished, "the end")
-        assert done.job.state == s.JOB_STATE_COMPLETED and not done.job.freshness.stale
+        for replica in pair:
+            await wait_health(replica, health_pb2.HealthCheckResponse.SERVING)
+            async with channel(replica.address) as ch:
+                done = await wait_status_job(status_grpc.StatusServiceStub(ch), job_id, status_job_finished,
+                                             "the end")
+            assert done.job.state == s.JOB_STATE_COMPLETED and not done.job.freshness.stale
     await audit(orchestrator, postgres.dsn, job_id)
