@@ -1,17 +1,20 @@
 """Status replicas on one PostgreSQL database lose the ingest lease's holder
-mid fan-out (kill -9, or hung with its connections open), and still nothing is
-lost or doubled, and every watcher sees every revision once, in order.
+mid fan-out, and still nothing is lost or doubled, and every watcher sees
+every revision once, in order.
 
 Three `python -m status_svc --store postgresql://...` subprocesses follow one
 orchestrator (in-process) on a fresh database, with quick lease timing
 (LEASE_FLAGS). A watcher on each replica follows the job from revision 0 and,
 when its replica dies, resumes on a live one with after_revision, as a client
-would. The lease holder is found from the lease row. The time from the
-interruption to the first commit by another replica (the committed cursor
-moving) is printed. At the end the database is audited row by row against the
-orchestrator's whole log, folded independently (tests/helpers/audit.py, the
-same audit as the SQLite crash test), and each watcher's updates must be
-exactly the committed `changes` rows, 1..N.
+would. The lease holder, found from the lease row, is interrupted: killed -9,
+cut off from its lease connection while it ingests, or stopped (SIGSTOP)
+with its connections open; each next interruption hits the new holder right
+after its first commit. The times until the lease moved and until the new
+holder's first commit (the committed cursor moving) are printed. At the end
+the database is audited row by row against the orchestrator's whole log,
+folded independently (tests/helpers/audit.py, the same audit as the SQLite
+crash test), and each watcher's updates must be exactly the committed
+`changes` rows, 1..N.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,7 +36,7 @@ from stepstream.status.v1 import status_service_pb2 as status_pb
 from stepstream.status.v1 import status_service_pb2_grpc as status_grpc
 
 from orchestrator_svc.app import Orchestrator
-from status_svc.replication.lease import lease_holder
+from status_svc.replication.lease import LEASE_TABLE, lease_holder
 from tests.helpers import (
     DEADLINE,
     ServiceProcess,
@@ -120,18 +123,18 @@ class Watcher:
         return self
 
 
-async def lease_held(connection: asyncpg.Connection, replicas: list[Replica]) -> tuple[Replica, int]:
-    """(the one of `replicas` holding the unexpired lease, its epoch), polled until one does.
-    The row names its holder HOST:PID:ADDRESS."""
+async def lease_held(connection: asyncpg.Connection, replicas: list[Replica], after: int = 0) -> tuple[Replica, int]:
+    """(the replica holding the unexpired lease under an epoch past `after`, that epoch), polled until
+    one does. The row names its holder HOST:PID:ADDRESS."""
 
     async def probe() -> tuple[Replica, int] | None:
         held = await lease_holder(connection)
-        if held is None or not held[2]:
+        if held is None or not held[2] or held[1] <= after:
             return None
-        named = [replica for replica in replicas if held[0].endswith(f":{replica.address}")]
-        return (named[0], held[1]) if named else None
+        [named] = [replica for replica in replicas if held[0].endswith(f":{replica.address}")]
+        return named, held[1]
 
-    return await eventually(probe, "a replica to hold the lease")
+    return await eventually(probe, f"a replica to hold the lease after epoch {after}")
 
 
 async def committed_cursor(connection: asyncpg.Connection) -> int:
@@ -147,25 +150,25 @@ async def children_done(connection: asyncpg.Connection, job_id: str, count: int)
     await eventually(probe, f"{count} children to be done")
 
 
-# What the test does to the lease holder: returns what undoes it once another replica has taken over.
-Interrupt = Callable[[Replica], Awaitable[Callable[[], Awaitable[None]]]]
+# What the test does to the lease holder (given a connection to the database): returns what undoes it
+# once another replica has taken over.
+Interrupt = Callable[[Replica, asyncpg.Connection], Awaitable[Callable[[], Awaitable[None]]]]
 
 
 async def failover(
-    orchestrator: Orchestrator, stub: OrchStub, tmp_path: Path, dsn: str, *, interrupt: Interrupt,
-    rounds: int, delay: float,
+    orchestrator: Orchestrator, stub: OrchStub, tmp_path: Path, dsn: str, interrupts: Sequence[Interrupt],
 ) -> None:
-    """Interrupt the lease holder `rounds` times mid fan-out (each next one right after the previous
-    takeover's first commit), then audit the database and every watcher."""
+    """Interrupt the lease holder mid fan-out with each of `interrupts` in turn (each next one right
+    after the previous takeover's first commit), then audit the database and every watcher."""
     release = tmp_path / "release"
     replicas = [Replica(tmp_path / f"status-{n}", orchestrator.address, dsn) for n in range(3)]
     watchers: list[Watcher] = []
     undo: list[Callable[[], Awaitable[None]]] = []
     connection = await store_connection(dsn)
     try:
-        for replica in replicas:  # not on the loop: the orchestrator runs on it
-            await asyncio.to_thread(replica.start)
-        workload = crash_workload(release, COUNT, concurrency=10, delay=delay)
+        # Not on the loop: the orchestrator runs on it.
+        await asyncio.gather(*(asyncio.to_thread(replica.start) for replica in replicas))
+        workload = crash_workload(release, COUNT, concurrency=10, delay=0.05)
         job_id = (await stub.SubmitJob(orch_pb.SubmitJobRequest(definition=workload))).job.id
         for replica in replicas:
             async with channel(replica.address) as ch:
@@ -175,22 +178,22 @@ async def failover(
 
         await children_done(connection, job_id, COUNT // 4)  # mid fan-out
         holder, epoch = await lease_held(connection, replicas)
-        for _ in range(rounds):
+        for interrupt in interrupts:
             fan = (await stub.GetJob(orch_pb.GetJobRequest(job_id=job_id))).steps[1]
             assert fan.step.state == s.STEP_STATE_WAITING, "the fan-out must still run when the holder is interrupted"
-            undo.append(await interrupt(holder))
+            undo.append(await interrupt(holder, connection))
             interrupted_at = time.monotonic()
-            # What the interrupted holder committed is all it may ever commit: the next move is another's.
+            new_holder, new_epoch = await lease_held(connection, replicas, after=epoch)
+            assert not new_holder.killed
+            moved = time.monotonic() - interrupted_at
+            # Once the lease has moved, the old holder can never commit again: the next move is the new one's.
             cursor = await committed_cursor(connection)
             while await committed_cursor(connection) == cursor:
-                assert time.monotonic() - interrupted_at < DEADLINE, "no replica took over"
+                assert time.monotonic() - interrupted_at < DEADLINE, "the new holder never commits"
                 await asyncio.sleep(0.002)
             takeover = time.monotonic() - interrupted_at
-            others = [replica for replica in replicas if replica is not holder and not replica.killed]
-            new_holder, new_epoch = await lease_held(connection, others)
-            print(f"\nthe lease holder interrupted; first commit by another replica after {takeover:.3f} s "
-                  f"(epoch {epoch} -> {new_epoch}; lease TTL {TTL:g} s, poll {POLL:g} s)")
-            assert new_epoch > epoch
+            print(f"\nthe lease holder interrupted; the lease moved after {moved:.3f} s, the new holder's first "
+                  f"commit after {takeover:.3f} s (epoch {epoch} -> {new_epoch}; TTL {TTL:g} s, poll {POLL:g} s)")
             holder, epoch = new_holder, new_epoch
         for undone in undo:
             await undone()
@@ -227,7 +230,7 @@ async def failover(
     print(f"{len(committed)} revisions; watchers resumed {[w.resumed for w in watchers]} times")
 
 
-async def killed(replica: Replica) -> Callable[[], Awaitable[None]]:
+async def killed(replica: Replica, _: asyncpg.Connection) -> Callable[[], Awaitable[None]]:
     await asyncio.to_thread(replica.kill)
 
     async def nothing() -> None:
@@ -236,7 +239,7 @@ async def killed(replica: Replica) -> Callable[[], Awaitable[None]]:
     return nothing
 
 
-async def hung(replica: Replica) -> Callable[[], Awaitable[None]]:
+async def hung(replica: Replica, _: asyncpg.Connection) -> Callable[[], Awaitable[None]]:
     """SIGSTOP: it keeps its connections (and whatever it holds on the database) but does nothing."""
     replica.signal(signal.SIGSTOP)
 
@@ -246,18 +249,33 @@ async def hung(replica: Replica) -> Callable[[], Awaitable[None]]:
     return wake
 
 
+async def cut_off(replica: Replica, connection: asyncpg.Connection) -> Callable[[], Awaitable[None]]:
+    """The holder's lease connection ended by the database (pg_terminate_backend, as an operator or a
+    network cut would): the process lives on, still ingesting and believing it holds the lease until
+    its next renewal or fenced commit, while another replica may take the lease at once."""
+    ended = await connection.fetchval(f"SELECT pg_terminate_backend(holder_pid) FROM {LEASE_TABLE}")
+    assert ended, "the holder's lease connection was there to end"
+
+    async def nothing() -> None:
+        """It steps down by itself and reads on."""
+
+    return nothing
+
+
 async def test_kill_9_of_the_lease_holder_twice_mid_fanout_loses_nothing_and_watchers_see_every_revision_once(
     orchestrator: Orchestrator, orchestrator_stub: OrchStub, tmp_path: Path, postgres: PostgresDatabase
 ) -> None:
     """The holder killed -9, then the new holder killed right after its first commit (mid catch-up)."""
-    await failover(orchestrator, orchestrator_stub, tmp_path, postgres.dsn, interrupt=killed, rounds=2,
-                   delay=0.05)
+    await failover(orchestrator, orchestrator_stub, tmp_path, postgres.dsn, [killed, killed])
 
 
-async def test_a_hung_lease_holder_is_replaced_after_the_ttl_and_never_commits_after_it_wakes(
+async def test_a_holder_cut_off_or_hung_never_commits_after_the_takeover(
     orchestrator: Orchestrator, orchestrator_stub: OrchStub, tmp_path: Path, postgres: PostgresDatabase
 ) -> None:
-    """SIGSTOP with its connections open: taken over once its lease expires; woken, it may still
-    hold events it read before, which it must never commit (the fence); the audit finds any."""
-    await failover(orchestrator, orchestrator_stub, tmp_path, postgres.dsn, interrupt=hung, rounds=1,
-                   delay=0.05)
+    """First the holder's lease connection is ended while it ingests: for a moment two replicas
+    believe they hold the lease, and only the new epoch may commit. Then the new holder is stopped
+    (SIGSTOP) with its connections open: taken over once its lease expires; woken, it may still hold
+    events it read before, which it must never commit. The fence is all that stops either; the audit
+    finds any commit it let through."""
+    await failover(orchestrator, orchestrator_stub, tmp_path, postgres.dsn, [cut_off, hung])
+
