@@ -73,32 +73,34 @@ class LeasedIngest:
     async def run(self) -> None:
         """Compete, ingest while holding, step down, again: until cancelled or stop()ped."""
         failures = 0
-        while not self._stopping.is_set():
-            try:
-                epoch = await self.lease.try_acquire()
-            except DATABASE_ERRORS as error:
-                log.warning("cannot compete for the ingest lease: %s", describe(error))
-                await self.lease.close()
+        try:
+            while not self._stopping.is_set():
+                try:
+                    epoch = await self.lease.try_acquire()
+                except DATABASE_ERRORS as error:
+                    log.warning("cannot compete for the ingest lease: %s", describe(error))
+                    await self.lease.close()
+                    await self._pause(self._backoff.delay(failures))
+                    failures += 1
+                    continue
+                if epoch is None:
+                    await self._pause(self._poll_interval)
+                    continue
+                try:
+                    await self._hold(epoch)
+                    failures = 0
+                except LeaseLost as error:
+                    log.warning("stepping down: %s; reading only", error)
+                except DATABASE_ERRORS as error:
+                    reason = f"ingest failed: {describe(error)}"
+                    log.error("stepping down (epoch %d): %s", epoch, reason)
+                    await self._health.trouble(INGEST, reason)
+                    failures += 1
+                finally:
+                    await self.lease.release()
                 await self._pause(self._backoff.delay(failures))
-                failures += 1
-                continue
-            if epoch is None:
-                await self._pause(self._poll_interval)
-                continue
-            try:
-                await self._hold(epoch)
-                failures = 0
-            except LeaseLost as error:
-                log.warning("stepping down: %s; reading only", error)
-            except DATABASE_ERRORS as error:
-                reason = f"ingest failed: {describe(error)}"
-                log.error("stepping down (epoch %d): %s", epoch, reason)
-                await self._health.trouble(INGEST, reason)
-                failures += 1
-            finally:
-                await self.lease.release()
-            await self._pause(self._backoff.delay(failures))
-        await self.lease.close()
+        finally:
+            await self.lease.close()  # however run() ends, its session ends with it
 
     async def stop(self) -> None:
         """Graceful: stop following and let the writer commit what it has (under the

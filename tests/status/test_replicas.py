@@ -402,3 +402,33 @@ async def test_failing_commits_mark_reads_stale_on_every_replica_then_recover(
                                              "the end")
             assert done.job.state == s.JOB_STATE_COMPLETED and not done.job.freshness.stale
     await audit(orchestrator, postgres.dsn, job_id)
+
+
+async def test_a_replica_stopped_or_cancelled_at_any_moment_leaves_no_session_and_loses_nothing(
+    tmp_path: Path, orchestrator: Orchestrator, postgres: PostgresDatabase
+) -> None:
+    gate = tmp_path / "gate"
+    job_id = await submit(orchestrator, gate)
+    for round in range(8):
+        replica = await start(tmp_path, f"replica{round}", orchestrator.address, postgres.dsn)
+        await asyncio.sleep(round * 0.03)  # starting, competing, mid-term with commits in flight ...
+        if round % 2:  # ... and its lease loop and tailer cancelled wherever they are
+            replica.ingest_task.cancel()
+            replica.tailer_task.cancel()
+        await replica.stop()
+        await eventually(lambda: _no_sessions(postgres.dsn), "the replica's sessions to end")
+    gate.touch()
+    async with replicas(tmp_path, orchestrator.address, postgres.dsn, 1) as (last,), channel(last.address) as ch:
+        await wait_status_job(status_grpc.StatusServiceStub(ch), job_id, status_job_finished, "the end")
+    await audit(orchestrator, postgres.dsn, job_id)
+
+
+async def _no_sessions(dsn: str) -> bool | None:
+    connection = await store_connection(dsn)
+    try:
+        count = await connection.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND application_name = 'stepstream-status'")
+    finally:
+        await connection.close()
+    return True if count == 0 else None
