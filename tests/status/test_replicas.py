@@ -35,6 +35,7 @@ from status_svc.storage.open import store_from_config
 from status_svc.storage.postgres import PostgresStatusStore
 from status_svc.storage.sql import CHANGE_COLUMNS
 from tests.conftest import status_config
+from tests.e2e.test_metrics import scrape, value
 from tests.helpers import (
     channel,
     ends_job,
@@ -53,7 +54,7 @@ FAST = {"poll_interval": 0.1, "lease_ttl": 1.0}
 
 
 async def start(tmp_path: Path, name: str, orchestrator: str, dsn: str) -> ReplicaService:
-    config = status_config(tmp_path / name, orchestrator, store=dsn, **FAST)
+    config = status_config(tmp_path / name, orchestrator, store=dsn, metrics_listen="127.0.0.1:0", **FAST)
     store = store_from_config(config)
     assert isinstance(store, PostgresStatusStore)
     return await start_replica(config, store)
@@ -143,6 +144,8 @@ async def test_one_ingests_and_a_watcher_resumes_on_another_replica_missing_noth
     gate = tmp_path / "gate"
     async with replicas(tmp_path, orchestrator.address, postgres.dsn, 2) as (a, b):
         assert a.ingest.term is not None and b.ingest.term is None, "exactly one replica ingests"
+        assert b.metrics is not None
+        assert value(await asyncio.to_thread(scrape, b.metrics.address), "stepstream_ingest_lease_held") == 0
         job_id = await submit(orchestrator, gate)
         await wait_step(b, job_id, "prep", s.STEP_STATE_COMPLETED)  # b serves what a ingests
         seen: list[int] = []
@@ -161,6 +164,10 @@ async def test_one_ingests_and_a_watcher_resumes_on_another_replica_missing_noth
             updates, _ = await watch_until(call, ends_job)
             seen += [update.revision for update in updates]
         assert b.ingest.term is not None and b.ingest.term.epoch == 2
+        assert b.metrics is not None
+        samples = await asyncio.to_thread(scrape, b.metrics.address)
+        lease = [value(samples, f"stepstream_ingest_lease_{name}") for name in ("held", "epoch")]
+        assert lease == [1, 2], "the metrics say who ingests, under which epoch"
         assert seen == await job_revisions(postgres.dsn, job_id), "a revision missed, repeated or out of order"
         await audit(orchestrator, postgres.dsn, job_id)
 
