@@ -81,10 +81,13 @@ async def _true(value: bool) -> bool | None:
 
 async def submit(orchestrator: Orchestrator, gate: Path) -> str:
     """The kill -9 tests' busy fan-out (the audit knows it), then a step that runs until `gate` exists."""
+    return (await submitted(orchestrator, gate)).job.id
+
+
+async def submitted(orchestrator: Orchestrator, gate: Path) -> orch_pb.SubmitJobResponse:
     async with channel(orchestrator.address) as ch:
-        response = await orch_grpc.OrchestratorServiceStub(ch).SubmitJob(
+        return await orch_grpc.OrchestratorServiceStub(ch).SubmitJob(
             orch_pb.SubmitJobRequest(definition=crash_workload(gate, 24, 4)))
-    return response.job.id
 
 
 def step_state(response: Any, name: str) -> int:
@@ -146,8 +149,13 @@ async def test_one_ingests_and_a_watcher_resumes_on_another_replica_missing_noth
         assert a.ingest.term is not None and b.ingest.term is None, "exactly one replica ingests"
         assert b.metrics is not None
         assert value(await asyncio.to_thread(scrape, b.metrics.address), "stepstream_ingest_lease_held") == 0
-        job_id = await submit(orchestrator, gate)
-        await wait_step(b, job_id, "prep", s.STEP_STATE_COMPLETED)  # b serves what a ingests
+        job = await submitted(orchestrator, gate)
+        job_id = job.job.id
+        async with channel(b.address) as ch:  # b serves what a ingests, and knows when it is committed
+            read = await status_grpc.StatusServiceStub(ch).GetJob(status_pb.GetJobRequest(
+                job_id=job_id, not_older_than=status_pb.LogPosition(log_id=job.log_id, seq=job.seq)))
+        assert read.job.id == job_id
+        await wait_step(b, job_id, "prep", s.STEP_STATE_COMPLETED)
         seen: list[int] = []
         async with channel(a.address) as ch:
             call = status_grpc.StatusServiceStub(ch).WatchJob(status_pb.WatchJobRequest(job_id=job_id,
