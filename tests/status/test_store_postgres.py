@@ -310,9 +310,12 @@ async def test_the_service_refuses_a_newer_schema_in_one_line_with_exit_code_2(
 # --- the password ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("how", ["flag", "env"])
-async def test_a_password_in_the_store_url_is_refused_without_repeating_it(how: str, tmp_path: Path) -> None:
-    url = f"postgresql://postgres:{PASSWORD}@127.0.0.1:5432/postgres"
+@pytest.mark.parametrize(("how", "url"), [
+    ("flag", f"postgresql://postgres:{PASSWORD}@127.0.0.1:5432/postgres"),
+    ("env", f"postgresql://postgres:{PASSWORD}@127.0.0.1:5432/postgres"),
+    ("flag", f"postgresql://postgres@127.0.0.1:5432/postgres?sslmode=prefer&password={PASSWORD}"),
+])
+async def test_a_password_in_the_store_url_is_refused_without_repeating_it(how: str, url: str, tmp_path: Path) -> None:
     if how == "flag":
         done = await asyncio.to_thread(run_status, "--data-dir", str(tmp_path), "--store", url)
     else:
