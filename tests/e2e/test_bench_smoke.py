@@ -48,8 +48,8 @@ EXPECTED: dict[str, list[str]] = {
         "fresh_start_seconds", "lease_ttl_seconds", "lease_poll_seconds", "events_per_second",
     ],
     "replica_watchers": [
-        "events", "events_per_second_0_watchers", "events_per_second_1000_on_second", "share_1000_on_second",
-        "lag_revisions_1000_on_second", "catchup_seconds_1000_on_second", "incomplete_watchers_1000_on_second",
+        "events", "events_per_second_1000_on_second", "lag_revisions_1000_on_second",
+        "catchup_seconds_1000_on_second", "incomplete_watchers_1000_on_second",
     ],
 }
 # These make a database of their own on the tests' PostgreSQL server: without one they are

@@ -695,3 +695,5 @@ async def test_the_deployed_settings_serve_tls_and_tokens_and_the_status_service
                         raise
 
                 await eventually(followed, f"the status service at {address} to have the job from the orchestrator")
+        if database is not None:  # the replicas' pods and containers give them no volume: they need none
+            assert not list((tmp_path / "data").glob("status_svc-*")), "a replica on PostgreSQL wrote to --data-dir"
