@@ -355,6 +355,38 @@ async def test_the_password_from_its_file_never_shows_in_the_logs(
     assert not any(PASSWORD in repr(record.args) for record in caplog.records)
 
 
+# --- the fixture itself ---------------------------------------------------------------------------------------
+
+
+PROBE = """
+async def test_probe(postgres):
+    assert postgres.name
+"""
+
+
+@pytest.mark.parametrize("ci", ["", "true"])
+def test_without_a_server_the_postgres_tests_skip_in_one_line_or_fail_in_ci(ci: str, tmp_path: Path) -> None:
+    """A test using the `postgres` fixture, run by pytest against a port where nothing
+    listens: skipped with one line saying how to enable it, or (CI=true) an error naming the DSN."""
+    (tmp_path / "test_probe.py").write_text(PROBE)
+    dsn = "postgresql://postgres@127.0.0.1:9/postgres"
+    env = {**os.environ, "STEPSTREAM_TEST_POSTGRES": dsn, "CI": ci, "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "pytest_asyncio.plugin", "-p", "tests.helpers.postgres",
+         "-c", os.devnull, "-o", "asyncio_mode=auto", "-o", "asyncio_default_fixture_loop_scope=function",
+         "--rootdir", str(tmp_path), "-rs", "-q", str(tmp_path / "test_probe.py")],
+        capture_output=True, text=True, timeout=DEADLINE, cwd=REPO, env=env, check=False,
+    )
+    if ci:
+        assert done.returncode == 1, done.stdout
+        assert f"CI is set but no PostgreSQL at {dsn}" in done.stdout and "1 error" in done.stdout
+    else:
+        assert done.returncode == 0, done.stdout
+        skipped = [line for line in done.stdout.splitlines() if line.startswith("SKIPPED")]
+        assert len(skipped) == 1 and f"no PostgreSQL at {dsn}" in skipped[0], done.stdout
+        assert "docker run -d -p 5432:5432 -e POSTGRES_HOST_AUTH_METHOD=trust postgres:15" in skipped[0]
+
+
 # --- end to end -------------------------------------------------------------------------------------------------
 
 
