@@ -215,8 +215,8 @@ class SqlReads(ABC):
         return await self._read(sources_in)
 
     async def load_jobs(self, job_ids: Sequence[str]) -> dict[str, LoadedJob]:
-        """Read on the reader connection, so it runs beside a commit in flight on the
-        writer's; the writer only asks for jobs none of its uncommitted work touches."""
+        """A read (the reader connection, or the pool), so it runs beside a commit in flight
+        on the writer's; the writer only asks for jobs none of its uncommitted work touches."""
         if not job_ids:
             return {}
 
