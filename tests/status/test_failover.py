@@ -225,8 +225,8 @@ async def failover(
     for watcher in watchers:
         assert [u.revision for u in watcher.updates] == [u.revision for u in committed], watcher.first.address
         assert watcher.updates == committed, f"{watcher.first.address}: an update differs from what was committed"
-    killed = [watcher for watcher in watchers if watcher.first.killed]
-    assert all(watcher.resumed for watcher in killed), "a watcher on a killed replica resumed elsewhere"
+    orphans = [watcher for watcher in watchers if watcher.first.killed]
+    assert all(watcher.resumed for watcher in orphans), "a watcher on a killed replica never moved to another"
     print(f"{len(committed)} revisions; watchers resumed {[w.resumed for w in watchers]} times")
 
 
