@@ -14,25 +14,27 @@ machine the ingesting replica's core is its own:
   (notifications and the change log); it and the watch client processes run
   on CPU 1. PostgreSQL's own processes are not pinned (the server is shared).
 
-Scenarios: 0 watchers (B idle); 1,000 watchers split across the jobs on B;
-the same 1,000 on A (the same-run baseline: one process ingesting and
-serving, as without replicas); 0 watchers again at the end (the run's noise).
-Shares are of the mean of the 0-watcher runs. --quick runs only the watchers
-on the second replica (20 of them), so the other keys and the shares are
-absent then.
+Scenarios, each with B running: 0 watchers; 1,000 watchers split across the
+jobs on B; the same 1,000 on A (the same-run baseline: one process ingesting
+and serving, as without replicas). ROUNDS rounds of the three, one after the
+other, because this machine is shared and its load moves within minutes:
+each share is a rate over the 0-watcher rate of the same round; the figures
+are the medians over the rounds, with every round's listed. --quick runs one
+round of the watchers on the second replica only (20 of them), so the other
+keys and the shares are absent then.
 
-JSON keys: events, jobs, events_per_second_0_watchers,
-events_per_second_0_watchers_repeat, events_per_second_1000_on_second,
-events_per_second_1000_on_ingesting, share_1000_on_second,
-share_1000_on_ingesting, lag_revisions_SCENARIO, lag_seconds_SCENARIO,
-catchup_seconds_SCENARIO, incomplete_watchers_SCENARIO,
-status_cpu_percent_SCENARIO (the ingesting replica's) for SCENARIO in
-1000_on_second, 1000_on_ingesting.
+JSON keys: events, jobs, rounds, events_per_second_SCENARIO (median) and
+events_per_second_SCENARIO_runs for SCENARIO in 0_watchers, 1000_on_second,
+1000_on_ingesting; share_S (median) and share_S_runs, lag_revisions_S,
+lag_seconds_S, catchup_seconds_S (the largest of the rounds),
+incomplete_watchers_S (summed), status_cpu_percent_S (the ingesting
+replica's, median) for S in 1000_on_second, 1000_on_ingesting.
 """
 
 from __future__ import annotations
 
 import contextlib
+import statistics
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -45,6 +47,7 @@ from bench.watchers import Outcome, Side, StatusSide, Workload, scenario, write_
 from tests.helpers.postgres import fresh_database
 
 INGESTING_CPU, SERVING_CPU = "0", "1"
+ROUNDS = 3
 
 
 class PostgresPoller:
@@ -88,58 +91,77 @@ def replicas(watchers_on_second: bool) -> Side:
             status(base / name, orchestrator_address, extra=("--store", dsn), prefix=pinned(cpu))
             for name, cpu in (("status-a", INGESTING_CPU), ("status-b", SERVING_CPU))
         )
-        return StatusSide(ingesting, second if watchers_on_second else ingesting, poller, [second])
+        return StatusSide(ingesting, poller, others=[second], serving=second if watchers_on_second else None)
 
     return side
+
+
+# (key, label, with watchers, watchers on the second replica)
+SCENARIOS = (
+    ("0_watchers", "0 watchers", False, False),
+    ("1000_on_second", "watchers on the second replica", True, True),
+    ("1000_on_ingesting", "watchers on the ingesting replica", True, False),
+)
 
 
 async def run(quick: bool) -> Report:
     workload = Workload(jobs=10, busy_children=300, children=40) if quick else \
         Workload(jobs=100, busy_children=10_000, children=233)
     watchers = 20 if quick else 1000
-    outcomes = [
-        (Outcome("0_watchers", "0 watchers", 0, False), replicas(False)),
-        (Outcome("1000_on_second", f"{watchers:,} watchers on the second replica", watchers, False), replicas(True)),
-        (Outcome("1000_on_ingesting", f"{watchers:,} watchers on the ingesting replica", watchers, False),
-         replicas(False)),
-        (Outcome("0_watchers_repeat", "0 watchers (again)", 0, False), replicas(False)),
-    ]
-    if quick:  # only to check that it runs: the watchers on the ingesting replica are bench/watchers.py's path
-        outcomes = outcomes[1:2]
+    rounds = 1 if quick else ROUNDS
+    # Round after round of the three scenarios, so that each share compares runs minutes apart at most.
+    runs: dict[str, list[Outcome]] = {key: [] for key, *_ in SCENARIOS}
     with tempfile.TemporaryDirectory(prefix="stepstream-bench-") as tmp:
         work = Path(tmp)
         full_log = work / "orchestrator-full"
         first_part, last_seq, job_ids = await write_log(full_log, workload)
-        for outcome, side in outcomes:
-            await scenario(outcome, work, full_log, first_part, last_seq, job_ids, side, pin=SERVING_CPU)
+        for number in range(rounds):
+            for key, label, watched, on_second in SCENARIOS:
+                if quick and key != "1000_on_second":  # only to check that it runs: the rest is watchers.py's path
+                    continue
+                outcome = Outcome(f"{key}_{number}", f"{watchers:,} {label}" if watched else label,
+                                  watchers if watched else 0, False)
+                await scenario(outcome, work, full_log, first_part, last_seq, job_ids, replicas(on_second),
+                               pin=SERVING_CPU)
+                runs[key].append(outcome)
 
-    no_watchers = [outcome.events_per_second for outcome, _ in outcomes if outcome.watchers == 0]
-    baseline = sum(no_watchers) / len(no_watchers) if no_watchers else None
     report = Report("replica_watchers")
     report.add("events", f"{last_seq:,}", f"{workload.jobs} fan-out jobs; {last_seq - first_part:,} after the "
                "watchers attach; status on PostgreSQL, replica A ingesting on CPU 0, B on CPU 1")
-    figures: dict[str, Any] = {"events": last_seq, "jobs": workload.jobs}
-    for outcome, _ in outcomes:
-        figures[f"events_per_second_{outcome.key}"] = round(outcome.events_per_second)
-        if outcome.watchers == 0:
-            report.add(outcome.label, fmt_rate(outcome.events_per_second, "events"), "baseline: no watcher")
+    figures: dict[str, Any] = {"events": last_seq, "jobs": workload.jobs, "rounds": rounds}
+    for key, outcomes in runs.items():
+        if not outcomes:
             continue
-        k = outcome.key
-        if baseline is not None:
-            figures[f"share_{k}"] = round(outcome.events_per_second / baseline, 3)
-        report.add(outcome.label, fmt_rate(outcome.events_per_second, "events"),
-                   f"{figures[f'share_{k}']:.0%} of no watchers" if baseline is not None else "(no baseline: --quick)")
-        report.add("  slowest watcher", f"{outcome.lag_revisions:,} revisions behind",
-                   f"at most {outcome.lag_seconds:.2f} s behind; all caught up {outcome.catchup_seconds:.2f} s "
-                   f"after ingest finished; {outcome.incomplete} incomplete, {outcome.failed} failed")
-        report.add("  CPU while ingesting", f"replica A {outcome.status_cpu:.0%}",
-                   f"watch client processes {outcome.client_cpu:.0%} in all")
+        rates = [outcome.events_per_second for outcome in outcomes]
+        figures[f"events_per_second_{key}"] = round(statistics.median(rates))
+        figures[f"events_per_second_{key}_runs"] = [round(rate) for rate in rates]
+        label = outcomes[0].label
+        if key == "0_watchers":
+            report.add(label, fmt_rate(statistics.median(rates), "events"),
+                       f"baseline, median of {len(rates)}: {', '.join(f'{rate:,.0f}' for rate in rates)}")
+            continue
+        comment = f"median of {len(rates)}"
+        if runs["0_watchers"]:
+            shares = [outcome.events_per_second / baseline.events_per_second
+                      for outcome, baseline in zip(outcomes, runs["0_watchers"], strict=True)]
+            figures[f"share_{key}"] = round(statistics.median(shares), 3)
+            figures[f"share_{key}_runs"] = [round(share, 3) for share in shares]
+            comment = (f"{statistics.median(shares):.0%} of no watchers in its round (median; rounds: "
+                       f"{', '.join(f'{share:.0%}' for share in shares)})")
+        report.add(label, fmt_rate(statistics.median(rates), "events"), comment)
+        worst = max(outcomes, key=lambda outcome: outcome.lag_seconds)
+        report.add("  slowest watcher", f"{max(o.lag_revisions for o in outcomes):,} revisions behind",
+                   f"at most {worst.lag_seconds:.2f} s behind; all caught up "
+                   f"{max(o.catchup_seconds for o in outcomes):.2f} s after ingest finished; "
+                   f"{sum(o.incomplete for o in outcomes)} incomplete, {sum(o.failed for o in outcomes)} failed")
+        report.add("  CPU while ingesting", f"replica A {statistics.median(o.status_cpu for o in outcomes):.0%}",
+                   f"watch client processes {statistics.median(o.client_cpu for o in outcomes):.0%} in all (medians)")
         figures.update({
-            f"lag_revisions_{k}": outcome.lag_revisions,
-            f"lag_seconds_{k}": round(outcome.lag_seconds, 3),
-            f"catchup_seconds_{k}": round(outcome.catchup_seconds, 3),
-            f"incomplete_watchers_{k}": outcome.incomplete,
-            f"status_cpu_percent_{k}": round(outcome.status_cpu * 100, 1),
+            f"lag_revisions_{key}": max(o.lag_revisions for o in outcomes),
+            f"lag_seconds_{key}": round(worst.lag_seconds, 3),
+            f"catchup_seconds_{key}": round(max(o.catchup_seconds for o in outcomes), 3),
+            f"incomplete_watchers_{key}": sum(o.incomplete for o in outcomes),
+            f"status_cpu_percent_{key}": round(statistics.median(o.status_cpu for o in outcomes) * 100, 1),
         })
     report.notes.append("the ingesting replica's rate is the committed cursor's pace in PostgreSQL; "
                         "CPU % is of one core")

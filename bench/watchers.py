@@ -193,29 +193,28 @@ class Poller(Protocol):
 
 @dataclass
 class StatusSide:
-    """The status side of a scenario: the service that ingests, the one the watchers
-    attach to (the same one, or a second replica), and how its store is read."""
+    """The status side of a scenario: the service that ingests, how its store is read,
+    the other replicas (started once it has applied the first part: it holds the
+    lease), and the one the watchers attach to (None: the ingesting one)."""
 
     ingesting: Service
-    serving: Service
     poller: Poller
-    started: list[Service] = field(default_factory=list)
+    others: list[Service] = field(default_factory=list)
+    serving: Service | None = None
 
     async def start(self, first_part: int) -> str:
         """Start the ingesting service, wait until it has applied the first part, then
-        the serving one if it is another; the serving one's address."""
-        self.started.append(self.ingesting)
-        address = self.ingesting.start()
+        the others; the address the watchers attach to."""
+        self.ingesting.start()
         async with asyncio.timeout(60):
             while (await self.poller.read())[0] < first_part:
                 await asyncio.sleep(0.01)
-        if self.serving is not self.ingesting:
-            self.started.append(self.serving)
-            address = self.serving.start()
-        return address
+        for service in self.others:
+            service.start()
+        return (self.serving or self.ingesting).address
 
     async def stop(self) -> None:
-        for service in reversed(self.started):
+        for service in [*reversed(self.others), self.ingesting]:
             service.stop()
         await self.poller.close()
 
@@ -226,8 +225,7 @@ Side = Callable[[Path, str], Awaitable[StatusSide]]
 
 async def one_service(base: Path, orchestrator_address: str) -> StatusSide:
     """The status service as it runs by default: one process on its SQLite file, ingesting and serving."""
-    service = status(base / "status", orchestrator_address)
-    return StatusSide(service, service, StatusPoller(base / "status"))
+    return StatusSide(status(base / "status", orchestrator_address), StatusPoller(base / "status"))
 
 
 @dataclass
