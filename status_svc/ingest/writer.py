@@ -133,6 +133,8 @@ class IngestWriter:
         self._uncommitted: Counter[str] = Counter()
         self.events_applied = 0
         self.events_rejected = 0
+        # Transactions committed (with changes or not): that commits land at all.
+        self.commits = 0
         # What each log has committed up to: reads that must not be older wait on it.
         self.applied = AppliedPositions(sources.values(), followed)
         if feed is not None:
@@ -238,6 +240,7 @@ class IngestWriter:
     async def _commit(self, pending: _Pending) -> None:
         started = time.perf_counter()
         await self._store.commit(pending.batch)
+        self.commits += 1
         if self._metrics is not None:
             self._metrics.committed(pending.events, time.perf_counter() - started)
         if self._feed is not None:

@@ -126,7 +126,14 @@ class LeasedIngest:
         keeper = asyncio.create_task(self.lease.keep(), name=f"lease-{epoch}")
         tasks = {self._writer_task, keeper, *self._follower_tasks}
         try:
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            while True:
+                done, _ = await asyncio.wait(tasks, timeout=self._poll_interval, return_when=asyncio.FIRST_COMPLETED)
+                if done:
+                    break
+                if writer.commits:
+                    # Its commits land (with changes or not: the log may not move): any
+                    # ingest trouble this replica reported is over.
+                    await self._health.fine(INGEST)
             if self._stopping.is_set():
                 await asyncio.gather(self._writer_task, return_exceptions=True)
                 return
@@ -140,7 +147,6 @@ class LeasedIngest:
             self.term = None
             self._writer_task = None
             self._follower_tasks = []
-
 
     async def _pause(self, seconds: float) -> None:
         """Sleep `seconds`, or less if stop() is called meanwhile."""

@@ -392,6 +392,15 @@ async def test_database_outage_not_serving_then_recovers_and_watchers_miss_nothi
     await proxy.cut()
 
 
+async def fail_inserts(connection: Any, table: str) -> None:
+    """Every INSERT into `table` fails as on a full disk (SQLSTATE 53100), until DROP TRIGGER disk_full."""
+    await connection.execute(
+        "CREATE OR REPLACE FUNCTION disk_full() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+        "RAISE EXCEPTION 'could not extend file: No space left on device' USING ERRCODE = 'disk_full'; END $$")
+    await connection.execute(
+        f"CREATE TRIGGER disk_full BEFORE INSERT ON {table} FOR EACH ROW EXECUTE FUNCTION disk_full()")
+
+
 async def test_failing_commits_mark_reads_stale_on_every_replica_then_recover(
     tmp_path: Path, orchestrator: Orchestrator, postgres: PostgresDatabase
 ) -> None:
@@ -401,12 +410,7 @@ async def test_failing_commits_mark_reads_stale_on_every_replica_then_recover(
         await wait_step(pair[1], job_id, "prep", s.STEP_STATE_COMPLETED)
         admin = await store_connection(postgres.dsn)
         try:
-            await admin.execute(
-                "CREATE FUNCTION disk_full() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
-                "RAISE EXCEPTION 'could not extend file: No space left on device' USING ERRCODE = 'disk_full'; "
-                "END $$")
-            await admin.execute("CREATE TRIGGER disk_full BEFORE INSERT ON changes "
-                                "FOR EACH ROW EXECUTE FUNCTION disk_full()")
+            await fail_inserts(admin, "changes")
             gate.touch()
             # The holder's commits fail: it steps down, the other takes the lease and fails
             # too: each says NOT_SERVING and shows the unfinished job stale, with why.
@@ -457,3 +461,22 @@ async def _no_sessions(dsn: str) -> bool | None:
     finally:
         await connection.close()
     return True if count == 0 else None
+
+
+async def test_ingest_trouble_ends_when_commits_land_again_even_if_the_log_does_not_move(
+    tmp_path: Path, postgres: PostgresDatabase
+) -> None:
+    # Nothing to follow: the only commit is the orchestrator turning stale (a cursor row, no change).
+    store = PostgresStatusStore(postgres.dsn)
+    await store.open()
+    await store.close()
+    admin = await store_connection(postgres.dsn)
+    try:
+        await fail_inserts(admin, "sources")
+        async with replicas(tmp_path, f"127.0.0.1:{free_port()}", postgres.dsn, 1) as (replica,):
+            await wait_health(replica, health_pb2.HealthCheckResponse.NOT_SERVING)
+            await admin.execute("DROP TRIGGER disk_full ON sources")
+            await wait_health(replica, health_pb2.HealthCheckResponse.SERVING)
+            assert await latest_revision(postgres.dsn) == 0
+    finally:
+        await admin.close()
