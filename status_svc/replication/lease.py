@@ -29,6 +29,8 @@ from collections.abc import Awaitable, Callable
 
 import asyncpg
 
+from status_svc.replication.health import DATABASE_ERRORS, describe
+
 log = logging.getLogger(__name__)
 
 LEASE_TABLE = "ingest_lease"  # in the store's schema (the connections' search_path)
@@ -111,10 +113,10 @@ class IngestLease:
         try:
             async with asyncio.timeout(self.ttl):
                 renewed = await (await self._open()).fetchval(_RENEW, self.name, epoch, self.ttl)
-        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+        except DATABASE_ERRORS as error:
             self.epoch = None
             await self.close()
-            raise LeaseLost(f"could not renew the ingest lease (epoch {epoch}): {error}") from error
+            raise LeaseLost(f"could not renew the ingest lease (epoch {epoch}): {describe(error)}") from error
         if renewed is None:
             self.epoch = None
             raise LeaseLost(f"the ingest lease (epoch {epoch}) was taken over")
@@ -132,8 +134,9 @@ class IngestLease:
             return
         try:
             await self._connection.execute(_RELEASE, self.name, epoch)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
-            log.warning("could not release the ingest lease (epoch %d; it expires by itself): %s", epoch, error)
+        except DATABASE_ERRORS as error:
+            log.warning("could not release the ingest lease (epoch %d; it expires by itself): %s", epoch,
+                        describe(error))
 
     def fence_for(self, epoch: int | None) -> Fence:
         """The store's fence for commits made under `epoch` (None: refuse every commit).
@@ -175,6 +178,6 @@ class IngestLease:
 
 
 async def lease_holder(connection: asyncpg.Connection, name: str = LEASE_NAME) -> tuple[str, int, bool] | None:
-    """(holder, epoch, unexpired) of the lease row, None if there is none yet."""
+    """(holder, epoch, unexpired) of the lease row, None if there is none yet (for operators' tools and tests)."""
     row = await connection.fetchrow(_HOLDER, name)
     return None if row is None else (row[0], row[1], row[2])

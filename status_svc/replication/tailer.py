@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 
 
 class ChangeTailer:
+    """One replica's feed from the committed log (see the module docstring)."""
+
     def __init__(
         self,
         store: StatusStore,
