@@ -251,10 +251,19 @@ async def hung(replica: Replica, _: asyncpg.Connection) -> Callable[[], Awaitabl
 
 async def cut_off(replica: Replica, connection: asyncpg.Connection) -> Callable[[], Awaitable[None]]:
     """The holder's lease connection ended by the database (pg_terminate_backend, as an operator or a
-    network cut would): the process lives on, still ingesting and believing it holds the lease until
-    its next renewal or fenced commit, while another replica may take the lease at once."""
-    ended = await connection.fetchval(f"SELECT pg_terminate_backend(holder_pid) FROM {LEASE_TABLE}")
-    assert ended, "the holder's lease connection was there to end"
+    network cut would), again and again until another replica has taken the lease over (the holder
+    lives on and may renew on a new connection first, which is its right while the lease is its own):
+    meanwhile it goes on ingesting, believing it holds the lease until its next renewal or fenced
+    commit says otherwise."""
+    epoch = await connection.fetchval(f"SELECT epoch FROM {LEASE_TABLE}")
+
+    async def cut() -> bool | None:
+        if await connection.fetchval(f"SELECT epoch <> $1 FROM {LEASE_TABLE}", epoch):
+            return True
+        await connection.execute(f"SELECT pg_terminate_backend(holder_pid) FROM {LEASE_TABLE}")
+        return None
+
+    await eventually(cut, f"the lease to move from epoch {epoch}")
 
     async def nothing() -> None:
         """It steps down by itself and reads on."""
