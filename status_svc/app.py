@@ -14,10 +14,11 @@ Two ways to run, chosen by the store (--store; start_service() picks):
   (status_svc.replication): it ingests only while it holds the lease, its
   watches are fed from the committed change log, and a database error is
   trouble it reports and recovers from in-process (health NOT_SERVING, reads
-  stale, then back), not a reason to exit. Only the lease loop or the tailer
-  ending still ends the process as above: a bug, or a database that is behind
-  what this replica already served (restored from a backup: a restarted
-  replica starts from the database as it is).
+  stale, then back), not a reason to exit; so is a bug in a lease term (the
+  replica steps down and says why). Only the lease loop or the tailer ending
+  still ends the process as above: a bug of theirs, or a database that is
+  behind what this replica already served (restored from a backup: a
+  restarted replica starts from the database as it is).
 """
 
 from __future__ import annotations

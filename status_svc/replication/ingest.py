@@ -6,11 +6,14 @@ it reads where the database stands (latest revision, every source's cursor)
 its followers resume from the committed cursors, and starts a term: a writer,
 one follower per orchestrator and the lease renewal. The term ends at the
 first of: the lease lost (a renewal failed, or a commit's fence saw another
-epoch), a database error in the writer, or a stop. Then the followers and the
-writer are stopped at once (a commit still in flight is fenced: it lands only
-if the lease is still ours), their in-memory state is dropped, the lease is
-released, and the replica is a reader again, competing for the lease (after a
-backoff if the term ended in trouble).
+epoch), a database error in the writer, any other failure of its tasks (a
+bug: logged with its traceback and handled like a database error, so that a
+poison one replica chokes on does not stop every replica from serving
+reads), or a stop. Then the followers and the writer are stopped at once (a
+commit still in flight is fenced: it lands only if the lease is still ours),
+their in-memory state is dropped, the lease is released, and the replica is a
+reader again, competing for the lease (after a backoff if the term ended in
+trouble: health NOT_SERVING and reads stale until commits land again).
 """
 
 from __future__ import annotations
@@ -91,9 +94,10 @@ class LeasedIngest:
                     failures = 0
                 except LeaseLost as error:
                     log.warning("stepping down: %s; reading only", error)
-                except DATABASE_ERRORS as error:
+                except Exception as error:  # the database's trouble, or a bug: never a reason to stop serving
                     reason = f"ingest failed: {describe(error)}"
-                    log.error("stepping down (epoch %d): %s", epoch, reason)
+                    log.error("stepping down (epoch %d): %s", epoch, reason,
+                              exc_info=None if isinstance(error, DATABASE_ERRORS) else error)
                     await self._health.trouble(INGEST, reason)
                     failures += 1
                 finally:
@@ -138,6 +142,8 @@ class LeasedIngest:
                 await asyncio.gather(self._writer_task, return_exceptions=True)
                 return
             ended = done.pop()
+            if ended.cancelled():
+                raise RuntimeError(f"{ended.get_name()} was cancelled")
             error = ended.exception()
             if error is not None:
                 raise error
