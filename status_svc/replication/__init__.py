@@ -9,8 +9,8 @@ each runs (wired in status_svc/app.py when the store is PostgreSQL):
   reads the database's latest revision and cursors after acquiring, then runs
   the writer and one follower per orchestrator, renewing the lease every
   --lease-ttl/3. It steps down at once (followers and writer stopped, memory
-  dropped, lease released) when the lease is lost or its commits fail, and
-  competes again.
+  dropped, lease released) when the lease is lost, its commits fail or
+  anything else in its term fails, and competes again.
 - ChangeTailer (tailer.py): LISTENs for the commit notification and reads
   the committed change log after its feed's latest revision, on every
   notification and every --poll-interval, publishing it to the replica's Feed:
@@ -41,8 +41,9 @@ What it guarantees:
 - Database trouble (connection cut, server restarted, a failing statement)
   never stops a replica: it reports NOT_SERVING, marks reads stale, retries
   with backoff and catches up from its feed's latest revision when the
-  database answers again. (With SQLite an ingest failure still ends the
-  process: see status_svc.app.)
+  database answers again; nor does a bug in a term (logged, reported the
+  same way). (With SQLite an ingest failure still ends the process: see
+  status_svc.app.)
 
 Relies on: one PostgreSQL server (the lease's "holder gone" test reads
 pg_stat_activity of that server; put no transaction-pooling proxy between
