@@ -27,9 +27,12 @@ DATABASE = "database"
 INGEST = "ingest"
 
 # What the database (or the way to it) raises when it cannot do its part right
-# now; anything else is a bug and is not retried as trouble.
+# now. asyncpg.InternalClientError included: a statement on a connection whose
+# backend the server has just ended (pg_terminate_backend, a restart) raises it,
+# InterfaceError or ConnectionDoesNotExistError, depending on timing.
 DATABASE_ERRORS: tuple[type[BaseException], ...] = (
-    OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, UnavailableError,
+    OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError,
+    UnavailableError,
 )
 
 

@@ -480,3 +480,26 @@ async def test_ingest_trouble_ends_when_commits_land_again_even_if_the_log_does_
             assert await latest_revision(postgres.dsn) == 0
     finally:
         await admin.close()
+
+
+async def test_every_session_ended_again_and_again_as_a_restart_does_no_replica_exits_and_nothing_is_lost(
+    tmp_path: Path, orchestrator: Orchestrator, postgres: PostgresDatabase
+) -> None:
+    gate = tmp_path / "gate"
+    async with replicas(tmp_path, orchestrator.address, postgres.dsn, 2) as pair:
+        job_id = await submit(orchestrator, gate)
+        await wait_step(pair[1], job_id, "prep", s.STEP_STATE_COMPLETED)
+        for cut in range(12):
+            # What a server restart does to every session of the replicas (a statement that meets the
+            # ended backend fails with any of three asyncpg errors, depending on when it is sent).
+            await postgres.terminate_connections("stepstream-status")
+            await asyncio.sleep(0.01 * (cut % 4))
+            for replica in pair:
+                assert not replica.ingest_task.done() and not replica.tailer_task.done(), "a replica gave up"
+        gate.touch()
+        for replica in pair:
+            await wait_health(replica, health_pb2.HealthCheckResponse.SERVING)
+            async with channel(replica.address) as ch:
+                await wait_status_job(status_grpc.StatusServiceStub(ch), job_id, status_job_finished, "the end")
+        assert not any(task.done() for replica in pair for task in (replica.ingest_task, replica.tailer_task))
+    await audit(orchestrator, postgres.dsn, job_id)
