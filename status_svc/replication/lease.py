@@ -75,10 +75,12 @@ class LeaseLost(Exception):
 
 
 async def create_lease_table(connection: asyncpg.Connection, name: str = LEASE_NAME) -> None:
-    """Create the lease table and its row if missing (safe with several replicas starting at once)."""
+    """Create the lease table and its row if missing (safe with several replicas starting at once).
+    No DDL once the table exists: a replica's role then needs only rights on its rows."""
     async with connection.transaction():
-        await connection.execute("SELECT pg_advisory_xact_lock($1)", _CREATE_LOCK)
-        await connection.execute(_CREATE)
+        if await connection.fetchval("SELECT to_regclass($1)", LEASE_TABLE) is None:
+            await connection.execute("SELECT pg_advisory_xact_lock($1)", _CREATE_LOCK)
+            await connection.execute(_CREATE)
         await connection.execute(_SEED, name)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ from status_svc.app import ReplicaService, start_replica
 from status_svc.replication.lease import LEASE_NAME, LEASE_TABLE, IngestLease
 from status_svc.storage.base import StoredChange, WriteBatch
 from status_svc.storage.open import store_from_config
-from status_svc.storage.postgres import PostgresStatusStore
+from status_svc.storage.postgres import PG_SCHEMA, PostgresStatusStore
 from status_svc.storage.sql import CHANGE_COLUMNS
 from tests.conftest import status_config
 from tests.e2e.test_metrics import scrape, value
@@ -503,3 +504,24 @@ async def test_every_session_ended_again_and_again_as_a_restart_does_no_replica_
                 await wait_status_job(status_grpc.StatusServiceStub(ch), job_id, status_job_finished, "the end")
         assert not any(task.done() for replica in pair for task in (replica.ingest_task, replica.tailer_task))
     await audit(orchestrator, postgres.dsn, job_id)
+
+
+async def test_a_replica_on_an_existing_schema_needs_only_rights_on_its_rows(
+    tmp_path: Path, orchestrator: Orchestrator, postgres: PostgresDatabase
+) -> None:
+    first = await start(tmp_path, "first", orchestrator.address, postgres.dsn)  # makes the schema and lease table
+    await first.stop()
+    role = f"stepstream_test_role_{uuid.uuid4().hex[:12]}"
+    admin = await postgres.connect()
+    try:
+        await admin.execute(f'CREATE ROLE "{role}" LOGIN')
+        await admin.execute(f'GRANT USAGE ON SCHEMA {PG_SCHEMA} TO "{role}"')
+        await admin.execute(f'GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA {PG_SCHEMA} TO "{role}"')
+        parts = urlsplit(postgres.dsn)
+        limited = urlunsplit(parts._replace(netloc=f"{role}@{parts.netloc.rsplit('@', 1)[-1]}"))
+        async with replicas(tmp_path, orchestrator.address, limited, 1) as (replica,):
+            assert replica.ingest.term is not None and replica.health.serving
+    finally:
+        await admin.execute(f'DROP OWNED BY "{role}"')
+        await admin.execute(f'DROP ROLE IF EXISTS "{role}"')
+        await admin.close()
