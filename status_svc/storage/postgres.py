@@ -233,12 +233,17 @@ class PostgresStatusStore(SqlReads):
 def _is_trouble(error: BaseException | None) -> bool:
     """The database, not the query, is at fault (see the module docstring). The
     error itself or the one it was raised while handling: a transaction's exit on
-    a connection that died mid-statement fails with "the connection is closed"."""
+    a connection that died mid-statement fails with "the connection is closed".
+    A statement on a connection whose backend the server has just ended raises,
+    by timing, InternalClientError ("another operation is in progress"),
+    InterfaceError ("connection is closed") or ConnectionDoesNotExistError (class 08)."""
     for each in (error, error.__context__ if error is not None else None):
         if isinstance(each, asyncpg.PostgresError):
             if str(getattr(each, "sqlstate", "") or "")[:2] in UNAVAILABLE_CLASSES:
                 return True
-        elif isinstance(each, OSError | TimeoutError):
+        elif isinstance(each, OSError | TimeoutError | asyncpg.InternalClientError) or (
+            isinstance(each, asyncpg.InterfaceError) and "connection is closed" in str(each)
+        ):
             return True
     return False
 

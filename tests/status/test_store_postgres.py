@@ -15,6 +15,7 @@ import sqlite3
 import subprocess
 import sys
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -146,6 +147,30 @@ async def test_connections_killed_mid_use_fail_clearly_and_the_next_call_reconne
         assert await store.get_job("new-job") is None
         await store.commit(batch)  # the writer's connection is reopened
         assert await store.latest_revision() == before + len(batch.changes)
+
+
+async def test_reads_just_after_the_server_ends_the_sessions_are_answered_or_unavailable(
+    postgres: PostgresDatabase,
+) -> None:
+    """Reads sent at once after every session is ended (as a server restart does) meet the
+    dead connections at every moment of asyncpg's noticing it: each is answered or raises
+    StoreUnavailableError, never another error (a caller would see INTERNAL)."""
+    ingest = Ingest()
+    async with opened(postgres.dsn) as store:
+        await commit_all(store, a_busy_day(ingest))
+        outcomes: Counter[str] = Counter()
+        for delay in [0.0, 0.001, 0.002, 0.005] * 10:
+            await asyncio.gather(*(store.read_changes(0, 1) for _ in range(3)))  # the pool's sessions open
+            await postgres.terminate_connections(APPLICATION_NAME)
+            await asyncio.sleep(delay)
+            results = await asyncio.gather(*(store.read_changes(0, 1) for _ in range(3)), return_exceptions=True)
+            for result in results:
+                if isinstance(result, BaseException):
+                    assert isinstance(result, StoreUnavailableError), repr(result)
+                    outcomes["unavailable"] += 1
+                else:
+                    outcomes["answered"] += 1
+        assert outcomes["unavailable"] > 0, outcomes  # the dead sessions were met, not dodged
 
 
 async def test_a_statement_past_the_store_timeout_is_unavailable_and_the_store_goes_on(
