@@ -1,8 +1,10 @@
 """`python -m bench NAME [--quick] [--json FILE]`: run one benchmark and print its table.
 
-NAME is one of: ingest, latency, fanout, watchers, logs, web. --quick runs tiny sizes (for
-the smoke tests); figures from a quick run mean nothing. `fanout --children
-100000 [--fanouts 3]` is the large fan-out run (memory and loop stalls).
+NAME is one of: ingest, latency, fanout, watchers, logs, web, pg_ingest, failover,
+replica_watchers (the last three need PostgreSQL: STEPSTREAM_TEST_POSTGRES).
+--quick runs tiny sizes (for the smoke tests); figures from a quick run mean
+nothing. `fanout --children 100000 [--fanouts 3]` is the large fan-out run
+(memory and loop stalls).
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from pathlib import Path
 
 from stepstream.flags import positive_int
 
-BENCHMARKS = ("ingest", "latency", "fanout", "watchers", "logs", "web")
+BENCHMARKS = ("ingest", "latency", "fanout", "watchers", "logs", "web", "pg_ingest", "failover",
+              "replica_watchers")
 
 
 def main() -> None:

@@ -13,12 +13,14 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import grpc
 import psutil
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench.processes import REPO, Service
 from bench.report import percentile
+from status_svc.storage.postgres import PG_SCHEMA
 
 MB = 1024 * 1024
 
@@ -30,32 +32,57 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def orchestrator(data_dir: Path, port: int = 0, heartbeat: float = 5.0, lag_log: Path | None = None) -> Service:
-    """The orchestrator; with `lag_log`, its event loop's stalls are written there (bench/loop_lag.py)."""
+def orchestrator(data_dir: Path, port: int = 0, heartbeat: float = 5.0, lag_log: Path | None = None,
+                 prefix: Sequence[str] = ()) -> Service:
+    """The orchestrator; with `lag_log`, its event loop's stalls are written there (bench/loop_lag.py);
+    `prefix` runs it (pinned()'s taskset, for one)."""
     return _probed("orchestrator_svc", [
         "--listen", f"127.0.0.1:{port}", "--data-dir", str(data_dir),
         "--heartbeat-interval", str(heartbeat), "--log-level", "warning",
-    ], lag_log)
+    ], lag_log, prefix)
 
 
-def status(data_dir: Path, orchestrator_address: str, heartbeat: float = 5.0, lag_log: Path | None = None) -> Service:
-    """The status service; `lag_log` as for orchestrator()."""
+def status(data_dir: Path, orchestrator_address: str, heartbeat: float = 5.0, lag_log: Path | None = None,
+           extra: Sequence[str] = (), prefix: Sequence[str] = ()) -> Service:
+    """The status service, with the flags `extra` (e.g. --store) too; `lag_log` and `prefix` as for orchestrator()."""
     return _probed("status_svc", [
         "--listen", "127.0.0.1:0", "--data-dir", str(data_dir), "--orchestrator", orchestrator_address,
-        "--heartbeat-interval", str(heartbeat), "--log-level", "warning",
-    ], lag_log)
+        "--heartbeat-interval", str(heartbeat), "--log-level", "warning", *extra,
+    ], lag_log, prefix)
 
 
-def _probed(module: str, args: list[str], lag_log: Path | None) -> Service:
+def pinned(cpu: str | None) -> list[str]:
+    """The command prefix that runs a process and all its threads on CPU `cpu` (taskset -c), or none."""
+    return ["taskset", "-c", cpu] if cpu is not None else []
+
+
+def _probed(module: str, args: list[str], lag_log: Path | None, prefix: Sequence[str] = ()) -> Service:
     if lag_log is None:
-        return Service(module, args)
-    return Service("bench.loop_lag", [str(lag_log), module, *args])
+        return Service(module, args, prefix)
+    return Service("bench.loop_lag", [str(lag_log), module, *args], prefix)
 
 
 def loop_lag(lag_log: Path) -> dict[str, float]:
     """What bench/loop_lag.py last wrote: max_ms, max_busy_ms, over_20ms, over_100ms, samples."""
     figures: dict[str, float] = json.loads(lag_log.read_text())
     return figures
+
+
+async def store_connection(dsn: str) -> asyncpg.Connection:
+    """A connection to a status store's PostgreSQL database that finds its tables (close it)."""
+    return await asyncpg.connect(dsn, server_settings={"search_path": PG_SCHEMA})
+
+
+async def store_position(connection: asyncpg.Connection) -> tuple[int, int]:
+    """(the committed cursor, the latest revision) of a status store on PostgreSQL; (0, 0) before its
+    first replica has made the tables."""
+    try:
+        row = await connection.fetchrow("SELECT (SELECT COALESCE(MAX(cursor), 0) FROM sources), "
+                                        "(SELECT COALESCE(MAX(revision), 0) FROM changes)")
+    except asyncpg.UndefinedTableError:
+        return 0, 0
+    assert row is not None
+    return int(row[0]), int(row[1])
 
 
 def bare_unary() -> Service:
@@ -136,9 +163,10 @@ class WatchClient:
     """One `python -m bench.watch_client` process holding many watchers (see that module)."""
 
     def __init__(self, address: str, jobs: Sequence[str], mode: str, *, watchers_per_channel: int = 1,
-                 sample_interval: float = 0.05) -> None:
+                 sample_interval: float = 0.05, pin: str | None = None) -> None:
         self.config = {"address": address, "jobs": list(jobs), "mode": mode,
                        "watchers_per_channel": watchers_per_channel, "sample_interval": sample_interval}
+        self.prefix = pinned(pin)
         self.process: asyncio.subprocess.Process | None = None
 
     @property
@@ -147,7 +175,7 @@ class WatchClient:
 
     async def start(self) -> None:
         self.process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "bench.watch_client",
+            *self.prefix, sys.executable, "-m", "bench.watch_client",
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, cwd=REPO, limit=1 << 28,
         )
         await self._send(self.config)

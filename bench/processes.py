@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import psutil
@@ -13,17 +14,20 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 class Service:
-    """`python -m MODULE ARGS`, started and waited for its 'listening on' line."""
+    """`python -m MODULE ARGS`, started and waited for its 'listening on' line;
+    with a `prefix` (e.g. taskset -c 0), that command runs it."""
 
-    def __init__(self, module: str, args: list[str]) -> None:
+    def __init__(self, module: str, args: list[str], prefix: Sequence[str] = ()) -> None:
         self.module = module
         self.args = args
+        self.prefix = list(prefix)
+        self.address = ""
         self.process: subprocess.Popen[str] | None = None
         self.peak_rss = 0
 
     def start(self, deadline: float = 60.0) -> str:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", self.module, *self.args],
+            [*self.prefix, sys.executable, "-m", self.module, *self.args],
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=REPO,
         )
         assert self.process.stdout is not None
@@ -31,10 +35,19 @@ class Service:
         while time.monotonic() < end:
             line = self.process.stdout.readline()
             if " listening on " in line:
-                return line.strip().rsplit(" ", 1)[1]
+                self.address = line.strip().rsplit(" ", 1)[1]
+                return self.address
             if not line and self.process.poll() is not None:
                 break
         raise RuntimeError(f"{self.module} did not start")
+
+    def kill(self) -> None:
+        """kill -9, and reap it: no cleanup of any kind."""
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait(30)
+        if self.process.stdout is not None:
+            self.process.stdout.close()
 
     def sample_rss(self) -> int:
         """Resident set size now (and keep the peak)."""

@@ -65,9 +65,10 @@ import math
 import sqlite3
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from stepstream.common.v1 import records_pb2
 from stepstream.common.v1 import states_pb2 as s
@@ -81,6 +82,7 @@ from bench.common import (
     verdict,
     watch_clients,
 )
+from bench.processes import Service
 from bench.report import Report, fmt_rate
 from bench.workload import BENCH_DEFINITION, recording
 from orchestrator_svc.app import DATABASE_FILE as ORCHESTRATOR_DB
@@ -155,10 +157,11 @@ class StatusPoller:
     """Reads the status service's committed cursor and latest revision from its SQLite file, read-only."""
 
     def __init__(self, status_dir: Path) -> None:
+        self.status_dir = status_dir
         self.path = status_dir / STATUS_DB
         self.db: sqlite3.Connection | None = None
 
-    def read(self) -> tuple[int, int]:
+    async def read(self) -> tuple[int, int]:
         if self.db is None:
             if not self.path.exists():
                 return 0, 0
@@ -170,9 +173,59 @@ class StatusPoller:
             return 0, 0
         return int(cursor or 0), int(revision or 0)
 
-    def close(self) -> None:
+    async def changes(self) -> dict[str, list[int]]:
+        return _changes(self.status_dir)
+
+    async def close(self) -> None:
         if self.db is not None:
             self.db.close()
+
+
+class Poller(Protocol):
+    """What the harness reads of the status store: (committed cursor, latest revision), every job's revisions."""
+
+    async def read(self) -> tuple[int, int]: ...
+
+    async def changes(self) -> dict[str, list[int]]: ...
+
+    async def close(self) -> None: ...
+
+
+@dataclass
+class StatusSide:
+    """The status side of a scenario: the service that ingests, how its store is read,
+    the other replicas (started once it has applied the first part: it holds the
+    lease), and the one the watchers attach to (None: the ingesting one)."""
+
+    ingesting: Service
+    poller: Poller
+    others: list[Service] = field(default_factory=list)
+    serving: Service | None = None
+
+    async def start(self, first_part: int) -> str:
+        """Start the ingesting service, wait until it has applied the first part, then
+        the others; the address the watchers attach to."""
+        self.ingesting.start()
+        async with asyncio.timeout(60):
+            while (await self.poller.read())[0] < first_part:
+                await asyncio.sleep(0.01)
+        for service in self.others:
+            service.start()
+        return (self.serving or self.ingesting).address
+
+    async def stop(self) -> None:
+        for service in [*reversed(self.others), self.ingesting]:
+            service.stop()
+        await self.poller.close()
+
+
+# The status side of a scenario, made in its folder, for the orchestrator at this address.
+Side = Callable[[Path, str], Awaitable[StatusSide]]
+
+
+async def one_service(base: Path, orchestrator_address: str) -> StatusSide:
+    """The status service as it runs by default: one process on its SQLite file, ingesting and serving."""
+    return StatusSide(status(base / "status", orchestrator_address), StatusPoller(base / "status"))
 
 
 @dataclass
@@ -193,27 +246,26 @@ class Outcome:
 
 
 async def scenario(outcome: Outcome, work: Path, full_log: Path, first_part: int, last_seq: int,
-                   job_ids: list[str]) -> None:
+                   job_ids: list[str], side: Side = one_service, *, pin: str | None = None) -> None:
+    """One scenario (see the module docstring); with `pin`, the watch client processes run on that CPU."""
     base = work / outcome.key
     part_log = base / "orchestrator-part"
     cut_copy(full_log, part_log, first_part)
     port = free_port()
-    first = orchestrator(part_log, port)
+    status_side = await side(base, f"127.0.0.1:{port}")
+    pinned = status_side.ingesting.prefix  # the orchestrators run beside the ingesting service
+    first = orchestrator(part_log, port, prefix=pinned)
     first.start()
-    status_dir = base / "status"
-    status_service = status(status_dir, f"127.0.0.1:{port}")
-    poller = StatusPoller(status_dir)
-    second = orchestrator(full_log, port)
+    status_service, poller = status_side.ingesting, status_side.poller
+    second = orchestrator(full_log, port, prefix=pinned)
     t0 = time.perf_counter()
     try:
-        status_address = status_service.start()
-        async with asyncio.timeout(60):
-            while poller.read()[0] < first_part:
-                await asyncio.sleep(0.01)
+        status_address = await status_side.start(first_part)
         watched = [job_ids[0] if outcome.one_job else job_ids[i % len(job_ids)] for i in range(outcome.watchers)]
         per_process = math.ceil(len(watched) / WATCHER_PROCESSES) if watched else 1
         clients = [
-            WatchClient(status_address, watched[start:start + per_process], "lag", sample_interval=SAMPLE_INTERVAL)
+            WatchClient(status_address, watched[start:start + per_process], "lag", sample_interval=SAMPLE_INTERVAL,
+                        pin=pin)
             for start in range(0, len(watched), per_process)
         ]
         outcome.timings["status_ready"] = time.perf_counter() - t0
@@ -232,18 +284,18 @@ async def scenario(outcome: Outcome, work: Path, full_log: Path, first_part: int
                     # The start: the last moment the cursor was seen not to have moved yet.
                     began_at = time.perf_counter()
                     await asyncio.sleep(POLL)
-                    cursor, revision = poller.read()
+                    cursor, revision = await poller.read()
                     series.append((time.time(), revision))
                 while cursor < last_seq:
                     await asyncio.sleep(POLL)
-                    cursor, revision = poller.read()
+                    cursor, revision = await poller.read()
                     series.append((time.time(), revision))
             elapsed = time.perf_counter() - began_at
             done_at = time.time()
             outcome.status_cpu = (cpu_seconds(status_service) - cpu_before) / elapsed
             outcome.events_per_second = (last_seq - first_part) / elapsed
             outcome.timings["ingested"] = time.perf_counter() - t0
-            changes = _changes(status_dir)
+            changes = await poller.changes()
             targets = {job_id: revisions[-1] for job_id, revisions in changes.items()}
             reports = [
                 await client.finish({"command": "wait", "targets": targets, "timeout": CATCH_UP_TIMEOUT})
@@ -251,8 +303,7 @@ async def scenario(outcome: Outcome, work: Path, full_log: Path, first_part: int
             ]
             outcome.timings["caught_up"] = time.perf_counter() - t0
     finally:
-        poller.close()
-        status_service.stop()
+        await status_side.stop()
         second.stop()
         first.stop()
     if not reports:

@@ -1,20 +1,36 @@
 """Builds the status service from its configuration, runs it, and shuts it down in order.
 
-Ingest (the writer task and one follower task per orchestrator) is essential:
-if any of those tasks ends while the service runs (a storage error in the
-writer, a bug), the service cannot keep its data current, so it says so and
-exits non-zero (stepstream_common.rpc.RunningServer.fail): health NOT_SERVING,
-reads show every unfinished job stale with the reason, then EXIT_FATAL within
-seconds. A supervisor restarts it and it resumes from its committed cursors.
-(A follower restarts its own stream after an error; see ingest/follower.py.)
+Two ways to run, chosen by the store (--store; start_service() picks):
+
+- SQLite (the default; start()): one process ingests and serves. Ingest (the
+  writer task and one follower task per orchestrator) is essential: if any of
+  those tasks ends while the service runs (a storage error in the writer, a
+  bug), the service cannot keep its data current, so it says so and exits
+  non-zero (stepstream_common.rpc.RunningServer.fail): health NOT_SERVING,
+  reads show every unfinished job stale with the reason, then EXIT_FATAL within
+  seconds. A supervisor restarts it and it resumes from its committed cursors.
+  (A follower restarts its own stream after an error; see ingest/follower.py.)
+- PostgreSQL (start_replica()): one of several replicas on one database
+  (status_svc.replication): it ingests only while it holds the lease, its
+  watches are fed from the committed change log, and a database error is
+  trouble it reports and recovers from in-process (health NOT_SERVING, reads
+  stale, then back), not a reason to exit; so is a bug in a lease term (the
+  replica steps down and says why). Only the lease loop or the tailer ending
+  still ends the process as above: a bug of theirs, or a database that is
+  behind what this replica already served (restored from a backup: a
+  restarted replica starts from the database as it is).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+from grpc_health.v1 import health_pb2
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from stepstream.channel import ClientTLS, client_tls
@@ -23,14 +39,21 @@ from stepstream.status.v1 import status_service_pb2
 from status_svc.api.servicer import StatusServicer, WatchLimits
 from status_svc.config import StatusConfig
 from status_svc.ingest.follower import OrchestratorFollower
+from status_svc.ingest.progress import AppliedPositions
 from status_svc.ingest.writer import IngestWriter
-from status_svc.storage.base import StoredChange
-from status_svc.storage.sqlite import SqliteStatusStore
+from status_svc.replication.health import ReplicaHealth
+from status_svc.replication.ingest import LeasedIngest
+from status_svc.replication.lease import IngestLease, create_lease_table
+from status_svc.replication.tailer import ChangeTailer
+from status_svc.storage.base import OpenedStore, StatusStore, StoredChange
+from status_svc.storage.open import DATABASE_FILE as DATABASE_FILE  # where tests and benches find the file
+from status_svc.storage.open import store_from_config
+from status_svc.storage.postgres import CHANGES_CHANNEL, PostgresStatusStore
 from stepstream_common.auth import Authorizer
 from stepstream_common.config import SettingError
 from stepstream_common.feed import Feed
 from stepstream_common.metrics import IngestMetrics, Metrics, MetricsServer, serve_metrics
-from stepstream_common.rpc import RunningServer, add_servicer, start_server
+from stepstream_common.rpc import RunningServer, Service, add_servicer, start_server
 from stepstream_common.streaming import StreamAdmission, StreamLimits
 from stepstream_common.tls import ServerTLS
 from stepstream_common.tokens import read_token_file
@@ -38,7 +61,6 @@ from stepstream_common.tokens import read_token_file
 log = logging.getLogger(__name__)
 
 LABEL = "stepstream status"
-DATABASE_FILE = "status.sqlite3"
 
 
 @dataclass
@@ -47,7 +69,7 @@ class StatusService:
 
     config: StatusConfig
     server: RunningServer
-    store: SqliteStatusStore
+    store: StatusStore
     feed: Feed[StoredChange]
     writer: IngestWriter
     writer_task: asyncio.Task[None]
@@ -83,39 +105,104 @@ class StatusService:
         await self.server.serve_while(essential)
 
 
-async def start(config: StatusConfig) -> StatusService:
-    tls = ServerTLS.from_config(config)  # checked before anything starts, as is:
-    orchestrator_tls = _orchestrator_tls(config)
-    auth = Authorizer.load(config.tokens_file)
-    orchestrator_token = read_token_file(config.orchestrator_token_file) if config.orchestrator_token_file else ""
-    store = SqliteStatusStore(config.data_dir / DATABASE_FILE)
+@dataclass
+class ReplicaService:
+    """A running replica on a PostgreSQL store (status_svc.replication); stop() ends it gracefully."""
+
+    config: StatusConfig
+    server: RunningServer
+    store: PostgresStatusStore
+    feed: Feed[StoredChange]
+    servicer: StatusServicer
+    health: ReplicaHealth
+    ingest: LeasedIngest
+    ingest_task: asyncio.Task[None]
+    tailer: ChangeTailer
+    tailer_task: asyncio.Task[None]
+    metrics: MetricsServer | None = None
+
+    @property
+    def address(self) -> str:
+        return self.server.address
+
+    async def stop(self) -> None:
+        """Health NOT_SERVING; stop following; commit what arrived (if holding); release the lease; close."""
+        try:
+            await self.server.stop(self.config.shutdown_grace)
+        finally:
+            await self.store.close()
+
+    async def _stop_replication(self) -> None:
+        await self.ingest.stop()
+        await asyncio.gather(self.ingest_task, return_exceptions=True)
+        self.tailer_task.cancel()
+        await asyncio.gather(self.tailer_task, return_exceptions=True)
+
+    async def run_until_stopped(self) -> None:
+        """Serve until stop(); if the lease loop or the tailer ends first, fail loudly (see the module docstring)."""
+        await self.server.serve_while({self.ingest_task: "ingest (the lease loop)",
+                                       self.tailer_task: "the change tailer"})
+
+
+async def start_service(config: StatusConfig) -> Service:
+    """The service --store asks for: a replica on PostgreSQL, else the single SQLite process."""
+    store = store_from_config(config)
+    if isinstance(store, PostgresStatusStore):
+        return await start_replica(config, store)
+    return await start(config, store)
+
+
+@dataclass(frozen=True)
+class _Links:
+    """What is read and checked before anything starts: TLS, tokens, how to reach the orchestrators."""
+
+    tls: ServerTLS | None
+    auth: Authorizer | None
+    orchestrator_tls: ClientTLS | None
+    orchestrator_token: str
+
+    @classmethod
+    def of(cls, config: StatusConfig) -> _Links:
+        tls = ServerTLS.from_config(config)  # checked before anything starts, as is:
+        orchestrator_tls = _orchestrator_tls(config)
+        auth = Authorizer.load(config.tokens_file)
+        token = read_token_file(config.orchestrator_token_file) if config.orchestrator_token_file else ""
+        return cls(tls, auth, orchestrator_tls, token)
+
+    def ingest(
+        self, config: StatusConfig, store: StatusStore, feed: Feed[StoredChange] | None, opened: OpenedStore,
+        metrics: IngestMetrics,
+    ) -> tuple[IngestWriter, list[OrchestratorFollower]]:
+        """A writer starting where `opened` stands, and a follower of each orchestrator feeding it."""
+        writer = IngestWriter(
+            store, feed, latest_revision=opened.revision, sources=opened.sources,
+            keep_changes=config.retain_changes, prune_every=config.prune_interval, followed=config.orchestrators,
+            metrics=metrics,
+        )
+        followers = [
+            OrchestratorFollower(address, writer, stale_after=config.stale_after, tls=self.orchestrator_tls,
+                                 token=self.orchestrator_token)
+            for address in config.orchestrators
+        ]
+        return writer, followers
+
+
+async def start(config: StatusConfig, store: StatusStore | None = None) -> StatusService:
+    """The single-process service: this process ingests and serves (SQLite)."""
+    links = _Links.of(config)
+    store = store if store is not None else store_from_config(config)
+    if isinstance(store, PostgresStatusStore):
+        raise SettingError("a PostgreSQL --store runs as one of several replicas: start it with start_service()")
     opened = await store.open()
     feed: Feed[StoredChange] = Feed(max_pending=config.watcher_queue, key_of=lambda change: change.job_id)
     metrics = Metrics()
-    writer = IngestWriter(
-        store, feed, latest_revision=opened.revision, sources=opened.sources,
-        keep_changes=config.retain_changes, prune_every=config.prune_interval, followed=config.orchestrators,
-        metrics=IngestMetrics(metrics),
-    )
+    writer, followers = links.ingest(config, store, feed, opened, IngestMetrics(metrics))
     writer_task = asyncio.create_task(writer.run(), name="ingest-writer")
-    followers = [
-        OrchestratorFollower(address, writer, stale_after=config.stale_after, tls=orchestrator_tls,
-                             token=orchestrator_token)
-        for address in config.orchestrators
-    ]
     follower_tasks = [asyncio.create_task(f.run(), name=f"follow-{f.address}") for f in followers]
     servicer = StatusServicer(store, feed, config.heartbeat_interval, writer.applied, config.max_wait_applied,
                               limits=WatchLimits.of(config))
-    service = status_service_pb2.DESCRIPTOR.services_by_name["StatusService"]
-    server = await start_server(config.listen, lambda grpc_server: [add_servicer(grpc_server, service, servicer)],
-                                tls=tls, auth=auth, max_request_bytes=config.max_request_bytes,
-                                interceptors=[StreamAdmission(StreamLimits.of(config)), metrics.interceptor()])
+    server, metrics_server = await _serve(config, links, servicer, metrics)
     metrics.collect_with(lambda: _ingest_metrics(writer, followers, feed))
-    metrics_server = None
-    if config.metrics_listen is not None:
-        metrics_server = serve_metrics(config.metrics_listen, metrics)
-        server.on_stop.append(metrics_server.stop)
-        print(f"{LABEL} metrics on {metrics_server.address}", flush=True)
     running = StatusService(config, server, store, feed, writer, writer_task, followers, follower_tasks,
                             metrics_server)
     server.on_stop.extend([running._stop_ingest, feed.close])
@@ -124,10 +211,94 @@ async def start(config: StatusConfig) -> StatusService:
     return running
 
 
+async def start_replica(config: StatusConfig, store: PostgresStatusStore) -> ReplicaService:
+    """One replica on a PostgreSQL store: competes for the ingest lease, serves from the database."""
+    links = _Links.of(config)
+    opened = await store.open()
+    try:
+        connection = await store.connect()
+        try:
+            await create_lease_table(connection)
+        finally:
+            await connection.close()
+    except BaseException:
+        await store.close()
+        raise
+    feed: Feed[StoredChange] = Feed(max_pending=config.watcher_queue, key_of=lambda change: change.job_id)
+    feed.latest = opened.revision
+    metrics = Metrics()
+    ingest_metrics = IngestMetrics(metrics)
+    applied = AppliedPositions(opened.sources.values(), config.orchestrators)
+    servicer = StatusServicer(store, feed, config.heartbeat_interval, applied, config.max_wait_applied,
+                              limits=WatchLimits.of(config))
+    server, metrics_server = await _serve(config, links, servicer, metrics)
+    # Who holds the lease, as its row and the logs show it: host, process, address served.
+    lease = IngestLease(store.connect, holder=f"{socket.gethostname()}:{os.getpid()}:{server.address}",
+                        ttl=config.lease_ttl)
+    health = ReplicaHealth(lambda serving: _set_health(server, serving), servicer.mark_stale)
+    ingest = LeasedIngest(
+        store, lease, lambda where: links.ingest(config, store, None, where, ingest_metrics),
+        poll_interval=config.poll_interval, health=health,
+    )
+    metrics.collect_with(lambda: _replica_metrics(ingest, feed))
+    tailer = ChangeTailer(store, feed, applied, store.connect, channel=CHANGES_CHANNEL,
+                          poll_interval=config.poll_interval, health=health)
+    running = ReplicaService(
+        config, server, store, feed, servicer, health, ingest, asyncio.create_task(ingest.run(), name="lease"),
+        tailer, asyncio.create_task(tailer.run(), name="change-tailer"), metrics_server,
+    )
+    server.on_stop.extend([running._stop_replication, feed.close])
+    server.on_fail.append(lambda reason: servicer.ingest_stopped(f"ingest stopped: {reason}"))
+    log.info("replica %s on %s at revision %d, following %s", lease.holder, store.where, opened.revision,
+             ", ".join(config.orchestrators))
+    return running
+
+
+async def _serve(
+    config: StatusConfig, links: _Links, servicer: StatusServicer, metrics: Metrics
+) -> tuple[RunningServer, MetricsServer | None]:
+    """The gRPC server (and the metrics listener, if asked for) for `servicer`."""
+    server = await start_server(
+        config.listen, lambda grpc_server: [add_servicer(grpc_server, SERVICE, servicer)],
+        tls=links.tls, auth=links.auth, max_request_bytes=config.max_request_bytes,
+        interceptors=[StreamAdmission(StreamLimits.of(config)), metrics.interceptor()],
+    )
+    metrics_server = None
+    if config.metrics_listen is not None:
+        metrics_server = serve_metrics(config.metrics_listen, metrics)
+        server.on_stop.append(metrics_server.stop)
+        print(f"{LABEL} metrics on {metrics_server.address}", flush=True)
+    return server, metrics_server
+
+
+SERVICE = status_service_pb2.DESCRIPTOR.services_by_name["StatusService"]
+# The names grpc.health answers for (start_server sets them SERVING): the server's and the service's.
+HEALTH_NAMES = ("", SERVICE.full_name)
+
+
+async def _set_health(server: RunningServer, serving: bool) -> None:
+    """Every health name SERVING or NOT_SERVING (ignored once the server is stopping)."""
+    status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+    for name in HEALTH_NAMES:
+        await server.health.set(name, status)
+
+
+def _replica_metrics(ingest: LeasedIngest, feed: Feed[StoredChange]) -> list[Metric]:
+    """_ingest_metrics of the term in progress (if this replica holds the lease), and the lease's own."""
+    term = ingest.term
+    families = _ingest_metrics(term.writer if term else None, term.followers if term else [], feed)
+    families.append(GaugeMetricFamily("stepstream_ingest_lease_held", "1 while this replica holds the ingest "
+                                      "lease (it ingests), else 0", value=0 if term is None else 1))
+    families.append(GaugeMetricFamily("stepstream_ingest_lease_epoch", "the fencing epoch of the lease this "
+                                      "replica holds (0 while it does not)", value=0 if term is None else term.epoch))
+    return families
+
+
 def _ingest_metrics(
-    writer: IngestWriter, followers: list[OrchestratorFollower], feed: Feed[StoredChange]
+    writer: IngestWriter | None, followers: Sequence[OrchestratorFollower], feed: Feed[StoredChange]
 ) -> list[Metric]:
-    """What ingest and the watches already count, read when scraped (nothing on the hot path)."""
+    """What ingest and the watches already count, read when scraped (nothing on the hot path);
+    without a writer (a replica not holding the lease) only the watches'."""
     lag = GaugeMetricFamily("stepstream_ingest_lag_events", "events the orchestrator said it has (heartbeats, "
                             "batches) that are not committed here yet", labels=["orchestrator"])
     stale = GaugeMetricFamily("stepstream_ingest_source_stale", "1 while the orchestrator cannot be followed "
@@ -135,14 +306,16 @@ def _ingest_metrics(
     resyncs = CounterMetricFamily("stepstream_ingest_resyncs", "resyncs from a snapshot (cursor out of range)",
                                   labels=["orchestrator"])
     for follower in followers:
+        if writer is None:
+            break
         address = follower.address
         lag.add_metric([address], max(0, follower.latest_seq_heard - writer.applied.committed_seq(address)))
         stale.add_metric([address], 0 if writer.source(address).stale_since is None else 1)
         resyncs.add_metric([address], follower.resyncs)
     return [
         lag, stale, resyncs,
-        CounterMetricFamily("stepstream_ingest_events_applied", "events applied to the status store",
-                            value=writer.events_applied),
+        CounterMetricFamily("stepstream_ingest_events_applied", "events applied to the status store (by this "
+                            "replica's current lease term)", value=writer.events_applied if writer else 0),
         GaugeMetricFamily("stepstream_watchers_attached", "watches (WatchJob, WatchJobs) open",
                           value=feed.subscriber_count),
         GaugeMetricFamily("stepstream_revision", "the status store's current revision", value=feed.latest),

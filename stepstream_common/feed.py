@@ -190,6 +190,16 @@ class Feed(Generic[T]):
             for sub in self._all():
                 sub.notify()
 
+    def skip_to(self, latest: int) -> None:
+        """Storage no longer holds the items up to `latest` that were never published:
+        every subscriber drops its queue and goes back to storage from its own
+        cursor (which says OUT_OF_RANGE to one that is too old) instead of being
+        handed what comes after the hole."""
+        self.latest = max(self.latest, latest)
+        for sub in self._all():
+            sub.overflowed = True
+            sub.notify()
+
     def close(self) -> None:
         """End every replay_then_live() loop at its next step (graceful shutdown)."""
         self.closed = True

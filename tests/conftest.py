@@ -28,6 +28,7 @@ except ModuleNotFoundError as missing:
         "STEPSTREAM_SERVER_PYTHON=/path/to/bin/python pytest --confcutdir tests/client tests/client"
     ) from missing
 from tests.helpers import channel
+from tests.helpers.postgres import postgres  # noqa: F401  (the fixture, for every test under tests/)
 
 
 def orchestrator_config(data_dir: Path, **overrides: object) -> OrchestratorConfig:

@@ -100,7 +100,8 @@ class StatusServicer:
         self._heartbeat_interval = heartbeat_interval
         self._applied = applied
         self._max_wait_applied = max_wait_applied
-        self._ingest_stopped: tuple[float, str] | None = None
+        # (since, why) while reads must show unfinished jobs stale.
+        self._stale: tuple[float, str] | None = None
         limits = limits or WatchLimits()
         self._stall_timeout = limits.stream_stall_timeout
         self.watchers = Slots(Limit(WATCHERS_PER_JOB, "--max-watchers-per-job", limits.max_watchers_per_job,
@@ -111,11 +112,20 @@ class StatusServicer:
     def ingest_stopped(self, detail: str) -> None:
         """Nothing will update what is stored any more: from now on, reads show
         every unfinished job stale, with why (the service is about to exit)."""
-        self._ingest_stopped = (time.time(), detail)
+        self.mark_stale(detail)
+
+    def mark_stale(self, detail: str | None) -> None:
+        """Reads show every unfinished job stale with `detail` (since the first such
+        call) until this is called with None: a replica whose database is in
+        trouble (status_svc.replication.health)."""
+        if detail is None:
+            self._stale = None
+        else:
+            self._stale = (self._stale[0] if self._stale is not None else time.time(), detail)
 
     def _fresh(self, job: pb.JobStatus) -> pb.JobStatus:
-        if self._ingest_stopped is not None and job.state not in TERMINAL_JOB_STATES:
-            since, detail = self._ingest_stopped
+        if self._stale is not None and job.state not in TERMINAL_JOB_STATES:
+            since, detail = self._stale
             if not job.freshness.stale:
                 job.freshness.stale = True
                 job.freshness.stale_since.FromNanoseconds(round(since * 1e9))

@@ -1,6 +1,8 @@
 """The single writer: folds what the followers bring, gives every change the
 next revision, and commits state, change log and cursors in one transaction;
-only then are the changes handed to watchers.
+only then are the changes handed to watchers (by the writer itself, or, with
+feed None, by whoever reads the committed log: several replicas on one
+PostgreSQL database, see status_svc.replication).
 
 It takes everything queued at once (one transaction per batch under load, one
 per message when idle, so batching adds no latency) and never waits on a
@@ -104,7 +106,7 @@ class IngestWriter:
     def __init__(
         self,
         store: StatusStore,
-        feed: Feed[StoredChange],
+        feed: Feed[StoredChange] | None,
         *,
         latest_revision: int,
         sources: dict[str, Source],
@@ -131,9 +133,12 @@ class IngestWriter:
         self._uncommitted: Counter[str] = Counter()
         self.events_applied = 0
         self.events_rejected = 0
+        # Transactions committed (with changes or not): that commits land at all.
+        self.commits = 0
         # What each log has committed up to: reads that must not be older wait on it.
         self.applied = AppliedPositions(sources.values(), followed)
-        feed.latest = latest_revision
+        if feed is not None:
+            feed.latest = latest_revision
 
     def source(self, address: str) -> Source:
         """What is known of `address` (its cursor counts everything submitted and applied)."""
@@ -151,32 +156,48 @@ class IngestWriter:
         """
         next_prune = time.monotonic() + self._prune_every
         committing: asyncio.Task[None] | None = None
-        while not (self._stopping and self._queue.empty()):
-            items: list[IngestItem | None] = []
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(max(0.0, next_prune - time.monotonic())):
-                    items.append(await self._queue.get())
-            size = 0
-            while not self._queue.empty() and size < MAX_EVENTS_PER_TRANSACTION:
-                item = self._queue.get_nowait()
-                items.append(item)
-                if isinstance(item, Events):
-                    size += len(item.events)
-            work = [item for item in items if item is not None]
-            if work:
-                job_ids, touched = await self._load_jobs(work)
-                pending = self._fold(work, job_ids, touched)
-                if committing is not None:
-                    await committing
-                committing = asyncio.create_task(self._commit(pending), name="ingest-commit")
-            if time.monotonic() >= next_prune:
-                if committing is not None:
-                    await committing
+        try:
+            while not (self._stopping and self._queue.empty()):
+                items: list[IngestItem | None] = []
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(max(0.0, next_prune - time.monotonic())):
+                        items.append(await self._queue.get())
+                size = 0
+                while not self._queue.empty() and size < MAX_EVENTS_PER_TRANSACTION:
+                    item = self._queue.get_nowait()
+                    items.append(item)
+                    if isinstance(item, Events):
+                        size += len(item.events)
+                if committing is not None and committing.done():
+                    await committing  # raises what a commit that failed meanwhile raised
                     committing = None
-                await self._store.prune(self._keep_changes)
-                next_prune = time.monotonic() + self._prune_every
-        if committing is not None:
-            await committing
+                work = [item for item in items if item is not None]
+                if work:
+                    job_ids, touched = await self._load_jobs(work)
+                    pending = self._fold(work, job_ids, touched)
+                    if committing is not None:
+                        await committing
+                    committing = asyncio.create_task(self._commit(pending), name="ingest-commit")
+                    committing.add_done_callback(self._wake_if_failed)
+                if time.monotonic() >= next_prune:
+                    if committing is not None:
+                        await committing
+                        committing = None
+                    await self._store.prune(self._keep_changes)
+                    next_prune = time.monotonic() + self._prune_every
+            if committing is not None:
+                await committing
+        finally:
+            if committing is not None and not committing.done():
+                # Cancelled (a replica stepping down): the commit itself runs on,
+                # shielded by the store, to its end; its task need not be awaited.
+                committing.cancel()
+
+    def _wake_if_failed(self, commit: asyncio.Task[None]) -> None:
+        """A commit failed: wake run() now (it raises it), not when the next item arrives."""
+        if not commit.cancelled() and commit.exception() is not None:
+            with contextlib.suppress(asyncio.QueueFull):  # full: run() is about to take from it anyway
+                self._queue.put_nowait(None)
 
     async def stop(self) -> None:
         """Ask run() to return once everything queued is applied."""
@@ -219,9 +240,11 @@ class IngestWriter:
     async def _commit(self, pending: _Pending) -> None:
         started = time.perf_counter()
         await self._store.commit(pending.batch)
+        self.commits += 1
         if self._metrics is not None:
             self._metrics.committed(pending.events, time.perf_counter() - started)
-        self._feed.publish(pending.changes, pending.revision)
+        if self._feed is not None:
+            self._feed.publish(pending.changes, pending.revision)
         self.applied.advance(pending.batch.sources)
         # A finished job receives no more events; once all its changes are
         # committed it leaves memory (a stray event reads it back).

@@ -5,9 +5,9 @@ The single writer commits WriteBatches: what the projector made of the folds
 revisions), the change log, and the ingest cursors, in one transaction.
 Readers take consistent snapshots and replay the change log by revision.
 Every method takes and returns these domain objects; how they become rows is
-each backend's own business (storage/sqlite.py; a PostgreSQL backend would be
-a second module), and tests/status/test_store_conformance.py holds every
-backend to the same behaviour.
+each backend's own business (storage/sqlite.py, storage/postgres.py: their
+shared SQL in storage/sql.py), and tests/status/test_store_conformance.py
+holds every backend to the same behaviour. storage/open.py picks one (--store).
 """
 
 from __future__ import annotations
@@ -20,7 +20,20 @@ from stepstream.status.v1 import status_service_pb2
 
 from status_svc.domain.projection import Staleness
 from status_svc.domain.projector import LoadedJob, StoredChild, StoredHeader, StoredStep
+from stepstream_common.errors import UnavailableError
 from stepstream_common.feed import Page
+
+STORE_UNAVAILABLE = "STORE_UNAVAILABLE"
+
+
+class StoreUnavailableError(UnavailableError):
+    """The database cannot be used right now (connection lost, server restarting or
+    out of resources); the store reconnects by itself, so the same call may succeed
+    later. Readers get it as UNAVAILABLE (reason STORE_UNAVAILABLE). A commit that
+    raised it may or may not have landed: committing the same batch again is safe."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, reason=STORE_UNAVAILABLE)
 
 
 @dataclass(frozen=True)
@@ -180,4 +193,13 @@ class StatusStore(Protocol):
 
     async def prune(self, keep_changes: int) -> None:
         """Drop all but the latest `keep_changes` (at least one) changes."""
+        ...
+
+    async def latest_revision(self) -> int:
+        """The newest committed revision (0 if none), read from the database: with
+        several replicas on one PostgreSQL database, what any of them committed."""
+        ...
+
+    async def sources(self) -> dict[str, Source]:
+        """Every source as committed (what open() returned, read again now)."""
         ...

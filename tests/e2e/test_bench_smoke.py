@@ -54,14 +54,31 @@ EXPECTED: dict[str, list[str]] = {
             "gateway_rss_kb_per_client", "status_cpu_us_per_revision",
         )),
     ],
+    "pg_ingest": [
+        "events", "events_per_second", "baseline_copy_rows_per_second", "baseline_upsert_rows_per_second",
+        "sqlite_events_per_second",
+    ],
+    "failover": [
+        "runs", "children", "failover_median_seconds", "failover_max_seconds", "failover_min_seconds",
+        "fresh_start_seconds", "lease_ttl_seconds", "lease_poll_seconds", "events_per_second",
+    ],
+    "replica_watchers": [
+        "events", "events_per_second_1000_on_second", "lag_revisions_1000_on_second",
+        "catchup_seconds_1000_on_second", "incomplete_watchers_1000_on_second",
+    ],
 }
 # A browser and up to 50 page streams: run with the slow tests.
 SLOW = {"web"}
+# These make a database of their own on the tests' PostgreSQL server: without one they are
+# skipped (failed, in CI) as the PostgreSQL tests are.
+NEEDS_POSTGRES = {"pg_ingest", "failover", "replica_watchers"}
 
 
 @pytest.mark.parametrize("name", [pytest.param(name, marks=[pytest.mark.slow] if name in SLOW else [])
                                   for name in EXPECTED])
-def test_benchmark_runs_and_reports_its_figures(name: str, tmp_path: Path) -> None:
+def test_benchmark_runs_and_reports_its_figures(name: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    if name in NEEDS_POSTGRES:
+        request.getfixturevalue("postgres")  # only for its skip-or-fail when no server is reachable
     output = tmp_path / f"{name}.json"
     result = subprocess.run(
         [sys.executable, "-m", "bench", name, "--quick", "--json", str(output)],

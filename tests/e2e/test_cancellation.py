@@ -35,6 +35,7 @@ from orchestrator_svc.storage.sqlite import SqliteEventStore
 from status_svc.api.servicer import StatusServicer
 from status_svc.app import StatusService
 from status_svc.storage.base import ChangeFilter, WriteBatch
+from status_svc.storage.sqlite import SqliteStatusStore
 from stepstream_common.errors import ServiceError
 from stepstream_common.sqlite import SqliteFile
 from tests.helpers import DEADLINE, job_definition, status_job_finished, wait_job_state, wait_status_job
@@ -270,6 +271,7 @@ async def test_status_handlers_and_store_survive_cancellation_at_every_await(
     servicer = StatusServicer(status.store, status.feed, 0.05, status.writer.applied, 5.0)
     context: Any = _Context()
     store = status.store
+    assert isinstance(store, SqliteStatusStore)  # the default store: its SqliteFile tells when it is idle
 
     def no_subscribers() -> None:
         assert status.feed.subscriber_count == 0

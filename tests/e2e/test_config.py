@@ -28,10 +28,10 @@ EVERY_OPTION = [(module, option) for module, config in SERVICES.items() for opti
 GOOD = {"positive_float": "2.5", "positive_int": "3", "host_port": "0.0.0.0:7", "host_ports": "a:1,b:2",
         "Path": "/srv/stepstream", "_log_level": "debug", "optional_path": "/srv/x.pem", "boolean": "true",
         "env_names": "HTTPS_PROXY,AWS_PROFILE", "server_name": "stepstream.example", "_log_format": "json",
-        "optional_host_port": "127.0.0.1:9100"}
+        "optional_host_port": "127.0.0.1:9100", "store_url": "postgresql://stepstream@db.example:5432/stepstream"}
 BAD = {"positive_float": "0", "positive_int": "1.5", "host_port": "no-port", "host_ports": ",",
        "_log_level": "INFO", "boolean": "maybe", "env_names": "A=B", "server_name": "host:443",
-       "_log_format": "JSON", "optional_host_port": "no-port"}
+       "_log_format": "JSON", "optional_host_port": "no-port", "store_url": "postgresql://u:secret@db/stepstream"}
 
 
 def cases(pairs: list[tuple[str, Option]]) -> list[Any]:

@@ -4,11 +4,15 @@ that owns the data directories, a read-only root filesystem, no capabilities,
 TLS and tokens from Secrets, only the status service and clients let in), and
 work: the settings each deploy file gives, with local files in place of its
 secrets, start both services on all interfaces, pass their probes, and let
-the status service follow the orchestrator."""
+the status service follow the orchestrator. The PostgreSQL variants
+(docker-compose.postgres.yml with Envoy in front of the replicas, the overlay
+k8s-postgres/) are held to the same, each status replica run against a fresh
+database of the test server, and to their own shape."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import subprocess
 import sys
@@ -17,6 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
+from urllib.parse import urlsplit
 
 import grpc
 import pytest
@@ -35,6 +40,7 @@ from stepstream_common.exposure import Exposure, exposure_of
 from stepstream_common.tokens import new_entry
 from tests.helpers import REPO, ServiceProcess, eventually, free_port, job_definition, private_file
 from tests.helpers.certs import Authority
+from tests.helpers.postgres import fresh_database
 
 DEPLOY = REPO / "deploy"
 CONFIGS: dict[str, type[ServiceConfig]] = {"orchestrator_svc": OrchestratorConfig, "status_svc": StatusConfig}
@@ -144,28 +150,59 @@ def test_every_variable_a_deploy_file_names_is_a_real_setting() -> None:
 # --- Kubernetes ---------------------------------------------------------------------------------------------
 
 
-def k8s_documents() -> list[dict[str, Any]]:
-    return [
-        doc for path in sorted((DEPLOY / "k8s").glob("*.yaml")) if path.name != "kustomization.yaml"
-        for doc in yaml.safe_load_all(path.read_text()) if doc
-    ]
+# deploy/k8s (SQLite) and its overlay deploy/k8s-postgres (replicas on PostgreSQL).
+K8S_VARIANTS = ("k8s", "k8s-postgres")
+# What the tests use in place of a value a manifest takes from a Secret (Secret, key).
+SECRET_VALUES = {("stepstream-status-store", "url"): "postgresql://stepstream@postgres.example:5432/stepstream"}
 
 
-def k8s_workloads() -> list[dict[str, Any]]:
-    return [doc for doc in k8s_documents() if doc["kind"] in ("Deployment", "StatefulSet")]
+def kustomized(root: Path) -> list[dict[str, Any]]:
+    """The documents `kubectl kustomize root` makes, for what our kustomizations
+    use: resources (files, or directories with a kustomization of their own) and
+    patches that delete a document."""
+    kustomization = yaml.safe_load((root / "kustomization.yaml").read_text())
+    assert set(kustomization) <= {"apiVersion", "kind", "resources", "patches"}, "teach kustomized() the rest"
+    documents: list[dict[str, Any]] = []
+    for resource in kustomization["resources"]:
+        path = root / resource
+        documents += kustomized(path) if path.is_dir() else [
+            doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+    for patch in kustomization.get("patches", []):
+        deleted = yaml.safe_load(patch["patch"])
+        assert deleted.pop("$patch") == "delete", "only deleting patches are understood here"
+        key = (deleted["kind"], deleted["metadata"]["name"])
+        assert key in {(doc["kind"], doc["metadata"]["name"]) for doc in documents}, key
+        documents = [doc for doc in documents if (doc["kind"], doc["metadata"]["name"]) != key]
+    return documents
 
 
-def k8s_containers() -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
-    for workload in k8s_workloads():
+def k8s_documents(variant: str = "k8s") -> list[dict[str, Any]]:
+    return kustomized(DEPLOY / variant)
+
+
+def k8s_workloads(variant: str = "k8s") -> list[dict[str, Any]]:
+    return [doc for doc in k8s_documents(variant) if doc["kind"] in ("Deployment", "StatefulSet")]
+
+
+def k8s_containers(variant: str = "k8s") -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+    for workload in k8s_workloads(variant):
         for container in workload["spec"]["template"]["spec"]["containers"]:
             yield workload, container
 
 
-def k8s_env(container: dict[str, Any]) -> dict[str, str]:
-    config_maps = {doc["metadata"]["name"]: doc["data"] for doc in k8s_documents() if doc["kind"] == "ConfigMap"}
-    env = {item["name"]: item["value"] for item in container.get("env", [])}
+def k8s_env(container: dict[str, Any], variant: str = "k8s") -> dict[str, str]:
+    """The container's environment; a value from a Secret is its stand-in in SECRET_VALUES."""
+    config_maps = {doc["metadata"]["name"]: doc["data"] for doc in k8s_documents(variant)
+                   if doc["kind"] == "ConfigMap"}
+    env = {}
     for source in container.get("envFrom", []):
         env.update(config_maps[source["configMapRef"]["name"]])
+    for item in container.get("env", []):
+        if "value" in item:
+            env[item["name"]] = item["value"]
+        else:
+            ref = item["valueFrom"]["secretKeyRef"]
+            env[item["name"]] = SECRET_VALUES[(ref["name"], ref["key"])]
     return env
 
 
@@ -198,19 +235,20 @@ def provided_files(workload: dict[str, Any], container: dict[str, Any]) -> set[s
     return files
 
 
-def k8s_settings(monkeypatch: pytest.MonkeyPatch) -> dict[str, tuple[Any, dict[str, Any]]]:
+def k8s_settings(monkeypatch: pytest.MonkeyPatch, variant: str = "k8s") -> dict[str, tuple[Any, dict[str, Any]]]:
     """Each service's config as its manifests set it, and its container."""
     found = {}
-    for _, container in k8s_containers():
+    for _, container in k8s_containers(variant):
         module, args = module_of(container["command"] + container.get("args", []))
-        found[module] = (parse(module, args, k8s_env(container), monkeypatch), container)
+        found[module] = (parse(module, args, k8s_env(container, variant), monkeypatch), container)
     return found
 
 
-def test_kustomization_lists_every_manifest() -> None:
-    listed = set(yaml.safe_load((DEPLOY / "k8s" / "kustomization.yaml").read_text())["resources"])
-    present = {p.name for p in (DEPLOY / "k8s").glob("*.yaml")} - {"kustomization.yaml"}
-    assert listed == present
+@pytest.mark.parametrize("variant", K8S_VARIANTS)
+def test_kustomization_lists_every_manifest(variant: str) -> None:
+    listed = set(yaml.safe_load((DEPLOY / variant / "kustomization.yaml").read_text())["resources"])
+    present = {p.name for p in (DEPLOY / variant).glob("*.yaml")} - {"kustomization.yaml"}
+    assert {name for name in listed if not (DEPLOY / variant / name).is_dir()} == present
 
 
 def test_k8s_has_the_agreed_shape() -> None:
@@ -225,13 +263,42 @@ def test_k8s_has_the_agreed_shape() -> None:
     assert status["spec"]["volumeClaimTemplates"], "the status service's SQLite file needs a volume"
 
 
-def test_k8s_containers_match_what_the_services_accept(monkeypatch: pytest.MonkeyPatch) -> None:
-    services = {doc["metadata"]["name"]: doc for doc in k8s_documents() if doc["kind"] == "Service"}
+def test_k8s_postgres_runs_status_replicas_on_the_database_from_a_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The overlay: the base but for the status service, now a Deployment of 2+
+    replicas whose store URL and password come from a Secret, ready only while
+    grpc.health says SERVING (so a replica that lost its database leaves the
+    Service), alive as long as it accepts connections."""
+    base = {(doc["kind"], doc["metadata"]["name"]): doc for doc in k8s_documents()}
+    overlay = {(doc["kind"], doc["metadata"]["name"]): doc for doc in k8s_documents("k8s-postgres")}
+    assert set(overlay) == set(base) - {("StatefulSet", "stepstream-status")} | {("Deployment", "stepstream-status")}
+    assert all(overlay[key] == doc for key, doc in base.items() if key in overlay), "the rest is the base's"
+    status = overlay[("Deployment", "stepstream-status")]
+    assert status["spec"]["replicas"] >= 2
+    assert status["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0, "a rollout keeps replicas serving"
+    config, container = k8s_settings(monkeypatch, "k8s-postgres")["status_svc"]
+    assert config.store == SECRET_VALUES[("stepstream-status-store", "url")], "the store URL comes from the Secret"
+    assert str(config.store_password_file) in provided_files(status, container)
+    assert container["readinessProbe"]["exec"]["command"][:3] == HEALTHCHECK
+    assert container["readinessProbe"]["failureThreshold"] == 1
+    assert container["livenessProbe"]["tcpSocket"] == {"port": "grpc"}
+    # The pod is the base's but for what the overlay's header says.
+    pod, base_pod = status["spec"]["template"], base[("StatefulSet", "stepstream-status")]["spec"]["template"]
+    differs = {"initContainers", "containers", "volumes", "affinity"}
+    assert {k: v for k, v in pod["spec"].items() if k not in differs} == \
+        {k: v for k, v in base_pod["spec"].items() if k not in differs}
+    [base_container] = base_pod["spec"]["containers"]
+    same = {"image", "command", "envFrom", "ports", "securityContext", "startupProbe", "resources"}
+    assert {k: container[k] for k in same} == {k: base_container[k] for k in same}
+
+
+@pytest.mark.parametrize("variant", K8S_VARIANTS)
+def test_k8s_containers_match_what_the_services_accept(variant: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    services = {doc["metadata"]["name"]: doc for doc in k8s_documents(variant) if doc["kind"] == "Service"}
     seen = set()
-    for workload, container in k8s_containers():
+    for workload, container in k8s_containers(variant):
         module, args = module_of(container["command"] + container.get("args", []))
         seen.add(module)
-        env = k8s_env(container)
+        env = k8s_env(container, variant)
         assert set(env) <= accepted_env(module), set(env) - accepted_env(module)
         config = parse(module, args, env, monkeypatch)
 
@@ -242,6 +309,9 @@ def test_k8s_containers_match_what_the_services_accept(monkeypatch: pytest.Monke
         assert ports == {"grpc": int(port)}
         files = provided_files(workload, container)
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            if probe == "livenessProbe" and "tcpSocket" in container[probe]:
+                assert container[probe]["tcpSocket"] == {"port": "grpc"}
+                continue
             command = container[probe]["exec"]["command"]
             assert command[:3] == HEALTHCHECK and command[-1] == f"127.0.0.1:{port}", probe
             assert command[command.index("--tls-ca") + 1] in files, probe
@@ -249,8 +319,11 @@ def test_k8s_containers_match_what_the_services_accept(monkeypatch: pytest.Monke
         for name, path in file_settings(config).items():
             assert str(path) in files, f"{module} --{name} names {path}, which no Secret provides"
         mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
-        assert str(config.data_dir.parent) == mounts["data"], "the service makes its data directory, 0700"
-        assert str(config.data_dir) in image().data_dirs
+        if getattr(config, "store", None) is None:
+            assert str(config.data_dir.parent) == mounts["data"], "the service makes its data directory, 0700"
+            assert str(config.data_dir) in image().data_dirs
+        else:
+            assert "data" not in mounts, "on PostgreSQL the replicas keep nothing of their own"
 
         name = workload["metadata"]["name"]
         service = services[name]
@@ -263,9 +336,10 @@ def test_k8s_containers_match_what_the_services_accept(monkeypatch: pytest.Monke
     assert seen == set(CONFIGS)
 
 
-def test_k8s_pods_run_unprivileged_on_a_read_only_root_filesystem() -> None:
+@pytest.mark.parametrize("variant", K8S_VARIANTS)
+def test_k8s_pods_run_unprivileged_on_a_read_only_root_filesystem(variant: str) -> None:
     made = image()
-    for workload in k8s_workloads():
+    for workload in k8s_workloads(variant):
         spec = workload["spec"]["template"]["spec"]
         name = workload["metadata"]["name"]
         assert spec["automountServiceAccountToken"] is False, name
@@ -284,22 +358,26 @@ def test_k8s_pods_run_unprivileged_on_a_read_only_root_filesystem() -> None:
             for mount in container["volumeMounts"]:
                 if secret_items(volumes.get(mount["name"], {})):
                     assert mount.get("readOnly") is True, (container["name"], mount)
-        # Writable: the data volume and /tmp for the service; its init container only writes the copies.
+        # Writable: the data volume (none for the replicas on PostgreSQL) and /tmp for the service; its init
+        # container only writes the copies.
         [service] = spec["containers"]
         writable = {m["mountPath"]: m["name"] for m in service["volumeMounts"] if not m.get("readOnly")}
-        assert set(writable) == {"/data", "/tmp"}, name
-        data = volumes.get(writable["/data"], {})
-        assert "persistentVolumeClaim" in data or writable["/data"] in claims, name
+        on_postgres = variant == "k8s-postgres" and name == "stepstream-status"
+        assert set(writable) == ({"/tmp"} if on_postgres else {"/data", "/tmp"}), name
+        if not on_postgres:
+            data = volumes.get(writable["/data"], {})
+            assert "persistentVolumeClaim" in data or writable["/data"] in claims, name
         assert "emptyDir" in volumes[writable["/tmp"]], name
         for init in spec.get("initContainers", []):
             written = [m["mountPath"] for m in init["volumeMounts"] if not m.get("readOnly")]
             assert written == [init["command"][4]], init["name"]
 
 
-def test_network_policies_let_in_only_the_status_service_and_clients() -> None:
-    policies = [doc for doc in k8s_documents() if doc["kind"] == "NetworkPolicy"]
+@pytest.mark.parametrize("variant", K8S_VARIANTS)
+def test_network_policies_let_in_only_the_status_service_and_clients(variant: str) -> None:
+    policies = [doc for doc in k8s_documents(variant) if doc["kind"] == "NetworkPolicy"]
     pods = {}
-    for workload in k8s_workloads():
+    for workload in k8s_workloads(variant):
         labels = workload["spec"]["template"]["metadata"]["labels"]
         assert not CLIENT_LABEL.items() <= labels.items(), "a service is not let in as a client"
         [container] = workload["spec"]["template"]["spec"]["containers"]
@@ -334,34 +412,86 @@ def test_network_policies_let_in_only_the_status_service_and_clients() -> None:
 # --- Docker Compose -----------------------------------------------------------------------------------------
 
 
-def compose() -> dict[str, Any]:
-    loaded: dict[str, Any] = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+# docker-compose.yml (SQLite) and docker-compose.postgres.yml (replicas on PostgreSQL, behind Envoy).
+COMPOSE_FILES = {"compose": "docker-compose.yml", "compose-postgres": "docker-compose.postgres.yml"}
+
+
+class ComposeLoader(yaml.SafeLoader):
+    """YAML as docker compose reads it, for the tags our files use: `!reset`
+    (drop what `extends` brought)."""
+
+
+RESET = object()
+ComposeLoader.add_constructor("!reset", lambda loader, node: RESET)
+
+
+def merged(base: Any, override: Any, key: str = "") -> Any:
+    """`override` over `base` by compose's rules for `extends`: mappings merge,
+    sequences add up (command, entrypoint and a healthcheck's test are
+    replaced), `!reset` removes."""
+    if isinstance(base, dict) and isinstance(override, dict):
+        result = dict(base)
+        for name, value in override.items():
+            if value is RESET:
+                result.pop(name, None)
+            else:
+                result[name] = merged(result[name], value, name) if name in result else value
+        return result
+    if isinstance(base, list) and isinstance(override, list) and key not in ("command", "entrypoint", "test"):
+        return base + [item for item in override if item not in base]
+    return override
+
+
+def compose(variant: str = "compose") -> dict[str, Any]:
+    """The compose file, each service with what it `extends` merged in."""
+    return compose_file(COMPOSE_FILES[variant])
+
+
+def compose_file(name: str) -> dict[str, Any]:
+    loaded: dict[str, Any] = yaml.load((DEPLOY / name).read_text(), ComposeLoader)  # a SafeLoader
+    for service_name, service in loaded["services"].items():
+        extends = service.pop("extends", None)
+        if extends is not None:
+            base = compose_file(extends["file"])["services"][extends["service"]]
+            loaded["services"][service_name] = merged(base, service)
     return loaded
 
 
-def compose_settings(monkeypatch: pytest.MonkeyPatch) -> dict[str, tuple[Any, dict[str, Any]]]:
+def stepstream_services(variant: str) -> dict[str, dict[str, Any]]:
+    """The compose services that run ours (python -m ...), by name."""
+    return {name: service for name, service in compose(variant)["services"].items()
+            if service.get("command", [])[:2] == ["python", "-m"]}
+
+
+def compose_settings(
+    monkeypatch: pytest.MonkeyPatch, variant: str = "compose"
+) -> dict[str, tuple[Any, dict[str, Any]]]:
     """Each service's config as the compose file sets it, and its compose service."""
     found = {}
-    for service in compose()["services"].values():
+    for service in stepstream_services(variant).values():
         module, args = module_of(service["command"])
         env = {key: str(value) for key, value in service.get("environment", {}).items()}
         found[module] = (parse(module, args, env, monkeypatch), service)
     return found
 
 
-def test_compose_matches_what_the_services_accept(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("variant", list(COMPOSE_FILES))
+def test_compose_matches_what_the_services_accept(variant: str, monkeypatch: pytest.MonkeyPatch) -> None:
     made = image()
-    secrets = compose()["secrets"]
-    for name, service in compose()["services"].items():
+    secrets = compose(variant)["secrets"]
+    for name, service in stepstream_services(variant).items():
         module, _ = module_of(service["command"])
         env = {key: str(value) for key, value in service.get("environment", {}).items()}
         assert set(env) <= accepted_env(module), set(env) - accepted_env(module)
-        config = compose_settings(monkeypatch)[module][0]
+        config = compose_settings(monkeypatch, variant)[module][0]
         assert exposure_of(config) == Exposure(), "it serves TLS and requires tokens, without --insecure"
         port = port_of(config.listen)
-        assert any(mapping == f"127.0.0.1:{port}:{port}" for mapping in service["ports"])
-        assert any(volume.endswith(f":{config.data_dir}") for volume in service["volumes"])
-        assert str(config.data_dir) in made.data_dirs, "a named volume there starts as the image's directory"
+        if getattr(config, "store", None) is None:
+            assert any(mapping == f"127.0.0.1:{port}:{port}" for mapping in service["ports"])
+            assert any(volume.endswith(f":{config.data_dir}") for volume in service["volumes"])
+            assert str(config.data_dir) in made.data_dirs, "a named volume there starts as the image's directory"
+        else:  # replicas: reached through the proxy (see the next test), keeping nothing of their own
+            assert "ports" not in service and "volumes" not in service, name
         mounted = {f"/run/secrets/{secret}" for secret in service["secrets"]}
         assert set(service["secrets"]) <= set(secrets), name
         for setting, path in file_settings(config).items():
@@ -373,8 +503,56 @@ def test_compose_matches_what_the_services_accept(monkeypatch: pytest.MonkeyPatc
         assert service["read_only"] is True and "/tmp" in service["tmpfs"]
         assert service["cap_drop"] == ["ALL"] and "no-new-privileges:true" in service["security_opt"]
         if module == "status_svc":
-            orchestrator_port = port_of(compose_settings(monkeypatch)["orchestrator_svc"][0].listen)
+            orchestrator_port = port_of(compose_settings(monkeypatch, variant)["orchestrator_svc"][0].listen)
             assert config.orchestrators == [f"orchestrator:{orchestrator_port}"], name
+
+
+def test_compose_postgres_puts_the_replicas_behind_one_address_and_keeps_the_password_in_a_secret(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two or more status replicas on the PostgreSQL service's database (URL
+    without a password, the password a secret file both read), and Envoy
+    (deploy/envoy-status.yaml) publishing one address: TLS with the services'
+    certificate, every call to a replica of the status service that passes
+    grpc.health."""
+    loaded = compose("compose-postgres")
+    services = loaded["services"]
+    config, status = compose_settings(monkeypatch, "compose-postgres")["status_svc"]
+    assert status == services["status"] and status["deploy"]["replicas"] >= 2
+    postgres = services["postgres"]
+    url = urlsplit(config.store)
+    assert (url.scheme, url.hostname, url.username, url.path, url.password) == (
+        "postgresql", "postgres", postgres["environment"]["POSTGRES_USER"],
+        "/" + postgres["environment"]["POSTGRES_DB"], None)
+    password = f"/run/secrets/{PurePosixPath(str(config.store_password_file)).name}"
+    assert str(config.store_password_file) == password == postgres["environment"]["POSTGRES_PASSWORD_FILE"]
+    assert password.rsplit("/", 1)[1] in postgres["secrets"]
+    assert status["depends_on"]["postgres"] == {"condition": "service_healthy"}
+
+    proxy = services["proxy"]
+    [published] = proxy["ports"]
+    status_port = port_of(config.listen)
+    assert published == f"127.0.0.1:{status_port}:{status_port}", "the status service's address, as without replicas"
+    [mounted_config] = proxy["configs"]
+    envoy = yaml.safe_load((DEPLOY / loaded["configs"][mounted_config["source"]]["file"]).read_text())
+    assert proxy["command"][proxy["command"].index("--config-path") + 1] == mounted_config["target"]
+    [listener] = envoy["static_resources"]["listeners"]
+    assert listener["address"]["socket_address"]["port_value"] == status_port
+    [chain] = listener["filter_chains"]
+    [certificate] = chain["transport_socket"]["typed_config"]["common_tls_context"]["tls_certificates"]
+    proxy_secrets = {f"/run/secrets/{secret}" for secret in proxy["secrets"]}
+    assert {certificate["certificate_chain"]["filename"], certificate["private_key"]["filename"]} <= proxy_secrets
+    [cluster] = envoy["static_resources"]["clusters"]
+    [endpoints] = cluster["load_assignment"]["endpoints"]
+    [endpoint] = endpoints["lb_endpoints"]
+    assert endpoint["endpoint"]["address"]["socket_address"] == {"address": "status", "port_value": status_port}
+    assert cluster["type"] == "STRICT_DNS", "every replica behind the one name"
+    [health] = cluster["health_checks"]
+    assert health["grpc_health_check"] == {} and health["unhealthy_threshold"] == 1
+    upstream = cluster["transport_socket"]["typed_config"]
+    assert upstream["common_tls_context"]["validation_context"]["trusted_ca"]["filename"] in proxy_secrets
+    for key in ("user", "read_only", "tmpfs", "cap_drop", "security_opt"):
+        assert proxy[key] == status[key], key
 
 
 # --- the deployed settings, run -----------------------------------------------------------------------------
@@ -416,16 +594,27 @@ def argv_of(config: ServiceConfig, **replaced: Any) -> list[str]:
     return argv
 
 
-@pytest.mark.parametrize("deployment", ["compose", "k8s"])
+def replicas_of(deployment: str, source: dict[str, Any]) -> int:
+    """How many processes a compose service or a Kubernetes container's workload runs."""
+    if deployment.startswith("compose"):
+        return int(source.get("deploy", {}).get("replicas", 1))
+    [workload] = [w for w, c in k8s_containers(deployment) if c == source]
+    return int(workload["spec"].get("replicas", 1))
+
+
+@pytest.mark.parametrize("deployment", [*COMPOSE_FILES, *K8S_VARIANTS])
 async def test_the_deployed_settings_serve_tls_and_tokens_and_the_status_service_follows(
     deployment: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Both services with every setting the deploy files give them (on all
     interfaces), but their own ports and data directories here and local files
-    for the secrets: each passes its deploy file's probe, a call without a
-    token is refused, and a job submitted to the orchestrator reaches the
-    status service, which follows it over TLS with its follower token."""
-    deployed = compose_settings(monkeypatch) if deployment == "compose" else k8s_settings(monkeypatch)
+    for the secrets (and a fresh PostgreSQL database for a store there): each
+    process (every status replica) passes its deploy file's probe, a call
+    without a token is refused, and a job submitted to the orchestrator
+    reaches every status replica, which follow it over TLS with the follower
+    token (one ingesting, the others from the database)."""
+    deployed = compose_settings(monkeypatch, deployment) if deployment in COMPOSE_FILES else \
+        k8s_settings(monkeypatch, deployment)
     ca = Authority(tmp_path / "ca")
     server = ca.issue("server", hosts=("127.0.0.1", "localhost"))
     follower, follower_token = new_entry("status", "follower")
@@ -436,56 +625,75 @@ async def test_the_deployed_settings_serve_tls_and_tokens_and_the_status_service
         "orchestrator_svc": private_file(secrets / "orchestrator-tokens", f"{follower.line()}\n{operator.line()}\n"),
         "status_svc": private_file(secrets / "status-tokens", f"{viewer.line()}\n"),
     }
-    addresses = {module: f"127.0.0.1:{free_port()}" for module in CONFIGS}
+    addresses: dict[str, list[str]] = {
+        module: [f"127.0.0.1:{free_port()}" for _ in range(replicas_of(deployment, deployed[module][1]))]
+        for module in CONFIGS
+    }
     for name in accepted_env("orchestrator_svc") | accepted_env("status_svc"):
         monkeypatch.delenv(name, raising=False)  # only the flags count
-    processes: list[ServiceProcess] = []
-    try:
+    processes: list[tuple[str, ServiceProcess]] = []
+    async with contextlib.AsyncExitStack() as stack:
+        database = await stack.enter_async_context(fresh_database()) if deployed["status_svc"][0].store else None
+
+        def stop_all() -> None:
+            for _, process in reversed(processes):
+                process.stop()
+
+        stack.callback(stop_all)
         for module in CONFIGS:  # the orchestrator first: the status service follows it
             config, _ = deployed[module]
-            replaced: dict[str, Any] = {
-                "listen": f"0.0.0.0:{port_of(addresses[module])}", "data_dir": tmp_path / "data" / module,
-                "tls_cert": server.cert, "tls_key": server.key, "tokens_file": tokens[module],
-            }
-            if module == "status_svc":
-                replaced.update(orchestrators=[addresses["orchestrator_svc"]], orchestrator_tls_ca=ca.cert,
-                                orchestrator_token_file=private_file(secrets / "orchestrator.token", follower_token))
-            assert set(file_settings(config)) <= set(replaced), "every file the deploy names has a local stand-in"
-            processes.append(ServiceProcess(module, argv_of(config, **replaced)))
-            processes[-1].start()
+            for n, address in enumerate(addresses[module]):
+                replaced: dict[str, Any] = {
+                    "listen": f"0.0.0.0:{port_of(address)}", "data_dir": tmp_path / "data" / f"{module}-{n}",
+                    "tls_cert": server.cert, "tls_key": server.key, "tokens_file": tokens[module],
+                }
+                if module == "status_svc":
+                    replaced.update(orchestrators=addresses["orchestrator_svc"], orchestrator_tls_ca=ca.cert,
+                                    orchestrator_token_file=private_file(secrets / f"orchestrator-{n}.token",
+                                                                         follower_token))
+                    if database is not None:  # the test server trusts local connections: any password does
+                        replaced.update(store=database.dsn,
+                                        store_password_file=private_file(secrets / f"store-{n}", "unused\n"))
+                assert set(file_settings(config)) <= set(replaced), "every file the deploy names has a local stand-in"
+                processes.append((address, ServiceProcess(module, argv_of(config, **replaced))))
+                processes[-1][1].start()
 
         for module, (_, source) in deployed.items():
-            probe = source["healthcheck"]["test"][1:] if deployment == "compose" else \
+            probe = source["healthcheck"]["test"][1:] if deployment in COMPOSE_FILES else \
                 source["readinessProbe"]["exec"]["command"]
-            argv = [*probe[3:-1], addresses[module]]
-            argv[argv.index("--tls-ca") + 1] = str(ca.cert)
-            probing = await asyncio.create_subprocess_exec(sys.executable, *probe[1:3], *argv, cwd=REPO,
-                                                           stderr=asyncio.subprocess.PIPE)
-            _, stderr = await probing.communicate()
-            assert probing.returncode == 0, (module, stderr.decode())
+            for address in addresses[module]:
+                argv = [*probe[3:-1], address]
+                argv[argv.index("--tls-ca") + 1] = str(ca.cert)
+                probing = await asyncio.create_subprocess_exec(sys.executable, *probe[1:3], *argv, cwd=REPO,
+                                                               stderr=asyncio.subprocess.PIPE)
+                _, stderr = await probing.communicate()
+                assert probing.returncode == 0, (module, address, stderr.decode())
 
         tls = ClientTLS.from_files(ca.cert)
-        async with open_channel(addresses["orchestrator_svc"], tls=tls) as orchestrator_channel, \
-                open_channel(addresses["status_svc"], tls=tls) as status_channel:
+        [orchestrator_address] = addresses["orchestrator_svc"]
+        async with open_channel(orchestrator_address, tls=tls) as orchestrator_channel:
             orchestrator = orch_grpc.OrchestratorServiceStub(orchestrator_channel)
-            request = orch_pb.SubmitJobRequest(definition=job_definition([{"name": "one", "type": "sleep",
-                                                                            "seconds": 0}]))
+            submit = orch_pb.SubmitJobRequest(definition=job_definition([{"name": "one", "type": "sleep",
+                                                                           "seconds": 0}]))
             with pytest.raises(grpc.aio.AioRpcError) as refused:
-                await orchestrator.SubmitJob(request)
+                await orchestrator.SubmitJob(submit)
             assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
-            accepted = await orchestrator.SubmitJob(request, metadata=bearer_metadata(operator_token))
-            status = status_grpc.StatusServiceStub(status_channel)
+            accepted = await orchestrator.SubmitJob(submit, metadata=bearer_metadata(operator_token))
+        for address in addresses["status_svc"]:
+            async with open_channel(address, tls=tls) as status_channel:
+                status = status_grpc.StatusServiceStub(status_channel)
 
-            async def followed() -> status_pb.GetJobResponse | None:
-                try:
-                    return await status.GetJob(status_pb.GetJobRequest(job_id=accepted.job.id),
-                                               metadata=bearer_metadata(viewer_token))
-                except grpc.aio.AioRpcError as error:
-                    if error.code() == grpc.StatusCode.NOT_FOUND:
-                        return None
-                    raise
+                async def followed(
+                    status: status_grpc.StatusServiceAsyncStub = status,
+                ) -> status_pb.GetJobResponse | None:
+                    try:
+                        return await status.GetJob(status_pb.GetJobRequest(job_id=accepted.job.id),
+                                                   metadata=bearer_metadata(viewer_token))
+                    except grpc.aio.AioRpcError as error:
+                        if error.code() == grpc.StatusCode.NOT_FOUND:
+                            return None
+                        raise
 
-            await eventually(followed, "the status service to have the job from the orchestrator")
-    finally:
-        for process in reversed(processes):
-            process.stop()
+                await eventually(followed, f"the status service at {address} to have the job from the orchestrator")
+        if database is not None:  # the replicas' pods and containers give them no volume: they need none
+            assert not list((tmp_path / "data").glob("status_svc-*")), "a replica on PostgreSQL wrote to --data-dir"

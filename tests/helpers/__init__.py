@@ -306,8 +306,6 @@ def service_processes(tmp_path: Path, *orchestrator_flags: str) -> tuple[Service
 def stored_updates(db_path: Path, job_id: str, after: int = 0) -> list[Any]:
     """The `changes` rows of one job after `after`, read from the status service's
     SQLite file, as the JobUpdates a watcher of that job must receive."""
-    from stepstream.status.v1 import status_service_pb2 as status_pb
-
     db = open_sqlite_readonly(db_path)
     try:
         rows = db.execute(
@@ -316,14 +314,18 @@ def stored_updates(db_path: Path, job_id: str, after: int = 0) -> list[Any]:
         ).fetchall()
     finally:
         db.close()
-    updates = []
-    for revision, header, steps in rows:
-        update = status_pb.JobUpdate.FromString(steps or b"")
-        update.revision, update.job_id = revision, job_id
-        if header is not None:
-            update.job.ParseFromString(header)
-        updates.append(update)
-    return updates
+    return [update_of(revision, job_id, header, steps) for revision, header, steps in rows]
+
+
+def update_of(revision: int, job_id: str, header: bytes | None, steps: bytes | None) -> Any:
+    """The JobUpdate a watcher of `job_id` must receive for one stored `changes` row."""
+    from stepstream.status.v1 import status_service_pb2 as status_pb
+
+    update = status_pb.JobUpdate.FromString(steps or b"")
+    update.revision, update.job_id = revision, job_id
+    if header is not None:
+        update.job.ParseFromString(header)
+    return update
 
 
 def folded_child_events(db_path: Path, job_id: str, after: int = 0) -> list[int]:

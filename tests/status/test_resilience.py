@@ -50,7 +50,7 @@ from tests.helpers import (
     wait_status_job,
     watch_until,
 )
-from tests.status.test_crash import recorded_events
+from tests.helpers.audit import recorded_events
 from tests.status.test_paths import assert_status_equals_orchestrator, submit
 
 if TYPE_CHECKING:

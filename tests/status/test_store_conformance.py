@@ -19,7 +19,7 @@ import asyncio
 import dataclasses
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,11 +42,21 @@ from status_svc.domain.projector import (
     StoredStep,
     restore,
 )
-from status_svc.storage.base import ChangeFilter, OpenedStore, Source, StatusStore, StoredChange, WriteBatch
+from status_svc.storage.base import (
+    ChangeFilter,
+    JobSnapshot,
+    OpenedStore,
+    Source,
+    StatusStore,
+    StoredChange,
+    WriteBatch,
+)
+from status_svc.storage.postgres import PostgresStatusStore
 from status_svc.storage.sqlite import SqliteStatusStore
 from stepstream_common.errors import CursorOutOfRangeError, InvalidArgumentError, ServiceError
 from tests.e2e.test_cancellation import MAX_AWAITS, cancel_at
-from tests.helpers import DEADLINE
+from tests.helpers import DEADLINE, WatchedJob, update_of
+from tests.helpers.postgres import fresh_database
 
 SOURCE, OTHER = "orch-a:1", "orch-b:2"
 BASE = 1_700_000_000.0
@@ -56,25 +66,41 @@ STEP_99 = 99  # a state no version of states.proto has
 # --- the backends -------------------------------------------------------------------------------------------
 
 
+Storage = Callable[[Path], AbstractAsyncContextManager[Callable[[], StatusStore]]]
+
+
 @dataclass(frozen=True)
 class Backend:
     name: str
-    # A store on the storage under `root`: each call another handle on the same data.
-    new: Callable[[Path], StatusStore]
+    # Storage of a test's own (`root`: a directory only it uses), for as long as the
+    # context lasts: it gives a function making stores on it, each another handle on the same data.
+    storage: Storage
     # Returns once no work a cancelled caller left behind is still running in `store`.
     settled: Callable[[StatusStore], Awaitable[None]]
 
 
-async def _sqlite_settled(store: StatusStore) -> None:
-    assert isinstance(store, SqliteStatusStore)
+async def _until_idle(store: StatusStore) -> None:
+    assert isinstance(store, SqliteStatusStore | PostgresStatusStore)
     end = time.monotonic() + DEADLINE
     while not store.idle():
         assert time.monotonic() < end, "a database unit never finished"
         await asyncio.sleep(0.001)
 
 
+@asynccontextmanager
+async def _sqlite_file(root: Path) -> AsyncIterator[Callable[[], StatusStore]]:
+    yield lambda: SqliteStatusStore(root / "status.sqlite3")
+
+
+@asynccontextmanager
+async def _postgres_database(root: Path) -> AsyncIterator[Callable[[], StatusStore]]:
+    async with fresh_database() as database:
+        yield lambda: PostgresStatusStore(database.dsn)
+
+
 BACKENDS = [
-    Backend("sqlite", lambda root: SqliteStatusStore(root / "status.sqlite3"), _sqlite_settled),
+    Backend("sqlite", _sqlite_file, _until_idle),
+    Backend("postgres", _postgres_database, _until_idle),
 ]
 
 
@@ -84,11 +110,17 @@ class Stores:
 
     backend: Backend
     root: Path
+    resources: AsyncExitStack
+    storages: dict[str, Callable[[], StatusStore]] = dataclasses.field(default_factory=dict)
 
     @asynccontextmanager
     async def opened(self, where: str = "") -> AsyncIterator[StatusStore]:
         """An open store on this test's storage (`where`: on other storage of its own)."""
-        store = self.backend.new(self.root / where if where else self.root)
+        if where not in self.storages:
+            self.storages[where] = await self.resources.enter_async_context(
+                self.backend.storage(self.root / where if where else self.root)
+            )
+        store = self.storages[where]()
         await store.open()
         try:
             yield store
@@ -105,9 +137,10 @@ class Stores:
 
 
 @pytest.fixture(params=BACKENDS, ids=[backend.name for backend in BACKENDS])
-def store_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Stores:
+async def store_factory(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Stores]:
     backend: Backend = request.param
-    return Stores(backend, tmp_path)
+    async with AsyncExitStack() as resources:
+        yield Stores(backend, tmp_path, resources)
 
 
 # --- data made as ingest makes it ---------------------------------------------------------------------------
@@ -262,6 +295,8 @@ async def everything(store: StatusStore, job_ids: Sequence[str]) -> dict[str, An
         "changes": await store.read_changes(0, 10_000),
         "loaded": await store.load_jobs(job_ids),
         "unfinished": sorted(await store.unfinished_jobs(SOURCE)),
+        "sources": await store.sources(),  # the cursors, committed with the state they produced
+        "latest": await store.latest_revision(),
     }
 
 
@@ -479,7 +514,7 @@ async def test_revisions_only_grow_and_pruned_ones_are_refused(store_factory: St
             page = await store.read_changes(0, 10_000)
             assert page.horizon == latest
             seen = [c.revision for c in page.items]
-            assert seen == sorted(set(seen)) and seen[-1] == latest
+            assert seen == list(range(1, latest + 1))  # contiguous, strictly increasing, from 1
             snapshot = await store.get_job(batch.changes[-1].job_id)
             assert snapshot is not None and snapshot.revision == latest
             assert (await store.list_jobs([], "", 1, "")).revision == latest
@@ -505,6 +540,34 @@ async def test_revisions_only_grow_and_pruned_ones_are_refused(store_factory: St
     assert (await store_factory.reopened()).revision == latest
     async with store_factory.opened() as reopened:
         assert (await reopened.read_changes(latest, 10)).items == []
+
+
+async def test_a_snapshot_at_each_revision_equals_the_changes_folded_to_it(store_factory: Stores) -> None:
+    """What a watcher holds after folding the change log up to revision R (header
+    replaced, steps by name) is the snapshot read when R was the latest, job by job
+    (and no snapshot where no change of the job is at or before R)."""
+    ingest = Ingest()
+    batches = a_busy_day(ingest)
+    snapshots: list[tuple[str, int, JobSnapshot | None]] = []
+    async with store_factory.opened() as store:
+        for batch in batches:
+            await store.commit(batch)
+            latest = await store.latest_revision()
+            for job_id in ingest.jobs:
+                snapshots.append((job_id, latest, await store.get_job(job_id)))
+        changes = (await store.read_changes(0, 10_000)).items
+    assert len({latest for _, latest, _ in snapshots}) == len(batches)
+    for job_id, latest, snapshot in snapshots:
+        watched = WatchedJob()
+        for change in changes:
+            if change.job_id == job_id and change.revision <= latest:
+                assert watched.apply(update_of(change.revision, change.job_id, change.header, change.steps))
+        if snapshot is None:
+            assert watched.job is None and not watched.steps, (job_id, latest)
+            continue
+        assert snapshot.revision == latest
+        assert watched.job == snapshot.job, (job_id, latest)
+        assert watched.ordered_steps() == snapshot.steps, (job_id, latest)
 
 
 # --- restart ------------------------------------------------------------------------------------------------
