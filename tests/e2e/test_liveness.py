@@ -451,22 +451,22 @@ def test_up_stops_the_other_service_and_exits_non_zero_when_one_dies(
     tmp_path: Path, victim: str, survivor: str
 ) -> None:
     """kill -9 one child of `stepstream up`: up prints one line naming it and how it ended,
-    stops the other (gone afterwards), and exits 1. It does not restart it (see launcher.py)."""
+    stops the other and the web gateway (gone afterwards), and exits 1. It does not restart it (see launcher.py)."""
     names = {"status_svc": "status service", "orchestrator_svc": "orchestrator"}
     up = subprocess.Popen(
         [str(STEPSTREAM), "--orchestrator", f"127.0.0.1:{free_port()}", "--status", f"127.0.0.1:{free_port()}",
-         "up", "--data-dir", str(tmp_path / "data")],
+         "up", "--data-dir", str(tmp_path / "data"), "--web-listen", f"127.0.0.1:{free_port()}"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
         assert up.stdout is not None
-        banner = [up.stdout.readline() for _ in range(3)]
-        assert "Ctrl-C" in banner[2], banner
+        banner = [up.stdout.readline() for _ in range(4)]
+        assert "Ctrl-C" in banner[3], banner
         children = {
             module: child for child in psutil.Process(up.pid).children()
-            for module in (victim, survivor) if module in child.cmdline()
+            for module in (victim, survivor, "stepstream_web") if module in child.cmdline()
         }
-        assert set(children) == {victim, survivor}
+        assert set(children) == {victim, survivor, "stepstream_web"}
         children[victim].send_signal(signal.SIGKILL)
         _, stderr = up.communicate(timeout=EXIT_BOUND * 2)
     finally:
@@ -476,6 +476,6 @@ def test_up_stops_the_other_service_and_exits_non_zero_when_one_dies(
     assert up.returncode == 1
     [line] = [line for line in stderr.splitlines() if line.startswith("stepstream: ")]
     assert line == (f"stepstream: the {names[victim]} (pid {children[victim].pid}) was killed by SIGKILL "
-                    f"(exit code -9); stopping the {names[survivor]}"), line
-    _, alive = psutil.wait_procs([children[survivor]], timeout=EXIT_BOUND)
-    assert not alive, "the other service is gone"
+                    f"(exit code -9); stopping the {names[survivor]} and the web gateway"), line
+    _, alive = psutil.wait_procs([children[survivor], children["stepstream_web"]], timeout=EXIT_BOUND)
+    assert not alive, "the other service and the web gateway are gone"
