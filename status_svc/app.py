@@ -130,6 +130,9 @@ def _ingest_metrics(
     """What ingest and the watches already count, read when scraped (nothing on the hot path)."""
     lag = GaugeMetricFamily("stepstream_ingest_lag_events", "events the orchestrator said it has (heartbeats, "
                             "batches) that are not committed here yet", labels=["orchestrator"])
+    lag_seconds = GaugeMetricFamily("stepstream_ingest_lag_seconds", "how long the oldest event heard of from the "
+                                    "orchestrator (in a batch, or a heartbeat's latest seq) but not committed here "
+                                    "has waited since it was heard of; 0 when caught up", labels=["orchestrator"])
     stale = GaugeMetricFamily("stepstream_ingest_source_stale", "1 while the orchestrator cannot be followed "
                               "(its jobs are shown stale), else 0", labels=["orchestrator"])
     resyncs = CounterMetricFamily("stepstream_ingest_resyncs", "resyncs from a snapshot (cursor out of range)",
@@ -137,14 +140,21 @@ def _ingest_metrics(
     for follower in followers:
         address = follower.address
         lag.add_metric([address], max(0, follower.latest_seq_heard - writer.applied.committed_seq(address)))
+        lag_seconds.add_metric([address], follower.lag_seconds())
         stale.add_metric([address], 0 if writer.source(address).stale_since is None else 1)
         resyncs.add_metric([address], follower.resyncs)
     return [
-        lag, stale, resyncs,
+        lag, lag_seconds, stale, resyncs,
         CounterMetricFamily("stepstream_ingest_events_applied", "events applied to the status store",
                             value=writer.events_applied),
         GaugeMetricFamily("stepstream_watchers_attached", "watches (WatchJob, WatchJobs) open",
                           value=feed.subscriber_count),
+        GaugeMetricFamily("stepstream_watcher_queue_max", "changes queued for the most behind watch (its bound "
+                          "is --watcher-queue; past it the watch reads the change log instead)",
+                          value=feed.deepest_queue),
+        CounterMetricFamily("stepstream_watcher_overflows", "times a watch fell more than --watcher-queue changes "
+                            "behind and went back to reading the change log (a resnapshot from storage)",
+                            value=feed.overflow_count),
         GaugeMetricFamily("stepstream_revision", "the status store's current revision", value=feed.latest),
     ]
 

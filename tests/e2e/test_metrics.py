@@ -5,6 +5,7 @@ Prometheus parses them."""
 from __future__ import annotations
 
 import asyncio
+import shlex
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,11 +24,16 @@ from tests.conftest import orchestrator_config
 from tests.helpers import (
     ServiceProcess,
     channel,
+    ends_job,
     eventually,
     job_definition,
     orchestrator_process,
+    read_watch,
+    status_job_finished,
     status_process,
     wait_job_state,
+    wait_status_job,
+    watch_until,
 )
 
 CHILDREN = 50
@@ -110,10 +116,17 @@ async def test_metrics_of_a_fanout_job(services: tuple[MetricsProcess, MetricsPr
                           "orchestrator.v1.OrchestratorService", method="GetJob", code="NOT_FOUND")
         assert value(samples, "stepstream_journal_commit_seconds_count") >= 1
 
-        # Ingest catches up with everything the orchestrator has: lag back to 0.
+        assert value(samples, "stepstream_steps_finished_total", state="completed") == len(job.steps) == 1
+        appended = value(samples, "stepstream_events_appended_total")
+
+        # Ingest catches up with everything the orchestrator has: lag back to 0, in events and seconds.
         await until_value(status.metrics, "stepstream_ingest_lag_events", 0, orchestrator=orchestrator.address)
+        await until_value(status.metrics, "stepstream_ingest_lag_seconds", 0, orchestrator=orchestrator.address)
         samples = await asyncio.to_thread(scrape, status.metrics)
-        assert value(samples, "stepstream_ingest_events_applied_total") > CHILDREN
+        # Every event the orchestrator committed was applied, once.
+        assert value(samples, "stepstream_ingest_events_applied_total") == appended
+        assert value(samples, "stepstream_ingest_batch_events_sum") == appended
+        assert value(samples, "stepstream_watcher_overflows_total") == 0
         assert value(samples, "stepstream_ingest_source_stale", orchestrator=orchestrator.address) == 0
         assert value(samples, "stepstream_revision") > 0
         assert value(samples, "stepstream_watchers_attached") == 0
@@ -140,3 +153,76 @@ async def test_metrics_off_by_default(tmp_path: Path) -> None:
         assert running.metrics is None
     finally:
         await running.stop()
+
+
+STALLED_CHILDREN = 1500
+# A small flow-control window: a watch's writes block soon after its client stops reading.
+SMALL_WINDOW = [("grpc.http2.lookahead_bytes", 1024), ("grpc.http2.bdp_probe", 0)]
+
+
+async def test_a_stalled_watcher_shows_in_queue_depth_and_overflows(tmp_path: Path) -> None:
+    """One orchestrator, two status services following it, each with a watch whose
+    client stops reading while a fan-out runs: with a queue bound above what the
+    job changes, the watch's queue depth shows what waits for it; with a bound of
+    5 it overflows (and reads the change log instead) rather than growing."""
+    orchestrator = _as(orchestrator_process(tmp_path / "orchestrator", 0, "--metrics-listen", "127.0.0.1:0"))
+    orchestrator.start()
+    statuses: list[MetricsProcess] = []
+    try:
+        for queue in (100_000, 5):
+            status = _as(status_process(tmp_path / f"status-{queue}", orchestrator.address,
+                                        "--metrics-listen", "127.0.0.1:0", "--watcher-queue", str(queue)))
+            statuses.append(status)
+            status.start()
+        roomy, small = statuses
+        await _stall_two_watchers(orchestrator, roomy, small, tmp_path / "release")
+    finally:
+        for status in statuses:
+            status.stop()
+        orchestrator.stop()
+
+
+async def _stall_two_watchers(
+    orchestrator: MetricsProcess, roomy: MetricsProcess, small: MetricsProcess, release: Path
+) -> None:
+    gate = {"name": "gate", "type": "command",
+            "command": ["sh", "-c", f"while [ ! -f {shlex.quote(str(release))} ]; do sleep 0.02; done"]}
+    fan = {"name": "fan", "type": "fanout", "count": STALLED_CHILDREN, "concurrency": 20,
+           "child": {"type": "sleep", "seconds": 0}}
+    chain = [{"name": f"link-{i:03d}", "type": "sleep", "seconds": 0} for i in range(100)]
+    async with (channel(orchestrator.address) as orch_channel,
+                grpc.aio.insecure_channel(roomy.address, options=SMALL_WINDOW) as roomy_channel,
+                grpc.aio.insecure_channel(small.address, options=SMALL_WINDOW) as small_channel):
+        submitted = await orch_grpc.OrchestratorServiceStub(orch_channel).SubmitJob(
+            orch_pb.SubmitJobRequest(definition=job_definition([gate, fan, *chain])))
+        job_id = submitted.job.id
+        watches = []
+        for status_channel in (roomy_channel, small_channel):
+            stub = status_grpc.StatusServiceStub(status_channel)
+            await wait_status_job(stub, job_id, lambda r: r.steps[0].state == s.STEP_STATE_RUNNING, "the gate")
+            call = stub.WatchJob(status_pb.WatchJobRequest(job_id=job_id))
+            assert (await read_watch(call)).WhichOneof("event") == "updates"
+            assert (await read_watch(call)).WhichOneof("event") == "initial_state_complete"
+            watches.append((stub, call))
+        # From here on nobody reads either watch.
+        release.touch()
+        for stub, _ in watches:
+            done = await wait_status_job(stub, job_id, status_job_finished, "the job to end while watches stall")
+            assert done.job.state == s.JOB_STATE_COMPLETED
+        for status in (roomy, small):
+            await until_value(status.metrics, "stepstream_ingest_lag_events", 0, orchestrator=orchestrator.address)
+            await until_value(status.metrics, "stepstream_ingest_lag_seconds", 0, orchestrator=orchestrator.address)
+        at_roomy = await asyncio.to_thread(scrape, roomy.metrics)
+        at_small = await asyncio.to_thread(scrape, small.metrics)
+        # Thousands of changes, far more than gRPC buffers for a stalled client: they wait in its queue.
+        assert 0 < value(at_roomy, "stepstream_watcher_queue_max") <= 100_000
+        assert value(at_roomy, "stepstream_watcher_overflows_total") == 0
+        # Over the bound of 5: the queue was dropped (depth 0), counted, and the watch kept.
+        assert value(at_small, "stepstream_watcher_overflows_total") >= 1
+        assert value(at_small, "stepstream_watcher_queue_max") == 0
+        assert value(at_small, "stepstream_watchers_attached") == 1
+        # Once read, both watches reach the job's end and nothing is queued any more.
+        for status, (_, call) in zip((roomy, small), watches, strict=True):
+            await watch_until(call, ends_job)
+            await until_value(status.metrics, "stepstream_watcher_queue_max", 0)
+            call.cancel()
