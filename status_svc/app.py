@@ -34,6 +34,7 @@ from stepstream_common.rpc import RunningServer, add_servicer, start_server
 from stepstream_common.streaming import StreamAdmission, StreamLimits
 from stepstream_common.tls import ServerTLS
 from stepstream_common.tokens import read_token_file
+from stepstream_common.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,9 @@ class StatusService:
         await self.server.serve_while(essential)
 
 
-async def start(config: StatusConfig) -> StatusService:
+async def start(config: StatusConfig, *, tracing: Tracing | None = None) -> StatusService:
+    """`tracing`: the service's OpenTelemetry tracing; by default as OTEL_* say (off unless they ask)."""
+    tracing = tracing or Tracing.from_env("stepstream-status")
     tls = ServerTLS.from_config(config)  # checked before anything starts, as is:
     orchestrator_tls = _orchestrator_tls(config)
     auth = Authorizer.load(config.tokens_file)
@@ -95,7 +98,7 @@ async def start(config: StatusConfig) -> StatusService:
     writer = IngestWriter(
         store, feed, latest_revision=opened.revision, sources=opened.sources,
         keep_changes=config.retain_changes, prune_every=config.prune_interval, followed=config.orchestrators,
-        metrics=IngestMetrics(metrics),
+        metrics=IngestMetrics(metrics), tracing=tracing,
     )
     writer_task = asyncio.create_task(writer.run(), name="ingest-writer")
     followers = [
@@ -109,7 +112,8 @@ async def start(config: StatusConfig) -> StatusService:
     service = status_service_pb2.DESCRIPTOR.services_by_name["StatusService"]
     server = await start_server(config.listen, lambda grpc_server: [add_servicer(grpc_server, service, servicer)],
                                 tls=tls, auth=auth, max_request_bytes=config.max_request_bytes,
-                                interceptors=[StreamAdmission(StreamLimits.of(config)), metrics.interceptor()])
+                                interceptors=[*([tracing.server_interceptor()] if tracing else []),
+                                              StreamAdmission(StreamLimits.of(config)), metrics.interceptor()])
     metrics.collect_with(lambda: _ingest_metrics(writer, followers, feed))
     metrics_server = None
     if config.metrics_listen is not None:
@@ -119,6 +123,8 @@ async def start(config: StatusConfig) -> StatusService:
     running = StatusService(config, server, store, feed, writer, writer_task, followers, follower_tasks,
                             metrics_server)
     server.on_stop.extend([running._stop_ingest, feed.close])
+    if tracing is not None:
+        server.on_stop.append(tracing.shutdown)
     server.on_fail.append(lambda reason: servicer.ingest_stopped(f"ingest stopped: {reason}"))
     log.info("revision %d in %s, following %s", opened.revision, config.data_dir, ", ".join(config.orchestrators))
     return running
