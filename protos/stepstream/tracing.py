@@ -41,7 +41,8 @@ def configured(environ: Mapping[str, str] = os.environ) -> bool:
 
 def provider_from_env(service_name: str, environ: Mapping[str, str] = os.environ) -> TracerProvider | None:
     """A tracer provider that exports as OTEL_* say (exporters by name, as the
-    OpenTelemetry SDK finds them: `otlp`, `console`, …; sampler, batch and
+    OpenTelemetry SDK finds them: `otlp` (gRPC, or http/protobuf per
+    OTEL_EXPORTER_OTLP_PROTOCOL, if that exporter is installed), `console`, …; sampler, batch and
     resource settings read by the SDK itself), named OTEL_SERVICE_NAME or else
     `service_name`; None when they ask for no traces or the extra is missing."""
     if not configured(environ):
@@ -61,6 +62,9 @@ def provider_from_env(service_name: str, environ: Mapping[str, str] = os.environ
     for exporter in (each.strip() for each in names.split(",")):
         if exporter in ("", "none"):
             continue
+        if exporter == "otlp":  # as the SDK reads it: the OTLP exporter of the protocol asked for
+            protocol = environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or environ.get("OTEL_EXPORTER_OTLP_PROTOCOL")
+            exporter = "otlp_proto_http" if (protocol or "grpc").strip() == "http/protobuf" else "otlp_proto_grpc"
         found = entry_points(group="opentelemetry_traces_exporter", name=exporter)
         if not found:
             log.warning("OTEL_TRACES_EXPORTER names %r, which no installed package provides (%s)", exporter,
