@@ -5,6 +5,8 @@ Prometheus parses them."""
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 import shlex
 import urllib.request
 from collections.abc import Iterator
@@ -12,6 +14,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from stepstream.common.v1 import states_pb2 as s
 from stepstream.orchestrator.v1 import orchestrator_service_pb2 as orch_pb
@@ -22,6 +25,7 @@ from stepstream.status.v1 import status_service_pb2_grpc as status_grpc
 from orchestrator_svc.app import start
 from tests.conftest import orchestrator_config
 from tests.helpers import (
+    REPO,
     ServiceProcess,
     channel,
     ends_job,
@@ -175,18 +179,27 @@ async def test_a_stalled_watcher_shows_in_queue_depth_and_overflows(tmp_path: Pa
             statuses.append(status)
             status.start()
         roomy, small = statuses
-        await _stall_two_watchers(orchestrator, roomy, small, tmp_path / "release")
+        await _stall_two_watchers(orchestrator, roomy, small, tmp_path)
     finally:
         for status in statuses:
             status.stop()
         orchestrator.stop()
 
 
-async def _stall_two_watchers(
-    orchestrator: MetricsProcess, roomy: MetricsProcess, small: MetricsProcess, release: Path
-) -> None:
-    gate = {"name": "gate", "type": "command",
+def gate(name: str, release: Path) -> dict[str, object]:
+    """A command step that runs until `release` exists."""
+    return {"name": name, "type": "command",
             "command": ["sh", "-c", f"while [ ! -f {shlex.quote(str(release))} ]; do sleep 0.02; done"]}
+
+
+async def _stall_two_watchers(
+    orchestrator: MetricsProcess, roomy: MetricsProcess, small: MetricsProcess, tmp_path: Path
+) -> None:
+    """The job: a gate (the watches open meanwhile), a fan-out whose thousands of
+    changes fill the stalled streams' flow-control windows (their writes block),
+    a second gate (until they have), then a chain of steps whose changes can only
+    queue up."""
+    first, second = tmp_path / "first", tmp_path / "second"
     fan = {"name": "fan", "type": "fanout", "count": STALLED_CHILDREN, "concurrency": 20,
            "child": {"type": "sleep", "seconds": 0}}
     chain = [{"name": f"link-{i:03d}", "type": "sleep", "seconds": 0} for i in range(100)]
@@ -194,7 +207,8 @@ async def _stall_two_watchers(
                 grpc.aio.insecure_channel(roomy.address, options=SMALL_WINDOW) as roomy_channel,
                 grpc.aio.insecure_channel(small.address, options=SMALL_WINDOW) as small_channel):
         submitted = await orch_grpc.OrchestratorServiceStub(orch_channel).SubmitJob(
-            orch_pb.SubmitJobRequest(definition=job_definition([gate, fan, *chain])))
+            orch_pb.SubmitJobRequest(definition=job_definition([gate("first", first), fan,
+                                                                 gate("second", second), *chain])))
         job_id = submitted.job.id
         watches = []
         for status_channel in (roomy_channel, small_channel):
@@ -205,7 +219,11 @@ async def _stall_two_watchers(
             assert (await read_watch(call)).WhichOneof("event") == "initial_state_complete"
             watches.append((stub, call))
         # From here on nobody reads either watch.
-        release.touch()
+        first.touch()
+        for stub, _ in watches:
+            await wait_status_job(stub, job_id, lambda r: r.steps[2].state == s.STEP_STATE_RUNNING,
+                                  "the fan-out to end while watches stall")
+        second.touch()
         for stub, _ in watches:
             done = await wait_status_job(stub, job_id, status_job_finished, "the job to end while watches stall")
             assert done.job.state == s.JOB_STATE_COMPLETED
@@ -214,7 +232,7 @@ async def _stall_two_watchers(
             await until_value(status.metrics, "stepstream_ingest_lag_seconds", 0, orchestrator=orchestrator.address)
         at_roomy = await asyncio.to_thread(scrape, roomy.metrics)
         at_small = await asyncio.to_thread(scrape, small.metrics)
-        # Thousands of changes, far more than gRPC buffers for a stalled client: they wait in its queue.
+        # The chain's changes came while the streams' writes were blocked: they wait in the queue.
         assert 0 < value(at_roomy, "stepstream_watcher_queue_max") <= 100_000
         assert value(at_roomy, "stepstream_watcher_overflows_total") == 0
         # Over the bound of 5: the queue was dropped (depth 0), counted, and the watch kept.
@@ -226,3 +244,47 @@ async def _stall_two_watchers(
             await watch_until(call, ends_job)
             await until_value(status.metrics, "stepstream_watcher_queue_max", 0)
             call.cancel()
+
+
+def promql_of_dashboard(path: Path) -> list[str]:
+    dashboard = json.loads(path.read_text())
+    return [target["expr"] for panel in dashboard["panels"] for target in panel.get("targets", [])]
+
+
+def promql_of_rules(path: Path) -> list[str]:
+    rules = [rule for group in yaml.safe_load(path.read_text())["groups"] for rule in group["rules"]]
+    for rule in rules:
+        assert {"alert", "expr", "for", "labels", "annotations"} <= set(rule), rule
+        assert rule["labels"]["severity"] in ("critical", "warning", "info") and rule["annotations"]["summary"]
+    return [rule["expr"] for rule in rules]
+
+
+async def test_dashboard_and_alerts_name_only_metrics_the_services_export(
+    services: tuple[MetricsProcess, MetricsProcess],
+) -> None:
+    """Every stepstream_* name in deploy/grafana/stepstream.json and
+    deploy/prometheus/alerts.yml is a series one of the services really
+    serves (scraped once a job has run and a watch was open)."""
+    orchestrator, status = services
+    definition = job_definition([{"name": "fan", "type": "fanout", "count": 3,
+                                  "child": {"type": "sleep", "seconds": 0}}])
+    async with channel(orchestrator.address) as orch_channel, channel(status.address) as status_channel:
+        submitted = await orch_grpc.OrchestratorServiceStub(orch_channel).SubmitJob(
+            orch_pb.SubmitJobRequest(definition=definition))
+        stub = status_grpc.StatusServiceStub(status_channel)
+        await wait_status_job(stub, submitted.job.id, status_job_finished, "the job to end")
+        watch = stub.WatchJob(status_pb.WatchJobRequest(job_id=submitted.job.id))
+        await read_watch(watch)
+        watch.cancel()
+    await until_value(status.metrics, "stepstream_watchers_attached", 0)
+    exported = {name for address in (orchestrator.metrics, status.metrics)
+                for name, _ in await asyncio.to_thread(scrape, address)}
+    for path, expressions in ((REPO / "deploy/grafana/stepstream.json",
+                               promql_of_dashboard(REPO / "deploy/grafana/stepstream.json")),
+                              (REPO / "deploy/prometheus/alerts.yml",
+                               promql_of_rules(REPO / "deploy/prometheus/alerts.yml"))):
+        assert expressions, path
+        for expression in expressions:
+            named = set(re.findall(r"\bstepstream_[a-z_]+", expression))
+            assert named, f"{path.name}: {expression!r} names no stepstream metric"
+            assert named <= exported, f"{path.name}: {sorted(named - exported)} are not exported"
