@@ -17,7 +17,7 @@ from orchestrator_svc.domain import rules
 from orchestrator_svc.domain.rules import Outcome
 from orchestrator_svc.domain.spec import Execution, masked, secret_values
 from orchestrator_svc.workers import WorkContext, Worker, WorkFailed
-from stepstream_common.tracing import UNTRACED, Note
+from stepstream_common.tracing import Note, untraced
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ class AttemptHooks:
 
     report: Callable[[Outcome, int], None]
     may_start: Callable[[], Awaitable[None]]
-    trace: Callable[[int], contextlib.AbstractContextManager[Note]] = lambda attempt: UNTRACED
+    trace: Callable[[int], contextlib.AbstractContextManager[Note]] = untraced
 
 
 async def run_attempts(

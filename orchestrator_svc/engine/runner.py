@@ -38,7 +38,7 @@ from orchestrator_svc.workers import FanoutPlan, FanoutWorker, WorkContext, Work
 from orchestrator_svc.workers.processes import ProcessRegistry
 from orchestrator_svc.workers.registry import WorkerRegistry
 from stepstream_common.logs import log_context, set_log_context
-from stepstream_common.tracing import UNTRACED, Note, Tracing
+from stepstream_common.tracing import UNTRACED, Note, Tracing, untraced
 
 log = logging.getLogger(__name__)
 
@@ -348,14 +348,15 @@ class JobRun:
         return tracing.span(name, parent, job_id=self.job.id, **attributes)
 
     def _step_hooks(self, record: records_pb2.Step) -> AttemptHooks:
-        return AttemptHooks(lambda status, attempt: self._record_step(record, status, attempt), self._may_start,
-                            lambda attempt: self._trace(f"attempt {attempt}", step=record.name, attempt=attempt))
+        trace = untraced if self._settings.tracing is None else (
+            lambda attempt: self._trace(f"attempt {attempt}", step=record.name, attempt=attempt))
+        return AttemptHooks(lambda status, attempt: self._record_step(record, status, attempt), self._may_start, trace)
 
     def _child_hooks(self, child: records_pb2.Child, may_start: Callable[[], Awaitable[None]]) -> AttemptHooks:
-        return AttemptHooks(
-            lambda status, attempt: self._record_child(child, status, attempt), may_start,
+        trace = untraced if self._settings.tracing is None else (
             lambda attempt: self._trace(f"child {child.index} attempt {attempt}", step=child.step_name,
                                         child=child.index, attempt=attempt))
+        return AttemptHooks(lambda status, attempt: self._record_child(child, status, attempt), may_start, trace)
 
     async def _may_start(self) -> None:
         """Return at once while the job runs; once it is being stopped, wait for
