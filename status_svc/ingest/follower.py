@@ -110,7 +110,7 @@ class OrchestratorFollower:
         # The newest seq the orchestrator said it has (a heartbeat's latest_seq, a batch's
         # last event, a snapshot's seq): what ingest lag is measured against.
         self.latest_seq_heard = known.cursor
-        # When seqs not committed yet were first heard of: (seq, monotonic time) per message that
+        # When seqs not committed yet were first heard of: (seq, clock time) per message that
         # raised latest_seq_heard, oldest first; trimmed as they commit (what lag_seconds reads).
         self._heard_at: deque[tuple[int, float]] = deque()
         self.reconnects = 0
@@ -232,7 +232,7 @@ class OrchestratorFollower:
             committed = self._writer.applied.committed_seq(self.address)
             while heard and heard[0][0] <= committed:
                 heard.popleft()
-            heard.append((seq, time.monotonic()))
+            heard.append((seq, self._clock()))
         self.latest_seq_heard = seq
 
     def lag_seconds(self) -> float:
@@ -242,7 +242,7 @@ class OrchestratorFollower:
         committed = self._writer.applied.committed_seq(self.address)
         for seq, since in list(self._heard_at):
             if seq > committed:
-                return max(0.0, time.monotonic() - since)
+                return max(0.0, self._clock() - since)
         return 0.0
 
     def _heard(self) -> None:

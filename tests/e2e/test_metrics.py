@@ -23,6 +23,11 @@ from stepstream.status.v1 import status_service_pb2 as status_pb
 from stepstream.status.v1 import status_service_pb2_grpc as status_grpc
 
 from orchestrator_svc.app import start
+from status_svc.ingest.follower import OrchestratorFollower
+from status_svc.ingest.writer import IngestWriter
+from status_svc.storage.base import Source, StoredChange
+from status_svc.storage.sqlite import SqliteStatusStore
+from stepstream_common.feed import Feed
 from tests.conftest import orchestrator_config
 from tests.helpers import (
     REPO,
@@ -288,3 +293,40 @@ async def test_dashboard_and_alerts_name_only_metrics_the_services_export(
             named = set(re.findall(r"\bstepstream_[a-z_]+", expression))
             assert named, f"{path.name}: {expression!r} names no stepstream metric"
             assert named <= exported, f"{path.name}: {sorted(named - exported)} are not exported"
+
+
+async def test_ingest_lag_seconds_is_the_age_of_the_oldest_event_heard_of_and_not_committed(tmp_path: Path) -> None:
+    """What stepstream_ingest_lag_seconds reads, on a real follower and writer
+    (not running: commits are advanced by hand) with a clock the test sets."""
+    address, now = "orchestrator:50051", [1000.0]
+    store = SqliteStatusStore(tmp_path / "status.sqlite3")
+    opened = await store.open()
+    try:
+        feed: Feed[StoredChange] = Feed(max_pending=10)
+        writer = IngestWriter(store, feed, latest_revision=opened.revision, sources=opened.sources,
+                              followed=[address])
+        follower = OrchestratorFollower(address, writer, stale_after=60, clock=lambda: now[0])
+
+        async def heard(latest_seq: int) -> None:
+            await follower._handle(orch_pb.StreamStepEventsResponse(
+                log_id="log", heartbeat=orch_pb.EventStreamHeartbeat(latest_seq=latest_seq)))
+
+        def committed(cursor: int) -> None:
+            writer.applied.advance([Source(address, "log", cursor)])
+
+        assert follower.lag_seconds() == 0
+        await heard(5)  # seqs 1-5 heard of at 1000
+        now[0] = 1003.0
+        assert follower.lag_seconds() == 3
+        await heard(8)  # 6-8 at 1003
+        now[0] = 1004.5
+        assert follower.lag_seconds() == 4.5
+        committed(5)
+        assert follower.lag_seconds() == 1.5  # the oldest not committed is now seq 6
+        committed(8)
+        assert follower.lag_seconds() == 0
+        now[0] = 1010.0
+        await heard(8)  # nothing new: still caught up
+        assert follower.lag_seconds() == 0
+    finally:
+        await store.close()
