@@ -110,18 +110,22 @@ class Telemetry:
 
     @contextlib.asynccontextmanager
     async def scraping(self, variant: Variant, services: Sequence[Service]) -> AsyncIterator[None]:
-        """While the block runs, scrape the services' metrics every SCRAPE_EVERY seconds (metrics variant only)."""
+        """While the block runs, scrape the services' metrics every SCRAPE_EVERY seconds, and once
+        more after it (metrics variant only)."""
         if not variant.scraped:
             yield
             return
         addresses = [service.metrics_address for service in services]
         assert all(addresses), "a service printed no metrics address"
 
+        async def scrape_all() -> None:
+            for address in addresses:
+                await asyncio.to_thread(_scrape, address)
+                self.scrapes += 1
+
         async def scrape() -> None:
             while True:
-                for address in addresses:
-                    await asyncio.to_thread(_scrape, address)
-                    self.scrapes += 1
+                await scrape_all()
                 await asyncio.sleep(SCRAPE_EVERY)
 
         task = asyncio.create_task(scrape())
@@ -131,6 +135,7 @@ class Telemetry:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await scrape_all()
 
 
 def _scrape(address: str) -> None:
