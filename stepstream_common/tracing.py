@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
@@ -26,6 +27,8 @@ from stepstream.tracing import client_interceptors, provider_from_env
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
+
+EXCLUDED_BY_DEFAULT = "grpc.health.v1.Health"
 
 # Called once a traced unit of work ended: its final state word, and why it failed ("" if it did not).
 Note = Callable[[str, str], None]
@@ -61,11 +64,17 @@ class Tracing:
         provider = provider_from_env(service_name)
         return cls(provider, owned=True) if provider is not None else None
 
-    def server_interceptor(self) -> grpc.aio.ServerInterceptor:
-        from opentelemetry.instrumentation.grpc import aio_server_interceptor
+    def server_interceptor(self, environ: Mapping[str, str] = os.environ) -> grpc.aio.ServerInterceptor:
+        """A span per call served, except for the services OTEL_PYTHON_GRPC_EXCLUDED_SERVICES
+        names (comma-separated; by default grpc.health.v1.Health: probes every few seconds
+        would drown the traces worth reading)."""
+        from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
 
+        excluded = environ.get("OTEL_PYTHON_GRPC_EXCLUDED_SERVICES", EXCLUDED_BY_DEFAULT)
+        names = [name.strip() for name in excluded.split(",") if name.strip()]
+        traced = filters.negate(filters.any_of(*(filters.service_name(name) for name in names))) if names else None
         interceptor: grpc.aio.ServerInterceptor = aio_server_interceptor(  # type: ignore[no-untyped-call]
-            tracer_provider=self._provider)
+            tracer_provider=self._provider, filter_=traced)
         return interceptor
 
     def client_interceptors(self) -> list[grpc.aio.ClientInterceptor]:
@@ -81,7 +90,9 @@ class Tracing:
     def span(self, name: str, parent: Mapping[str, str] | None = None, **attributes: str | int) -> Iterator[Note]:
         """A span around the block, the current one in it; its parent is
         `parent` (a kept context) or else the current span. The Note it gives
-        marks how the work ended (a failure sets the span's status to error)."""
+        marks how the work ended (a failure sets the span's status to error).
+        Cancelled at any await in the block, the span ends there, marked
+        cancelled (not an error, as OpenTelemetry counts them)."""
         context = self._propagate.extract(parent) if parent else None
         with self._tracer.start_as_current_span(name, context=context, attributes=_prefixed(attributes)) as span:
 
@@ -90,7 +101,11 @@ class Tracing:
                 if failure:
                     span.set_status(self._trace.Status(self._trace.StatusCode.ERROR, failure))
 
-            yield note
+            try:
+                yield note
+            except asyncio.CancelledError:
+                note("cancelled", "")
+                raise
 
     def record(self, name: str, parent: Mapping[str, str], start_ns: int, end_ns: int, **attributes: str | int) -> None:
         """A span that already happened (from `start_ns` to `end_ns`, epoch nanoseconds) under `parent`."""

@@ -18,11 +18,13 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
+from stepstream.common.v1 import states_pb2 as s
 from stepstream.orchestrator.v1 import orchestrator_service_pb2 as orch_pb
 from stepstream.orchestrator.v1 import orchestrator_service_pb2_grpc as orch_grpc
 from stepstream.tracing import client_interceptors, configured
@@ -34,7 +36,7 @@ from status_svc.app import StatusService
 from status_svc.app import start as start_status
 from stepstream_common.tracing import Tracing
 from tests.conftest import orchestrator_config, status_config
-from tests.helpers import REPO, channel, eventually, job_definition, orchestrator_process
+from tests.helpers import REPO, channel, eventually, job_definition, orchestrator_process, wait_job_state
 
 SUBMIT = "/stepstream.orchestrator.v1.OrchestratorService/SubmitJob"
 CHILDREN = 3
@@ -180,6 +182,44 @@ async def test_a_failed_attempt_is_an_error_span_and_the_context_outlives_a_rest
         await again.stop()
     submit = served.context
     assert job.trace_context["traceparent"].startswith(f"00-{submit.trace_id:032x}-{submit.span_id:016x}-")
+
+
+async def test_a_cancelled_step_ends_its_spans_and_health_checks_make_none(
+    tmp_path: Path, exporter: InMemorySpanExporter
+) -> None:
+    """CancelJob reaches a running attempt at its await: its span and its step's end
+    there, marked cancelled; probes are not traced by default."""
+    orchestrator = await start_orchestrator(orchestrator_config(tmp_path / "orchestrator"),
+                                            tracing=Tracing(provider(exporter, "stepstream-orchestrator")))
+    try:
+        async with channel(orchestrator.address) as ch:
+            stub = orch_grpc.OrchestratorServiceStub(ch)
+            definition = job_definition([{"name": "slow", "type": "command", "command": ["sleep", "30"]}])
+            job_id = (await stub.SubmitJob(orch_pb.SubmitJobRequest(definition=definition))).job.id
+            await wait_job_state(stub, job_id, {s.JOB_STATE_RUNNING})
+
+            async def attempt_running() -> bool | None:
+                job = await stub.GetJob(orch_pb.GetJobRequest(job_id=job_id))
+                return True if job.steps[0].step.state == s.STEP_STATE_RUNNING else None
+
+            await eventually(attempt_running, "the attempt to start")
+            await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest())
+            await stub.CancelJob(orch_pb.CancelJobRequest(job_id=job_id))
+
+            async def ended() -> bool | None:
+                return True if named(exporter.get_finished_spans(), "step slow") else None
+
+            await eventually(ended, "the step's span to end")
+    finally:
+        await orchestrator.stop()
+    spans = exporter.get_finished_spans()
+    step, attempt = one(spans, "step slow"), one(spans, "attempt 1")
+    assert parent_of(attempt) == span_id(step)
+    for span in (step, attempt):
+        assert span.attributes is not None and span.attributes["stepstream.state"] == "cancelled", span.name
+        assert span.status.status_code != StatusCode.ERROR, "a cancellation is not an error"
+    assert not [span for span in spans if span.name.startswith("/grpc.health.v1.Health/")]
+    assert named(spans, "/stepstream.orchestrator.v1.OrchestratorService/CancelJob")
 
 
 def test_otel_variables_are_the_only_switch() -> None:
