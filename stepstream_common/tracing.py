@@ -1,7 +1,7 @@
 """A service's OpenTelemetry traces (optional; see stepstream.tracing for how
-OTEL_* turn them on): a span for every call it serves (the maintained
-OpenTelemetry gRPC instrumentation's grpc.aio server interceptor), and the
-spans that join a job's trace across both services:
+OTEL_* turn them on): a span for every call it serves but health checks (the
+maintained OpenTelemetry gRPC instrumentation's grpc.aio server interceptor),
+and the spans that join a job's trace across both services:
 
 - SubmitJob's server span is the job's root: its context is kept in the job
   record (Job.trace_context), so it outlives the call and a restart;
