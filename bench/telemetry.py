@@ -87,7 +87,11 @@ class Telemetry:
         self._server.start()
         self._tree = tempfile.TemporaryDirectory(prefix="stepstream-baseline-")
         tree = Path(self._tree.name)
-        commit = await asyncio.to_thread(_extract, self.baseline_ref, tree)
+        try:
+            commit = await asyncio.to_thread(_extract, self.baseline_ref, tree)
+        except BaseException:
+            await self.__aexit__(None, None, None)
+            raise
         self.variants = [
             OFF,
             Variant("metrics", "metrics on, scraped every 1 s", ("--metrics-listen", "127.0.0.1:0"), scraped=True),
