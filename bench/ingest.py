@@ -123,8 +123,8 @@ async def stepstream_ingest(
         async with scraping:
             while committed_cursor(status_dir) < last_seq:
                 await asyncio.sleep(0.005)
-        elapsed = time.perf_counter() - started
-        cpu = cpu_seconds(orchestrator) + cpu_seconds(status) - cpu_before
+            elapsed = time.perf_counter() - started
+            cpu = cpu_seconds(orchestrator) + cpu_seconds(status) - cpu_before  # before the last scrape
         with sqlite3.connect(f"file:{status_dir / STATUS_DB}?mode=ro", uri=True) as db:
             revisions = int(db.execute("SELECT MAX(revision) FROM changes").fetchone()[0] or 0)
     finally:
