@@ -28,12 +28,23 @@ def main() -> None:
     parser.add_argument("--children", type=positive_int, help="fanout only: children per fan-out step (default 10000)")
     parser.add_argument("--fanouts", type=positive_int, default=1,
                         help="fanout only: that many fan-out steps side by side in the one job (default 1)")
+    parser.add_argument("--telemetry", action="store_true",
+                        help="ingest and latency only: also with metrics on, tracing on, and --baseline-ref's code "
+                             "(bench/telemetry.py)")
+    parser.add_argument("--baseline-ref", default="main", help="with --telemetry: the commit to compare with")
     args = parser.parse_args()
     sized = args.children is not None or args.fanouts != 1
     if sized and args.name != "fanout":
         parser.error("--children and --fanouts apply to the fanout benchmark only")
+    if args.telemetry and args.name not in ("ingest", "latency"):
+        parser.error("--telemetry applies to the ingest and latency benchmarks only")
     module = importlib.import_module(f"bench.{args.name}")
-    run = module.run(args.quick, args.children, args.fanouts) if sized else module.run(args.quick)
+    if sized:
+        run = module.run(args.quick, args.children, args.fanouts)
+    elif args.telemetry:
+        run = module.run(args.quick, telemetry=True, baseline_ref=args.baseline_ref)
+    else:
+        run = module.run(args.quick)
     report = asyncio.run(run)
     report.print()
     if args.json:

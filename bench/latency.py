@@ -36,6 +36,11 @@ StreamStepEvents during the window and records receive_time - event time for
 the same step transitions ("of which: orchestrator -> its stream"): the first
 hop, before the status service.
 
+With --telemetry, the idle 1-watcher and load 100-watcher scenarios run once
+more for each variant of bench/telemetry.py (off, metrics on and scraped,
+tracing on, another commit's code), one after the other in the same run; the
+table gives each one's p50 / p99 next to telemetry off's.
+
 Baselines, in the same run:
 - bare unary, in the same window of the same scenario: round trips of a
   grpc.health.v1 Check on a bare grpc.aio server (bench/bare_unary.py), one
@@ -66,6 +71,7 @@ window_seconds, load_jobs, watcher_processes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import os
 import tempfile
@@ -98,6 +104,7 @@ from bench.common import (
 from bench.ingest import committed_cursor
 from bench.processes import Service
 from bench.report import Report, percentile
+from bench.telemetry import OFF, Telemetry, Variant
 from stepstream_common.timeutil import seconds
 
 IDLE_STEP = 0.2
@@ -162,14 +169,15 @@ async def wait_known(stub: status_grpc.StatusServiceAsyncStub, job_ids: Sequence
 
 
 async def scenario(
-    outcome: Outcome, work: Path, bare_address: str, *, load: bool, window: float, drain: float
+    outcome: Outcome, work: Path, bare_address: str, *, load: bool, window: float, drain: float,
+    variant: Variant = OFF, telemetry: Telemetry | None = None,
 ) -> None:
     # Enough steps to outlast the set-up, the window and the drain (at most the orchestrator's limit).
     steps = min(MAX_STEPS, math.ceil((window + drain + 8) / (LOAD_STEP if load else IDLE_STEP)))
-    orch_service = orchestrator(work / f"{outcome.key}-orchestrator")
+    orch_service = variant.wrap(orchestrator(work / f"{outcome.key}-{variant.name}-orchestrator"))
     orch_address = orch_service.start()
-    status_dir = work / f"{outcome.key}-status"
-    status_service = status(status_dir, orch_address)
+    status_dir = work / f"{outcome.key}-{variant.name}-status"
+    status_service = variant.wrap(status(status_dir, orch_address))
     try:
         status_address = status_service.start()
         async with grpc.aio.insecure_channel(orch_address) as orch_channel, \
@@ -208,9 +216,12 @@ async def scenario(
                 )
                 cpu_before = {"orchestrator": cpu_seconds(orch_service), "status": cpu_seconds(status_service)}
                 revision_before = (await status_stub.GetJob(status_pb.GetJobRequest(job_id=job_ids[0]))).revision
-                outcome.baseline = await unary_round_trips(
-                    bare_address, 0, pause=BASELINE_PACE, until=time.monotonic() + window
-                )
+                scraping = (telemetry.scraping(variant, [orch_service, status_service]) if telemetry
+                            else contextlib.nullcontext())
+                async with scraping:
+                    outcome.baseline = await unary_round_trips(
+                        bare_address, 0, pause=BASELINE_PACE, until=time.monotonic() + window
+                    )
                 revision_after = (await status_stub.GetJob(status_pb.GetJobRequest(job_id=job_ids[0]))).revision
                 elapsed = time.time() - window_start
                 outcome.cpu = {
@@ -304,7 +315,7 @@ def latency_text(values: list[float]) -> str:
     return " / ".join(f"{percentile(values, q) * 1000:.1f}" for q in (0.5, 0.95, 0.99, 1.0)) + " ms"
 
 
-async def run(quick: bool) -> Report:
+async def run(quick: bool, telemetry: bool = False, baseline_ref: str = "main") -> Report:
     window = 0.6 if quick else 12.0
     idle_window = 0.6 if quick else 10.0
     drain = 0.3 if quick else 1.0
@@ -315,6 +326,7 @@ async def run(quick: bool) -> Report:
         Outcome("load_1_watcher", "load, 1 watcher (job 0)", 1),
         Outcome("load_100_watchers", f"load, 100 watchers ({100 // LOAD_JOBS} per job)", 100),
     ]
+    variants: list[tuple[Variant, list[Outcome]]] = []
     with tempfile.TemporaryDirectory(prefix="stepstream-bench-") as tmp:
         async with started(bare_unary()) as (bare_address,):
             for outcome in outcomes:
@@ -322,6 +334,8 @@ async def run(quick: bool) -> Report:
                 await scenario(outcome, Path(tmp), bare_address, load=loaded,
                                window=window if loaded else idle_window, drain=drain)
                 await bare_scenario(outcome, load=loaded, window=bare_window, drain=drain)
+            if telemetry:
+                variants = await telemetry_variants(Path(tmp), bare_address, baseline_ref, window, idle_window, drain)
 
     report = Report("latency")
     report.add("transition -> watcher", "p50 / p95 / p99 / max", "samples, missed")
@@ -397,4 +411,38 @@ async def run(quick: bool) -> Report:
         failed_watchers=failed,
     )
     report.figures.update(figures)
+    if telemetry:
+        report_telemetry(report, variants)
     return report
+
+
+TELEMETRY_SCENARIOS = ("idle_1_watcher", "load_100_watchers")
+
+
+async def telemetry_variants(
+    work: Path, bare_address: str, baseline_ref: str, window: float, idle_window: float, drain: float
+) -> list[tuple[Variant, list[Outcome]]]:
+    """TELEMETRY_SCENARIOS once per telemetry variant (bench/telemetry.py)."""
+    measured: list[tuple[Variant, list[Outcome]]] = []
+    async with Telemetry(baseline_ref) as telemetry:
+        for variant in telemetry.variants:
+            outcomes = [Outcome("idle_1_watcher", "idle, 1 watcher", 1),
+                        Outcome("load_100_watchers", "load, 100 watchers", 100)]
+            for outcome in outcomes:
+                loaded = outcome.key.startswith("load")
+                await scenario(outcome, work, bare_address, load=loaded, window=window if loaded else idle_window,
+                               drain=drain, variant=variant, telemetry=telemetry)
+            measured.append((variant, outcomes))
+    return measured
+
+
+def report_telemetry(report: Report, variants: list[tuple[Variant, list[Outcome]]]) -> None:
+    report.add("telemetry: transition -> watcher", "p50 / p99", "idle 1 watcher; load 100 watchers")
+    for variant, outcomes in variants:
+        for outcome in outcomes:
+            p50, p99 = pct_ms(outcome.latencies, 0.5), pct_ms(outcome.latencies, 0.99)
+            report.add(f"  {variant.label}, {outcome.label}", f"{p50:.1f} / {p99:.1f} ms",
+                       f"n={len(outcome.latencies):,}, missed {outcome.missed}; bare unary p50 "
+                       f"{pct_ms(outcome.baseline, 0.5):.2f} ms")
+            report.figures[f"telemetry_{variant.name}_{outcome.key}_p50_ms"] = p50
+            report.figures[f"telemetry_{variant.name}_{outcome.key}_p99_ms"] = p99

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import psutil
@@ -15,25 +16,34 @@ REPO = Path(__file__).resolve().parent.parent
 
 class Service:
     """`python -m MODULE ARGS`, started and waited for its 'listening on' line;
-    with a `prefix` (e.g. taskset -c 0), that command runs it."""
+    with a `prefix` (e.g. taskset -c 0), that command runs it; `env` added to the environment,
+    run from `cwd` (another checkout's code, see bench/telemetry.py)."""
 
-    def __init__(self, module: str, args: list[str], prefix: Sequence[str] = ()) -> None:
+    def __init__(self, module: str, args: list[str], prefix: Sequence[str] = (), *,
+                 env: Mapping[str, str] | None = None, cwd: Path = REPO) -> None:
         self.module = module
         self.args = args
         self.prefix = list(prefix)
+        self.env = dict(env or {})
+        self.cwd = cwd
         self.address = ""
         self.process: subprocess.Popen[str] | None = None
         self.peak_rss = 0
+        # From its "… metrics on HOST:PORT" line (--metrics-listen), if it printed one.
+        self.metrics_address = ""
 
     def start(self, deadline: float = 60.0) -> str:
         self.process = subprocess.Popen(
             [*self.prefix, sys.executable, "-m", self.module, *self.args],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=REPO,
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=self.cwd,
+            env={**os.environ, **self.env},
         )
         assert self.process.stdout is not None
         end = time.monotonic() + deadline
         while time.monotonic() < end:
             line = self.process.stdout.readline()
+            if " metrics on " in line:
+                self.metrics_address = line.strip().rsplit(" ", 1)[1]
             if " listening on " in line:
                 self.address = line.strip().rsplit(" ", 1)[1]
                 return self.address

@@ -8,6 +8,7 @@ orchestrator would have logged; only the waiting for work is skipped.
 from __future__ import annotations
 
 import asyncio
+import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -52,19 +53,22 @@ async def recording(data_dir: Path) -> AsyncIterator[tuple[Recorder, Journal]]:
 BENCH_DEFINITION = definition_pb2.JobDefinition(name="bench").SerializeToString()
 
 
-async def write_fanout_log(data_dir: Path, jobs: int, children: int) -> int:
-    """Log `jobs` completed fan-out jobs of `children` children each; returns the last seq."""
+async def write_fanout_log(data_dir: Path, jobs: int, children: int, *, traced: bool = False) -> int:
+    """Log `jobs` completed fan-out jobs of `children` children each; returns the last seq.
+    `traced`: each job record carries a trace context, as when its submit was traced."""
     async with recording(data_dir) as (recorder, journal):
         for number in range(jobs):
-            record_fanout_job(recorder, f"bench-{number:06d}", children)
+            record_fanout_job(recorder, f"bench-{number:06d}", children, traced)
             if number % 20 == 19:
                 await journal.durable(journal.appended_seq)
     return journal.committed_seq
 
 
-def record_fanout_job(recorder: Recorder, job_id: str, children: int) -> None:
+def record_fanout_job(recorder: Recorder, job_id: str, children: int, traced: bool = False) -> None:
     """One fan-out job, from submission to completion, with every child transition."""
     job = records_pb2.Job(id=job_id, name="bench-fanout")
+    if traced:
+        job.trace_context["traceparent"] = f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01"
     step = records_pb2.Step(job_id=job_id, name="crawl", index=0, type="fanout", max_attempts=1)
     recorder.create_job(job, [step], NewJob(job_id, "", BENCH_DEFINITION))
     recorder.job(job, s.JOB_STATE_RUNNING)

@@ -36,6 +36,7 @@ from stepstream_common.metrics import Metrics, MetricsServer, OrchestratorMetric
 from stepstream_common.rpc import RunningServer, add_servicer, start_server
 from stepstream_common.streaming import StreamAdmission, StreamLimits
 from stepstream_common.tls import ServerTLS
+from stepstream_common.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,11 @@ class Orchestrator:
         await self.server.serve_while({self.journal_task: "the event log (journal writer)"})
 
 
-async def start(config: OrchestratorConfig, workers: WorkerRegistry | None = None) -> Orchestrator:
+async def start(
+    config: OrchestratorConfig, workers: WorkerRegistry | None = None, *, tracing: Tracing | None = None
+) -> Orchestrator:
+    """`tracing`: the service's OpenTelemetry tracing; by default as OTEL_* say (off unless they ask)."""
+    tracing = tracing or Tracing.from_env("stepstream-orchestrator")
     tls = ServerTLS.from_config(config)  # checked before anything starts
     auth = Authorizer.load(config.tokens_file)  # so is the tokens file
     store = SqliteEventStore(config.data_dir / DATABASE_FILE)
@@ -112,7 +117,7 @@ async def start(config: OrchestratorConfig, workers: WorkerRegistry | None = Non
     engine = Engine(
         store, journal, Recorder(journal, metrics=orchestrator_metrics), workers,
         RunSettings(output=output, kill_grace=config.kill_grace, processes=processes,
-                    slots=WorkSlots(config.max_concurrent_work)),
+                    slots=WorkSlots(config.max_concurrent_work), tracing=tracing),
     )
     output.running = engine.is_running
     await engine.recover()
@@ -122,12 +127,15 @@ async def start(config: OrchestratorConfig, workers: WorkerRegistry | None = Non
     service = orchestrator_service_pb2.DESCRIPTOR.services_by_name["OrchestratorService"]
     server = await start_server(config.listen, lambda grpc_server: [add_servicer(grpc_server, service, servicer)],
                                 tls=tls, auth=auth, max_request_bytes=config.max_request_bytes,
-                                interceptors=[StreamAdmission(StreamLimits.of(config)), metrics.interceptor()])
+                                interceptors=[*([tracing.server_interceptor()] if tracing else []),
+                                              StreamAdmission(StreamLimits.of(config)), metrics.interceptor()])
     server.on_stop.extend([engine.shutdown, journal.close, feed.close, output.close])
     metrics_server = None
     if config.metrics_listen is not None:
         metrics_server = serve_metrics(config.metrics_listen, metrics)
         server.on_stop.append(metrics_server.stop)
         print(f"{LABEL} metrics on {metrics_server.address}", flush=True)
+    if tracing is not None:
+        server.on_stop.append(tracing.shutdown)
     log.info("log %s at seq %d in %s", info.log_id, info.latest_seq, config.data_dir)
     return Orchestrator(config, server, engine, journal, store, feed, journal_task, output, metrics_server)

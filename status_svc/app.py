@@ -57,6 +57,7 @@ from stepstream_common.rpc import RunningServer, Service, add_servicer, start_se
 from stepstream_common.streaming import StreamAdmission, StreamLimits
 from stepstream_common.tls import ServerTLS
 from stepstream_common.tokens import read_token_file
+from stepstream_common.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -144,30 +145,33 @@ class ReplicaService:
                                        self.tailer_task: "the change tailer"})
 
 
-async def start_service(config: StatusConfig) -> Service:
-    """The service --store asks for: a replica on PostgreSQL, else the single SQLite process."""
+async def start_service(config: StatusConfig, *, tracing: Tracing | None = None) -> Service:
+    """The service --store asks for: a replica on PostgreSQL, else the single SQLite process.
+    `tracing`: the service's OpenTelemetry tracing; by default as OTEL_* say (off unless they ask)."""
     store = store_from_config(config)
     if isinstance(store, PostgresStatusStore):
-        return await start_replica(config, store)
-    return await start(config, store)
+        return await start_replica(config, store, tracing=tracing)
+    return await start(config, store, tracing=tracing)
 
 
 @dataclass(frozen=True)
 class _Links:
-    """What is read and checked before anything starts: TLS, tokens, how to reach the orchestrators."""
+    """What is read and checked before anything starts: TLS, tokens, how to reach the orchestrators,
+    and the tracing (by default as OTEL_* say: off unless they ask)."""
 
     tls: ServerTLS | None
     auth: Authorizer | None
     orchestrator_tls: ClientTLS | None
     orchestrator_token: str
+    tracing: Tracing | None
 
     @classmethod
-    def of(cls, config: StatusConfig) -> _Links:
+    def of(cls, config: StatusConfig, tracing: Tracing | None) -> _Links:
         tls = ServerTLS.from_config(config)  # checked before anything starts, as is:
         orchestrator_tls = _orchestrator_tls(config)
         auth = Authorizer.load(config.tokens_file)
         token = read_token_file(config.orchestrator_token_file) if config.orchestrator_token_file else ""
-        return cls(tls, auth, orchestrator_tls, token)
+        return cls(tls, auth, orchestrator_tls, token, tracing or Tracing.from_env("stepstream-status"))
 
     def ingest(
         self, config: StatusConfig, store: StatusStore, feed: Feed[StoredChange] | None, opened: OpenedStore,
@@ -177,7 +181,7 @@ class _Links:
         writer = IngestWriter(
             store, feed, latest_revision=opened.revision, sources=opened.sources,
             keep_changes=config.retain_changes, prune_every=config.prune_interval, followed=config.orchestrators,
-            metrics=metrics,
+            metrics=metrics, tracing=self.tracing,
         )
         followers = [
             OrchestratorFollower(address, writer, stale_after=config.stale_after, tls=self.orchestrator_tls,
@@ -187,9 +191,11 @@ class _Links:
         return writer, followers
 
 
-async def start(config: StatusConfig, store: StatusStore | None = None) -> StatusService:
+async def start(
+    config: StatusConfig, store: StatusStore | None = None, *, tracing: Tracing | None = None
+) -> StatusService:
     """The single-process service: this process ingests and serves (SQLite)."""
-    links = _Links.of(config)
+    links = _Links.of(config, tracing)
     store = store if store is not None else store_from_config(config)
     if isinstance(store, PostgresStatusStore):
         raise SettingError("a PostgreSQL --store runs as one of several replicas: start it with start_service()")
@@ -211,9 +217,11 @@ async def start(config: StatusConfig, store: StatusStore | None = None) -> Statu
     return running
 
 
-async def start_replica(config: StatusConfig, store: PostgresStatusStore) -> ReplicaService:
+async def start_replica(
+    config: StatusConfig, store: PostgresStatusStore, *, tracing: Tracing | None = None
+) -> ReplicaService:
     """One replica on a PostgreSQL store: competes for the ingest lease, serves from the database."""
-    links = _Links.of(config)
+    links = _Links.of(config, tracing)
     opened = await store.open()
     try:
         connection = await store.connect()
@@ -257,12 +265,16 @@ async def start_replica(config: StatusConfig, store: PostgresStatusStore) -> Rep
 async def _serve(
     config: StatusConfig, links: _Links, servicer: StatusServicer, metrics: Metrics
 ) -> tuple[RunningServer, MetricsServer | None]:
-    """The gRPC server (and the metrics listener, if asked for) for `servicer`."""
+    """The gRPC server (and the metrics listener, if asked for) for `servicer`; the tracing ends with it."""
+    tracing = links.tracing
     server = await start_server(
         config.listen, lambda grpc_server: [add_servicer(grpc_server, SERVICE, servicer)],
         tls=links.tls, auth=links.auth, max_request_bytes=config.max_request_bytes,
-        interceptors=[StreamAdmission(StreamLimits.of(config)), metrics.interceptor()],
+        interceptors=[*([tracing.server_interceptor()] if tracing else []),
+                      StreamAdmission(StreamLimits.of(config)), metrics.interceptor()],
     )
+    if tracing is not None:
+        server.on_stop.append(tracing.shutdown)
     metrics_server = None
     if config.metrics_listen is not None:
         metrics_server = serve_metrics(config.metrics_listen, metrics)
@@ -301,6 +313,9 @@ def _ingest_metrics(
     without a writer (a replica not holding the lease) only the watches'."""
     lag = GaugeMetricFamily("stepstream_ingest_lag_events", "events the orchestrator said it has (heartbeats, "
                             "batches) that are not committed here yet", labels=["orchestrator"])
+    lag_seconds = GaugeMetricFamily("stepstream_ingest_lag_seconds", "how long the oldest event heard of from the "
+                                    "orchestrator (in a batch, or a heartbeat's latest seq) but not committed here "
+                                    "has waited since it was heard of; 0 when caught up", labels=["orchestrator"])
     stale = GaugeMetricFamily("stepstream_ingest_source_stale", "1 while the orchestrator cannot be followed "
                               "(its jobs are shown stale), else 0", labels=["orchestrator"])
     resyncs = CounterMetricFamily("stepstream_ingest_resyncs", "resyncs from a snapshot (cursor out of range)",
@@ -310,14 +325,21 @@ def _ingest_metrics(
             break
         address = follower.address
         lag.add_metric([address], max(0, follower.latest_seq_heard - writer.applied.committed_seq(address)))
+        lag_seconds.add_metric([address], follower.lag_seconds())
         stale.add_metric([address], 0 if writer.source(address).stale_since is None else 1)
         resyncs.add_metric([address], follower.resyncs)
     return [
-        lag, stale, resyncs,
+        lag, lag_seconds, stale, resyncs,
         CounterMetricFamily("stepstream_ingest_events_applied", "events applied to the status store (by this "
                             "replica's current lease term)", value=writer.events_applied if writer else 0),
         GaugeMetricFamily("stepstream_watchers_attached", "watches (WatchJob, WatchJobs) open",
                           value=feed.subscriber_count),
+        GaugeMetricFamily("stepstream_watcher_queue_max", "changes queued for the most behind watch (its bound "
+                          "is --watcher-queue; past it the watch reads the change log instead)",
+                          value=feed.deepest_queue),
+        CounterMetricFamily("stepstream_watcher_overflows", "times a watch fell more than --watcher-queue changes "
+                            "behind and went back to reading the change log (a resnapshot from storage)",
+                            value=feed.overflow_count),
         GaugeMetricFamily("stepstream_revision", "the status store's current revision", value=feed.latest),
     ]
 

@@ -136,6 +136,7 @@ class Feed(Generic[T]):
         self._everything: set[Subscription[T]] = set()
         self.latest = 0
         self.closed = False
+        self._overflows_gone = 0
 
     @property
     def subscriber_count(self) -> int:
@@ -143,8 +144,13 @@ class Feed(Generic[T]):
 
     @property
     def overflow_count(self) -> int:
-        subs = list(self._everything) + [s for group in self._by_key.values() for s in group]
-        return sum(s.overflows for s in subs)
+        """Overflows of every subscriber since the feed began, those gone included (a counter)."""
+        return self._overflows_gone + sum(s.overflows for s in list(self._all()))
+
+    @property
+    def deepest_queue(self) -> int:
+        """The longest queue of any subscriber now, in items (0 once it overflowed: it reads storage)."""
+        return max((s.pending_count for s in list(self._all())), default=0)
 
     def subscribe(self, key: str | None = None) -> Subscription[T]:
         """Start queueing published items: all of them, or those of one key."""
@@ -167,6 +173,9 @@ class Feed(Generic[T]):
             self.unsubscribe(sub)
 
     def unsubscribe(self, sub: Subscription[T]) -> None:
+        if sub.overflows:
+            self._overflows_gone += sub.overflows
+            sub.overflows = 0  # counted once, however often it is unsubscribed
         if sub.key is None:
             self._everything.discard(sub)
             return

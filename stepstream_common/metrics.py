@@ -202,6 +202,7 @@ class OrchestratorMetrics:
         )
         self.finished: dict[str, Counter] = {}
         self.durations: dict[str, Histogram] = {}
+        self._series: dict[tuple[str, str], tuple[Counter, Histogram]] = {}
         for kind in ("jobs", "steps", "children"):
             self.finished[kind] = Counter(
                 f"{kind}_finished", f"{kind} that reached a terminal state, by state", ["state"],
@@ -220,10 +221,16 @@ class OrchestratorMetrics:
         self.commit_seconds.observe(seconds)
 
     def finish(self, kind: str, state: str, seconds: float | None) -> None:
-        """One job/step/child (`kind`: jobs, steps, children) reached terminal `state`."""
-        self.finished[kind].labels(state).inc()
+        """One job/step/child (`kind`: jobs, steps, children) reached terminal `state`.
+        Called once per child of every fan-out: the labelled series are looked up once."""
+        series = self._series.get((kind, state))
+        if series is None:
+            series = self._series[kind, state] = (self.finished[kind].labels(state),
+                                                  self.durations[kind].labels(state))
+        count, duration = series
+        count.inc()
         if seconds is not None:
-            self.durations[kind].labels(state).observe(max(0.0, seconds))
+            duration.observe(max(0.0, seconds))
 
 
 class IngestMetrics:

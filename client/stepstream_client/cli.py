@@ -26,6 +26,7 @@ from stepstream.channel import DEFAULT_ORCHESTRATOR, DEFAULT_STATUS, add_tls_arg
 from stepstream.common.v1 import states_pb2
 from stepstream.flags import env_option, host_port, positive_float, positive_int
 from stepstream.states import CHILD_STATES, job_state_word, step_state_word
+from stepstream.tracing import client_interceptors_from_env
 
 from stepstream_client._policy import RetryPolicy
 from stepstream_client.errors import (
@@ -210,8 +211,9 @@ CLI_RETRY_SECONDS = "5"
 
 
 def _client(args: argparse.Namespace) -> Client:
+    """The SDK client of a command; its calls traced when OTEL_* ask for it (stepstream.tracing)."""
     return Client(args.orchestrator, args.status, retry=RetryPolicy(deadline=args.retry_for), tls=args.client_tls,
-                  token=args.token or None)
+                  token=args.token or None, interceptors=client_interceptors_from_env("stepstream-cli"))
 
 
 async def cmd_submit(args: argparse.Namespace) -> int:

@@ -4,18 +4,21 @@ What each attempt's end means is decided in domain/rules.py."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from stepstream.common.v1 import states_pb2 as s
+from stepstream.states import step_state_word
 
 from orchestrator_svc.domain import rules
 from orchestrator_svc.domain.rules import Outcome
 from orchestrator_svc.domain.spec import Execution, masked, secret_values
 from orchestrator_svc.output import capturing
 from orchestrator_svc.workers import WorkContext, Worker, WorkFailed
+from stepstream_common.tracing import Note, untraced
 
 log = logging.getLogger(__name__)
 
@@ -26,10 +29,12 @@ class AttemptHooks:
     status before each attempt and before each backoff sleep. `may_start()` is
     awaited before each attempt is started: it does not return once the work
     is being stopped, so nothing starts after a cancellation was recorded (the
-    stop is on its way as CancelledError)."""
+    stop is on its way as CancelledError). `trace(attempt)` is the attempt's
+    span (stepstream_common.tracing), untraced by default."""
 
     report: Callable[[Outcome, int], None]
     may_start: Callable[[], Awaitable[None]]
+    trace: Callable[[int], contextlib.AbstractContextManager[Note]] = untraced
 
 
 async def run_attempts(
@@ -48,7 +53,9 @@ async def run_attempts(
     while True:
         await hooks.may_start()
         hooks.report(rules.attempt_started(attempt, execution.max_attempts, previous), attempt)
-        outcome = await _attempt(worker, execution, context(attempt), attempt)
+        with hooks.trace(attempt) as note:
+            outcome = await _attempt(worker, execution, context(attempt), attempt)
+            note(step_state_word(outcome.state), outcome.message if outcome.state != s.STEP_STATE_COMPLETED else "")
         if outcome.state == s.STEP_STATE_COMPLETED or attempt == execution.max_attempts:
             return outcome
         delay = rules.backoff_delay(execution.retry_backoff, attempt)

@@ -109,6 +109,8 @@ class Engine:
         spec = await asyncio.to_thread(validate_job, definition, self._workers)
         job_id = secrets.token_hex(8)
         job = records_pb2.Job(id=job_id, name=spec.name, submitted_by=submitted_by)
+        if self._settings.tracing is not None:  # the SubmitJob call's span: the job's trace
+            job.trace_context.update(self._settings.tracing.context())
         steps = [
             records_pb2.Step(
                 job_id=job_id, name=step.name, index=step.index, type=step.execution.type,

@@ -17,6 +17,7 @@ bounded across all jobs; a unit waiting for a slot stays PENDING.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sys
 from collections import Counter
@@ -26,6 +27,7 @@ from types import TracebackType
 
 from stepstream.common.v1 import records_pb2
 from stepstream.common.v1 import states_pb2 as s
+from stepstream.states import step_state_word
 
 from orchestrator_svc.domain import machine, rules
 from orchestrator_svc.domain.rules import Interruption, Outcome, Stop
@@ -37,6 +39,7 @@ from orchestrator_svc.workers import FanoutPlan, FanoutWorker, WorkContext, Work
 from orchestrator_svc.workers.processes import ProcessRegistry
 from orchestrator_svc.workers.registry import WorkerRegistry
 from stepstream_common.logs import log_context, set_log_context
+from stepstream_common.tracing import UNTRACED, Note, Tracing, untraced
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +80,8 @@ class RunSettings:
     processes: ProcessRegistry | None = None
     # Shared by every run of one orchestrator; the service sets its cap from its config.
     slots: WorkSlots = field(default_factory=lambda: WorkSlots(sys.maxsize))
+    # Spans of steps and attempts (None: tracing off).
+    tracing: Tracing | None = None
 
 
 class _OverTolerance(Exception):
@@ -312,14 +317,16 @@ class JobRun:
         set_log_context(step=spec.name)  # this step's own task
         record = self._steps[spec.name]
         worker = self._workers.get(spec.execution.type)
-        if isinstance(worker, FanoutWorker):
-            self._record_step(record, await self._outcome(spec.name, self._run_fanout(spec, record, worker)))
-        else:
-            # PENDING until a slot is free; the outcome is recorded before the slot is.
-            async with self._settings.slots:
-                context, hooks = self._context(spec, None), self._step_hooks(record)
-                attempts = run_attempts(worker, spec.execution, context, hooks)
-                self._record_step(record, await self._outcome(spec.name, attempts))
+        with self._trace(f"step {spec.name}", self.job.trace_context, step=spec.name) as note:
+            if isinstance(worker, FanoutWorker):
+                self._record_step(record, await self._outcome(spec.name, self._run_fanout(spec, record, worker)))
+            else:
+                # PENDING until a slot is free; the outcome is recorded before the slot is.
+                async with self._settings.slots:
+                    context, hooks = self._context(spec, None), self._step_hooks(record)
+                    attempts = run_attempts(worker, spec.execution, context, hooks)
+                    self._record_step(record, await self._outcome(spec.name, attempts))
+            note(step_state_word(record.state), record.message if record.state == s.STEP_STATE_FAILED else "")
         log.debug("job %s step %s ended %s", self.job.id, spec.name, s.StepState.Name(record.state))
         ended(spec.name)
 
@@ -334,11 +341,25 @@ class JobRun:
     def _context(self, spec: StepSpec, child_index: int | None) -> WorkContextFactory:
         return WorkContextFactory(self.job.id, spec.name, child_index, self._settings, spec.output_limit)
 
+    def _trace(
+        self, name: str, parent: Mapping[str, str] | None = None, **attributes: str | int
+    ) -> contextlib.AbstractContextManager[Note]:
+        """A span (under `parent`, else the current one) when tracing is on."""
+        tracing = self._settings.tracing
+        if tracing is None:
+            return UNTRACED
+        return tracing.span(name, parent, job_id=self.job.id, **attributes)
+
     def _step_hooks(self, record: records_pb2.Step) -> AttemptHooks:
-        return AttemptHooks(lambda status, attempt: self._record_step(record, status, attempt), self._may_start)
+        trace = untraced if self._settings.tracing is None else (
+            lambda attempt: self._trace(f"attempt {attempt}", step=record.name, attempt=attempt))
+        return AttemptHooks(lambda status, attempt: self._record_step(record, status, attempt), self._may_start, trace)
 
     def _child_hooks(self, child: records_pb2.Child, may_start: Callable[[], Awaitable[None]]) -> AttemptHooks:
-        return AttemptHooks(lambda status, attempt: self._record_child(child, status, attempt), may_start)
+        trace = untraced if self._settings.tracing is None else (
+            lambda attempt: self._trace(f"child {child.index} attempt {attempt}", step=child.step_name,
+                                        child=child.index, attempt=attempt))
+        return AttemptHooks(lambda status, attempt: self._record_child(child, status, attempt), may_start, trace)
 
     async def _may_start(self) -> None:
         """Return at once while the job runs; once it is being stopped, wait for

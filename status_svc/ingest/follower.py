@@ -39,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Never
 
@@ -109,6 +110,9 @@ class OrchestratorFollower:
         # The newest seq the orchestrator said it has (a heartbeat's latest_seq, a batch's
         # last event, a snapshot's seq): what ingest lag is measured against.
         self.latest_seq_heard = known.cursor
+        # When seqs not committed yet were first heard of: (seq, clock time) per message that
+        # raised latest_seq_heard, oldest first; trimmed as they commit (what lag_seconds reads).
+        self._heard_at: deque[tuple[int, float]] = deque()
         self.reconnects = 0
         self.gaps = 0
         self.crashes = 0
@@ -170,9 +174,9 @@ class OrchestratorFollower:
         """One message of the event stream; _Broken (a gap) ends the attempt."""
         self._heard()
         if message.HasField("heartbeat"):
-            self.latest_seq_heard = message.heartbeat.latest_seq
+            self._heard_of(message.heartbeat.latest_seq)
         if message.HasField("batch") and message.batch.events:
-            self.latest_seq_heard = max(self.latest_seq_heard, message.batch.events[-1].seq)
+            self._heard_of(max(self.latest_seq_heard, message.batch.events[-1].seq))
             await self._take(message.log_id, list(message.batch.events))
         else:
             await self._handled()
@@ -216,8 +220,30 @@ class OrchestratorFollower:
             await self._writer.submit(Events(self.address, log_id, records, from_stream=False))
         await self._writer.submit(SnapshotApplied(self.address, log_id, seq, frozenset(seen)))
         self._cursor, self._log_id = seq, log_id
-        self.latest_seq_heard = seq
+        self._heard_of(seq)
         self.resyncs += 1
+
+    def _heard_of(self, seq: int) -> None:
+        """The orchestrator has events up to `seq`; keeps when newer ones were first heard of."""
+        heard = self._heard_at
+        if seq < self.latest_seq_heard:  # another log: what was heard of the old one is moot
+            heard.clear()
+        elif seq > self.latest_seq_heard:
+            committed = self._writer.applied.committed_seq(self.address)
+            while heard and heard[0][0] <= committed:
+                heard.popleft()
+            heard.append((seq, self._clock()))
+        self.latest_seq_heard = seq
+
+    def lag_seconds(self) -> float:
+        """How long the oldest event heard of (in a batch or a heartbeat's latest_seq) but not
+        committed yet has waited since; 0 when everything heard of is committed. Safe to call
+        from another thread (the metrics server's)."""
+        committed = self._writer.applied.committed_seq(self.address)
+        for seq, since in list(self._heard_at):
+            if seq > committed:
+                return max(0.0, self._clock() - since)
+        return 0.0
 
     def _heard(self) -> None:
         """A message arrived (while it is handled, however long the writer makes that take)."""

@@ -38,6 +38,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from stepstream.common.v1 import records_pb2
+from stepstream.states import job_state_word
 
 from status_svc.domain.fold import JobFold
 from status_svc.domain.projection import Staleness
@@ -47,6 +48,7 @@ from status_svc.storage.base import Source, StatusStore, StoredChange, WriteBatc
 from stepstream_common import wire
 from stepstream_common.feed import Feed
 from stepstream_common.metrics import IngestMetrics
+from stepstream_common.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +102,8 @@ class _Pending:
     touched: set[str]
     # Events it applies (for the metrics).
     events: int = 0
+    # Job records it applies that carry a trace context (only when tracing).
+    traced: list[records_pb2.Job] = dataclasses.field(default_factory=list)
 
 
 class IngestWriter:
@@ -116,10 +120,12 @@ class IngestWriter:
         clock: Callable[[], float] = time.time,
         followed: Sequence[str] = (),
         metrics: IngestMetrics | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self._store = store
         self._feed = feed
         self._metrics = metrics
+        self._tracing = tracing
         self._sources = dict(sources)
         self._projector = Projector(latest_revision, lambda address: self.source(address).staleness)
         self._keep_changes = keep_changes
@@ -234,15 +240,23 @@ class IngestWriter:
         )
         pending = _Pending(batch, changes, self._projector.revision, touched & self._jobs.keys(),
                            self.events_applied - applied_before)
+        if self._tracing is not None:
+            pending.traced = [event.job for item in items if isinstance(item, Events) for event in item.events
+                              if event.HasField("job") and event.job.trace_context]
         self._uncommitted.update(pending.touched)
         return pending
 
     async def _commit(self, pending: _Pending) -> None:
-        started = time.perf_counter()
+        started, started_ns = time.perf_counter(), time.time_ns()
         await self._store.commit(pending.batch)
         self.commits += 1
         if self._metrics is not None:
             self._metrics.committed(pending.events, time.perf_counter() - started)
+        if self._tracing is not None:
+            ended_ns = time.time_ns()
+            for job in pending.traced:  # a span of this commit in each job's trace
+                self._tracing.record(f"apply job {job_state_word(job.state)}", job.trace_context, started_ns,
+                                     ended_ns, job_id=job.id, revision=pending.revision)
         if self._feed is not None:
             self._feed.publish(pending.changes, pending.revision)
         self.applied.advance(pending.batch.sources)

@@ -93,3 +93,19 @@ def test_benchmark_runs_and_reports_its_figures(name: str, tmp_path: Path, reque
     assert not missing, f"{name} JSON lacks {missing}"
     not_numbers = [key for key in EXPECTED[name] if not isinstance(figures[key], int | float)]
     assert not not_numbers, f"{name} JSON has non-numeric {not_numbers}"
+
+
+def test_the_ingest_benchmark_compares_telemetry_variants(tmp_path: Path) -> None:
+    """--telemetry runs off, metrics, tracing and another commit's code (here HEAD's), and
+    metrics and tracing were really on: scrapes answered, spans reached the sink."""
+    output = tmp_path / "ingest.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "bench", "ingest", "--quick", "--telemetry", "--baseline-ref", "HEAD",
+         "--json", str(output)], cwd=REPO, capture_output=True, text=True, timeout=170,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    figures = json.loads(output.read_text())
+    for variant in ("off", "metrics", "tracing", "main"):
+        for figure in ("events_per_second", "cpu_us_per_event"):
+            assert isinstance(figures[f"telemetry_{variant}_{figure}"], int | float), (variant, figure)
+    assert figures["metrics_scrapes"] >= 2 and figures["spans_exported"] > 0

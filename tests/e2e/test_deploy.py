@@ -697,3 +697,51 @@ async def test_the_deployed_settings_serve_tls_and_tokens_and_the_status_service
                 await eventually(followed, f"the status service at {address} to have the job from the orchestrator")
         if database is not None:  # the replicas' pods and containers give them no volume: they need none
             assert not list((tmp_path / "data").glob("status_svc-*")), "a replica on PostgreSQL wrote to --data-dir"
+
+
+# --- Monitoring: deploy/k8s-monitoring, the base with metrics on --------------------------------------------
+
+MONITORING = DEPLOY / "k8s-monitoring"
+
+
+def test_the_monitoring_overlay_serves_metrics_where_prometheus_looks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each patch names a workload and container of the base and sets a
+    --metrics-listen its service accepts, on all interfaces, on the port that
+    the container's `metrics` port, the prometheus.io/port annotation, the
+    NetworkPolicy and the PodMonitor all name."""
+    kustomization = yaml.safe_load((MONITORING / "kustomization.yaml").read_text())
+    assert kustomization["resources"][0] == "../k8s"
+    patches = [patch["path"] for patch in kustomization["patches"]]
+    present = {path.name for path in MONITORING.glob("*.yaml")} - {"kustomization.yaml"}
+    # The PodMonitor needs the Prometheus Operator's CRD: applied on its own, not listed.
+    assert {*kustomization["resources"][1:], *patches} == present - {"podmonitor.yaml"}
+    base = {(doc["kind"], doc["metadata"]["name"]): doc for doc in k8s_documents()}
+    ports, patched = set(), set()
+    for path in patches:
+        patch = yaml.safe_load((MONITORING / path).read_text())
+        workload = base[(patch["kind"], patch["metadata"]["name"])]
+        template = patch["spec"]["template"]
+        [container] = template["spec"]["containers"]
+        [base_container] = [each for each in workload["spec"]["template"]["spec"]["containers"]
+                            if each["name"] == container["name"]]
+        module, args = module_of(base_container["command"] + base_container.get("args", []))
+        env = {**k8s_env(base_container), **{item["name"]: item["value"] for item in container["env"]}}
+        assert set(env) <= accepted_env(module), set(env) - accepted_env(module)
+        host, port = parse(module, args, env, monkeypatch).metrics_listen.rsplit(":", 1)
+        assert host == "0.0.0.0", "Prometheus scrapes the pod's IP"
+        assert container["ports"] == [{"name": "metrics", "containerPort": int(port)}]
+        assert template["metadata"]["annotations"] == {
+            "prometheus.io/scrape": "true", "prometheus.io/port": port, "prometheus.io/path": "/metrics"}
+        ports.add(int(port))
+        patched.add(module)
+    assert patched == set(CONFIGS)
+    policy = yaml.safe_load((MONITORING / "network-policy.yaml").read_text())
+    assert {port["port"] for rule in policy["spec"]["ingress"] for port in rule["ports"]} == ports
+    selected = policy["spec"]["podSelector"]["matchLabels"]
+    assert all(selected.items() <= workload["spec"]["template"]["metadata"]["labels"].items()
+               for workload in k8s_workloads())
+    assert [peer["podSelector"]["matchLabels"] for rule in policy["spec"]["ingress"] for peer in rule["from"]] == [
+        {"app.kubernetes.io/name": "prometheus"}], "only Prometheus is let in to the metrics port"
+    monitor = yaml.safe_load((MONITORING / "podmonitor.yaml").read_text())
+    assert monitor["spec"]["selector"]["matchLabels"] == selected
+    assert [endpoint["port"] for endpoint in monitor["spec"]["podMetricsEndpoints"]] == ["metrics"]

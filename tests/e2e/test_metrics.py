@@ -5,12 +5,16 @@ Prometheus parses them."""
 from __future__ import annotations
 
 import asyncio
+import json
+import re
+import shlex
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from stepstream.common.v1 import states_pb2 as s
 from stepstream.orchestrator.v1 import orchestrator_service_pb2 as orch_pb
@@ -19,15 +23,26 @@ from stepstream.status.v1 import status_service_pb2 as status_pb
 from stepstream.status.v1 import status_service_pb2_grpc as status_grpc
 
 from orchestrator_svc.app import start
+from status_svc.ingest.follower import OrchestratorFollower
+from status_svc.ingest.writer import IngestWriter
+from status_svc.storage.base import Source, StoredChange
+from status_svc.storage.sqlite import SqliteStatusStore
+from stepstream_common.feed import Feed
 from tests.conftest import orchestrator_config
 from tests.helpers import (
+    REPO,
     ServiceProcess,
     channel,
+    ends_job,
     eventually,
     job_definition,
     orchestrator_process,
+    read_watch,
+    status_job_finished,
     status_process,
     wait_job_state,
+    wait_status_job,
+    watch_until,
 )
 
 CHILDREN = 50
@@ -110,10 +125,17 @@ async def test_metrics_of_a_fanout_job(services: tuple[MetricsProcess, MetricsPr
                           "orchestrator.v1.OrchestratorService", method="GetJob", code="NOT_FOUND")
         assert value(samples, "stepstream_journal_commit_seconds_count") >= 1
 
-        # Ingest catches up with everything the orchestrator has: lag back to 0.
+        assert value(samples, "stepstream_steps_finished_total", state="completed") == len(job.steps) == 1
+        appended = value(samples, "stepstream_events_appended_total")
+
+        # Ingest catches up with everything the orchestrator has: lag back to 0, in events and seconds.
         await until_value(status.metrics, "stepstream_ingest_lag_events", 0, orchestrator=orchestrator.address)
+        await until_value(status.metrics, "stepstream_ingest_lag_seconds", 0, orchestrator=orchestrator.address)
         samples = await asyncio.to_thread(scrape, status.metrics)
-        assert value(samples, "stepstream_ingest_events_applied_total") > CHILDREN
+        # Every event the orchestrator committed was applied, once.
+        assert value(samples, "stepstream_ingest_events_applied_total") == appended
+        assert value(samples, "stepstream_ingest_batch_events_sum") == appended
+        assert value(samples, "stepstream_watcher_overflows_total") == 0
         assert value(samples, "stepstream_ingest_source_stale", orchestrator=orchestrator.address) == 0
         assert value(samples, "stepstream_revision") > 0
         assert value(samples, "stepstream_watchers_attached") == 0
@@ -140,3 +162,171 @@ async def test_metrics_off_by_default(tmp_path: Path) -> None:
         assert running.metrics is None
     finally:
         await running.stop()
+
+
+STALLED_CHILDREN = 1500
+# A small flow-control window: a watch's writes block soon after its client stops reading.
+SMALL_WINDOW = [("grpc.http2.lookahead_bytes", 1024), ("grpc.http2.bdp_probe", 0)]
+
+
+async def test_a_stalled_watcher_shows_in_queue_depth_and_overflows(tmp_path: Path) -> None:
+    """One orchestrator, two status services following it, each with a watch whose
+    client stops reading while a fan-out runs: with a queue bound above what the
+    job changes, the watch's queue depth shows what waits for it; with a bound of
+    5 it overflows (and reads the change log instead) rather than growing."""
+    orchestrator = _as(orchestrator_process(tmp_path / "orchestrator", 0, "--metrics-listen", "127.0.0.1:0"))
+    orchestrator.start()
+    statuses: list[MetricsProcess] = []
+    try:
+        for queue in (100_000, 5):
+            status = _as(status_process(tmp_path / f"status-{queue}", orchestrator.address,
+                                        "--metrics-listen", "127.0.0.1:0", "--watcher-queue", str(queue)))
+            statuses.append(status)
+            status.start()
+        roomy, small = statuses
+        await _stall_two_watchers(orchestrator, roomy, small, tmp_path)
+    finally:
+        for status in statuses:
+            status.stop()
+        orchestrator.stop()
+
+
+def gate(name: str, release: Path) -> dict[str, object]:
+    """A command step that runs until `release` exists."""
+    return {"name": name, "type": "command",
+            "command": ["sh", "-c", f"while [ ! -f {shlex.quote(str(release))} ]; do sleep 0.02; done"]}
+
+
+async def _stall_two_watchers(
+    orchestrator: MetricsProcess, roomy: MetricsProcess, small: MetricsProcess, tmp_path: Path
+) -> None:
+    """The job: a gate (the watches open meanwhile), a fan-out whose thousands of
+    changes fill the stalled streams' flow-control windows (their writes block),
+    a second gate (until they have), then a chain of steps whose changes can only
+    queue up."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    fan = {"name": "fan", "type": "fanout", "count": STALLED_CHILDREN, "concurrency": 20,
+           "child": {"type": "sleep", "seconds": 0}}
+    chain = [{"name": f"link-{i:03d}", "type": "sleep", "seconds": 0} for i in range(100)]
+    async with (channel(orchestrator.address) as orch_channel,
+                grpc.aio.insecure_channel(roomy.address, options=SMALL_WINDOW) as roomy_channel,
+                grpc.aio.insecure_channel(small.address, options=SMALL_WINDOW) as small_channel):
+        submitted = await orch_grpc.OrchestratorServiceStub(orch_channel).SubmitJob(
+            orch_pb.SubmitJobRequest(definition=job_definition([gate("first", first), fan,
+                                                                 gate("second", second), *chain])))
+        job_id = submitted.job.id
+        watches = []
+        for status_channel in (roomy_channel, small_channel):
+            stub = status_grpc.StatusServiceStub(status_channel)
+            await wait_status_job(stub, job_id, lambda r: r.steps[0].state == s.STEP_STATE_RUNNING, "the gate")
+            call = stub.WatchJob(status_pb.WatchJobRequest(job_id=job_id))
+            assert (await read_watch(call)).WhichOneof("event") == "updates"
+            assert (await read_watch(call)).WhichOneof("event") == "initial_state_complete"
+            watches.append((stub, call))
+        # From here on nobody reads either watch.
+        first.touch()
+        for stub, _ in watches:
+            await wait_status_job(stub, job_id, lambda r: r.steps[2].state == s.STEP_STATE_RUNNING,
+                                  "the fan-out to end while watches stall")
+        second.touch()
+        for stub, _ in watches:
+            done = await wait_status_job(stub, job_id, status_job_finished, "the job to end while watches stall")
+            assert done.job.state == s.JOB_STATE_COMPLETED
+        for status in (roomy, small):
+            await until_value(status.metrics, "stepstream_ingest_lag_events", 0, orchestrator=orchestrator.address)
+            await until_value(status.metrics, "stepstream_ingest_lag_seconds", 0, orchestrator=orchestrator.address)
+        at_roomy = await asyncio.to_thread(scrape, roomy.metrics)
+        at_small = await asyncio.to_thread(scrape, small.metrics)
+        # The chain's changes came while the streams' writes were blocked: they wait in the queue.
+        assert 0 < value(at_roomy, "stepstream_watcher_queue_max") <= 100_000
+        assert value(at_roomy, "stepstream_watcher_overflows_total") == 0
+        # Over the bound of 5: the queue was dropped (depth 0), counted, and the watch kept.
+        assert value(at_small, "stepstream_watcher_overflows_total") >= 1
+        assert value(at_small, "stepstream_watcher_queue_max") == 0
+        assert value(at_small, "stepstream_watchers_attached") == 1
+        # Once read, both watches reach the job's end and nothing is queued any more.
+        for status, (_, call) in zip((roomy, small), watches, strict=True):
+            await watch_until(call, ends_job)
+            await until_value(status.metrics, "stepstream_watcher_queue_max", 0)
+            call.cancel()
+
+
+def promql_of_dashboard(path: Path) -> list[str]:
+    dashboard = json.loads(path.read_text())
+    return [target["expr"] for panel in dashboard["panels"] for target in panel.get("targets", [])]
+
+
+def promql_of_rules(path: Path) -> list[str]:
+    rules = [rule for group in yaml.safe_load(path.read_text())["groups"] for rule in group["rules"]]
+    for rule in rules:
+        assert {"alert", "expr", "for", "labels", "annotations"} <= set(rule), rule
+        assert rule["labels"]["severity"] in ("critical", "warning", "info") and rule["annotations"]["summary"]
+    return [rule["expr"] for rule in rules]
+
+
+async def test_dashboard_and_alerts_name_only_metrics_the_services_export(
+    services: tuple[MetricsProcess, MetricsProcess],
+) -> None:
+    """Every stepstream_* name in deploy/grafana/stepstream.json and
+    deploy/prometheus/alerts.yml is a series one of the services really
+    serves (scraped once a job has run and a watch was open)."""
+    orchestrator, status = services
+    definition = job_definition([{"name": "fan", "type": "fanout", "count": 3,
+                                  "child": {"type": "sleep", "seconds": 0}}])
+    async with channel(orchestrator.address) as orch_channel, channel(status.address) as status_channel:
+        submitted = await orch_grpc.OrchestratorServiceStub(orch_channel).SubmitJob(
+            orch_pb.SubmitJobRequest(definition=definition))
+        stub = status_grpc.StatusServiceStub(status_channel)
+        await wait_status_job(stub, submitted.job.id, status_job_finished, "the job to end")
+        watch = stub.WatchJob(status_pb.WatchJobRequest(job_id=submitted.job.id))
+        await read_watch(watch)
+        watch.cancel()
+    await until_value(status.metrics, "stepstream_watchers_attached", 0)
+    exported = {name for address in (orchestrator.metrics, status.metrics)
+                for name, _ in await asyncio.to_thread(scrape, address)}
+    for path, expressions in ((REPO / "deploy/grafana/stepstream.json",
+                               promql_of_dashboard(REPO / "deploy/grafana/stepstream.json")),
+                              (REPO / "deploy/prometheus/alerts.yml",
+                               promql_of_rules(REPO / "deploy/prometheus/alerts.yml"))):
+        assert expressions, path
+        for expression in expressions:
+            named = set(re.findall(r"\bstepstream_[a-z_]+", expression))
+            assert named, f"{path.name}: {expression!r} names no stepstream metric"
+            assert named <= exported, f"{path.name}: {sorted(named - exported)} are not exported"
+
+
+async def test_ingest_lag_seconds_is_the_age_of_the_oldest_event_heard_of_and_not_committed(tmp_path: Path) -> None:
+    """What stepstream_ingest_lag_seconds reads, on a real follower and writer
+    (not running: commits are advanced by hand) with a clock the test sets."""
+    address, now = "orchestrator:50051", [1000.0]
+    store = SqliteStatusStore(tmp_path / "status.sqlite3")
+    opened = await store.open()
+    try:
+        feed: Feed[StoredChange] = Feed(max_pending=10)
+        writer = IngestWriter(store, feed, latest_revision=opened.revision, sources=opened.sources,
+                              followed=[address])
+        follower = OrchestratorFollower(address, writer, stale_after=60, clock=lambda: now[0])
+
+        async def heard(latest_seq: int) -> None:
+            await follower._handle(orch_pb.StreamStepEventsResponse(
+                log_id="log", heartbeat=orch_pb.EventStreamHeartbeat(latest_seq=latest_seq)))
+
+        def committed(cursor: int) -> None:
+            writer.applied.advance([Source(address, "log", cursor)])
+
+        assert follower.lag_seconds() == 0
+        await heard(5)  # seqs 1-5 heard of at 1000
+        now[0] = 1003.0
+        assert follower.lag_seconds() == 3
+        await heard(8)  # 6-8 at 1003
+        now[0] = 1004.5
+        assert follower.lag_seconds() == 4.5
+        committed(5)
+        assert follower.lag_seconds() == 1.5  # the oldest not committed is now seq 6
+        committed(8)
+        assert follower.lag_seconds() == 0
+        now[0] = 1010.0
+        await heard(8)  # nothing new: still caught up
+        assert follower.lag_seconds() == 0
+    finally:
+        await store.close()

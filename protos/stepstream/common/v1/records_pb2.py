@@ -26,21 +26,25 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from stepstream.common.v1 import states_pb2 as stepstream_dot_common_dot_v1_dot_states__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"stepstream/common/v1/records.proto\x12\x14stepstream.common.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a!stepstream/common/v1/states.proto\"\x83\x03\n\x03Job\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12-\n\x05state\x18\x03 \x01(\x0e\x32\x1e.stepstream.common.v1.JobState\x12,\n\x06reason\x18\x04 \x01(\x0e\x32\x1c.stepstream.common.v1.Reason\x12\x0f\n\x07message\x18\x05 \x01(\t\x12.\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x37\n\x13\x63\x61ncel_requested_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0csubmitted_by\x18\n \x01(\t\x12\x14\n\x0c\x63\x61ncelled_by\x18\x0b \x01(\t\"\xb8\x02\n\x04Step\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05index\x18\x03 \x01(\x05\x12\x0c\n\x04type\x18\x04 \x01(\t\x12.\n\x05state\x18\x05 \x01(\x0e\x32\x1f.stepstream.common.v1.StepState\x12,\n\x06reason\x18\x06 \x01(\x0e\x32\x1c.stepstream.common.v1.Reason\x12\x0f\n\x07message\x18\x07 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x08 \x01(\x05\x12\x14\n\x0cmax_attempts\x18\t \x01(\x05\x12.\n\nstarted_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xa8\x02\n\x05\x43hild\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tstep_name\x18\x02 \x01(\t\x12\r\n\x05index\x18\x03 \x01(\x05\x12\x0c\n\x04item\x18\x04 \x01(\t\x12.\n\x05state\x18\x05 \x01(\x0e\x32\x1f.stepstream.common.v1.StepState\x12,\n\x06reason\x18\x06 \x01(\x0e\x32\x1c.stepstream.common.v1.Reason\x12\x0f\n\x07message\x18\x07 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x08 \x01(\x05\x12.\n\nstarted_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xd0\x01\n\tStepEvent\x12\x0b\n\x03seq\x18\x01 \x01(\x03\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12(\n\x03job\x18\x03 \x01(\x0b\x32\x19.stepstream.common.v1.JobH\x00\x12*\n\x04step\x18\x04 \x01(\x0b\x32\x1a.stepstream.common.v1.StepH\x00\x12,\n\x05\x63hild\x18\x05 \x01(\x0b\x32\x1b.stepstream.common.v1.ChildH\x00\x42\x08\n\x06record\"\x85\x01\n\x0b\x43hildCounts\x12\r\n\x05total\x18\x01 \x01(\x05\x12\x0f\n\x07pending\x18\x02 \x01(\x05\x12\x0f\n\x07running\x18\x03 \x01(\x05\x12\x11\n\tcompleted\x18\x04 \x01(\x05\x12\x0e\n\x06\x66\x61iled\x18\x05 \x01(\x05\x12\x11\n\tcancelled\x18\x06 \x01(\x05\x12\x0f\n\x07unknown\x18\x07 \x01(\x05\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"stepstream/common/v1/records.proto\x12\x14stepstream.common.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a!stepstream/common/v1/states.proto\"\xfc\x03\n\x03Job\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12-\n\x05state\x18\x03 \x01(\x0e\x32\x1e.stepstream.common.v1.JobState\x12,\n\x06reason\x18\x04 \x01(\x0e\x32\x1c.stepstream.common.v1.Reason\x12\x0f\n\x07message\x18\x05 \x01(\t\x12.\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x37\n\x13\x63\x61ncel_requested_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0csubmitted_by\x18\n \x01(\t\x12\x14\n\x0c\x63\x61ncelled_by\x18\x0b \x01(\t\x12\x42\n\rtrace_context\x18\x0c \x03(\x0b\x32+.stepstream.common.v1.Job.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xb8\x02\n\x04Step\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05index\x18\x03 \x01(\x05\x12\x0c\n\x04type\x18\x04 \x01(\t\x12.\n\x05state\x18\x05 \x01(\x0e\x32\x1f.stepstream.common.v1.StepState\x12,\n\x06reason\x18\x06 \x01(\x0e\x32\x1c.stepstream.common.v1.Reason\x12\x0f\n\x07message\x18\x07 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x08 \x01(\x05\x12\x14\n\x0cmax_attempts\x18\t \x01(\x05\x12.\n\nstarted_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xa8\x02\n\x05\x43hild\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tstep_name\x18\x02 \x01(\t\x12\r\n\x05index\x18\x03 \x01(\x05\x12\x0c\n\x04item\x18\x04 \x01(\t\x12.\n\x05state\x18\x05 \x01(\x0e\x32\x1f.stepstream.common.v1.StepState\x12,\n\x06reason\x18\x06 \x01(\x0e\x32\x1c.stepstream.common.v1.Reason\x12\x0f\n\x07message\x18\x07 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x08 \x01(\x05\x12.\n\nstarted_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xd0\x01\n\tStepEvent\x12\x0b\n\x03seq\x18\x01 \x01(\x03\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12(\n\x03job\x18\x03 \x01(\x0b\x32\x19.stepstream.common.v1.JobH\x00\x12*\n\x04step\x18\x04 \x01(\x0b\x32\x1a.stepstream.common.v1.StepH\x00\x12,\n\x05\x63hild\x18\x05 \x01(\x0b\x32\x1b.stepstream.common.v1.ChildH\x00\x42\x08\n\x06record\"\x85\x01\n\x0b\x43hildCounts\x12\r\n\x05total\x18\x01 \x01(\x05\x12\x0f\n\x07pending\x18\x02 \x01(\x05\x12\x0f\n\x07running\x18\x03 \x01(\x05\x12\x11\n\tcompleted\x18\x04 \x01(\x05\x12\x0e\n\x06\x66\x61iled\x18\x05 \x01(\x05\x12\x11\n\tcancelled\x18\x06 \x01(\x05\x12\x0f\n\x07unknown\x18\x07 \x01(\x05\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'stepstream.common.v1.records_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_JOB_TRACECONTEXTENTRY']._loaded_options = None
+  _globals['_JOB_TRACECONTEXTENTRY']._serialized_options = b'8\001'
   _globals['_JOB']._serialized_start=129
-  _globals['_JOB']._serialized_end=516
-  _globals['_STEP']._serialized_start=519
-  _globals['_STEP']._serialized_end=831
-  _globals['_CHILD']._serialized_start=834
-  _globals['_CHILD']._serialized_end=1130
-  _globals['_STEPEVENT']._serialized_start=1133
-  _globals['_STEPEVENT']._serialized_end=1341
-  _globals['_CHILDCOUNTS']._serialized_start=1344
-  _globals['_CHILDCOUNTS']._serialized_end=1477
+  _globals['_JOB']._serialized_end=637
+  _globals['_JOB_TRACECONTEXTENTRY']._serialized_start=586
+  _globals['_JOB_TRACECONTEXTENTRY']._serialized_end=637
+  _globals['_STEP']._serialized_start=640
+  _globals['_STEP']._serialized_end=952
+  _globals['_CHILD']._serialized_start=955
+  _globals['_CHILD']._serialized_end=1251
+  _globals['_STEPEVENT']._serialized_start=1254
+  _globals['_STEPEVENT']._serialized_end=1462
+  _globals['_CHILDCOUNTS']._serialized_start=1465
+  _globals['_CHILDCOUNTS']._serialized_end=1598
 # @@protoc_insertion_point(module_scope)

@@ -3,9 +3,11 @@
 isort:skip_file
 """
 
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
 from stepstream.common.v1 import states_pb2 as _states_pb2
 import builtins as _builtins
 import sys
@@ -26,6 +28,26 @@ class Job(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class TraceContextEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     ID_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
@@ -37,6 +59,7 @@ class Job(_message.Message):
     CANCEL_REQUESTED_AT_FIELD_NUMBER: _builtins.int
     SUBMITTED_BY_FIELD_NUMBER: _builtins.int
     CANCELLED_BY_FIELD_NUMBER: _builtins.int
+    TRACE_CONTEXT_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Server-assigned, globally unique."""
     name: _builtins.str
@@ -62,6 +85,14 @@ class Job(_message.Message):
     def cancel_requested_at(self) -> _timestamp_pb2.Timestamp:
         """Set the moment CancelJob is accepted, before the job has stopped."""
 
+    @_builtins.property
+    def trace_context(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The OpenTelemetry trace context of the SubmitJob call that created the
+        job, as W3C Trace Context headers (traceparent, tracestate): the parent of
+        the spans of its steps, and of the status service's applying of its
+        records. Empty when the orchestrator traces nothing (the default).
+        """
+
     def __init__(
         self,
         *,
@@ -76,10 +107,11 @@ class Job(_message.Message):
         cancel_requested_at: _timestamp_pb2.Timestamp | None = ...,
         submitted_by: _builtins.str = ...,
         cancelled_by: _builtins.str = ...,
+        trace_context: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["cancel_requested_at", b"cancel_requested_at", "created_at", b"created_at", "finished_at", b"finished_at", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel_requested_at", b"cancel_requested_at", "cancelled_by", b"cancelled_by", "created_at", b"created_at", "finished_at", b"finished_at", "id", b"id", "message", b"message", "name", b"name", "reason", b"reason", "started_at", b"started_at", "state", b"state", "submitted_by", b"submitted_by"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel_requested_at", b"cancel_requested_at", "cancelled_by", b"cancelled_by", "created_at", b"created_at", "finished_at", b"finished_at", "id", b"id", "message", b"message", "name", b"name", "reason", b"reason", "started_at", b"started_at", "state", b"state", "submitted_by", b"submitted_by", "trace_context", b"trace_context"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
