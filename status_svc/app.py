@@ -64,8 +64,27 @@ log = logging.getLogger(__name__)
 LABEL = "stepstream status"
 
 
+class _Stoppable:
+    """Where a running service listens, and its graceful stop: health NOT_SERVING, ingest
+    stopped (what arrived committed, the lease released), watches ended, the store closed."""
+
+    config: StatusConfig
+    server: RunningServer
+    store: StatusStore
+
+    @property
+    def address(self) -> str:
+        return self.server.address
+
+    async def stop(self) -> None:
+        try:
+            await self.server.stop(self.config.shutdown_grace)
+        finally:
+            await self.store.close()
+
+
 @dataclass
-class StatusService:
+class StatusService(_Stoppable):
     """A running status service; stop() ends it gracefully."""
 
     config: StatusConfig
@@ -77,17 +96,6 @@ class StatusService:
     followers: list[OrchestratorFollower]
     follower_tasks: list[asyncio.Task[None]]
     metrics: MetricsServer | None = None
-
-    @property
-    def address(self) -> str:
-        return self.server.address
-
-    async def stop(self) -> None:
-        """Health NOT_SERVING; stop following; commit what arrived; end watches; close."""
-        try:
-            await self.server.stop(self.config.shutdown_grace)
-        finally:
-            await self.store.close()
 
     async def _stop_ingest(self) -> None:
         """Followers first (whatever became of them), then the writer commits what they queued."""
@@ -107,7 +115,7 @@ class StatusService:
 
 
 @dataclass
-class ReplicaService:
+class ReplicaService(_Stoppable):
     """A running replica on a PostgreSQL store (status_svc.replication); stop() ends it gracefully."""
 
     config: StatusConfig
@@ -121,17 +129,6 @@ class ReplicaService:
     tailer: ChangeTailer
     tailer_task: asyncio.Task[None]
     metrics: MetricsServer | None = None
-
-    @property
-    def address(self) -> str:
-        return self.server.address
-
-    async def stop(self) -> None:
-        """Health NOT_SERVING; stop following; commit what arrived (if holding); release the lease; close."""
-        try:
-            await self.server.stop(self.config.shutdown_grace)
-        finally:
-            await self.store.close()
 
     async def _stop_replication(self) -> None:
         await self.ingest.stop()
