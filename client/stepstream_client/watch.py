@@ -29,11 +29,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
+from abc import ABC, abstractmethod
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import grpc
 from stepstream.backoff import Backoff
@@ -142,8 +143,67 @@ class Watch(Generic[V]):
 JobWatch = Watch[JobView]
 JobsWatch = Watch[JobsView]
 
+Message = TypeVar("Message")
+View = TypeVar("View")
 
-class WatchLoop:
+
+class ViewLoop(ABC, Generic[Message, View]):
+    """A view kept current by stepstream.resumable's loop: yielded at every change,
+    and once more (not live) when the stream breaks; ended once `_finished` says so."""
+
+    _target: str
+    _backoff: Backoff
+    _stale_after_heartbeats: float
+    _live: bool
+    # Learned from the server's heartbeats; until then only keepalive detects a dead peer.
+    heartbeat_interval: float | None
+
+    async def run(self) -> AsyncGenerator[View, None]:
+        if self._finished():
+            return
+        stream = ResumableStream(
+            self._open_call, self._take, silence=self._silence_limit, classify=self._classify,
+            resync=self._start_over, backoff=self._backoff,
+        )
+        try:
+            async with contextlib.aclosing(aiter(stream)) as items:
+                async for item in items:
+                    if not isinstance(item, Reconnecting):
+                        yield item
+                        if self._finished():
+                            return
+                    elif self._live:
+                        self._live = False
+                        yield self._current()
+        except grpc.aio.AioRpcError as error:
+            raise from_rpc_error(error, target=self._target) from None
+
+    def _silence_limit(self) -> float | None:
+        return None if self.heartbeat_interval is None else self.heartbeat_interval * self._stale_after_heartbeats
+
+    def _finished(self) -> bool:
+        """Whether nothing can change the view held any more (the watch ends once it is shown)."""
+        return False
+
+    @abstractmethod
+    def _current(self) -> View: ...
+
+    @abstractmethod
+    def _open_call(self) -> grpc.aio.UnaryStreamCall[Any, Message]: ...
+
+    @abstractmethod
+    async def _take(self, message: Message) -> View | None:
+        """Apply one message; the view to show if it changed or the watch is live again."""
+
+    @abstractmethod
+    async def _classify(self, error: Exception) -> Verdict: ...
+
+    @abstractmethod
+    async def _start_over(self) -> None:
+        """OUT_OF_RANGE: what follows the view is gone from the server; start from a new snapshot."""
+
+
+class WatchLoop(ViewLoop[pb.WatchJobResponse, JobView]):
     """The view of one watched job and the resumable stream that keeps it current
     (JobWatch is its handle)."""
 
@@ -176,37 +236,14 @@ class WatchLoop:
         # A view handed in (`since`) is being shown as live: if the first call fails, its holder must hear otherwise.
         self._live = since is not None
         self._last_heard: datetime | None = since.last_heard if since is not None else None
-        # Learned from the server's heartbeats; until then only keepalive detects a dead peer.
         self.heartbeat_interval: float | None = None
 
     def _current(self) -> JobView:
         assert self._view is not None
         return dataclasses.replace(self._view, live=self._live, last_heard=self._last_heard)
 
-    def _silence_limit(self) -> float | None:
-        if self.heartbeat_interval is None:
-            return None
-        return self.heartbeat_interval * self._stale_after_heartbeats
-
-    async def run(self) -> AsyncGenerator[JobView, None]:
-        if self._view is not None and self._view.terminal:
-            return
-        stream = ResumableStream(
-            self._open_call, self._take, silence=self._silence_limit, classify=self._classify,
-            resync=self._start_over, backoff=self._backoff,
-        )
-        try:
-            async with contextlib.aclosing(aiter(stream)) as items:
-                async for item in items:
-                    if not isinstance(item, Reconnecting):
-                        yield item
-                        if item.terminal:
-                            return
-                    elif self._live:
-                        self._live = False
-                        yield self._current()
-        except grpc.aio.AioRpcError as error:
-            raise from_rpc_error(error, target=self._target) from None
+    def _finished(self) -> bool:
+        return self._view is not None and self._view.terminal
 
     def _open_call(self) -> grpc.aio.UnaryStreamCall[pb.WatchJobRequest, pb.WatchJobResponse]:
         """WatchJob after the revision held, or for a snapshot."""
@@ -266,7 +303,7 @@ class WatchLoop:
         return True
 
 
-class JobsWatchLoop:
+class JobsWatchLoop(ViewLoop[pb.WatchJobsResponse, JobsView]):
     """Every job a WatchJobs filter matches, kept current by the resumable stream
     (JobsWatch is its handle). The listing a snapshot sends is shown once complete
     (at its InitialStateComplete), so a half-received one never hides jobs; a job
@@ -295,25 +332,6 @@ class JobsWatchLoop:
         ordered = sorted(self._jobs.values(), key=lambda job: (job.created_at or datetime.min.replace(tzinfo=UTC),
                                                                job.id), reverse=True)
         return JobsView(tuple(ordered), self._revision, live=self._live, last_heard=self._last_heard)
-
-    def _silence_limit(self) -> float | None:
-        return None if self.heartbeat_interval is None else self.heartbeat_interval * self._stale_after_heartbeats
-
-    async def run(self) -> AsyncGenerator[JobsView, None]:
-        stream = ResumableStream(
-            self._open_call, self._take, silence=self._silence_limit, classify=self._classify,
-            resync=self._start_over, backoff=self._backoff,
-        )
-        try:
-            async with contextlib.aclosing(aiter(stream)) as items:
-                async for item in items:
-                    if not isinstance(item, Reconnecting):
-                        yield item
-                    elif self._live:
-                        self._live = False
-                        yield self._current()
-        except grpc.aio.AioRpcError as error:
-            raise from_rpc_error(error, target=self._target) from None
 
     def _open_call(self) -> grpc.aio.UnaryStreamCall[pb.WatchJobsRequest, pb.WatchJobsResponse]:
         request = pb.WatchJobsRequest(filter=self._filter)
