@@ -378,7 +378,7 @@ class Client:
 
     def logs(
         self, job_id: str, step: str | None = None, child: int | None = None, attempt: int | None = None, *,
-        follow: bool = True, tail: int | None = None, streams: Iterable[str] = (),
+        follow: bool = True, tail: int | None = None, streams: Iterable[str] = (), from_line: int | None = None,
     ) -> AsyncGenerator[LogLine, None]:
         """What steps printed, line by line, from the orchestrator (resumed after any
         disconnect with nothing missed or repeated: stepstream_client.logs).
@@ -389,7 +389,9 @@ class Client:
         following a step, each later attempt's after it as its retries begin.
         `follow`: go on until the attempt ends (without a step, each step's in
         turn); else stop at the lines there are now. `tail`: only the last so
-        many lines of each attempt. `streams`: only "stdout" or "stderr" lines
+        many lines of each attempt. `from_line`: from that line of the given
+        `attempt` on (a reader resuming after the last line it has; not with
+        `tail`). `streams`: only "stdout" or "stderr" lines
         ("notice" lines, the orchestrator's own, always come). Close the
         iterator (aclose, contextlib.aclosing) to end the call early.
         NotFoundError names an unknown job, step, child or attempt, or one that
@@ -397,6 +399,8 @@ class Client:
         """
         if step is None and (child is not None or attempt is not None):
             raise ValueError("give a step with a child or an attempt")
+        if from_line is not None and (attempt is None or tail is not None):
+            raise ValueError("from_line goes with an attempt and without a tail")
         unknown = [word for word in streams if word not in OUTPUT_STREAM_WORDS]
         if unknown:
             raise ValueError(f"unknown output stream {unknown[0]!r}: stdout, stderr or notice")
@@ -406,6 +410,8 @@ class Client:
         )
         if tail is not None:
             request.tail = tail
+        if from_line is not None:
+            request.from_line = from_line
         if step is not None:
             return self._unit_logs(request, step, child, attempt)
         return self._all_logs(request)
