@@ -17,6 +17,14 @@ browser does.
 
 The jobs list's stream is the same over WatchJobs (Client.watch_jobs): one watch
 per filter, its newest jobs sent whenever the listing changes.
+
+A step's output stream is the orchestrator's StreamOutput through Client.logs,
+one call per browser (nothing shared: each follows its own line). Each event is
+one line whose `id:` is ATTEMPT-LINE: a reconnecting browser's Last-Event-ID
+resumes that attempt from the next line (from_line), so nothing is missed or
+repeated. The line goes as plain text (invalid UTF-8 replaced, every ANSI
+sequence stripped); the SDK reads a line only when the browser took the one
+before, under the same send timeout as the other streams.
 """
 
 from __future__ import annotations
@@ -50,7 +58,8 @@ from stepstream_client.errors import (
     RpcError,
     UnauthenticatedError,
 )
-from stepstream_client.render import child_json, iso, step_json, summary_json, view_json
+from stepstream_client.models import LogLine
+from stepstream_client.render import child_json, iso, log_text, step_json, summary_json, view_json
 from stepstream_client.watch import Watch
 
 from stepstream_web.config import WebConfig
@@ -65,6 +74,8 @@ MAX_OFFSET = 100_000
 RECONNECT_MS = 1_000
 # Encoded view events a job's feed keeps for the browsers following it (a handful of starting points).
 ENCODED_KEPT = 16
+# The last lines of a step's output a panel starts with (the page keeps no more than these either).
+OUTPUT_TAIL = 500
 STATIC = files("stepstream_web") / "static"
 
 
@@ -72,7 +83,7 @@ class BadRequest(Exception):
     """A query parameter or header that cannot be what it claims; answered 400 with the reason."""
 
 
-def sse(event: str, data: Any, revision: int | None = None) -> bytes:
+def sse(event: str, data: Any, revision: int | str | None = None) -> bytes:
     """One Server-Sent Event; `revision` becomes its id, the browser's Last-Event-ID on reconnect."""
     head = f"id: {revision}\n" if revision is not None else ""
     return f"{head}event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
@@ -133,6 +144,26 @@ def resume_point(request: Request) -> int | None:
     if not (text.isascii() and text.isdigit()) or len(text) > 19:
         raise BadRequest(f"Last-Event-ID must be a revision (a whole number), got {text[:40]!r}")
     return int(text)
+
+
+def output_resume_point(request: Request) -> tuple[int, int] | None:
+    """The attempt and line the browser's output panel shows last: its Last-Event-ID, else ?after=
+    (both ATTEMPT-LINE), else None (it shows nothing yet)."""
+    text = request.headers.get("last-event-id") or request.query_params.get("after")
+    if not text:
+        return None
+    attempt, _, line = text.partition("-")
+    if not all(part.isascii() and part.isdigit() and len(part) <= 18 for part in (attempt, line)) or attempt == "0":
+        raise BadRequest(f"Last-Event-ID must be ATTEMPT-LINE (two whole numbers), got {text[:40]!r}")
+    return int(attempt), int(line)
+
+
+def line_event(line: LogLine) -> bytes:
+    """One output line as plain text (invalid UTF-8 replaced, ANSI sequences stripped); its id
+    ATTEMPT-LINE is where a reconnect resumes."""
+    data = {"attempt": line.attempt, "number": line.number, "stream": line.stream, "continued": line.continued,
+            "text": log_text(line.text, color=False, terminal=False)}
+    return sse("line", data, f"{line.attempt}-{line.number}")
 
 
 class EventStream:
@@ -268,6 +299,7 @@ class Gateway:
             Route("/api/jobs/{job_id}", self._job),
             Route("/api/jobs/{job_id}/stream", self._job_stream),
             Route("/api/jobs/{job_id}/steps/{step}/children", self._children),
+            Route("/api/jobs/{job_id}/steps/{step}/output/stream", self._output_stream),
             Mount("/static", StaticFiles(packages=[("stepstream_web", "static")]), name="static"),
         ]
         middleware = [Middleware(BaseHTTPMiddleware, dispatch=self._authorize)] if self._access_token else []
@@ -445,6 +477,42 @@ class Gateway:
                 yield sse("beat", {"interval": self._config.heartbeat_interval, "revision": sent})
         if not feed.failed:
             yield sse("end", {"revision": feed.latest.revision})
+
+    async def _output_stream(self, request: Request) -> Response | EventStream:
+        """A step's (or with ?child= a fan-out child's) output, live until its attempt ends."""
+        job_id, step = request.path_params["job_id"], request.path_params["step"]
+        if full := self._full():
+            return full
+        try:
+            after = output_resume_point(request)
+            child = _number(request, "child", -1, 0, 2**31 - 1)
+            view = await self._client.get(job_id)
+            known = next((each for each in view.steps if each.name == step), None)
+            if known is None:
+                raise NotFoundError(f"job {job_id} has no step {step!r}")
+            if child >= 0 and child >= known.children.total:
+                raise NotFoundError(f"step {step!r} has no child {child} (it has {known.children.total})")
+        except (RpcError, BadRequest) as error:
+            return error_response(error)
+        if after is None:
+            lines = self._client.logs(job_id, step, child if child >= 0 else None, tail=OUTPUT_TAIL)
+        else:
+            lines = self._client.logs(job_id, step, child if child >= 0 else None, after[0], from_line=after[1] + 1)
+        return self._open_stream(self._output_events(lines))
+
+    @staticmethod
+    async def _output_events(lines: AsyncGenerator[LogLine, None]) -> AsyncGenerator[bytes, None]:
+        """Each line as the browser takes it, then `end` once the attempt has ended (or `problem`
+        with the reason the orchestrator gave: the page says it and stops)."""
+        yield f"retry: {RECONNECT_MS}\n\n".encode()
+        try:
+            async with contextlib.aclosing(lines) as each:
+                async for line in each:
+                    yield line_event(line)
+        except RpcError as error:
+            yield sse("problem", {"error": str(error)})
+            return
+        yield sse("end", {})
 
     async def _jobs_stream(self, request: Request) -> Response | EventStream:
         if full := self._full():

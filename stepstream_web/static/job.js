@@ -6,6 +6,7 @@
 const jobId = decodeURIComponent(location.pathname.split("/").pop());
 const streamUrl = "/api/jobs/" + encodeURIComponent(jobId) + "/stream";
 const PAGE = 50;
+const OUTPUT_KEPT = 500;  // lines an output panel keeps in the page (the gateway starts it with as many)
 const STALE_AFTER_BEATS = 3;
 
 const rows = new Map();  // step name -> <li>
@@ -95,6 +96,7 @@ function addRow(step) {
   list.insertBefore(row, after || null);
   rows.set(step.name, row);
   wireChildren(row, step.name);
+  wireOutput(row, step.name);
   return row;
 }
 
@@ -172,6 +174,87 @@ function wireChildren(row, stepName) {
   row.querySelector(".reload-children").addEventListener("click", load);
   row.querySelector(".prev").addEventListener("click", () => { offset = Math.max(0, offset - PAGE); load(); });
   row.querySelector(".next").addEventListener("click", () => { offset += PAGE; load(); });
+}
+
+// A step's output panel: its own stream of lines (SSE id ATTEMPT-LINE, so the browser's reconnect resumes
+// after the last line it got), drawn once per animation frame, the last OUTPUT_KEPT lines kept. Every line
+// is set as textContent: output is never read as HTML.
+function wireOutput(row, stepName) {
+  const panel = row.querySelector(".output");
+  const toggle = row.querySelector(".open-output");
+  const list = row.querySelector(".output-lines");
+  const note = row.querySelector(".output-note");
+  const state = row.querySelector(".output-state");
+  const url = "/api/jobs/" + encodeURIComponent(jobId) + "/steps/" + encodeURIComponent(stepName) + "/output/stream";
+  let stream = null;
+  let last = null;  // ATTEMPT-LINE of the newest line received
+  let waiting = [];
+  let drawing = 0;
+  let attempt = 0;
+  let finished = false;
+
+  function draw() {
+    drawing = 0;
+    const batch = waiting.slice(-OUTPUT_KEPT);
+    waiting = [];
+    const atBottom = list.scrollHeight - list.scrollTop - list.clientHeight < 8;
+    const nodes = [];
+    for (const line of batch) {
+      if (line.attempt !== attempt) {
+        if (attempt) nodes.push(element("div", "notice", "— attempt " + line.attempt + " —"));
+        attempt = line.attempt;
+      }
+      const node = element("div", line.stream, line.text);
+      node.dataset.line = line.attempt + "-" + line.number;
+      if (line.stream !== "stdout") node.title = line.stream;
+      nodes.push(node);
+    }
+    list.append(...nodes);
+    while (list.childElementCount > OUTPUT_KEPT) list.firstElementChild.remove();
+    const first = [...list.children].find((node) => node.dataset.line);
+    const firstNumber = first ? Number(first.dataset.line.split("-")[1]) : 0;
+    note.hidden = firstNumber === 0;
+    note.textContent = "Lines before line " + (firstNumber + 1) + " of attempt " + attempt
+      + " are not shown (this panel keeps the last " + OUTPUT_KEPT + "; `stepstream logs " + jobId + " "
+      + stepName + "` shows them all).";
+    if (atBottom) list.scrollTop = list.scrollHeight;
+  }
+
+  function open() {
+    state.textContent = "following…";
+    stream = new EventSource(last ? url + "?after=" + last : url);
+    stream.addEventListener("line", (event) => {
+      last = event.lastEventId;
+      waiting.push(JSON.parse(event.data));
+      if (!drawing) drawing = requestAnimationFrame(draw);
+    });
+    stream.addEventListener("end", () => {
+      finished = true;
+      stream.close();
+      state.textContent = "the attempt has ended: no more output";
+      panel.dataset.ended = "true";
+    });
+    stream.addEventListener("problem", (event) => {
+      stream.close();
+      state.textContent = "output unavailable: " + JSON.parse(event.data).error;
+    });
+    stream.addEventListener("open", () => { state.textContent = "following…"; });
+    stream.addEventListener("error", () => {
+      if (finished || panel.hidden) return;
+      state.textContent = "no word from the web gateway, reconnecting…";
+      if (stream.readyState === EventSource.CLOSED) setTimeout(() => { if (!panel.hidden) open(); }, 1000);
+    });
+  }
+
+  toggle.addEventListener("click", () => {
+    panel.hidden = !panel.hidden;
+    toggle.setAttribute("aria-expanded", String(!panel.hidden));
+    if (panel.hidden) {
+      if (stream) stream.close();
+    } else if (!finished) {
+      open();
+    }
+  });
 }
 
 function showBanner(id, text) {
