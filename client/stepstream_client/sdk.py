@@ -390,8 +390,8 @@ class Client:
         `follow`: go on until the attempt ends (without a step, each step's in
         turn); else stop at the lines there are now. `tail`: only the last so
         many lines of each attempt. `from_line`: from that line of the given
-        `attempt` on (a reader resuming after the last line it has; not with
-        `tail`). `streams`: only "stdout" or "stderr" lines
+        `attempt` on, and following a step, each later attempt's from its start
+        (a reader resuming after the last line it has; not with `tail`). `streams`: only "stdout" or "stderr" lines
         ("notice" lines, the orchestrator's own, always come). Close the
         iterator (aclose, contextlib.aclosing) to end the call early.
         NotFoundError names an unknown job, step, child or attempt, or one that
@@ -454,7 +454,8 @@ class Client:
         unit.step = step
         if child is not None:
             unit.child = child
-        if attempt is not None or child is not None or not request.follow:
+        resuming = request.HasField("from_line")
+        if (attempt is not None and not resuming) or child is not None or not request.follow:
             unit.attempt = attempt or 0
             try:
                 async for line in self._attempt_lines(unit).lines():
@@ -464,8 +465,12 @@ class Client:
                     raise
             return
         done = 0
-        while (number := await self._next_attempt(request.job_id, step, done)) is not None:
+        # Resuming: the given attempt first (from its line), then each later one from its start.
+        while (number := attempt if resuming and not done
+               else await self._next_attempt(request.job_id, step, done)) is not None:
             unit.attempt = number
+            if done:
+                unit.ClearField("from_line")
             reader = self._attempt_lines(unit)
             try:
                 async for line in reader.lines():

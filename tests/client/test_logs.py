@@ -218,3 +218,31 @@ async def test_watch_shows_the_running_steps_last_lines_under_the_tree(
     finally:
         gate.touch()
         os.close(leader)
+
+
+# The first attempt prints three lines and fails; the next prints two and succeeds (argv[1]: a marker file).
+FAIL_ONCE = """
+import os, sys
+first = not os.path.exists(sys.argv[1])
+open(sys.argv[1], "a").close()
+for n in range(3 if first else 2):
+    print(f"{'first' if first else 'second'} {n}", flush=True)
+sys.exit(1 if first else 0)
+"""
+
+
+async def test_from_line_resumes_an_attempt_then_follows_the_later_ones(client: Client, tmp_path: Path) -> None:
+    """A reader that kept its own place (attempt 1, line 0) gets the rest of that attempt, then the
+    retry's lines from their start: nothing missed, nothing repeated (read once the job ended: a place
+    past the lines there are is OUT_OF_RANGE)."""
+    job = await client.submit({"name": "retried", "steps": [
+        {**command("flaky", FAIL_ONCE, str(tmp_path / "marker")), "retries": 1, "retry_backoff": "0.1s"},
+    ]})
+    async with contextlib.aclosing(client.logs(job.id)) as every:
+        assert [line.text async for line in every if line.stream == "stdout"] == [
+            "first 0", "first 1", "first 2", "second 0", "second 1"]
+    async with contextlib.aclosing(client.logs(job.id, "flaky", attempt=1, from_line=1)) as lines:
+        got = [(line.attempt, line.number, line.text) async for line in lines if line.stream == "stdout"]
+    assert got == [(1, 1, "first 1"), (1, 2, "first 2"), (2, 0, "second 0"), (2, 1, "second 1")]
+    with pytest.raises(ValueError, match="from_line goes with an attempt"):
+        client.logs(job.id, "flaky", from_line=1)
