@@ -9,7 +9,8 @@ import json
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
@@ -103,24 +104,32 @@ async def started(*services: Service) -> AsyncIterator[list[str]]:
 
 
 @contextlib.asynccontextmanager
-async def rss_sampled(services: Sequence[Service], interval: float = 0.05) -> AsyncIterator[None]:
-    """Sample every service's RSS every `interval` seconds while the block runs (peaks in Service.peak_rss)."""
+async def repeating(action: Callable[[], Awaitable[None]], interval: float) -> AsyncIterator[None]:
+    """`action` at once and every `interval` seconds while the block runs, and once more after it."""
 
-    async def sample() -> None:
+    async def loop() -> None:
         while True:
-            for service in services:
-                service.sample_rss()
+            await action()
             await asyncio.sleep(interval)
 
-    task = asyncio.create_task(sample())
+    task = asyncio.create_task(loop())
     try:
         yield
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+    await action()
+
+
+def rss_sampled(services: Sequence[Service], interval: float = 0.05) -> AbstractAsyncContextManager[None]:
+    """Sample every service's RSS every `interval` seconds while the block runs (peaks in Service.peak_rss)."""
+
+    async def sample() -> None:
         for service in services:
             service.sample_rss()
+
+    return repeating(sample, interval)
 
 
 async def unary_round_trips(

@@ -21,6 +21,7 @@ import contextlib
 import sqlite3
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import aiosqlite
@@ -67,10 +68,19 @@ WHERE excluded.seq > status.seq
 """
 
 
-async def bare_sqlite(log_dir: Path, work_dir: Path) -> float:
+# One baseline row per event: (job_id, step, idx, state, seq).
+Row = tuple[str, str, int, int, int]
+
+
+def read_log(log_dir: Path) -> list[records_pb2.StepEvent]:
+    """Every event of the orchestrator's log in `log_dir`."""
     with sqlite3.connect(log_dir / ORCHESTRATOR_DB) as source:
-        events = [records_pb2.StepEvent.FromString(row[0]) for row in source.execute("SELECT data FROM events")]
-    rows: list[tuple[str, str, int, int, int]] = []
+        return [records_pb2.StepEvent.FromString(row[0]) for row in source.execute("SELECT data FROM events")]
+
+
+def event_rows(events: Sequence[records_pb2.StepEvent]) -> list[Row]:
+    """The bare baselines' rows: what each event sets, without the service's folding."""
+    rows: list[Row] = []
     for event in events:
         kind = event.WhichOneof("record")
         if kind == "job":
@@ -79,6 +89,11 @@ async def bare_sqlite(log_dir: Path, work_dir: Path) -> float:
             rows.append((event.step.job_id, event.step.name, -1, event.step.state, event.seq))
         else:
             rows.append((event.child.job_id, event.child.step_name, event.child.index, event.child.state, event.seq))
+    return rows
+
+
+async def bare_sqlite(log_dir: Path, work_dir: Path) -> float:
+    rows = event_rows(read_log(log_dir))
     async with aiosqlite.connect(work_dir / "bare.sqlite3", isolation_level=None) as db:
         await db.executescript(
             "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;"

@@ -17,7 +17,6 @@ Needs a PostgreSQL server: STEPSTREAM_TEST_POSTGRES, as the tests (tests/helpers
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 import tempfile
 import time
 from collections.abc import Sequence
@@ -27,10 +26,9 @@ import asyncpg
 import pytest
 from stepstream.common.v1 import records_pb2
 
-from bench.ingest import BATCH, CHILDREN_PER_JOB
+from bench.ingest import BATCH, CHILDREN_PER_JOB, Row, event_rows, read_log
 from bench.report import Report, fmt_rate, rate
 from bench.workload import events_per_job, write_fanout_log
-from orchestrator_svc.app import DATABASE_FILE as ORCHESTRATOR_DB
 from status_svc.ingest.writer import Events, IngestWriter
 from status_svc.storage.base import StatusStore
 from status_svc.storage.postgres import PostgresStatusStore
@@ -39,26 +37,6 @@ from tests.helpers.postgres import fresh_database
 
 SOURCE = "bench-orchestrator:1"
 LOG_ID = "bench-log"
-Row = tuple[str, str, int, int, int]
-
-
-def read_log(log_dir: Path) -> list[records_pb2.StepEvent]:
-    with sqlite3.connect(log_dir / ORCHESTRATOR_DB) as source:
-        return [records_pb2.StepEvent.FromString(row[0]) for row in source.execute("SELECT data FROM events")]
-
-
-def event_rows(events: Sequence[records_pb2.StepEvent]) -> list[Row]:
-    """One (job_id, step, idx, state, seq) row per event, as bench/ingest.py's bare baseline."""
-    rows: list[Row] = []
-    for event in events:
-        kind = event.WhichOneof("record")
-        if kind == "job":
-            rows.append((event.job.id, "", -1, event.job.state, event.seq))
-        elif kind == "step":
-            rows.append((event.step.job_id, event.step.name, -1, event.step.state, event.seq))
-        else:
-            rows.append((event.child.job_id, event.child.step_name, event.child.index, event.child.state, event.seq))
-    return rows
 
 
 async def through_the_writer(store: StatusStore, events: Sequence[records_pb2.StepEvent]) -> tuple[float, int]:

@@ -28,6 +28,7 @@ from types import TracebackType
 
 import grpc
 
+from bench.common import repeating
 from bench.processes import REPO, Service
 
 SCRAPE_EVERY = 1.0
@@ -127,19 +128,8 @@ class Telemetry:
                 await asyncio.to_thread(_scrape, address)
                 self.scrapes += 1
 
-        async def scrape() -> None:
-            while True:
-                await scrape_all()
-                await asyncio.sleep(SCRAPE_EVERY)
-
-        task = asyncio.create_task(scrape())
-        try:
+        async with repeating(scrape_all, SCRAPE_EVERY):
             yield
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        await scrape_all()
 
 
 def _scrape(address: str) -> None:
