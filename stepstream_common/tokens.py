@@ -156,7 +156,7 @@ class TokenTable:
 
 def load_tokens(path: Path) -> TokenTable:
     """The tokens file at `path`; SettingError saying what is wrong and where (see the module docstring)."""
-    text = _read_private(path, "tokens file")
+    text = read_private_file(path, "tokens file")
     entries: dict[str, Entry] = {}
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip() or line.lstrip().startswith("#"):
@@ -188,13 +188,13 @@ def _entry(line: str) -> Entry:
 def read_token_file(path: Path) -> str:
     """The token held in clear in the file at `path` (its only content, surrounding whitespace aside);
     SettingError if it is readable by others or holds no token."""
-    token = _read_private(path, "token file").strip()
+    token = read_private_file(path, "token file").strip()
     if SECRET.fullmatch(token) is None:
         raise SettingError(f"token file {path}: expected one token (printable ASCII, no spaces)")
     return token
 
 
-def _read_private(path: Path, what: str) -> str:
+def read_private_file(path: Path, what: str) -> str:
     """The text of the regular file `path`, read only if neither group nor others have access to it."""
     try:
         with path.open("rb") as file:

@@ -9,7 +9,7 @@ from status_svc.storage.base import StatusStore
 from status_svc.storage.postgres import PostgresStatusStore
 from status_svc.storage.sqlite import SqliteStatusStore
 from stepstream_common.config import SettingError
-from stepstream_common.tokens import _read_private
+from stepstream_common.tokens import read_private_file
 
 DATABASE_FILE = "status.sqlite3"  # the SQLite file in --data-dir when --store is unset
 
@@ -23,7 +23,7 @@ def store_from_config(config: StatusConfig) -> StatusStore:
         return SqliteStatusStore(Path(url[len(SQLITE_SCHEME):]))
     password = None
     if config.store_password_file is not None:
-        password = _read_private(config.store_password_file, "store password file").rstrip("\r\n")
+        password = read_private_file(config.store_password_file, "store password file").rstrip("\r\n")
         if not password:
             raise SettingError(f"store password file {config.store_password_file}: empty")
     return PostgresStatusStore(url, password=password, pool_size=config.store_pool_size,
