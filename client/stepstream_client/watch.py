@@ -195,8 +195,18 @@ class ViewLoop(ABC, Generic[Message, View]):
     async def _take(self, message: Message) -> View | None:
         """Apply one message; the view to show if it changed or the watch is live again."""
 
+    async def _classify(self, error: Exception) -> Verdict:
+        """A broken or silent stream is retried, OUT_OF_RANGE starts over, other RPC errors as the view says."""
+        if isinstance(error, Silence | StreamEnded):
+            return Verdict.RETRY
+        if not isinstance(error, grpc.aio.AioRpcError):
+            return Verdict.FAIL
+        if error.code() == grpc.StatusCode.OUT_OF_RANGE:
+            return Verdict.RESYNC
+        return await self._classify_rpc_error(error)
+
     @abstractmethod
-    async def _classify(self, error: Exception) -> Verdict: ...
+    async def _classify_rpc_error(self, error: grpc.aio.AioRpcError) -> Verdict: ...
 
     @abstractmethod
     async def _start_over(self) -> None:
@@ -258,13 +268,7 @@ class WatchLoop(ViewLoop[pb.WatchJobResponse, JobView]):
         """OUT_OF_RANGE: the server no longer has what follows the view, so take a new snapshot."""
         self._snapshot = True
 
-    async def _classify(self, error: Exception) -> Verdict:
-        if isinstance(error, Silence | StreamEnded):
-            return Verdict.RETRY
-        if not isinstance(error, grpc.aio.AioRpcError):
-            return Verdict.FAIL
-        if error.code() == grpc.StatusCode.OUT_OF_RANGE:
-            return Verdict.RESYNC
+    async def _classify_rpc_error(self, error: grpc.aio.AioRpcError) -> Verdict:
         if error.code() == grpc.StatusCode.NOT_FOUND:
             return Verdict.RETRY if await self._grace.keep_waiting(self._job_id) else Verdict.FAIL
         # Before the job was ever shown, failing fast says more than retrying in silence.
@@ -345,13 +349,7 @@ class JobsWatchLoop(ViewLoop[pb.WatchJobsResponse, JobsView]):
         """OUT_OF_RANGE: take a new listing."""
         self._listing = {}
 
-    async def _classify(self, error: Exception) -> Verdict:
-        if isinstance(error, Silence | StreamEnded):
-            return Verdict.RETRY
-        if not isinstance(error, grpc.aio.AioRpcError):
-            return Verdict.FAIL
-        if error.code() == grpc.StatusCode.OUT_OF_RANGE:
-            return Verdict.RESYNC
+    async def _classify_rpc_error(self, error: grpc.aio.AioRpcError) -> Verdict:
         return Verdict.RETRY if self._shown and error.code() in RESUMABLE else Verdict.FAIL
 
     async def _take(self, message: pb.WatchJobsResponse) -> JobsView | None:
