@@ -53,6 +53,8 @@ function flush() {
     node.textContent = "revision " + shown;
   }
   if (batch.link) link = batch.link;
+  // Marked here, not when `end` arrives: the job's last view is drawn in this same frame.
+  if (ended) document.body.dataset.ended = "true";
   drawBanners();
 }
 
@@ -218,6 +220,7 @@ function wireOutput(row, stepName) {
       + " are not shown (this panel keeps the last " + OUTPUT_KEPT + "; `stepstream logs " + jobId + " "
       + stepName + "` shows them all).";
     if (atBottom) list.scrollTop = list.scrollHeight;
+    if (finished) panel.dataset.ended = "true";
   }
 
   function open() {
@@ -232,7 +235,7 @@ function wireOutput(row, stepName) {
       finished = true;
       stream.close();
       state.textContent = "the attempt has ended: no more output";
-      panel.dataset.ended = "true";
+      if (!drawing) drawing = requestAnimationFrame(draw);
     });
     stream.addEventListener("problem", (event) => {
       stream.close();
@@ -295,7 +298,6 @@ function open() {
     heard();
     ended = true;
     source.close();
-    document.body.dataset.ended = "true";
     schedule();
   });
   source.addEventListener("open", () => { heard(); schedule(); });
