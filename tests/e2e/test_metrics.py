@@ -8,6 +8,8 @@ import asyncio
 import json
 import re
 import shlex
+import shutil
+import subprocess
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -44,8 +46,10 @@ from tests.helpers import (
     wait_status_job,
     watch_until,
 )
+from tests.helpers.postgres import in_ci
 
 CHILDREN = 50
+PROMTOOL_INSTALL = "apt-get install -y --no-install-recommends prometheus"
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
@@ -63,11 +67,14 @@ def _as(plain: ServiceProcess) -> MetricsProcess:
     return MetricsProcess(plain.module, plain.args)
 
 
-def scrape(address: str) -> Samples:
+def exposition(address: str) -> str:
     with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as response:
-        text = response.read().decode()
+        return str(response.read().decode())
+
+
+def scrape(address: str) -> Samples:
     samples: Samples = {}
-    for family in text_string_to_metric_families(text):
+    for family in text_string_to_metric_families(exposition(address)):
         for sample in family.samples:
             samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
     return samples
@@ -293,6 +300,35 @@ async def test_dashboard_and_alerts_name_only_metrics_the_services_export(
             named = set(re.findall(r"\bstepstream_[a-z_]+", expression))
             assert named, f"{path.name}: {expression!r} names no stepstream metric"
             assert named <= exported, f"{path.name}: {sorted(named - exported)} are not exported"
+    if promtool := require_promtool():
+        for address in (orchestrator.metrics, status.metrics):
+            text = await asyncio.to_thread(exposition, address)
+            linted = await asyncio.to_thread(subprocess.run, [promtool, "check", "metrics"], input=text,
+                                             capture_output=True, text=True, check=False)
+            assert linted.returncode == 0 and not linted.stdout.strip(), f"{address}: {linted.stdout}{linted.stderr}"
+
+
+def require_promtool() -> str:
+    """Prometheus' own checker (Debian's prometheus package); skipped off CI without it."""
+    promtool = shutil.which("promtool")
+    if promtool:
+        return promtool
+    if in_ci():
+        pytest.fail(f"the metrics tests need promtool: {PROMTOOL_INSTALL}")
+    pytest.skip(f"needs promtool ({PROMTOOL_INSTALL})")
+
+
+def test_the_alert_rules_load_and_fire_exactly_as_their_unit_tests_say() -> None:
+    """`promtool test rules` on deploy/prometheus/alerts_test.yml: every alert of alerts.yml and
+    alerts-replicas.yml fires on the series it is for, with its labels and words, and not on a near miss."""
+    promtool = require_promtool()
+    rules = REPO / "deploy/prometheus"
+    checked = subprocess.run([promtool, "check", "rules", "alerts.yml", "alerts-replicas.yml"], cwd=rules,
+                             capture_output=True, text=True, check=False)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    tested = subprocess.run([promtool, "test", "rules", "alerts_test.yml"], cwd=rules,
+                            capture_output=True, text=True, check=False)
+    assert tested.returncode == 0 and "SUCCESS" in tested.stdout, tested.stdout + tested.stderr
 
 
 async def test_ingest_lag_seconds_is_the_age_of_the_oldest_event_heard_of_and_not_committed(tmp_path: Path) -> None:

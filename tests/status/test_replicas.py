@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -36,8 +37,9 @@ from status_svc.storage.open import store_from_config
 from status_svc.storage.postgres import PG_SCHEMA, PostgresStatusStore
 from status_svc.storage.sql import CHANGE_COLUMNS
 from tests.conftest import status_config
-from tests.e2e.test_metrics import scrape, value
+from tests.e2e.test_metrics import promql_of_rules, scrape, value
 from tests.helpers import (
+    REPO,
     channel,
     ends_job,
     eventually,
@@ -188,6 +190,9 @@ async def test_one_ingests_and_a_watcher_resumes_on_another_replica_missing_noth
         samples = await asyncio.to_thread(scrape, b.metrics.address)
         lease = [value(samples, f"stepstream_ingest_lease_{name}") for name in ("held", "epoch")]
         assert lease == [1, 2], "the metrics say who ingests, under which epoch"
+        for expression in promql_of_rules(REPO / "deploy/prometheus/alerts-replicas.yml"):
+            named = set(re.findall(r"\bstepstream_[a-z_]+", expression))
+            assert named and named <= {name for name, _ in samples}, f"{expression!r} names what no replica exports"
         assert seen == await job_revisions(postgres.dsn, job_id), "a revision missed, repeated or out of order"
         await audit(orchestrator, postgres.dsn, job_id)
 
