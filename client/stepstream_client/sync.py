@@ -17,6 +17,7 @@ from stepstream_client.models import (
     ChildView,
     JobRecord,
     JobSummary,
+    JobsView,
     JobView,
     LogLine,
     LogPosition,
@@ -127,6 +128,10 @@ class SyncClient:
         return self._iterate(
             lambda: self._client.watch(job_id, since=since, on_apply=on_apply, not_older_than=not_older_than)
         )
+
+    def watch_jobs(self, *, states: Iterable[str] = (), name: str = "") -> Iterator[JobsView]:
+        """Never ends by itself: close the iterator (or break out of the loop) to stop watching."""
+        return self._iterate(lambda: self._client.watch_jobs(states=states, name=name))
 
     def logs(
         self, job_id: str, step: str | None = None, child: int | None = None, attempt: int | None = None, *,

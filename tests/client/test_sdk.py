@@ -207,6 +207,9 @@ async def test_sync_client_has_the_same_methods(orchestrator: Service, status: S
                 {"name": "spread", "type": "fanout", "count": 3, "child": {"type": "sleep", "seconds": 0}},
             ]})
             views = list(client.watch(job.id))
+            every = client.watch_jobs()
+            assert job.id in [summary.id for summary in next(every).jobs]
+            every.close()
             listed = [summary.id for summary in client.list()]
             children = len(list(client.children(job.id, "spread")))
             assert client.get(job.id) == views[-1]
@@ -214,3 +217,10 @@ async def test_sync_client_has_the_same_methods(orchestrator: Service, status: S
 
     final, listed, children = await asyncio.to_thread(use)
     assert final.state == "completed" and final.id in listed and children == 3
+
+
+def test_sync_client_offers_every_public_method_of_the_async_client() -> None:
+    def public(cls: type) -> set[str]:
+        return {name for name in vars(cls) if not name.startswith("_")}
+
+    assert public(Client) <= public(SyncClient), sorted(public(Client) - public(SyncClient))
