@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Iterable
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -72,7 +72,7 @@ class SyncClient:
             future.cancel()
             raise
 
-    def _iterate(self, make: Callable[[], AsyncIterator[T]]) -> Iterator[T]:
+    def _iterate(self, make: Callable[[], AsyncIterator[T]]) -> Generator[T, None, None]:
         """Pull items one at a time; closing the iterator (or dropping it) closes the async one."""
         iterator = self._run(_on_loop(make))
         try:
@@ -108,7 +108,7 @@ class SyncClient:
     def list(
         self, *, states: Iterable[str] = (), name: str = "", page_size: int = 100,
         attempt_timeout: float | None = None, retry: Retry = DEFAULT,
-    ) -> Iterator[JobSummary]:
+    ) -> Generator[JobSummary, None, None]:
         return self._iterate(lambda: self._client.list(
             states=states, name=name, page_size=page_size, attempt_timeout=attempt_timeout, retry=retry
         ))
@@ -116,7 +116,7 @@ class SyncClient:
     def children(
         self, job_id: str, step: str, *, states: Iterable[str] = (), page_size: int = 100,
         attempt_timeout: float | None = None, retry: Retry = DEFAULT,
-    ) -> Iterator[ChildView]:
+    ) -> Generator[ChildView, None, None]:
         return self._iterate(lambda: self._client.children(
             job_id, step, states=states, page_size=page_size, attempt_timeout=attempt_timeout, retry=retry
         ))
@@ -124,24 +124,26 @@ class SyncClient:
     def watch(
         self, job_id: str, *, since: JobView | None = None, on_apply: Callable[[Applied], None] | None = None,
         not_older_than: LogPosition | None = None,
-    ) -> Iterator[JobView]:
+    ) -> Generator[JobView, None, None]:
         return self._iterate(
             lambda: self._client.watch(job_id, since=since, on_apply=on_apply, not_older_than=not_older_than)
         )
 
-    def watch_jobs(self, *, states: Iterable[str] = (), name: str = "") -> Iterator[JobsView]:
+    def watch_jobs(self, *, states: Iterable[str] = (), name: str = "") -> Generator[JobsView, None, None]:
         """Never ends by itself: close the iterator (or break out of the loop) to stop watching."""
         return self._iterate(lambda: self._client.watch_jobs(states=states, name=name))
 
     def logs(
         self, job_id: str, step: str | None = None, child: int | None = None, attempt: int | None = None, *,
         follow: bool = True, tail: int | None = None, streams: Iterable[str] = (),
-    ) -> Iterator[LogLine]:
+    ) -> Generator[LogLine, None, None]:
         return self._iterate(lambda: self._client.logs(
             job_id, step, child, attempt, follow=follow, tail=tail, streams=streams
         ))
 
-    def output(self, job_id: str, step: str | None = None, *, page_size: int = 100) -> Iterator[OutputSummary]:
+    def output(
+        self, job_id: str, step: str | None = None, *, page_size: int = 100,
+    ) -> Generator[OutputSummary, None, None]:
         return self._iterate(lambda: self._client.output(job_id, step, page_size=page_size))
 
 
