@@ -134,7 +134,22 @@ function drawStep(row, step) {
 
 function wireChildren(row, stepName) {
   const drill = row.querySelector(".drill");
+  const childPanel = outputPanel(row.querySelector(".child-output"));
+  const childTitle = row.querySelector(".child-output-title");
   let offset = 0;
+
+  function showChild(index, button) {
+    const url = outputUrl(stepName) + "?child=" + index;
+    for (const other of row.querySelectorAll(".open-child-output")) other.setAttribute("aria-expanded", "false");
+    if (childPanel.shows === url) {
+      childPanel.hide();
+      return;
+    }
+    childTitle.textContent = "child " + index + " output";
+    childPanel.show(url, "stepstream logs " + jobId + " " + stepName + "/" + index);
+    button.setAttribute("aria-expanded", "true");
+  }
+
   async function load() {
     const state = row.querySelector(".child-state").value;
     const query = new URLSearchParams({offset: String(offset), limit: String(PAGE)});
@@ -158,8 +173,14 @@ function wireChildren(row, stepName) {
       setBadge(state, child.state);
       const cells = [element("td", "mono", String(child.index)), element("td"), element("td", "wide mono", child.item),
         element("td", "", String(child.attempt)), element("td", "", span(child.duration_seconds)),
-        element("td", "wide", [child.reason, child.message].filter(Boolean).join(": "))];
+        element("td", "wide", [child.reason, child.message].filter(Boolean).join(": ")), element("td")];
       cells[1].append(state);
+      const open = element("button", "open-child-output", "output");
+      open.type = "button";
+      open.dataset.child = String(child.index);
+      open.setAttribute("aria-expanded", String(childPanel.shows === outputUrl(stepName) + "?child=" + child.index));
+      open.addEventListener("click", () => showChild(child.index, open));
+      cells[6].append(open);
       tr.append(...cells);
       return tr;
     }));
@@ -178,16 +199,15 @@ function wireChildren(row, stepName) {
   row.querySelector(".next").addEventListener("click", () => { offset += PAGE; load(); });
 }
 
-// A step's output panel: its own stream of lines (SSE id ATTEMPT-LINE, so the browser's reconnect resumes
-// after the last line it got), drawn once per animation frame, the last OUTPUT_KEPT lines kept. Every line
-// is set as textContent: output is never read as HTML.
-function wireOutput(row, stepName) {
-  const panel = row.querySelector(".output");
-  const toggle = row.querySelector(".open-output");
-  const list = row.querySelector(".output-lines");
-  const note = row.querySelector(".output-note");
-  const state = row.querySelector(".output-state");
-  const url = "/api/jobs/" + encodeURIComponent(jobId) + "/steps/" + encodeURIComponent(stepName) + "/output/stream";
+// An output panel: one stream of lines (SSE id ATTEMPT-LINE, so the browser's reconnect resumes after the
+// last line it got), drawn once per animation frame, the last OUTPUT_KEPT lines kept. Every line is set as
+// textContent: output is never read as HTML. show() follows a step's or a child's output, hide() stops.
+function outputPanel(panel) {
+  const list = panel.querySelector(".output-lines");
+  const note = panel.querySelector(".output-note");
+  const state = panel.querySelector(".output-state");
+  let url = null;
+  let command = "";
   let stream = null;
   let last = null;  // ATTEMPT-LINE of the newest line received
   let waiting = [];
@@ -217,15 +237,14 @@ function wireOutput(row, stepName) {
     const firstNumber = first ? Number(first.dataset.line.split("-")[1]) : 0;
     note.hidden = firstNumber === 0;
     note.textContent = "Lines before line " + (firstNumber + 1) + " of attempt " + attempt
-      + " are not shown (this panel keeps the last " + OUTPUT_KEPT + "; `stepstream logs " + jobId + " "
-      + stepName + "` shows them all).";
+      + " are not shown (this panel keeps the last " + OUTPUT_KEPT + "; `" + command + "` shows them all).";
     if (atBottom) list.scrollTop = list.scrollHeight;
     if (finished) panel.dataset.ended = "true";
   }
 
   function open() {
     state.textContent = "following…";
-    stream = new EventSource(last ? url + "?after=" + last : url);
+    const opened = stream = new EventSource(last ? url + (url.includes("?") ? "&" : "?") + "after=" + last : url);
     stream.addEventListener("line", (event) => {
       last = event.lastEventId;
       waiting.push(JSON.parse(event.data));
@@ -233,30 +252,61 @@ function wireOutput(row, stepName) {
     });
     stream.addEventListener("end", () => {
       finished = true;
-      stream.close();
+      opened.close();
       state.textContent = "the attempt has ended: no more output";
       if (!drawing) drawing = requestAnimationFrame(draw);
     });
     stream.addEventListener("problem", (event) => {
-      stream.close();
+      opened.close();
       state.textContent = "output unavailable: " + JSON.parse(event.data).error;
     });
     stream.addEventListener("open", () => { state.textContent = "following…"; });
     stream.addEventListener("error", () => {
-      if (finished || panel.hidden) return;
+      if (finished || panel.hidden || opened !== stream) return;
       state.textContent = "no word from the web gateway, reconnecting…";
-      if (stream.readyState === EventSource.CLOSED) setTimeout(() => { if (!panel.hidden) open(); }, 1000);
+      if (opened.readyState === EventSource.CLOSED) {
+        setTimeout(() => { if (!panel.hidden && opened === stream) open(); }, 1000);
+      }
     });
   }
 
-  toggle.addEventListener("click", () => {
-    panel.hidden = !panel.hidden;
-    toggle.setAttribute("aria-expanded", String(!panel.hidden));
-    if (panel.hidden) {
+  return {
+    get shows() { return panel.hidden ? null : url; },
+    show(target, how) {
+      if (target !== url) {
+        if (stream) stream.close();
+        stream = null;
+        url = target;
+        command = how;
+        last = null;
+        waiting = [];
+        attempt = 0;
+        finished = false;
+        list.replaceChildren();
+        note.hidden = true;
+        delete panel.dataset.ended;
+      }
+      panel.hidden = false;
+      if (!finished) open();
+    },
+    hide() {
+      panel.hidden = true;
       if (stream) stream.close();
-    } else if (!finished) {
-      open();
-    }
+    },
+  };
+}
+
+function outputUrl(stepName) {
+  return "/api/jobs/" + encodeURIComponent(jobId) + "/steps/" + encodeURIComponent(stepName) + "/output/stream";
+}
+
+function wireOutput(row, stepName) {
+  const toggle = row.querySelector(".open-output");
+  const panel = outputPanel(row.querySelector(".step-output"));
+  toggle.addEventListener("click", () => {
+    if (panel.shows) panel.hide();
+    else panel.show(outputUrl(stepName), "stepstream logs " + jobId + " " + stepName);
+    toggle.setAttribute("aria-expanded", String(panel.shows !== null));
   });
 }
 

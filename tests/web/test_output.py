@@ -95,7 +95,8 @@ async def test_the_output_panel_follows_a_step_live_across_a_gateway_restart(
         await page.wait_for_selector("li.step[data-name=print] .output[data-ended=true]", state="attached",
                                      timeout=DEADLINE * 1000)
         assert await panel_lines(page) == EXPECTED
-        assert await page.locator("li.step[data-name=print] .output-note").is_hidden(), "no earlier line hidden"
+        note = page.locator("li.step[data-name=print] .step-output .output-note")
+        assert await note.is_hidden(), "no earlier line hidden"
         assert await page.evaluate("document.documentElement.scrollWidth") <= 360
 
 
@@ -173,3 +174,43 @@ async def test_a_browser_that_leaves_the_output_at_any_moment_gives_its_stream_b
                     await eventually(room, f"the stream left after {after}s to be given back")
         finally:
             await web.kill()
+
+
+CHILD_PRINTER = "import sys\nfor n in range(5):\n    print(f'child {sys.argv[1]} line {n}')"
+
+
+async def child_panel_lines(page: Page) -> list[str]:
+    lines: list[str] = await page.eval_on_selector_all(
+        "li.step[data-name=fan] .child-output[data-ended=true] .output-lines > div[data-line]",
+        "nodes => nodes.map(n => n.textContent)")
+    return lines
+
+
+async def test_a_fan_out_childs_output_opens_from_its_row_and_switches_to_another_child(
+    browser: Browser, gateway: WebGateway, orchestrator: Service, status: Service
+) -> None:
+    """The children table has an output button per child: it opens that child's output under the
+    table (only that child's lines), another child's button switches the panel to that child, and
+    the same button again closes it. The step's own panel is another one, left closed."""
+    async with Client(orchestrator.address, status.address) as client:
+        job = await client.submit({"name": "fan", "steps": [{"name": "fan", "type": "fanout", "count": 3, "child": {
+            "type": "command", "command": [sys.executable, "-c", CHILD_PRINTER, "{index}"]}}]})
+        await eventually(lambda: _ended(client, job.id), "the job to end")
+    page = await open_page(browser, f"{gateway.url}/jobs/{job.id}")
+    await page.click("li.step[data-name=fan] .open-children")
+    for index in (1, 2):
+        await page.click(f"li.step[data-name=fan] button.open-child-output[data-child='{index}']")
+
+        async def shown(index: int = index) -> list[str] | None:
+            lines = await child_panel_lines(page)
+            return lines if lines and lines[0].startswith(f"child {index} ") else None
+        assert await eventually(shown, f"child {index}'s output") == [f"child {index} line {n}" for n in range(5)]
+        title = await page.text_content("li.step[data-name=fan] .child-output-title")
+        assert title == f"child {index} output"
+        expanded = await page.eval_on_selector_all(
+            "li.step[data-name=fan] button.open-child-output[aria-expanded=true]",
+            "nodes => nodes.map(n => n.dataset.child)")
+        assert expanded == [str(index)]
+    await page.click("li.step[data-name=fan] button.open-child-output[data-child='2']")
+    assert await page.locator("li.step[data-name=fan] .child-output").is_hidden()
+    assert await page.locator("li.step[data-name=fan] .step-output").is_hidden()
