@@ -37,12 +37,14 @@ from stepstream.status.v1 import status_service_pb2_grpc as status_grpc
 
 from orchestrator_svc.app import Orchestrator
 from status_svc.replication.lease import LEASE_TABLE, lease_holder
+from stepstream_common.rpc import EXIT_FATAL
 from tests.helpers import (
     DEADLINE,
     ServiceProcess,
     channel,
     ends_job,
     eventually,
+    job_definition,
     read_whole_log,
     status_job_finished,
     status_process,
@@ -288,3 +290,33 @@ async def test_a_holder_cut_off_or_hung_never_commits_after_the_takeover(
     finds any commit it let through."""
     await failover(orchestrator, orchestrator_stub, tmp_path, postgres.dsn, [cut_off, hung])
 
+
+
+async def test_a_replica_whose_database_went_back_in_time_exits_and_one_started_afresh_serves_it(
+    orchestrator_stub: OrchStub, orchestrator: Orchestrator, tmp_path: Path, postgres: PostgresDatabase
+) -> None:
+    """The database is restored from a backup older than what a running replica already published
+    (here: its newest changes deleted): waiting would hand out those revisions again, with other
+    contents, to watchers that already had them. The replica exits (EXIT_FATAL) instead, and one
+    started afterwards serves the database as it now is."""
+    replica = Replica(tmp_path / "status", orchestrator.address, postgres.dsn)
+    fresh = Replica(tmp_path / "fresh", orchestrator.address, postgres.dsn)
+    connection = await store_connection(postgres.dsn)
+    try:
+        await asyncio.to_thread(replica.start)
+        job = await orchestrator_stub.SubmitJob(orch_pb.SubmitJobRequest(definition=job_definition([
+            {"name": "fan", "type": "fanout", "count": 3, "child": {"type": "sleep", "seconds": 0}}])))
+        async with channel(replica.address) as ch:
+            await wait_status_job(status_grpc.StatusServiceStub(ch), job.job.id, status_job_finished, "the job to end")
+        latest = int(await connection.fetchval("SELECT MAX(revision) FROM changes"))
+        await connection.execute("DELETE FROM changes WHERE revision > $1", latest - 2)
+        assert replica.process is not None
+        assert await asyncio.to_thread(replica.process.wait, DEADLINE) == EXIT_FATAL
+        await asyncio.to_thread(fresh.start)
+        async with channel(fresh.address) as ch:
+            view = await status_grpc.StatusServiceStub(ch).GetJob(status_pb.GetJobRequest(job_id=job.job.id))
+        assert view.revision <= latest - 2 and view.job.state == s.JOB_STATE_COMPLETED
+    finally:
+        replica.stop()
+        fresh.stop()
+        await connection.close()
