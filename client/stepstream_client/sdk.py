@@ -386,11 +386,11 @@ class Client:
         `step`: that step's own output, or with `child` that fan-out child's. No
         step: every step's in step order, each one's own and then its children's
         by index. `attempt`: that one (1 the first); None: the latest, and when
-        following a step, each later attempt's after it as its retries begin.
+        following a step or child, each later attempt's after it as its retries begin.
         `follow`: go on until the attempt ends (without a step, each step's in
         turn); else stop at the lines there are now. `tail`: only the last so
         many lines of each attempt. `from_line`: from that line of the given
-        `attempt` on, and following a step, each later attempt's from its start
+        `attempt` on, and following, each later attempt's from its start
         (a reader resuming after the last line it has; not with `tail`). `streams`: only "stdout" or "stderr" lines
         ("notice" lines, the orchestrator's own, always come). Close the
         iterator (aclose, contextlib.aclosing) to end the call early.
@@ -455,7 +455,7 @@ class Client:
         if child is not None:
             unit.child = child
         resuming = request.HasField("from_line")
-        if (attempt is not None and not resuming) or child is not None or not request.follow:
+        if (attempt is not None and not resuming) or not request.follow:
             unit.attempt = attempt or 0
             try:
                 async for line in self._attempt_lines(unit).lines():
@@ -463,6 +463,11 @@ class Client:
             except NotFoundError:
                 if not quiet:
                     raise
+            return
+        if child is not None:
+            unit.attempt = attempt or 0
+            async for line in self._child_lines(unit):
+                yield line
             return
         done = 0
         # Resuming: the given attempt first (from its line), then each later one from its start.
@@ -484,6 +489,28 @@ class Client:
                     return
                 raise
             done = reader.attempt
+
+    async def _child_lines(self, unit: orch_pb.StreamOutputRequest) -> AsyncGenerator[LogLine, None]:
+        """A fan-out child's attempt (`unit.attempt`; 0: its latest), then each retry of it from its start:
+        an attempt's end says whether one follows, and it is waited for until it begins or the step ends."""
+        retry, polls = False, 0
+        while True:
+            reader = self._attempt_lines(unit)
+            try:
+                async for line in reader.lines():
+                    yield line
+            except NotFoundError:
+                if not retry:
+                    raise
+                if await self._step_ended(unit.job_id, unit.step):
+                    return
+                await asyncio.sleep(_STEP_POLL.delay(polls))
+                polls += 1
+                continue
+            if reader.end is None or not reader.end.retried:
+                return
+            unit.attempt, retry, polls = reader.attempt + 1, True, 0
+            unit.ClearField("from_line")
 
     def _attempt_lines(self, request: orch_pb.StreamOutputRequest) -> AttemptLines:
         return AttemptLines(lambda: self._orchestrator, self._orchestrator_target, request,

@@ -224,7 +224,7 @@ class OutputApi:
             if finished or plan.stop is not None:
                 yield pb.StreamOutputResponse(end=pb.OutputEnd(
                     finished=finished, state=output.final_state if finished else 0,  # type: ignore[arg-type]
-                    lines=output.lines, dropped_bytes=output.dropped_bytes,
+                    lines=output.lines, dropped_bytes=output.dropped_bytes, retried=finished and output.retried,
                 ))
                 return
             waited = loop.time() - quiet_since

@@ -74,7 +74,9 @@ async def _attempt(worker: Worker, execution: Execution, context: WorkContext, a
     except BaseException:
         await context.output.close(s.STEP_STATE_CANCELLED)
         raise
-    await context.output.close(outcome.state)
+    # run_attempts' rule: a failed attempt with attempts left is retried (unless stopped first).
+    await context.output.close(outcome.state, outcome.state != s.STEP_STATE_COMPLETED
+                               and attempt < execution.max_attempts)
     return dataclasses.replace(outcome, message=masked(outcome.message, secrets)) if secrets else outcome
 
 

@@ -56,6 +56,8 @@ class AttemptOutput:
     finished: bool
     # The attempt's StepState value once finished (CANCELLED when stopped from outside), else 0.
     final_state: int
+    # Finished, failed, and another attempt follows it.
+    retried: bool = False
 
 
 class OutputNotFound(KeyError):

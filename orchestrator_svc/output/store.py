@@ -338,29 +338,31 @@ class OutputSink:
         while self._flusher is not None and not self._flusher.done():
             await asyncio.shield(self._flusher)
 
-    async def close(self, final_state: int) -> None:
+    async def close(self, final_state: int, retried: bool = False) -> None:
         """End the attempt: unfinished lines, then "… N bytes dropped …" if any
-        were, are written; then the attempt reads as finished with `final_state`.
-        Runs to its end even if the caller is cancelled meanwhile."""
+        were, are written; then the attempt reads as finished with `final_state`
+        (and `retried`: another attempt follows). Runs to its end even if the
+        caller is cancelled meanwhile."""
         if self._closing is None and self._flusher is None:
             # Nothing was ever printed: nothing to write, nothing to wait for.
             self._closing = self.loop.create_future()
             self._closing.set_result(None)
-            self._store.finished(self, final_state)
+            self._store.finished(self, final_state, retried)
         if self._closing is None:
-            self._closing = asyncio.create_task(self._finish(final_state), name=f"output-close-{self.key}")
+            self._closing = asyncio.create_task(self._finish(final_state, retried), name=f"output-close-{self.key}")
         await asyncio.shield(self._closing)
 
-    async def _finish(self, final_state: int) -> None:
+    async def _finish(self, final_state: int, retried: bool) -> None:
         self._queue(_FINISH, OutputStream.NOTICE, b"")
         await self.drain()
         if self._written[0]:
-            end = json.dumps({"state": final_state, "dropped": self.dropped, "bytes": self._written[3]}).encode()
+            end = json.dumps({"state": final_state, "dropped": self.dropped, "bytes": self._written[3],
+                              "retried": retried}).encode()
             try:
                 await self._store.in_thread(_write_end, self._framer.base, end)
             except OSError as error:
                 log.warning("could not finish the output of %s: %s", self.key, error)
-        self._store.finished(self, final_state)
+        self._store.finished(self, final_state, retried)
 
     @property
     def closing(self) -> asyncio.Future[None] | None:
@@ -467,11 +469,12 @@ def _recover(base: Path, key: OutputKey) -> AttemptOutput:
                     lines, end = first + count, offset + HEADER.size + length
                     break
             records -= 1
-    state, dropped, data_bytes = 0, 0, -1
+    state, dropped, data_bytes, retried = 0, 0, -1, False
     if end_file.exists():
         with contextlib.suppress(ValueError, OSError, KeyError):
             recorded = json.loads(end_file.read_bytes())
             state, dropped, data_bytes = int(recorded["state"]), int(recorded["dropped"]), int(recorded["bytes"])
+            retried = recorded.get("retried") is True
     if not state:
         os.truncate(data_file, end)
         os.truncate(index_file, records * INDEX_ENTRY.size)
@@ -480,7 +483,7 @@ def _recover(base: Path, key: OutputKey) -> AttemptOutput:
         end, lines, records = end + HEADER.size + len(notice), lines + 1, records + 1
         state, data_bytes = s.STEP_STATE_FAILED, _data_bytes(data_file, end)
         _write_end(base, json.dumps({"state": state, "dropped": dropped, "bytes": data_bytes}).encode())
-    return AttemptOutput(key, lines, data_bytes, dropped, 0, True, state)
+    return AttemptOutput(key, lines, data_bytes, dropped, 0, True, state, retried)
 
 
 def _data_bytes(data_file: Path, end: int) -> int:
@@ -548,14 +551,14 @@ class Pace:
             await asyncio.sleep(-self._tokens / self.rate)
 
 
-# A finished attempt, as the catalogue keeps it: (lines, bytes, dropped bytes, final state).
-_Done = tuple[int, int, int, int]
+# A finished attempt, as the catalogue keeps it: (lines, bytes, dropped bytes, final state, retried).
+_Done = tuple[int, int, int, int, bool]
 # An attempt in the catalogue: (step, child, attempt).
 _Place = tuple[str, int | None, int]
 @functools.cache
-def _silent(state: int) -> _Done:
-    """An attempt that printed nothing, one tuple per final state for them all: they cost the catalogue a key."""
-    return 0, 0, 0, state
+def _silent(state: int, retried: bool) -> _Done:
+    """An attempt that printed nothing, one tuple per ending for them all: they cost the catalogue a key."""
+    return 0, 0, 0, state, retried
 
 
 # Attempts of one unit a lookup tries: a unit has at most 1 + MAX_RETRIES.
@@ -565,8 +568,8 @@ _MOST_ATTEMPTS = 1 + MAX_RETRIES
 def _described(job_id: str, place: _Place, entry: OutputSink | _Done) -> AttemptOutput:
     if isinstance(entry, OutputSink):
         return entry.describe()
-    lines, data_bytes, dropped, state = entry
-    return AttemptOutput(OutputKey(job_id, *place), lines, data_bytes, dropped, 0, True, state)
+    lines, data_bytes, dropped, state, retried = entry
+    return AttemptOutput(OutputKey(job_id, *place), lines, data_bytes, dropped, 0, True, state, retried)
 
 
 class OutputStore:
@@ -598,7 +601,8 @@ class OutputStore:
         await self.in_thread(_private_dir, self.settings.directory)
         for found in await self.in_thread(_scan, self.settings.directory):
             output = found.output
-            self._put(output.key, (output.lines, output.bytes, output.dropped_bytes, output.final_state))
+            self._put(output.key, (output.lines, output.bytes, output.dropped_bytes, output.final_state,
+                                   output.retried))
             job_id = output.key.job_id
             self._last_write[job_id] = max(self._last_write.get(job_id, 0.0), found.mtime)
 
@@ -628,11 +632,11 @@ class OutputStore:
         self._open.setdefault(key.job_id, set()).add(sink)
         return sink
 
-    def finished(self, sink: OutputSink, final_state: int) -> None:
+    def finished(self, sink: OutputSink, final_state: int, retried: bool) -> None:
         """Called by the sink as it closes."""
         job_id, done = sink.key.job_id, sink.describe(final_state)
-        self._put(sink.key, (done.lines, done.bytes, done.dropped_bytes, final_state) if done.lines
-                  else _silent(final_state))
+        self._put(sink.key, (done.lines, done.bytes, done.dropped_bytes, final_state, retried) if done.lines
+                  else _silent(final_state, retried))
         self._open[job_id].discard(sink)
         if not self._open[job_id]:
             del self._open[job_id]

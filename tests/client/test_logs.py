@@ -18,7 +18,7 @@ import pytest
 from stepstream_client import Client, LogLine, NotFoundError, SyncClient
 from stepstream_client.cli import build_parser
 
-from tests.client.services import DEADLINE, STEPSTREAM, Service, gate_step, run_cli
+from tests.client.services import DEADLINE, STEPSTREAM, Service, eventually, gate_step, run_cli
 
 # Colour, a bell and a title change, then bytes that are not UTF-8.
 TALK = r"""
@@ -246,3 +246,55 @@ async def test_from_line_resumes_an_attempt_then_follows_the_later_ones(client: 
     assert got == [(1, 1, "first 1"), (1, 2, "first 2"), (2, 0, "second 0"), (2, 1, "second 1")]
     with pytest.raises(ValueError, match="from_line goes with an attempt"):
         client.logs(job.id, "flaky", from_line=1)
+
+
+# A fan-out child: says which attempt it is; child 0 then waits for the gate (argv[3]) and fails its
+# first attempt only, child 1 fails every attempt at once.
+RETRIED_CHILD = """
+import os, sys, time
+marker = os.path.join(sys.argv[1], "tried-" + sys.argv[2])
+first = not os.path.exists(marker)
+open(marker, "a").close()
+print(f"child {sys.argv[2]} attempt {1 if first else 2}", flush=True)
+if sys.argv[2] == "0":
+    while not os.path.exists(sys.argv[3]):
+        time.sleep(0.02)
+    sys.exit(1 if first else 0)
+sys.exit(1)
+"""
+
+
+async def test_following_a_child_follows_its_retries_and_ends_with_its_last_attempt(
+    client: Client, tmp_path: Path
+) -> None:
+    """Child 1 fails both its attempts: its follower gets both and ends at once, though the fan-out
+    still runs (child 0 waits for its gate). Child 0's follower gets its first attempt, and after the
+    gate fails it, the retry's line too, then ends with the retry."""
+    gate = tmp_path / "gate"
+    job = await client.submit({"name": "children", "steps": [{
+        "name": "fan", "type": "fanout", "count": 2, "concurrency": 2, "max_child_failures": 2,
+        "child": {"type": "command", "retries": 1, "retry_backoff": "0.2s",
+                  "command": [sys.executable, "-c", RETRIED_CHILD, str(tmp_path), "{index}", str(gate)]}}]})
+
+    async def begun(child: int) -> bool | None:
+        return True if [each async for each in client.output(job.id, "fan") if each.child == child] else None
+
+    async def followed(child: int, first_line: asyncio.Event | None = None) -> list[tuple[int, str]]:
+        got = []
+        async with contextlib.aclosing(client.logs(job.id, "fan", child)) as lines:
+            async for line in lines:
+                got.append((line.attempt, line.text))
+                if first_line is not None:
+                    first_line.set()
+        return got
+
+    async with asyncio.timeout(DEADLINE):
+        await eventually(lambda: begun(1), "child 1 to begin")
+        # Child 0 waits for the gate, untouched yet: a follower that waited for the fan-out would time out here.
+        assert await followed(1) == [(1, "child 1 attempt 1"), (2, "child 1 attempt 2")]
+        await eventually(lambda: begun(0), "child 0 to begin")
+        first_line = asyncio.Event()
+        following = asyncio.create_task(followed(0, first_line))
+        await first_line.wait()
+        gate.touch()
+        assert await following == [(1, "child 0 attempt 1"), (2, "child 0 attempt 2")]

@@ -257,8 +257,10 @@ async def test_list_output_pages_through_steps_children_and_attempts(orchestrato
     assert [o.state for o in listed if o.step == "flaky"] == [s.STEP_STATE_FAILED, s.STEP_STATE_FAILED]
     first_try = await messages(orchestrator_stub.StreamOutput(request(job_id, "flaky", attempt=1)))
     assert first_try[0].start.attempt == 1 and first_try[-1].end.state == s.STEP_STATE_FAILED
+    assert first_try[-1].end.retried, "a failed attempt with one left says a retry follows"
     latest = await messages(orchestrator_stub.StreamOutput(request(job_id, "flaky")))
     assert latest[0].start.attempt == 2
+    assert latest[-1].end.state == s.STEP_STATE_FAILED and not latest[-1].end.retried, "the last attempt"
 
 
 @contextlib.asynccontextmanager

@@ -186,3 +186,22 @@ async def test_a_torn_file_is_cut_after_its_last_whole_record_on_open(store: Out
     assert [(line.stream, line.data) for line in lines] == [(OUT, b"kept 1"), (OUT, b"kept 2"),
                                                            (NOTICE, INTERRUPTED_NOTICE)]
     assert (described.lines, described.finished, described.final_state) == (3, True, s.STEP_STATE_FAILED)
+
+
+async def test_whether_a_retry_follows_is_kept_in_memory_and_across_a_reopen(store: OutputStore) -> None:
+    """Attempt 1 failed with a retry to follow (printed something: its end file says so), attempt 2
+    failed as the last (printed nothing: only the catalogue knows); both read back so, also after the
+    store is opened again from its directory."""
+    first, second = KEY, OutputKey("job1", "step", None, 2)
+    sink = store.sink(first)
+    sink.emit(OUT, b"try 1\n")
+    await sink.close(s.STEP_STATE_FAILED, retried=True)
+    await store.sink(second).close(s.STEP_STATE_FAILED)
+    assert [(a.key.attempt, a.final_state, a.retried) for a in store.attempts("job1")] == [
+        (1, s.STEP_STATE_FAILED, True), (2, s.STEP_STATE_FAILED, False)]
+    reopened = OutputStore(store.settings)
+    await reopened.open()
+    try:
+        assert [(a.key.attempt, a.retried) for a in reopened.attempts("job1")] == [(1, True)]
+    finally:
+        await reopened.close()

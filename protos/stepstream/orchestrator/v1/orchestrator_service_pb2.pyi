@@ -671,6 +671,7 @@ class OutputEnd(_message.Message):
     STATE_FIELD_NUMBER: _builtins.int
     LINES_FIELD_NUMBER: _builtins.int
     DROPPED_BYTES_FIELD_NUMBER: _builtins.int
+    RETRIED_FIELD_NUMBER: _builtins.int
     finished: _builtins.bool
     """The attempt has ended (always so with `follow`); `state` is its final state."""
     state: _states_pb2.StepState.ValueType
@@ -678,6 +679,11 @@ class OutputEnd(_message.Message):
     """How many lines the attempt has."""
     dropped_bytes: _builtins.int
     """Bytes the step printed that were not kept (over the per-attempt limit)."""
+    retried: _builtins.bool
+    """The attempt failed and another one follows it after the retry backoff
+    (unless the job is cancelled or its step ends first): a reader following
+    the step or child goes on with attempt + 1.
+    """
     def __init__(
         self,
         *,
@@ -685,10 +691,11 @@ class OutputEnd(_message.Message):
         state: _states_pb2.StepState.ValueType = ...,
         lines: _builtins.int = ...,
         dropped_bytes: _builtins.int = ...,
+        retried: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dropped_bytes", b"dropped_bytes", "finished", b"finished", "lines", b"lines", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dropped_bytes", b"dropped_bytes", "finished", b"finished", "lines", b"lines", "retried", b"retried", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
