@@ -41,6 +41,15 @@ new MutationObserver(() => {
       (row) => [row.dataset.name, Number(row.dataset.revision), row.dataset.state]);
   }
 }).observe(document, {subtree: true, attributes: true, attributeFilter: ["data-ended"]});
+// The same for each output panel (by step name, "/child" for a step's child panel): its lines when it ended.
+window.__outputAtEnd = {};
+new MutationObserver((mutations) => {
+  for (const panel of mutations.map((m) => m.target)) {
+    if (!panel.classList || !panel.classList.contains("output") || panel.dataset.ended !== "true") continue;
+    const key = panel.closest("li.step").dataset.name + (panel.classList.contains("child-output") ? "/child" : "");
+    window.__outputAtEnd[key] = [...panel.querySelectorAll(".output-lines > div[data-line]")].map((n) => n.textContent);
+  }
+}).observe(document, {subtree: true, attributes: true, attributeFilter: ["data-ended"]});
 """
 
 Shown = dict[str, tuple[int, str]]
