@@ -5,14 +5,17 @@ Prometheus parses them."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import shlex
 import shutil
 import subprocess
+import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -37,6 +40,7 @@ from tests.helpers import (
     channel,
     ends_job,
     eventually,
+    free_port,
     job_definition,
     orchestrator_process,
     read_watch,
@@ -309,13 +313,72 @@ async def test_dashboard_and_alerts_name_only_metrics_the_services_export(
 
 
 def require_promtool() -> str:
-    """Prometheus' own checker (Debian's prometheus package); skipped off CI without it."""
-    promtool = shutil.which("promtool")
-    if promtool:
-        return promtool
+    return require_from_prometheus("promtool")
+
+
+def require_from_prometheus(program: str) -> str:
+    """`program` (prometheus or its checker, promtool) from Debian's prometheus package; skipped off CI without it."""
+    found = shutil.which(program)
+    if found:
+        return found
     if in_ci():
-        pytest.fail(f"the metrics tests need promtool: {PROMTOOL_INSTALL}")
-    pytest.skip(f"needs promtool ({PROMTOOL_INSTALL})")
+        pytest.fail(f"the metrics tests need {program}: {PROMTOOL_INSTALL}")
+    pytest.skip(f"needs {program} ({PROMTOOL_INSTALL})")
+
+
+async def test_a_real_prometheus_scrapes_both_services_and_evaluates_every_alert_rule(
+    services: tuple[MetricsProcess, MetricsProcess], tmp_path: Path,
+) -> None:
+    """A Prometheus server (Debian's) scrapes both services every second with alerts.yml loaded: both
+    targets are up, a job's counters arrive as series it can query, and every rule evaluates without
+    an error (none fires on a healthy pair)."""
+    prometheus = require_from_prometheus("prometheus")
+    orchestrator, status = services
+    port = free_port()
+    config = tmp_path / "prometheus.yml"
+    config.write_text(yaml.safe_dump({
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "rule_files": [str(REPO / "deploy/prometheus/alerts.yml")],
+        "scrape_configs": [{"job_name": "stepstream",
+                            "static_configs": [{"targets": [orchestrator.metrics, status.metrics]}]}],
+    }))
+    with (tmp_path / "prometheus.log").open("w") as log:
+        server = await asyncio.create_subprocess_exec(
+            prometheus, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{port}", stdout=asyncio.subprocess.DEVNULL, stderr=log)
+    api = f"http://127.0.0.1:{port}/api/v1"
+
+    def get(path: str) -> Any:
+        with urllib.request.urlopen(api + path, timeout=10) as response:
+            return json.loads(response.read())["data"]
+
+    async def answer(path: str, holds: Callable[[Any], bool]) -> Any:
+        async def probe() -> Any:
+            with contextlib.suppress(OSError):
+                data = await asyncio.to_thread(get, path)
+                return data if holds(data) else None
+            return None
+        return await eventually(probe, f"Prometheus to answer {path} as expected")
+
+    try:
+        async with channel(orchestrator.address) as orch_channel:
+            await orch_grpc.OrchestratorServiceStub(orch_channel).SubmitJob(orch_pb.SubmitJobRequest(
+                definition=job_definition([{"name": "one", "type": "sleep", "seconds": 0}])))
+        targets = await answer("/targets", lambda data: len(data["activeTargets"]) == 2
+                               and all(t["health"] == "up" for t in data["activeTargets"]))
+        assert {t["labels"]["instance"] for t in targets["activeTargets"]} == {orchestrator.metrics, status.metrics}
+        query = urllib.parse.quote('sum(stepstream_jobs_finished_total{state="completed"})')
+        await answer(f"/query?query={query}", lambda data: bool(data["result"])
+                     and float(data["result"][0]["value"][1]) >= 1)
+        rules = await answer("/rules", lambda data: all(
+            not rule["lastEvaluation"].startswith("0001-") for group in data["groups"] for rule in group["rules"]))
+        evaluated = [(rule["name"], rule["health"], rule["state"])
+                     for group in rules["groups"] for rule in group["rules"]]
+        assert len(evaluated) == len(promql_of_rules(REPO / "deploy/prometheus/alerts.yml"))
+        assert all(health == "ok" and state == "inactive" for _, health, state in evaluated), evaluated
+    finally:
+        server.terminate()
+        await server.wait()
 
 
 def test_the_alert_rules_load_and_fire_exactly_as_their_unit_tests_say() -> None:
