@@ -23,6 +23,15 @@ For several replicas (the hooks the lease and the change tailer use):
 - open() creates or migrates the schema under a transaction-level advisory lock
   (SCHEMA_LOCK), so replicas starting together do not race.
 
+Text. PostgreSQL's text cannot hold U+0000 (SQLite's can), yet any string an
+orchestrator sends or a client asks for may (a job's name, a child's item, a
+step's message, a job id to look up). Every str therefore goes in with NUL
+written as ESCAPE "0" and ESCAPE itself as ESCAPE ESCAPE (ESCAPE is U+FFFF, a
+noncharacter: no real text has it, so the common case costs one scan), and
+comes back out as it was. The mapping is one-to-one, so keys, equality filters
+and page tokens work on it unchanged; only the byte order of strings holding
+NUL or U+FFFF differs from SQLite's.
+
 Trouble. A lost connection, a server restarting or out of resources (SQLSTATE
 classes 08, 53, 57, 58, a socket error, a timeout) is StoreUnavailableError;
 the next call reconnects (the pool replaces a dead connection; the writer's is
@@ -80,14 +89,55 @@ def where(dsn: str) -> str:
     return f"postgresql://{parts.hostname or ''}{f':{parts.port}' if parts.port else ''}{parts.path}"
 
 
+ESCAPE = "\uffff"  # see "Text" in the module docstring
+_NUL = "\x00"
+_ESCAPED = re.compile(ESCAPE + "(.)", re.DOTALL)
+
+
+def to_text(value: str) -> str:
+    """`value` as stored: NUL and ESCAPE escaped (see the module docstring)."""
+    return value.replace(ESCAPE, ESCAPE + ESCAPE).replace(_NUL, ESCAPE + "0")
+
+
+def from_text(stored: str) -> str:
+    """A stored string as it was given (to_text's inverse)."""
+    return _ESCAPED.sub(lambda match: _NUL if match.group(1) == "0" else match.group(1), stored)
+
+
+def _stored(value: Any) -> Any:
+    return to_text(value) if value.__class__ is str and (_NUL in value or ESCAPE in value) else value
+
+
+def stored_rows(rows: Sequence[Sequence[Any]]) -> Sequence[Sequence[Any]]:
+    """`rows` to send: any with a str to escape copied, escaped (most rows have none: they go as they are)."""
+    out: list[Sequence[Any]] | None = None
+    for index, row in enumerate(rows):
+        for value in row:
+            if value.__class__ is str and (_NUL in value or ESCAPE in value):
+                break
+        else:
+            continue
+        if out is None:
+            out = list(rows)
+        out[index] = tuple(map(_stored, row))
+    return rows if out is None else out
+
+
+def _loaded(row: asyncpg.Record) -> tuple[Any, ...]:
+    for value in row:
+        if value.__class__ is str and ESCAPE in value:
+            return tuple(from_text(each) if each.__class__ is str else each for each in row)
+    return tuple(row)
+
+
 class _Connection:
-    """An asyncpg connection as the shared queries use it (sql.Db)."""
+    """An asyncpg connection as the shared queries use it (sql.Db): strings escaped in, unescaped out."""
 
     def __init__(self, conn: asyncpg.Connection | asyncpg.pool.PoolConnectionProxy) -> None:
         self.conn = conn
 
     async def rows(self, sql: str, params: Sequence[Any] = ()) -> list[Sequence[Any]]:
-        return [tuple(row) for row in await self.conn.fetch(numbered(sql), *params)]
+        return [_loaded(row) for row in await self.conn.fetch(numbered(sql), *stored_rows([params])[0])]
 
 
 async def _migrate(db: Db, found: int) -> None:
@@ -178,7 +228,7 @@ class PostgresStatusStore(SqlReads):
             if fence is not None:
                 await fence(conn)
             for statement, rows in tables:
-                await conn.executemany(numbered(statement), rows)
+                await conn.executemany(numbered(statement), stored_rows(rows))
             if latest is not None:
                 await conn.execute("SELECT pg_notify($1, $2)", CHANGES_CHANNEL, str(latest))
 

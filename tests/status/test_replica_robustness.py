@@ -1,0 +1,125 @@
+"""What a white-box review of the PostgreSQL store and the replicas found, each
+shown on the real thing: replicas in-process (status_svc.app.start_replica) on a
+fresh PostgreSQL database each (the `postgres` fixture), following a real
+orchestrator in-process, called over gRPC on loopback.
+
+- Any string may hold U+0000 (a job's name, a fan-out item: the orchestrator
+  accepts them, SQLite stores them), but PostgreSQL's text cannot: one such
+  event must not stop ingest on every replica, and a request naming one must
+  not end INTERNAL.
+- A statement binds at most 32767 parameters on PostgreSQL: a filter naming a
+  state many times, or a writer loading every unfinished job of a source at
+  once, must not meet that limit.
+- A read whose caller is gone (its deadline passed) must not go on holding a
+  pooled connection on the server (here: waiting on a lock) until
+  --store-timeout, starving every later read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Awaitable
+from pathlib import Path
+
+import grpc
+import pytest
+from stepstream.common.v1 import states_pb2 as s
+from stepstream.orchestrator.v1 import orchestrator_service_pb2 as orch_pb
+from stepstream.orchestrator.v1 import orchestrator_service_pb2_grpc as orch_grpc
+from stepstream.status.v1 import status_service_pb2 as status_pb
+from stepstream.status.v1 import status_service_pb2_grpc as status_grpc
+
+from orchestrator_svc.app import Orchestrator
+from status_svc.app import ReplicaService, start_replica
+from status_svc.storage.open import store_from_config
+from status_svc.storage.postgres import PostgresStatusStore
+from tests.conftest import status_config
+from tests.helpers import (
+    channel,
+    ends_job,
+    job_definition,
+    status_job_finished,
+    wait_status_job,
+    watch_until,
+)
+from tests.helpers.postgres import PostgresDatabase
+
+FAST = {"poll_interval": 0.1, "lease_ttl": 5.0}  # as tests/status/test_replicas.py's
+ESCAPE = "\uffff"  # what the store writes NUL with (status_svc.storage.postgres.ESCAPE)
+# Strings PostgreSQL's text cannot hold as they are, and ones that look like what they are stored as.
+AWKWARD = ["nul\x00inside", "\x00", "\x00\x00", ESCAPE, ESCAPE + "0", f"{ESCAPE}{ESCAPE}\x00{ESCAPE}0", "plain"]
+MANY_STATES = 40_000  # one filter naming a state this many times: more parameters than a statement may bind
+
+
+@contextlib.asynccontextmanager
+async def replica(tmp_path: Path, orchestrator: str, dsn: str, **settings: object) -> AsyncIterator[ReplicaService]:
+    config = status_config(tmp_path / "replica", orchestrator, store=dsn, **{**FAST, **settings})
+    store = store_from_config(config)
+    assert isinstance(store, PostgresStatusStore)
+    running = await start_replica(config, store)
+    try:
+        yield running
+    finally:
+        await running.stop()
+
+
+async def submit(orchestrator: Orchestrator, name: str, items: list[str]) -> str:
+    fanout = {"name": "fan", "type": "fanout", "items": items, "child": {"type": "sleep", "seconds": 0}}
+    async with channel(orchestrator.address) as ch:
+        response = await orch_grpc.OrchestratorServiceStub(ch).SubmitJob(
+            orch_pb.SubmitJobRequest(definition=job_definition([fanout], name=name)))
+    return response.job.id
+
+
+def test_the_escape_is_one_to_one() -> None:
+    from status_svc.storage.postgres import ESCAPE as STORE_ESCAPE
+    from status_svc.storage.postgres import from_text, to_text
+
+    assert STORE_ESCAPE == ESCAPE
+    stored = [to_text(text) for text in AWKWARD]
+    assert all("\x00" not in text for text in stored)
+    assert len(set(stored)) == len(AWKWARD)
+    assert [from_text(text) for text in stored] == AWKWARD
+
+
+async def test_a_nul_in_an_event_or_a_request_is_ordinary_text_on_a_replica(
+    tmp_path: Path, orchestrator: Orchestrator, postgres: PostgresDatabase
+) -> None:
+    async with replica(tmp_path, orchestrator.address, postgres.dsn) as running, channel(running.address) as ch:
+        stub = status_grpc.StatusServiceStub(ch)
+        # Before: the commit of this job's first event failed on every term (invalid byte sequence for
+        # encoding "UTF8": 0x00), each replica stepped down and competed again, and nothing was ingested.
+        job_id = await submit(orchestrator, "nul\x00name", AWKWARD)
+        job = await wait_status_job(stub, job_id, status_job_finished, "the job with NUL in it to finish")
+        assert job.job.name == "nul\x00name" and job.job.state == s.JOB_STATE_COMPLETED
+        children = await stub.ListChildren(status_pb.ListChildrenRequest(job_id=job_id, step_name="fan"))
+        assert [child.item for child in children.children] == AWKWARD
+        assert running.ingest.terms == 1, "ingest stepped down on the way"
+        later = await submit(orchestrator, "after", ["a"])
+        await wait_status_job(stub, later, status_job_finished, "a job after it")
+
+        listed = await stub.ListJobs(status_pb.ListJobsRequest(filter=status_pb.JobFilter(name="nul\x00name")))
+        assert [each.id for each in listed.jobs] == [job_id]
+        for name in ("nul", "nul" + ESCAPE + "0name", "\x00"):
+            listed = await stub.ListJobs(status_pb.ListJobsRequest(filter=status_pb.JobFilter(name=name)))
+            assert not listed.jobs, f"{name!r} names no job"
+        watch = stub.WatchJobs(status_pb.WatchJobsRequest(filter=status_pb.JobFilter(name="nul\x00name"),
+                                                          after_revision=0))
+        updates, _ = await watch_until(watch, ends_job)  # from the change log, with NUL in the filter
+        watch.cancel()
+        assert {update.job_id for update in updates} == {job_id}
+
+        # A request naming a string with NUL: before, INTERNAL (the statement failed).
+        calls: list[Awaitable[object]] = [
+            stub.GetJob(status_pb.GetJobRequest(job_id="a\x00b")),
+            stub.ListChildren(status_pb.ListChildrenRequest(job_id=job_id, step_name="f\x00an")),
+            stub.ListChildren(status_pb.ListChildrenRequest(job_id=job_id + "\x00", step_name="fan")),
+        ]
+        for call in calls:
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await call
+            assert raised.value.code() == grpc.StatusCode.NOT_FOUND, raised.value.details()
+        watch_one = stub.WatchJob(status_pb.WatchJobRequest(job_id="\x00"))
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await watch_one.read()
+        assert raised.value.code() == grpc.StatusCode.NOT_FOUND, raised.value.details()
