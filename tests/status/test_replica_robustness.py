@@ -23,6 +23,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from stepstream.common.v1 import records_pb2
 from stepstream.common.v1 import states_pb2 as s
 from stepstream.orchestrator.v1 import orchestrator_service_pb2 as orch_pb
 from stepstream.orchestrator.v1 import orchestrator_service_pb2_grpc as orch_grpc
@@ -31,8 +32,11 @@ from stepstream.status.v1 import status_service_pb2_grpc as status_grpc
 
 from orchestrator_svc.app import Orchestrator
 from status_svc.app import ReplicaService, start_replica
+from status_svc.domain.projector import StoredChild, StoredHeader, StoredStep
+from status_svc.storage.base import StatusStore, WriteBatch
 from status_svc.storage.open import store_from_config
 from status_svc.storage.postgres import PostgresStatusStore
+from status_svc.storage.sqlite import SqliteStatusStore
 from tests.conftest import status_config
 from tests.helpers import (
     channel,
@@ -123,3 +127,53 @@ async def test_a_nul_in_an_event_or_a_request_is_ordinary_text_on_a_replica(
         with pytest.raises(grpc.aio.AioRpcError) as raised:
             await watch_one.read()
         assert raised.value.code() == grpc.StatusCode.NOT_FOUND, raised.value.details()
+
+
+async def test_a_filter_naming_a_state_any_number_of_times_names_it_once(
+    tmp_path: Path, orchestrator: Orchestrator, postgres: PostgresDatabase
+) -> None:
+    async with replica(tmp_path, orchestrator.address, postgres.dsn) as running, channel(running.address) as ch:
+        stub = status_grpc.StatusServiceStub(ch)
+        job_id = await submit(orchestrator, "states", ["a", "b"])
+        await wait_status_job(stub, job_id, status_job_finished, "the job to finish")
+        # Before: INTERNAL (asyncpg: the number of query arguments cannot exceed 32767).
+        listed = await stub.ListJobs(status_pb.ListJobsRequest(
+            filter=status_pb.JobFilter(states=[s.JOB_STATE_COMPLETED] * MANY_STATES)))
+        assert [job.id for job in listed.jobs] == [job_id]
+        children = await stub.ListChildren(status_pb.ListChildrenRequest(
+            job_id=job_id, step_name="fan", states=[s.STEP_STATE_COMPLETED] * MANY_STATES))
+        assert [child.item for child in children.children] == ["a", "b"]
+
+
+def stored_job(job_id: str) -> tuple[StoredHeader, StoredStep, list[StoredChild]]:
+    header = StoredHeader(status_pb.JobStatus(id=job_id, name="loaded", state=s.JOB_STATE_RUNNING, revision=1),
+                          "orchestrator", 1, None)
+    step = StoredStep(job_id, status_pb.StepStats(name="fan", state=s.STEP_STATE_WAITING, revision=1), 2)
+    children = [StoredChild(records_pb2.Child(job_id=job_id, step_name="fan", index=index, item=str(index),
+                                              state=s.STEP_STATE_RUNNING), 3 + index, 1) for index in range(2)]
+    return header, step, children
+
+
+@pytest.mark.parametrize("backend", ["postgres", "sqlite"])
+async def test_a_writer_loads_more_jobs_at_once_than_one_statement_can_name(
+    backend: str, tmp_path: Path, postgres: PostgresDatabase
+) -> None:
+    """What the writer asks when a source goes stale or resyncs: every unfinished job of it, at once."""
+    store: StatusStore = (PostgresStatusStore(postgres.dsn) if backend == "postgres"
+                          else SqliteStatusStore(tmp_path / "status.sqlite3"))
+    await store.open()
+    try:
+        wanted = [f"job-{index:05d}" for index in range(MANY_STATES)]
+        present = [wanted[0], wanted[len(wanted) // 2], wanted[-1]]
+        jobs = [stored_job(job_id) for job_id in present]
+        await store.commit(WriteBatch(headers=[job[0] for job in jobs], steps=[job[1] for job in jobs],
+                                      children=[child for job in jobs for child in job[2]]))
+        # Before (PostgreSQL): InterfaceError, the number of query arguments cannot exceed 32767: a
+        # holder's term failed on it, and so did every later one.
+        loaded = await store.load_jobs(wanted)
+        assert sorted(loaded) == present
+        for job_id in present:
+            assert [step.stats.name for step in loaded[job_id].steps] == ["fan"]
+            assert sorted(child.index for child in loaded[job_id].children) == [0, 1]
+    finally:
+        await store.close()
