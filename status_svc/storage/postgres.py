@@ -11,7 +11,12 @@ writer is single). As in stepstream_common/sqlite.py, every unit of work
 (acquire, BEGIN, statements, COMMIT or ROLLBACK, release) runs as a task of
 its own that the caller awaits through asyncio.shield(): a caller cancelled at
 any await stops waiting, the unit still ends, its connection goes back clean,
-and a commit is all or nothing.
+and a commit is all or nothing. A read whose caller is cancelled (a client
+gone, its deadline passed) is then cancelled once itself, inside its own task:
+asyncpg cancels the statement on the server, the unit's own exits roll back
+and release the connection, and nothing goes on working for nobody (holding a
+pooled connection, perhaps waiting on a lock) until --store-timeout. A commit
+is never cancelled: it ends as it would have.
 
 For several replicas (the hooks the lease and the change tailer use):
 - `fence(conn)`, if set, is awaited inside every commit transaction before
@@ -244,7 +249,7 @@ class PostgresStatusStore(SqlReads):
             ):
                 return await unit(_Connection(conn))
 
-        return await self._shielded(_unavailable_on_trouble(run(), self.where))
+        return await self._shielded(_unavailable_when_troubled(run, self.where), abandon=True)
 
     async def _write(self, unit: Callable[[Db], Awaitable[R]]) -> R:
         return await self._writing(lambda conn: unit(_Connection(conn)))
@@ -265,13 +270,19 @@ class PostgresStatusStore(SqlReads):
                         writer.terminate()
                     raise
 
-        return await self._shielded(_unavailable_on_trouble(run(), self.where))
+        return await self._shielded(_unavailable_when_troubled(run, self.where))
 
-    async def _shielded(self, work: Coroutine[Any, Any, R]) -> R:
+    async def _shielded(self, work: Coroutine[Any, Any, R], *, abandon: bool = False) -> R:
+        """`work` as a unit of its own, awaited; `abandon`: cancelled (once) if the caller is."""
         task = asyncio.ensure_future(work)
         self._units.add(task)
         task.add_done_callback(self._settled)
-        return await asyncio.shield(task)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if abandon:
+                task.cancel()
+            raise
 
     def _settled(self, task: asyncio.Task[Any]) -> None:
         self._units.discard(task)
@@ -305,6 +316,12 @@ async def _unavailable_on_trouble(work: Awaitable[R], where: str) -> R:
         if _is_trouble(error):
             raise StoreUnavailableError(f"the status database {where} cannot be used: {error}") from error
         raise
+
+
+async def _unavailable_when_troubled(work: Callable[[], Awaitable[R]], where: str) -> R:
+    """_unavailable_on_trouble of `work()`, made only once this runs (a unit cancelled
+    before it starts leaves no coroutine behind that was never awaited)."""
+    return await _unavailable_on_trouble(work(), where)
 
 
 async def _quietly(closing: Awaitable[None], terminate: Callable[[], None]) -> None:

@@ -35,12 +35,14 @@ from status_svc.app import ReplicaService, start_replica
 from status_svc.domain.projector import StoredChild, StoredHeader, StoredStep
 from status_svc.storage.base import StatusStore, WriteBatch
 from status_svc.storage.open import store_from_config
-from status_svc.storage.postgres import PostgresStatusStore
+from status_svc.storage.postgres import APPLICATION_NAME, PG_SCHEMA, PostgresStatusStore
 from status_svc.storage.sqlite import SqliteStatusStore
 from tests.conftest import status_config
 from tests.helpers import (
+    DEADLINE,
     channel,
     ends_job,
+    eventually,
     job_definition,
     status_job_finished,
     wait_status_job,
@@ -177,3 +179,50 @@ async def test_a_writer_loads_more_jobs_at_once_than_one_statement_can_name(
             assert sorted(child.index for child in loaded[job_id].children) == [0, 1]
     finally:
         await store.close()
+
+
+async def lock_waiters(postgres: PostgresDatabase) -> int:
+    """The replica's statements on the server waiting for a lock."""
+    connection = await postgres.connect()
+    try:
+        return int(await connection.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND application_name = $2 "
+            "AND wait_event_type = 'Lock'", postgres.name, APPLICATION_NAME))
+    finally:
+        await connection.close()
+
+
+async def test_a_read_whose_caller_left_stops_on_the_server_and_gives_its_connection_back(
+    tmp_path: Path, orchestrator: Orchestrator, postgres: PostgresDatabase
+) -> None:
+    pool_size = 2
+    async with replica(tmp_path, orchestrator.address, postgres.dsn, store_pool_size=pool_size,
+                       store_timeout=3600.0) as running, channel(running.address) as ch:
+        stub = status_grpc.StatusServiceStub(ch)
+        locker = await postgres.connect()
+        try:
+            async with locker.transaction():
+                # Every read of `jobs` now waits (as behind a migration, a VACUUM FULL, a stuck session).
+                await locker.execute(f"LOCK TABLE {PG_SCHEMA}.jobs IN ACCESS EXCLUSIVE MODE")
+                for _ in range(pool_size):
+                    with pytest.raises(grpc.aio.AioRpcError) as raised:
+                        await stub.GetJob(status_pb.GetJobRequest(job_id="anything"), timeout=0.5)
+                    assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+                # Before: both went on waiting on the server, each holding one of the pool's two
+                # connections, for --store-timeout (an hour here).
+                await eventually(lambda: _when_zero(lock_waiters(postgres)), "the abandoned reads to stop")
+                # The pool is whole: a read of other tables answers while `jobs` is still locked.
+                with pytest.raises(grpc.aio.AioRpcError) as raised:
+                    await stub.ListChildren(status_pb.ListChildrenRequest(job_id="anything", step_name="s"),
+                                            timeout=DEADLINE)
+                assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+        finally:
+            await locker.close()
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await stub.GetJob(status_pb.GetJobRequest(job_id="anything"), timeout=DEADLINE)
+        assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+        assert running.health.serving
+
+
+async def _when_zero(count: Awaitable[int]) -> bool | None:
+    return True if await count == 0 else None
