@@ -19,8 +19,8 @@ pooled connection, perhaps waiting on a lock) until --store-timeout. A commit
 is never cancelled: it ends as it would have.
 
 For several replicas (the hooks the lease and the change tailer use):
-- `fence(conn)`, if set, is awaited inside every commit transaction before
-  anything is written; if it raises, the transaction rolls back and the
+- `fence(conn)`, if set, is awaited inside every commit transaction (and the
+  prune's) before anything is written; if it raises, the transaction rolls back and the
   exception propagates unchanged (a replica that lost its lease cannot commit).
 - Every commit with changes sends NOTIFY on CHANGES_CHANNEL, payload the
   latest revision it wrote, in the same transaction: delivered only if it
@@ -252,7 +252,15 @@ class PostgresStatusStore(SqlReads):
         return await self._shielded(_unavailable_when_troubled(run, self.where), abandon=True)
 
     async def _write(self, unit: Callable[[Db], Awaitable[R]]) -> R:
-        return await self._writing(lambda conn: unit(_Connection(conn)))
+        """A write other than commit() (the prune), fenced as commit() is."""
+        fence = self.fence
+
+        async def fenced(conn: asyncpg.Connection) -> R:
+            if fence is not None:
+                await fence(conn)
+            return await unit(_Connection(conn))
+
+        return await self._writing(fenced)
 
     async def _writing(self, unit: Callable[[asyncpg.Connection], Awaitable[R]]) -> R:
         """`unit` in one transaction on the writer's connection (reopened if it was lost)."""

@@ -33,7 +33,8 @@ from stepstream.status.v1 import status_service_pb2_grpc as status_grpc
 from orchestrator_svc.app import Orchestrator
 from status_svc.app import ReplicaService, start_replica
 from status_svc.domain.projector import StoredChild, StoredHeader, StoredStep
-from status_svc.storage.base import StatusStore, WriteBatch
+from status_svc.replication.lease import LEASE_NAME, LEASE_TABLE, IngestLease, LeaseLost, create_lease_table
+from status_svc.storage.base import StatusStore, StoredChange, WriteBatch
 from status_svc.storage.open import store_from_config
 from status_svc.storage.postgres import APPLICATION_NAME, PG_SCHEMA, PostgresStatusStore
 from status_svc.storage.sqlite import SqliteStatusStore
@@ -226,3 +227,40 @@ async def test_a_read_whose_caller_left_stops_on_the_server_and_gives_its_connec
 
 async def _when_zero(count: Awaitable[int]) -> bool | None:
     return True if await count == 0 else None
+
+
+async def test_a_holder_that_lost_the_lease_prunes_nothing(postgres: PostgresDatabase) -> None:
+    """The writer prunes on its own clock: a holder that wakes from a stall after a takeover may
+    prune before its renewal fails. Like its commits, the prune is fenced."""
+    store = PostgresStatusStore(postgres.dsn)
+    await store.open()
+    connection = await store.connect()
+    try:
+        await create_lease_table(connection)
+    finally:
+        await connection.close()
+    lease = IngestLease(store.connect, holder="the deposed", ttl=60.0)
+    try:
+        epoch = await lease.try_acquire()
+        assert epoch is not None
+        store.fence = lease.fence_for(epoch)
+        await store.commit(WriteBatch(changes=[change(revision) for revision in range(1, 11)]))
+        thief = await store.connect()
+        try:
+            await thief.execute(f"UPDATE {LEASE_TABLE} SET holder = 'the test', epoch = epoch + 1 WHERE name = $1",
+                                LEASE_NAME)
+        finally:
+            await thief.close()
+        with pytest.raises(LeaseLost):
+            await store.prune(1)
+        page = await store.read_changes(0, 100)  # before: revisions 1-9 pruned by a replica not holding the lease
+        assert [each.revision for each in page.items] == list(range(1, 11))
+    finally:
+        await lease.close()
+        await store.close()
+
+
+def change(revision: int) -> StoredChange:
+    header = status_pb.JobStatus(id="job", name="job", state=s.JOB_STATE_RUNNING, revision=revision)
+    return StoredChange(revision, "job", "job", s.JOB_STATE_PENDING, s.JOB_STATE_RUNNING,
+                        header.SerializeToString(), None, 0)
