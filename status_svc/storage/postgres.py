@@ -11,17 +11,31 @@ writer is single). As in stepstream_common/sqlite.py, every unit of work
 (acquire, BEGIN, statements, COMMIT or ROLLBACK, release) runs as a task of
 its own that the caller awaits through asyncio.shield(): a caller cancelled at
 any await stops waiting, the unit still ends, its connection goes back clean,
-and a commit is all or nothing.
+and a commit is all or nothing. A read whose caller is cancelled (a client
+gone, its deadline passed) is then cancelled once itself, inside its own task:
+asyncpg cancels the statement on the server, the unit's own exits roll back
+and release the connection, and nothing goes on working for nobody (holding a
+pooled connection, perhaps waiting on a lock) until --store-timeout. A commit
+is never cancelled: it ends as it would have.
 
 For several replicas (the hooks the lease and the change tailer use):
-- `fence(conn)`, if set, is awaited inside every commit transaction before
-  anything is written; if it raises, the transaction rolls back and the
+- `fence(conn)`, if set, is awaited inside every commit transaction (and the
+  prune's) before anything is written; if it raises, the transaction rolls back and the
   exception propagates unchanged (a replica that lost its lease cannot commit).
 - Every commit with changes sends NOTIFY on CHANGES_CHANNEL, payload the
   latest revision it wrote, in the same transaction: delivered only if it
   commits. It is a wake-up; the `changes` table is the truth.
 - open() creates or migrates the schema under a transaction-level advisory lock
   (SCHEMA_LOCK), so replicas starting together do not race.
+
+Text. PostgreSQL's text cannot hold U+0000 (SQLite's can), yet any string an
+orchestrator sends or a client asks for may (a job's name, a child's item, a
+step's message, a job id to look up). Every str therefore goes in with NUL
+written as ESCAPE "0" and ESCAPE itself as ESCAPE ESCAPE (ESCAPE is U+FFFF, a
+noncharacter: no real text has it, so the common case costs one scan), and
+comes back out as it was. The mapping is one-to-one, so keys, equality filters
+and page tokens work on it unchanged; only the byte order of strings holding
+NUL or U+FFFF differs from SQLite's.
 
 Trouble. A lost connection, a server restarting or out of resources (SQLSTATE
 classes 08, 53, 57, 58, a socket error, a timeout) is StoreUnavailableError;
@@ -80,14 +94,55 @@ def where(dsn: str) -> str:
     return f"postgresql://{parts.hostname or ''}{f':{parts.port}' if parts.port else ''}{parts.path}"
 
 
+ESCAPE = "\uffff"  # see "Text" in the module docstring
+_NUL = "\x00"
+_ESCAPED = re.compile(ESCAPE + "(.)", re.DOTALL)
+
+
+def to_text(value: str) -> str:
+    """`value` as stored: NUL and ESCAPE escaped (see the module docstring)."""
+    return value.replace(ESCAPE, ESCAPE + ESCAPE).replace(_NUL, ESCAPE + "0")
+
+
+def from_text(stored: str) -> str:
+    """A stored string as it was given (to_text's inverse)."""
+    return _ESCAPED.sub(lambda match: _NUL if match.group(1) == "0" else match.group(1), stored)
+
+
+def _stored(value: Any) -> Any:
+    return to_text(value) if value.__class__ is str and (_NUL in value or ESCAPE in value) else value
+
+
+def stored_rows(rows: Sequence[Sequence[Any]]) -> Sequence[Sequence[Any]]:
+    """`rows` to send: any with a str to escape copied, escaped (most rows have none: they go as they are)."""
+    out: list[Sequence[Any]] | None = None
+    for index, row in enumerate(rows):
+        for value in row:
+            if value.__class__ is str and (_NUL in value or ESCAPE in value):
+                break
+        else:
+            continue
+        if out is None:
+            out = list(rows)
+        out[index] = tuple(map(_stored, row))
+    return rows if out is None else out
+
+
+def _loaded(row: asyncpg.Record) -> tuple[Any, ...]:
+    for value in row:
+        if value.__class__ is str and ESCAPE in value:
+            return tuple(from_text(each) if each.__class__ is str else each for each in row)
+    return tuple(row)
+
+
 class _Connection:
-    """An asyncpg connection as the shared queries use it (sql.Db)."""
+    """An asyncpg connection as the shared queries use it (sql.Db): strings escaped in, unescaped out."""
 
     def __init__(self, conn: asyncpg.Connection | asyncpg.pool.PoolConnectionProxy) -> None:
         self.conn = conn
 
     async def rows(self, sql: str, params: Sequence[Any] = ()) -> list[Sequence[Any]]:
-        return [tuple(row) for row in await self.conn.fetch(numbered(sql), *params)]
+        return [_loaded(row) for row in await self.conn.fetch(numbered(sql), *stored_rows([params])[0])]
 
 
 async def _migrate(db: Db, found: int) -> None:
@@ -178,7 +233,7 @@ class PostgresStatusStore(SqlReads):
             if fence is not None:
                 await fence(conn)
             for statement, rows in tables:
-                await conn.executemany(numbered(statement), rows)
+                await conn.executemany(numbered(statement), stored_rows(rows))
             if latest is not None:
                 await conn.execute("SELECT pg_notify($1, $2)", CHANGES_CHANNEL, str(latest))
 
@@ -194,10 +249,18 @@ class PostgresStatusStore(SqlReads):
             ):
                 return await unit(_Connection(conn))
 
-        return await self._shielded(_unavailable_on_trouble(run(), self.where))
+        return await self._shielded(_unavailable_when_troubled(run, self.where), abandon=True)
 
     async def _write(self, unit: Callable[[Db], Awaitable[R]]) -> R:
-        return await self._writing(lambda conn: unit(_Connection(conn)))
+        """A write other than commit() (the prune), fenced as commit() is."""
+        fence = self.fence
+
+        async def fenced(conn: asyncpg.Connection) -> R:
+            if fence is not None:
+                await fence(conn)
+            return await unit(_Connection(conn))
+
+        return await self._writing(fenced)
 
     async def _writing(self, unit: Callable[[asyncpg.Connection], Awaitable[R]]) -> R:
         """`unit` in one transaction on the writer's connection (reopened if it was lost)."""
@@ -215,13 +278,19 @@ class PostgresStatusStore(SqlReads):
                         writer.terminate()
                     raise
 
-        return await self._shielded(_unavailable_on_trouble(run(), self.where))
+        return await self._shielded(_unavailable_when_troubled(run, self.where))
 
-    async def _shielded(self, work: Coroutine[Any, Any, R]) -> R:
+    async def _shielded(self, work: Coroutine[Any, Any, R], *, abandon: bool = False) -> R:
+        """`work` as a unit of its own, awaited; `abandon`: cancelled (once) if the caller is."""
         task = asyncio.ensure_future(work)
         self._units.add(task)
         task.add_done_callback(self._settled)
-        return await asyncio.shield(task)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if abandon:
+                task.cancel()
+            raise
 
     def _settled(self, task: asyncio.Task[Any]) -> None:
         self._units.discard(task)
@@ -255,6 +324,12 @@ async def _unavailable_on_trouble(work: Awaitable[R], where: str) -> R:
         if _is_trouble(error):
             raise StoreUnavailableError(f"the status database {where} cannot be used: {error}") from error
         raise
+
+
+async def _unavailable_when_troubled(work: Callable[[], Awaitable[R]], where: str) -> R:
+    """_unavailable_on_trouble of `work()`, made only once this runs (a unit cancelled
+    before it starts leaves no coroutine behind that was never awaited)."""
+    return await _unavailable_on_trouble(work(), where)
 
 
 async def _quietly(closing: Awaitable[None], terminate: Callable[[], None]) -> None:

@@ -59,6 +59,17 @@ TERMINAL_STATES = tuple(sorted(TERMINAL_JOB_STATES))
 
 Row = tuple[object, ...]
 R = TypeVar("R")
+T = TypeVar("T")
+
+# Values one statement names in an IN list, at most: a statement binds at most
+# 32767 parameters on PostgreSQL (asyncpg refuses more) and 32766 on SQLite's
+# default build, and a writer may load every unfinished job of a source at once.
+MAX_IN_LIST = 1000
+
+
+def chunks(values: Sequence[T], size: int = MAX_IN_LIST) -> list[Sequence[T]]:
+    """`values` in consecutive runs of at most `size`."""
+    return [values[start:start + size] for start in range(0, len(values), size)]
 
 
 def _set_times(message: Message, values: dict[str, Any], names: Sequence[str]) -> None:
@@ -173,8 +184,9 @@ def job_filter(states: Sequence[int], name: str) -> tuple[list[str], list[object
     where: list[str] = ["TRUE"]
     params: list[object] = []
     if states:
-        where.append(f"j.state IN ({', '.join('?' * len(states))})")
-        params.extend(states)
+        distinct = sorted(set(states))  # a state named twice is one (and binds one parameter)
+        where.append(f"j.state IN ({', '.join('?' * len(distinct))})")
+        params.extend(distinct)
     if name:
         where.append("j.name = ?")
         params.append(name)
@@ -221,19 +233,24 @@ class SqlReads(ABC):
             return {}
 
         async def unit(db: Db) -> tuple[list[Any], list[Any], list[Any]]:
-            marks = ", ".join("?" * len(job_ids))
-            jobs = (await db.rows(f"{HEADER_SELECT} WHERE j.job_id IN ({marks})", job_ids))
-            if not jobs:
-                return [], [], []
-            found = [row[0] for row in jobs]
-            marks = ", ".join("?" * len(found))
-            step_rows = await db.rows(
-                f"SELECT {', '.join(STEP_COLUMNS)} FROM step_stats WHERE job_id IN ({marks})", found
-            )
-            child_rows = await db.rows(
-                f"SELECT job_id, step, idx, state, seq FROM children WHERE job_id IN ({marks})", found
-            )
-            return jobs, list(step_rows), list(child_rows)
+            jobs: list[Any] = []
+            step_rows: list[Any] = []
+            child_rows: list[Any] = []
+            for some in chunks(job_ids):  # one read transaction: one consistent view of them all
+                marks = ", ".join("?" * len(some))
+                rows = await db.rows(f"{HEADER_SELECT} WHERE j.job_id IN ({marks})", some)
+                if not rows:
+                    continue
+                jobs += rows
+                found = [row[0] for row in rows]
+                marks = ", ".join("?" * len(found))
+                step_rows += await db.rows(
+                    f"SELECT {', '.join(STEP_COLUMNS)} FROM step_stats WHERE job_id IN ({marks})", found
+                )
+                child_rows += await db.rows(
+                    f"SELECT job_id, step, idx, state, seq FROM children WHERE job_id IN ({marks})", found
+                )
+            return jobs, step_rows, child_rows
 
         jobs, step_rows, child_rows = await self._read(unit)
         steps: dict[str, list[StoredStep]] = {}
@@ -315,8 +332,9 @@ class SqlReads(ABC):
         where: list[str] = ["job_id = ?", "step = ?"]
         params: list[object] = [job_id, step]
         if states:
-            where.append(f"state IN ({', '.join('?' * len(states))})")
-            params.extend(states)
+            distinct = sorted(set(states))
+            where.append(f"state IN ({', '.join('?' * len(distinct))})")
+            params.extend(distinct)
         query = scope("status.ListChildren", job_id, step, sorted(states))
         after = self._tokens.decode(page_token, query, (int,))
         if after is not None:
