@@ -200,11 +200,11 @@ async def start(
     feed: Feed[StoredChange] = Feed(max_pending=config.watcher_queue, key_of=lambda change: change.job_id)
     metrics = Metrics()
     writer, followers = links.ingest(config, store, feed, opened, IngestMetrics(metrics))
-    writer_task = asyncio.create_task(writer.run(), name="ingest-writer")
-    follower_tasks = [asyncio.create_task(f.run(), name=f"follow-{f.address}") for f in followers]
     servicer = StatusServicer(store, feed, config.heartbeat_interval, writer.applied, config.max_wait_applied,
                               limits=WatchLimits.of(config))
-    server, metrics_server = await _serve(config, links, servicer, metrics)
+    server, metrics_server = await _serve_or_close(config, links, servicer, metrics, store)
+    writer_task = asyncio.create_task(writer.run(), name="ingest-writer")
+    follower_tasks = [asyncio.create_task(f.run(), name=f"follow-{f.address}") for f in followers]
     metrics.collect_with(lambda: _ingest_metrics(writer, followers, feed))
     running = StatusService(config, server, store, feed, writer, writer_task, followers, follower_tasks,
                             metrics_server)
@@ -236,7 +236,7 @@ async def start_replica(
     applied = AppliedPositions(opened.sources.values(), config.orchestrators)
     servicer = StatusServicer(store, feed, config.heartbeat_interval, applied, config.max_wait_applied,
                               limits=WatchLimits.of(config))
-    server, metrics_server = await _serve(config, links, servicer, metrics)
+    server, metrics_server = await _serve_or_close(config, links, servicer, metrics, store)
     # Who holds the lease, as its row and the logs show it: host, process, address served.
     lease = IngestLease(store.connect, holder=f"{socket.gethostname()}:{os.getpid()}:{server.address}",
                         ttl=config.lease_ttl)
@@ -257,6 +257,18 @@ async def start_replica(
     log.info("replica %s on %s at revision %d, following %s", lease.holder, store.where, opened.revision,
              ", ".join(config.orchestrators))
     return running
+
+
+async def _serve_or_close(
+    config: StatusConfig, links: _Links, servicer: StatusServicer, metrics: Metrics, store: StatusStore,
+) -> tuple[RunningServer, MetricsServer | None]:
+    """_serve(), or the store closed before the error goes on (a port taken, say): an embedding
+    process that goes on keeps no open database behind a service that never started."""
+    try:
+        return await _serve(config, links, servicer, metrics)
+    except BaseException:
+        await store.close()
+        raise
 
 
 async def _serve(

@@ -13,14 +13,20 @@ orchestrator in-process, called over gRPC on loopback.
 - A read whose caller is gone (its deadline passed) must not go on holding a
   pooled connection on the server (here: waiting on a lock) until
   --store-timeout, starving every later read.
+- A service that fails to start after its store opened (its port taken) must
+  close the store, on PostgreSQL and on SQLite, and start no ingest.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable
+import socket
+import threading
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from pathlib import Path
 
+import aiosqlite
 import grpc
 import pytest
 from stepstream.common.v1 import records_pb2
@@ -31,7 +37,7 @@ from stepstream.status.v1 import status_service_pb2 as status_pb
 from stepstream.status.v1 import status_service_pb2_grpc as status_grpc
 
 from orchestrator_svc.app import Orchestrator
-from status_svc.app import ReplicaService, start_replica
+from status_svc.app import ReplicaService, start, start_replica
 from status_svc.domain.projector import StoredChild, StoredHeader, StoredStep
 from status_svc.replication.lease import LEASE_NAME, LEASE_TABLE, IngestLease, LeaseLost, create_lease_table
 from status_svc.storage.base import StatusStore, StoredChange, WriteBatch
@@ -264,3 +270,50 @@ def change(revision: int) -> StoredChange:
     header = status_pb.JobStatus(id="job", name="job", state=s.JOB_STATE_RUNNING, revision=revision)
     return StoredChange(revision, "job", "job", s.JOB_STATE_PENDING, s.JOB_STATE_RUNNING,
                         header.SerializeToString(), None, 0)
+
+
+@contextlib.contextmanager
+def a_taken_port() -> Iterator[str]:
+    """HOST:PORT of a socket listening without SO_REUSEPORT: a gRPC server cannot bind it."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        yield "{}:{}".format(*taken.getsockname())
+
+
+async def test_a_replica_that_cannot_bind_its_port_leaves_no_session_open(
+    tmp_path: Path, postgres: PostgresDatabase
+) -> None:
+    """start_replica() failing after its store opened (the port is taken) closes the store: an
+    embedding process that goes on holds no pooled session on the database."""
+    with a_taken_port() as address:
+        config = status_config(tmp_path, "127.0.0.1:1", store=postgres.dsn, listen=address)
+        with pytest.raises(RuntimeError, match="Failed to bind"):
+            await start_replica(config, store_from_config(config))  # type: ignore[arg-type]
+    connection = await postgres.connect()
+    try:
+        async def no_session() -> bool | None:
+            sessions = await connection.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND application_name = $2",
+                postgres.name, APPLICATION_NAME)
+            return True if sessions == 0 else None
+        await eventually(no_session, "the replica's sessions to end")
+    finally:
+        await connection.close()
+
+
+async def test_a_sqlite_service_that_cannot_bind_its_port_closes_its_store_and_starts_no_ingest(
+    tmp_path: Path,
+) -> None:
+    """The same for the single-process service: no ingest task left running, no database thread."""
+    def database_threads() -> int:
+        return sum(isinstance(thread, aiosqlite.Connection) for thread in threading.enumerate())
+
+    before = database_threads()
+    with a_taken_port() as address:
+        config = status_config(tmp_path, "127.0.0.1:1", listen=address)
+        with pytest.raises(RuntimeError, match="Failed to bind"):
+            await start(config)
+    assert not [task for task in asyncio.all_tasks() if task.get_name().startswith(("ingest-", "follow-"))]
+    await eventually(lambda: asyncio.sleep(0, True if database_threads() == before else None),
+                     "the store's database thread to end")
