@@ -24,7 +24,13 @@ one line whose `id:` is ATTEMPT-LINE: a reconnecting browser's Last-Event-ID
 resumes that attempt from the next line (from_line), so nothing is missed or
 repeated. The line goes as plain text (invalid UTF-8 replaced, every ANSI
 sequence stripped); the SDK reads a line only when the browser took the one
-before, under the same send timeout as the other streams.
+before, under the same send timeout as the other streams. Every output stream
+is a StreamOutput call on the gateway's one connection to the orchestrator,
+which takes at most its --max-streams-per-connection of them: past
+--max-output-streams the gateway answers 503 (the page retries), and a call the
+orchestrator refuses or cannot take (out of reach) ends the stream with
+`unavailable`, from which the browser reconnects, never with `problem`, which
+stops the page's panel.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ from datetime import UTC, datetime
 from importlib.resources import files
 from typing import Any, Generic, TypeVar
 
+import grpc
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
@@ -70,6 +77,10 @@ V = TypeVar("V")
 COOKIE = "stepstream_web_token"
 MAX_PAGE = 500
 MAX_OFFSET = 100_000
+MAX_INT32 = 2**31 - 1
+MAX_INT64 = 2**63 - 1
+# Digits a number in a parameter or header may have (leading zeros included): more is a bad request.
+MAX_DIGITS = 40
 # How long the browser waits before reconnecting a stream that ended (EventSource's `retry:`).
 RECONNECT_MS = 1_000
 # Encoded view events a job's feed keeps for the browsers following it (a handful of starting points).
@@ -77,6 +88,9 @@ ENCODED_KEPT = 16
 # The last lines of a step's output a panel starts with (the page keeps no more than these either).
 OUTPUT_TAIL = 500
 STATIC = files("stepstream_web") / "static"
+# The orchestrator's answers to a step output stream that may not hold a moment later: the browser retries.
+PASSING = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                     grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED})
 
 
 class BadRequest(Exception):
@@ -126,13 +140,23 @@ def _words(request: Request, allowed: list[str]) -> list[str]:
     return words
 
 
+def _whole(text: str, low: int, high: int) -> int | None:
+    """`text` as a whole number from `low` to `high` (ASCII digits only), else None. Its length is
+    checked first: Python refuses to convert a string of more than 4,300 digits (a ValueError)."""
+    if not (text.isascii() and text.isdigit()) or len(text) > MAX_DIGITS:
+        return None
+    number = int(text)
+    return number if low <= number <= high else None
+
+
 def _number(request: Request, name: str, default: int, low: int, high: int) -> int:
     text = request.query_params.get(name)
     if text is None:
         return default
-    if not (text.isascii() and text.isdigit()) or not low <= int(text) <= high:
+    number = _whole(text, low, high)
+    if number is None:
         raise BadRequest(f"{name} must be a whole number from {low} to {high}, got {text[:40]!r}")
-    return int(text)
+    return number
 
 
 def resume_point(request: Request) -> int | None:
@@ -141,9 +165,10 @@ def resume_point(request: Request) -> int | None:
     text = request.headers.get("last-event-id") or request.query_params.get("after")
     if not text:
         return None
-    if not (text.isascii() and text.isdigit()) or len(text) > 19:
+    revision = _whole(text, 0, MAX_INT64)
+    if revision is None:
         raise BadRequest(f"Last-Event-ID must be a revision (a whole number), got {text[:40]!r}")
-    return int(text)
+    return revision
 
 
 def output_resume_point(request: Request) -> tuple[int, int] | None:
@@ -152,10 +177,13 @@ def output_resume_point(request: Request) -> tuple[int, int] | None:
     text = request.headers.get("last-event-id") or request.query_params.get("after")
     if not text:
         return None
-    attempt, _, line = text.partition("-")
-    if not all(part.isascii() and part.isdigit() and len(part) <= 18 for part in (attempt, line)) or attempt == "0":
-        raise BadRequest(f"Last-Event-ID must be ATTEMPT-LINE (two whole numbers), got {text[:40]!r}")
-    return int(attempt), int(line)
+    attempt_text, _, line_text = text.partition("-")
+    # What StreamOutput's fields hold: attempt an int32 (1 the first), from_line = line + 1 an int64.
+    attempt, line = _whole(attempt_text, 1, MAX_INT32), _whole(line_text, 0, MAX_INT64 - 1)
+    if attempt is None or line is None:
+        raise BadRequest(f"Last-Event-ID must be ATTEMPT-LINE (attempt 1 to {MAX_INT32}, line 0 to {MAX_INT64 - 1}), "
+                         f"got {text[:40]!r}")
+    return attempt, line
 
 
 def line_event(line: LogLine) -> bytes:
@@ -189,9 +217,12 @@ class EventStream:
                 for task in (writer, leaving):
                     task.cancel()
                 await asyncio.gather(writer, leaving, return_exceptions=True)
-            if writer.done() and not writer.cancelled() and isinstance(writer.exception(), TimeoutError):
+            failure = writer.exception() if writer.done() and not writer.cancelled() else None
+            if isinstance(failure, TimeoutError):
                 log.warning("dropped a browser that read nothing for %gs; it reconnects from its Last-Event-ID",
                             self._send_timeout)
+            elif failure is not None:  # a bug: said once, rather than a connection cut with no word
+                log.error("a page stream (%s) failed: %r", scope.get("path", "?"), failure, exc_info=failure)
         finally:
             self._done()
 
@@ -200,6 +231,11 @@ class EventStream:
             async for chunk in events:
                 async with asyncio.timeout(self._send_timeout):
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                # The server's send() returns at once while the socket takes bytes, so a burst of events
+                # (an output chunk's lines) never lets the loop run: one to a browser that just left would
+                # go on being written to its dead socket, each write logged by asyncio ("socket.send()
+                # raised exception."). Yielding lets the server see the disconnect first.
+                await asyncio.sleep(0)
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
@@ -288,6 +324,8 @@ class Gateway:
         self._feeds: dict[str, Feed[Any]] = {}
         self._starting_feeds: dict[str, asyncio.Future[Feed[Any]]] = {}
         self.streams = 0
+        # Output streams open: each is a StreamOutput call on the SDK's one connection to the orchestrator.
+        self.output_streams = 0
 
     def app(self) -> Starlette:
         routes = [
@@ -455,7 +493,9 @@ class Gateway:
         them (the latest one at that moment: a slow browser gets fewer, larger deltas), heartbeats
         while nothing changes, and `end` once the job has ended."""
         yield f"retry: {RECONNECT_MS}\n\n".encode()
-        sent = after
+        # A Last-Event-ID ahead of the feed (made up, or a revision of another status database) would wait
+        # for revisions that may never come, showing nothing: such a browser is sent the whole view.
+        sent = after if after is None or after <= feed.latest.revision else None
         snapshots = feed.snapshots
         shown_live: bool | None = None
         while True:
@@ -483,9 +523,14 @@ class Gateway:
         job_id, step = request.path_params["job_id"], request.path_params["step"]
         if full := self._full():
             return full
+        if self.output_streams >= self._config.max_output_streams:
+            # Past it the orchestrator would refuse the call (its --max-streams-per-connection): a 503 that
+            # the page retries, rather than a `problem` that stops its panel.
+            return JSONResponse({"error": f"the gateway holds its most output streams "
+                                          f"({self._config.max_output_streams})"}, 503, headers={"retry-after": "5"})
         try:
             after = output_resume_point(request)
-            child = _number(request, "child", -1, 0, 2**31 - 1)
+            child = _number(request, "child", -1, 0, MAX_INT32)
             view = await self._client.get(job_id)
             known = next((each for each in view.steps if each.name == step), None)
             if known is None:
@@ -498,19 +543,26 @@ class Gateway:
             lines = self._client.logs(job_id, step, child if child >= 0 else None, tail=OUTPUT_TAIL)
         else:
             lines = self._client.logs(job_id, step, child if child >= 0 else None, after[0], from_line=after[1] + 1)
-        return self._open_stream(self._output_events(lines))
+        self.output_streams += 1
+        return self._open_stream(self._output_events(lines), self._output_closed)
+
+    def _output_closed(self) -> None:
+        self.output_streams -= 1
 
     @staticmethod
     async def _output_events(lines: AsyncGenerator[LogLine, None]) -> AsyncGenerator[bytes, None]:
-        """Each line as the browser takes it, then `end` once the attempt has ended (or `problem`
-        with the reason the orchestrator gave: the page says it and stops)."""
+        """Each line as the browser takes it, then `end` once the attempt has ended. An error that is
+        about what was asked for (an unknown attempt, a line no longer kept) is `problem` with the
+        orchestrator's reason: the page says it and stops. One that passes (the orchestrator out of
+        reach or at its limit of streams) is `unavailable` with the reason, and the stream ends: the
+        browser reconnects from its Last-Event-ID."""
         yield f"retry: {RECONNECT_MS}\n\n".encode()
         try:
             async with contextlib.aclosing(lines) as each:
                 async for line in each:
                     yield line_event(line)
         except RpcError as error:
-            yield sse("problem", {"error": str(error)})
+            yield sse("unavailable" if error.code in PASSING else "problem", {"error": str(error)})
             return
         yield sse("end", {})
 

@@ -52,3 +52,9 @@ class WebConfig:
         "most page streams (job pages and jobs lists) open at once; past it a new one is answered 503",
         positive_int,
     ))
+    max_output_streams: int = field(default=90, metadata=setting(
+        "STEPSTREAM_WEB_MAX_OUTPUT_STREAMS",
+        "most step output streams open at once, all on the gateway's one connection to the orchestrator: keep it "
+        "below the orchestrator's --max-streams-per-connection (100); past it a new one is answered 503",
+        positive_int,
+    ))
