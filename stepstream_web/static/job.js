@@ -260,6 +260,11 @@ function outputPanel(panel) {
       opened.close();
       state.textContent = "output unavailable: " + JSON.parse(event.data).error;
     });
+    // The orchestrator out of reach or at its limit of streams: the browser reconnects from its Last-Event-ID.
+    stream.addEventListener("unavailable", (event) => {
+      state.textContent = "the orchestrator cannot serve the output now (" + JSON.parse(event.data).error
+        + "), reconnecting…";
+    });
     stream.addEventListener("open", () => { state.textContent = "following…"; });
     stream.addEventListener("error", () => {
       if (finished || panel.hidden || opened !== stream) return;
