@@ -56,7 +56,7 @@ from stepstream_client.render import (
     submitted_json,
     summary_json,
 )
-from stepstream_client.sdk import Client, read_token
+from stepstream_client.sdk import MAX_INT32, Client, read_token
 
 T = TypeVar("T")
 
@@ -311,9 +311,18 @@ async def _first(items: AsyncIterator[T], limit: int | None) -> list[T]:
 def unit(text: str) -> tuple[str, int | None]:
     """STEP or STEP/INDEX (a fan-out child): step names never hold a '/'."""
     step, slash, index = text.partition("/")
-    if not step or (slash and not index.isdigit()):
+    if not step or (slash and not (index.isascii() and index.isdigit() and len(index) <= 10
+                                   and int(index) <= MAX_INT32)):
         raise argparse.ArgumentTypeError(f"{text!r} is not STEP or STEP/INDEX (INDEX a child's number, 0 first)")
     return step, int(index) if slash else None
+
+
+def int32_count(text: str) -> int:
+    """A positive_int that fits the int32 fields it is sent in."""
+    value = positive_int(text)
+    if value > MAX_INT32:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_INT32}, got {text}")
+    return value
 
 
 def wants_color(args: argparse.Namespace) -> bool:
@@ -436,9 +445,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "each line after `step ›`")
     logs.add_argument("-f", "--follow", action="store_true",
                       help="go on showing new lines until the step (every step, without STEP) ends")
-    logs.add_argument("--attempt", type=positive_int, default=None,
+    logs.add_argument("--attempt", type=int32_count, default=None,
                       help="that attempt's output (1 the first; default: the latest, and following, each retry's)")
-    logs.add_argument("--tail", type=positive_int, default=None, help="only the last N lines of each attempt")
+    logs.add_argument("--tail", type=int32_count, default=None, help="only the last N lines of each attempt")
     logs.add_argument("--stream", choices=["stdout", "stderr"], default=None, help="only that stream's lines")
     logs.add_argument("--no-color", action="store_true",
                       help="strip the colours (ANSI sequences) a step printed, as env NO_COLOR does")

@@ -77,6 +77,7 @@ _CHANNEL_OPTIONS = [
 
 # How often logs() asks, following a step, whether its next attempt has begun (or the step ended).
 _STEP_POLL = Backoff(initial=0.05, cap=1.0)
+MAX_INT32 = 2**31 - 1  # the most an int32 field of a request holds (a child, an attempt, a tail)
 
 Definition = str | Path | Mapping[str, Any] | definition_pb2.JobDefinition
 T = TypeVar("T")
@@ -399,6 +400,10 @@ class Client:
         """
         if step is None and (child is not None or attempt is not None):
             raise ValueError("give a step with a child or an attempt")
+        for name, value, least, most in (("child", child, 0, MAX_INT32), ("attempt", attempt, 1, MAX_INT32),
+                                         ("tail", tail, 1, MAX_INT32), ("from_line", from_line, 0, 2**63 - 1)):
+            if value is not None and not least <= value <= most:
+                raise ValueError(f"{name} must be {least} to {most}, got {value}")
         if from_line is not None and (attempt is None or tail is not None):
             raise ValueError("from_line goes with an attempt and without a tail")
         unknown = [word for word in streams if word not in OUTPUT_STREAM_WORDS]

@@ -150,12 +150,25 @@ async def test_the_logs_command(client: Client, orchestrator: Service, tmp_path:
 
 
 def test_a_malformed_step_or_child_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
-    for malformed in ("fan/x", "/1", "fan/"):
+    for malformed in ("fan/x", "/1", "fan/", "fan/2147483648", "fan/99999999999", "fan/١"):
         with pytest.raises(SystemExit) as exited:
             build_parser().parse_args(["logs", "some-job", malformed])
         assert exited.value.code == 2
         assert "is not STEP or STEP/INDEX" in capsys.readouterr().err
-    assert build_parser().parse_args(["logs", "some-job", "fan/12"]).unit == ("fan", 12)
+    for option in ("--attempt", "--tail"):
+        with pytest.raises(SystemExit) as exited:
+            build_parser().parse_args(["logs", "some-job", "fan", option, "3000000000"])
+        assert exited.value.code == 2
+        assert "must be at most 2147483647, got 3000000000" in capsys.readouterr().err
+    assert build_parser().parse_args(["logs", "some-job", "fan/2147483647"]).unit == ("fan", 2**31 - 1)
+
+
+async def test_the_sdk_refuses_a_number_its_request_cannot_carry(client: Client) -> None:
+    for arguments, message in (({"child": 2**31}, "child must be 0 to"), ({"attempt": 0}, "attempt must be 1 to"),
+                               ({"tail": 3_000_000_000}, "tail must be 1 to"),
+                               ({"attempt": 1, "from_line": 2**63}, "from_line must be 0 to")):
+        with pytest.raises(ValueError, match=message):
+            client.logs("some-job", "fan", **arguments)  # type: ignore[arg-type]
 
 
 async def on_a_terminal(*args: str, env: dict[str, str]) -> str:
