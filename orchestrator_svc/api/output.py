@@ -127,8 +127,14 @@ class OutputApi:
         child = request.child if request.HasField("child") else None
         self.open_streams += 1
         try:
-            await self._known(request.job_id, request.step, child)
-            output = self._attempt(request.job_id, request.step, child, request.attempt)
+            job = await self._known(request.job_id, request.step, child)
+            try:
+                output = self._attempt(request.job_id, request.step, child, request.attempt)
+            except NotFoundError:
+                if child is None and request.step in job.child_counts and not request.attempt:
+                    raise NotFoundError(f"{_where(request.job_id, request.step, None)} is a fan-out: it prints "
+                                        "nothing itself; ask for one of its children's output (child)") from None
+                raise
             plan = self._plan(request, output)
             yield pb.StreamOutputResponse(start=pb.OutputStart(
                 attempt=output.key.attempt, first_retained_line=output.first_retained, lines=output.lines,

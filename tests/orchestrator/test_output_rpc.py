@@ -212,6 +212,7 @@ async def test_every_bad_request_gets_its_code_and_details(orchestrator_stub: St
         "step 'count' has no child 0": request(job_id, child=0),
         "step 'fan' has no child 2": request(job_id, "fan", child=2),
         "step 'count' has no attempt 2": request(job_id, attempt=2),
+        "step 'fan' is a fan-out: it prints nothing itself": request(job_id, "fan"),
     }
     for words, bad in not_found.items():
         error = await failed(stream(bad))
