@@ -19,7 +19,8 @@ first source whose `job` record creates a job owns it: an event from any other
 source for that job is rejected, whatever it says. So is an event for a job
 this service does not know unless the same item brings that job's creation (a
 `job` record): the orchestrator sends a job's record before its steps, and a
-snapshot item holds its job records (after their steps and children). Rejected
+snapshot item holds its job records (after their steps and children). So is a
+malformed event: no job id, or a job id or step name over MAX_KEY_CHARS. Rejected
 events are not applied but are passed over like applied ones (the cursor still
 moves past them: a hostile or confused source cannot stall its own ingest),
 and each (source, job, owner) is logged once per transaction, as a warning
@@ -53,6 +54,13 @@ from stepstream_common.tracing import Tracing
 log = logging.getLogger(__name__)
 
 MAX_EVENTS_PER_TRANSACTION = 5000
+# The longest job id and step name an event may carry, in characters. They are keys of the store's
+# indexes, and PostgreSQL refuses an index entry over about 2.7 kB (4 bytes a character at most): one
+# such event would fail every commit. This service's orchestrator makes 16-character ids and step
+# names of at most 100.
+MAX_KEY_CHARS = 256
+# The `owner` of a rejection for a malformed event (an address never holds a NUL).
+MALFORMED = "\0"
 
 
 @dataclass(frozen=True)
@@ -226,7 +234,10 @@ class IngestWriter:
         projection = self._projector.finish()
         for (address, job_id, owner), count in rejected.items():
             self.events_rejected += count
-            if owner:
+            if owner == MALFORMED:
+                log.warning("rejected %d event(s) from %s: no job id, or a job id or step name over %d characters",
+                            count, address, MAX_KEY_CHARS)
+            elif owner:
                 log.warning("rejected %d event(s) from %s for job %s: the job belongs to %s",
                             count, address, job_id, owner, extra={"job_id": job_id})
             else:
@@ -309,6 +320,9 @@ class IngestWriter:
         for event, job_id in zip(item.events, job_ids, strict=True):
             if from_stream and event.seq <= cursor:
                 continue
+            if not job_id:
+                rejected[(address, "", MALFORMED)] += 1
+                continue
             job = jobs.get(job_id)
             if job is None:
                 if created is None:
@@ -351,12 +365,15 @@ class IngestWriter:
 
 
 def _job_id(event: records_pb2.StepEvent) -> str:
+    """The event's job id; "" for a malformed event: none, or a job id or step name over MAX_KEY_CHARS."""
     kind = event.WhichOneof("record")
     if kind == "child":
-        return event.child.job_id
-    if kind == "step":
-        return event.step.job_id
-    return event.job.id
+        job_id, step = event.child.job_id, event.child.step_name
+    elif kind == "step":
+        job_id, step = event.step.job_id, event.step.name
+    else:
+        job_id, step = event.job.id, ""
+    return job_id if len(job_id) <= MAX_KEY_CHARS and len(step) <= MAX_KEY_CHARS else ""
 
 
 def _created(item: Events, job_ids: list[str], cursor: int) -> set[str]:

@@ -564,3 +564,32 @@ async def theirs_untouched(
     assert f"rejected 2 event(s) from {fake.address}" in line and "never created" in line
     assert not rejections(caplog, own)
     assert not status.writer_task.done()
+
+
+async def test_an_event_without_a_job_id_or_with_an_oversize_key_is_rejected_and_ingest_goes_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A job id or step name of 257 characters (keys of the store's indexes: PostgreSQL would fail
+    every commit holding one), or no job id at all: rejected, logged once per source and
+    transaction, the cursor moved past them; the same source's well-formed events around them apply,
+    and 256 characters is taken."""
+    caplog.set_level(logging.WARNING, logger=WRITER_LOG)
+    j1, longest = new_job_id(), "x" * 256
+    async with writer_on(tmp_path / "status.sqlite3") as (writer, store):
+        await writer.submit(Events("orch-a", "log-a", [
+            _event(1, job(j1, s.JOB_STATE_RUNNING)),
+            _event(2, job("j" * 257, s.JOB_STATE_RUNNING)),
+            _event(3, step(j1, "s" * 257, 0, s.STEP_STATE_RUNNING)),
+            _event(4, records_pb2.Child(job_id=j1, step_name="s" * 257, index=0, state=s.STEP_STATE_RUNNING)),
+            _event(5, job("", s.JOB_STATE_RUNNING)),
+            _event(6, step(j1, longest, 0, s.STEP_STATE_RUNNING)),
+            _event(7, job(longest, s.JOB_STATE_RUNNING)),
+        ]))
+    assert writer.source("orch-a").cursor == 7
+    assert writer.events_rejected == 4
+    async with writer_on(tmp_path / "status.sqlite3") as (_, store):
+        first = await store.get_job(j1)
+        assert first is not None and [st.name for st in first.steps] == [longest]
+        assert await store.get_job(longest) is not None
+    [line] = [r.getMessage() for r in caplog.records if r.name == WRITER_LOG and "from orch-a" in r.getMessage()]
+    assert "rejected 4 event(s) from orch-a: no job id, or a job id or step name over 256 characters" in line
