@@ -293,8 +293,11 @@ async def test_following_a_child_follows_its_retries_and_ends_with_its_last_atte
         return True if [each async for each in client.output(job.id, "fan") if each.child == child] else None
 
     async def followed(child: int, first_line: asyncio.Event | None = None) -> list[tuple[int, str]]:
+        """Child 1 from its first attempt's first line (it may be on its retry already when this begins),
+        child 0 from its latest attempt (the first: it waits for the gate)."""
+        logs = client.logs(job.id, "fan", 1, 1, from_line=0) if child == 1 else client.logs(job.id, "fan", 0)
         got = []
-        async with contextlib.aclosing(client.logs(job.id, "fan", child)) as lines:
+        async with contextlib.aclosing(logs) as lines:
             async for line in lines:
                 got.append((line.attempt, line.text))
                 if first_line is not None:
