@@ -18,10 +18,10 @@ from tests.client.services import (
     CliResult,
     Service,
     eventually,
-    free_port,
     gate_step,
     run_cli,
 )
+from tests.client.services import nobody as nobody_listening
 
 JOB_FIELDS = {
     "id", "name", "state", "reason", "message", "revision", "live", "stale", "stale_since", "stale_detail", "source",
@@ -173,7 +173,7 @@ async def test_exit_codes_follow_the_final_state_of_the_job(cli: Cli, tmp_path: 
 
 
 async def test_errors_are_one_clear_line_with_their_exit_code(cli: Cli, tmp_path: Path) -> None:
-    nobody = f"127.0.0.1:{free_port()}"
+    nobody = nobody_listening()
     for args in (["get", "x"], ["watch", "x"], ["list"], ["submit", str(write(tmp_path, "ok.toml", FANOUT_TOML))]):
         unreachable = await run_cli("--orchestrator", nobody, "--status", nobody, "--retry-for", "0.3", *args)
         assert unreachable.code == 4, unreachable
