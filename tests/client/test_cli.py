@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -245,14 +246,21 @@ async def test_ctrl_c_ends_a_watch_with_130_and_no_traceback(cli: Cli, tmp_path:
     assert isinstance(job, dict)
     process = await asyncio.create_subprocess_exec(
         str(STEPSTREAM), *cli.addresses, "watch", job["id"], stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE, cwd=REPO,
+        stderr=asyncio.subprocess.PIPE, cwd=REPO, env={**os.environ, "PYTHONFAULTHANDLER": "1"},
     )
     assert process.stdout is not None
-    async with asyncio.timeout(DEADLINE):
-        while b"step=wait state=running" not in await process.stdout.readline():
-            pass
-        process.send_signal(signal.SIGINT)
+    try:
+        async with asyncio.timeout(DEADLINE):
+            while b"step=wait state=running" not in await process.stdout.readline():
+                pass
+            process.send_signal(signal.SIGINT)
+            _, stderr = await process.communicate()
+    except TimeoutError:
+        # Never left running; SIGABRT makes its faulthandler print where each thread was.
+        if process.returncode is None:
+            process.send_signal(signal.SIGABRT)
         _, stderr = await process.communicate()
+        raise AssertionError(f"the watch did not end after Ctrl-C: {stderr.decode()[-6000:]}") from None
     assert process.returncode == 130
     assert b"Traceback" not in stderr
     assert (await cli("cancel", job["id"])).code == 0
