@@ -240,12 +240,19 @@ async def test_python_dash_m_runs_the_same_cli(cli: Cli, tmp_path: Path) -> None
     await eventually(done, "the job to complete")
 
 
+# Runs argv[1:] with SIGINT at its default, as a terminal's foreground process has it: where the suite itself
+# runs with SIGINT ignored (a background job of a script: `cmd &`), its children inherit that, and the CLI
+# rightly keeps an ignored SIGINT, so a Ctrl-C test would wait forever.
+DEFAULT_SIGINT = [sys.executable, "-c", "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+                  "os.execv(sys.argv[1], sys.argv[1:])"]
+
+
 async def test_ctrl_c_ends_a_watch_with_130_and_no_traceback(cli: Cli, tmp_path: Path) -> None:
     long = write(tmp_path, "long.yaml", json.dumps({"name": "long", "steps": [gate_step("wait", tmp_path / "no")]}))
     job = await cli.json("submit", str(long))
     assert isinstance(job, dict)
     process = await asyncio.create_subprocess_exec(
-        str(STEPSTREAM), *cli.addresses, "watch", job["id"], stdout=asyncio.subprocess.PIPE,
+        *DEFAULT_SIGINT, str(STEPSTREAM), *cli.addresses, "watch", job["id"], stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE, cwd=REPO, env={**os.environ, "PYTHONFAULTHANDLER": "1"},
     )
     assert process.stdout is not None
