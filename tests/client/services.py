@@ -106,10 +106,27 @@ def status(data_dir: Path, orchestrator_address: str, *args: str) -> Service:
 
 
 def free_port() -> int:
-    """A loopback port that was free a moment ago, where nothing is expected to listen."""
+    """A loopback port that was free a moment ago, for a service to listen on. Only a moment: another
+    process may take it before the service binds it, so prefer port 0 (and the address the service says
+    it listens on) wherever the test need not know the port beforehand, and nobody() for an address
+    where nothing must listen."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+_reserved: list[socket.socket] = []
+
+
+def nobody() -> str:
+    """A loopback address where nothing listens, the same one for the whole test run: its port is held
+    bound (never listening) until this process exits, so a connection to it is refused and no other
+    process can start listening on it meanwhile."""
+    if not _reserved:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.bind(("127.0.0.1", 0))
+        _reserved.append(sock)
+    return f"127.0.0.1:{_reserved[0].getsockname()[1]}"
 
 
 # --- for the SDK and CLI tests (test_sdk, test_watch, test_cli, test_cli_robustness) ----------------------------

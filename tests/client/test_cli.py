@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -18,10 +19,10 @@ from tests.client.services import (
     CliResult,
     Service,
     eventually,
-    free_port,
     gate_step,
     run_cli,
 )
+from tests.client.services import nobody as nobody_listening
 
 JOB_FIELDS = {
     "id", "name", "state", "reason", "message", "revision", "live", "stale", "stale_since", "stale_detail", "source",
@@ -173,7 +174,7 @@ async def test_exit_codes_follow_the_final_state_of_the_job(cli: Cli, tmp_path: 
 
 
 async def test_errors_are_one_clear_line_with_their_exit_code(cli: Cli, tmp_path: Path) -> None:
-    nobody = f"127.0.0.1:{free_port()}"
+    nobody = nobody_listening()
     for args in (["get", "x"], ["watch", "x"], ["list"], ["submit", str(write(tmp_path, "ok.toml", FANOUT_TOML))]):
         unreachable = await run_cli("--orchestrator", nobody, "--status", nobody, "--retry-for", "0.3", *args)
         assert unreachable.code == 4, unreachable
@@ -239,20 +240,34 @@ async def test_python_dash_m_runs_the_same_cli(cli: Cli, tmp_path: Path) -> None
     await eventually(done, "the job to complete")
 
 
+# Runs argv[1:] with SIGINT at its default, as a terminal's foreground process has it: where the suite itself
+# runs with SIGINT ignored (a background job of a script: `cmd &`), its children inherit that, and the CLI
+# rightly keeps an ignored SIGINT, so a Ctrl-C test would wait forever.
+DEFAULT_SIGINT = [sys.executable, "-c", "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+                  "os.execv(sys.argv[1], sys.argv[1:])"]
+
+
 async def test_ctrl_c_ends_a_watch_with_130_and_no_traceback(cli: Cli, tmp_path: Path) -> None:
     long = write(tmp_path, "long.yaml", json.dumps({"name": "long", "steps": [gate_step("wait", tmp_path / "no")]}))
     job = await cli.json("submit", str(long))
     assert isinstance(job, dict)
     process = await asyncio.create_subprocess_exec(
-        str(STEPSTREAM), *cli.addresses, "watch", job["id"], stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE, cwd=REPO,
+        *DEFAULT_SIGINT, str(STEPSTREAM), *cli.addresses, "watch", job["id"], stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE, cwd=REPO, env={**os.environ, "PYTHONFAULTHANDLER": "1"},
     )
     assert process.stdout is not None
-    async with asyncio.timeout(DEADLINE):
-        while b"step=wait state=running" not in await process.stdout.readline():
-            pass
-        process.send_signal(signal.SIGINT)
+    try:
+        async with asyncio.timeout(DEADLINE):
+            while b"step=wait state=running" not in await process.stdout.readline():
+                pass
+            process.send_signal(signal.SIGINT)
+            _, stderr = await process.communicate()
+    except TimeoutError:
+        # Never left running; SIGABRT makes its faulthandler print where each thread was.
+        if process.returncode is None:
+            process.send_signal(signal.SIGABRT)
         _, stderr = await process.communicate()
+        raise AssertionError(f"the watch did not end after Ctrl-C: {stderr.decode()[-6000:]}") from None
     assert process.returncode == 130
     assert b"Traceback" not in stderr
     assert (await cli("cancel", job["id"])).code == 0

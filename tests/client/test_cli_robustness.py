@@ -25,7 +25,8 @@ from stepstream_client import Client
 from stepstream_client.definitions import MAX_DEFINITION_BYTES, MAX_DEPTH, MAX_VALUES
 from stepstream_client.render import CONTROL_CHARACTERS, dumps, printable
 
-from tests.client.services import DEADLINE, REPO, STEPSTREAM, CliResult, Service, free_port, run_cli
+from tests.client.services import DEADLINE, REPO, STEPSTREAM, CliResult, Service, run_cli
+from tests.client.services import nobody as nobody_listening
 
 DEEP = 100_000
 EXIT_INVALID = 6
@@ -35,7 +36,7 @@ EXIT_STDOUT_CLOSED = 141
 
 def _nobody() -> list[str]:
     """Addresses where nothing listens: a definition that got past reading would fail with 4, not 6."""
-    nobody = f"127.0.0.1:{free_port()}"
+    nobody = nobody_listening()
     return ["--orchestrator", nobody, "--status", nobody]
 
 

@@ -216,7 +216,7 @@ async def test_answers_are_never_retried(client: Client, sent: Sent) -> None:
 async def test_the_overall_deadline_ends_a_call_to_a_service_that_never_comes_back(
     orchestrator: Service, sent: Sent
 ) -> None:
-    nobody = f"127.0.0.1:{services.free_port()}"
+    nobody = services.nobody()
     brief = RetryPolicy(deadline=1.0)
     async with Client(nobody, nobody, retry=brief, interceptors=[sent]) as client:
         with pytest.raises(UnavailableError) as on_get:

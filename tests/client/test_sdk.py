@@ -22,7 +22,7 @@ from stepstream_client import (
 from stepstream_client.definitions import definition_from_mapping
 
 from tests.client import services
-from tests.client.services import QUICK_STATUS, Service, eventually, free_port, gate_step
+from tests.client.services import QUICK_STATUS, Service, eventually, gate_step
 
 QUICK = {"name": "quick", "steps": [{"name": "one", "type": "sleep", "seconds": 0}]}
 
@@ -94,7 +94,7 @@ async def test_a_file_that_is_not_a_definition_raises_definition_error(client: C
 
 
 async def test_an_unreachable_service_raises_unavailable_naming_the_address() -> None:
-    nobody = f"127.0.0.1:{free_port()}"
+    nobody = services.nobody()
     async with Client(nobody, nobody, retry=RetryPolicy(deadline=0.5)) as client:
         with pytest.raises(UnavailableError) as on_submit:
             await client.submit(QUICK)
@@ -119,7 +119,7 @@ async def test_unknown_jobs_raise_not_found(client: Client) -> None:
 
 async def test_not_found_is_retried_only_for_a_bounded_time(orchestrator: Service, tmp_path: Path) -> None:
     """The orchestrator knows the job but this status service never will (it follows nobody)."""
-    blind = services.status(tmp_path / "blind", f"127.0.0.1:{free_port()}", *QUICK_STATUS,
+    blind = services.status(tmp_path / "blind", services.nobody(), *QUICK_STATUS,
                             "--max-wait-applied", "0.5")
     await blind.start()
     try:

@@ -16,8 +16,10 @@ import subprocess
 import sys
 import tomllib
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -124,14 +126,15 @@ def test_a_command_that_runs_the_services_says_what_to_install(
     assert "pip install" in result.stderr, result
 
 
-# Loaded into the client-only pytest with -p: what that process imported, where from, and what it ran.
+# Loaded into each client-only pytest with -p: what that process imported, where from, and what it ran
+# (written to the file named by $STEPSTREAM_PROBE_JSON).
 PROBE_PLUGIN = f"""
-import json, sys
+import json, os, sys
 from pathlib import Path
 
 def pytest_terminal_summary(terminalreporter):
     import stepstream, stepstream_client
-    Path(__file__).with_suffix(".json").write_text(json.dumps({{
+    Path(os.environ["STEPSTREAM_PROBE_JSON"]).write_text(json.dumps({{
         "python": sys.executable,
         "client": stepstream_client.__file__,
         "contract": stepstream.__file__,
@@ -142,7 +145,11 @@ def pytest_terminal_summary(terminalreporter):
 
 # The client tests only, every one of them (slow ones too), without tests/conftest.py (the
 # servers' in-process fixtures) and without writing pytest's cache into the repository.
-CLIENT_TESTS = ["tests/client", "-m", "", "-p", "no:cacheprovider", "--confcutdir", "tests/client"]
+CLIENT_OPTIONS = ["-m", "", "-p", "no:cacheprovider", "--confcutdir", "tests/client"]
+CLIENT_TESTS = ["tests/client", *CLIENT_OPTIONS]
+# The client-only run shares tests/client's modules out to this many pytest processes at a time (the
+# machine the suite is sized for has 2 cores, idle meanwhile: the tests mostly wait on their services).
+WORKERS = max(1, min(2, os.cpu_count() or 1))
 
 
 def collected_here() -> int:
@@ -155,25 +162,50 @@ def collected_here() -> int:
     return int(found.group(1))
 
 
+def client_test_modules() -> list[str]:
+    """tests/client's test modules, the largest first (a rough guess at the longest first)."""
+    modules = sorted((REPO / "tests" / "client").glob("test_*.py"), key=lambda path: -path.stat().st_size)
+    return [str(module.relative_to(REPO)) for module in modules]
+
+
+@dataclass(frozen=True)
+class ModuleRun:
+    module: str
+    result: subprocess.CompletedProcess[str]
+    probe: dict[str, Any]
+
+
 def test_the_client_tests_pass_with_only_the_client_installed(client_venv: Venv, tmp_path: Path) -> None:
     """The repository's tests/client, collected from the repository's root, run by the venv's
     python: the client comes from the venv's site-packages (the repository's client/ is not
-    on sys.path), the services from this interpreter (STEPSTREAM_SERVER_PYTHON)."""
+    on sys.path), the services from this interpreter (STEPSTREAM_SERVER_PYTHON). Each module runs
+    in a pytest process of its own, WORKERS at a time; together they ran every client test."""
     (client_venv.site_packages / f"{PROBE}.py").write_text(PROBE_PLUGIN)
-    result = run(
-        [client_venv.python, "-m", "pytest", *CLIENT_TESTS, "-q", "-p", PROBE,
-         "--basetemp", str(tmp_path / "basetemp")],
-        cwd=REPO, timeout=RUN_BOUND, env=client_venv.env(STEPSTREAM_SERVER_PYTHON=sys.executable),
-    )
-    assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-4000:]
 
-    probe = json.loads((client_venv.site_packages / f"{PROBE}.json").read_text())
-    assert Path(probe["python"]).parent == client_venv.root / "bin", probe
-    for module in ("client", "contract"):
-        assert Path(probe[module]).is_relative_to(client_venv.site_packages), probe
-    assert probe["server_modules"] == [], probe
+    def run_module(index: int, module: str) -> ModuleRun:
+        probe = tmp_path / f"probe-{index}.json"
+        result = run(
+            [client_venv.python, "-m", "pytest", module, *CLIENT_OPTIONS, "-q", "-p", PROBE,
+             "--basetemp", str(tmp_path / f"basetemp-{index}")],
+            cwd=REPO, timeout=RUN_BOUND,
+            env=client_venv.env(STEPSTREAM_SERVER_PYTHON=sys.executable, STEPSTREAM_PROBE_JSON=str(probe)),
+        )
+        return ModuleRun(module, result, json.loads(probe.read_text()) if probe.exists() else {})
 
-    outcomes = {outcome: count for outcome, count in probe["outcomes"].items() if count}
-    assert set(outcomes) <= {"passed", "warnings"}, f"not only passes: {outcomes}\n{result.stdout[-4000:]}"
-    assert outcomes["passed"] > 0, outcomes
-    assert outcomes["passed"] == collected_here(), "every client test collected here ran there"
+    with ThreadPoolExecutor(WORKERS) as pool:
+        runs = list(pool.map(run_module, *zip(*enumerate(client_test_modules()), strict=True)))
+    passed = 0
+    for module_run in runs:
+        result, probe = module_run.result, module_run.probe
+        assert result.returncode == 0, (module_run.module, result.stdout[-8000:] + result.stderr[-4000:])
+        assert Path(probe["python"]).parent == client_venv.root / "bin", probe
+        for module in ("client", "contract"):
+            assert Path(probe[module]).is_relative_to(client_venv.site_packages), probe
+        assert probe["server_modules"] == [], probe
+
+        outcomes = {outcome: count for outcome, count in probe["outcomes"].items() if count}
+        assert set(outcomes) <= {"passed", "warnings"}, \
+            f"{module_run.module}: not only passes: {outcomes}\n{result.stdout[-4000:]}"
+        assert outcomes["passed"] > 0, (module_run.module, outcomes)
+        passed += outcomes["passed"]
+    assert passed == collected_here(), "every client test collected here ran there"

@@ -101,12 +101,11 @@ def test_watch_on_a_terminal_redraws_the_tree_as_the_job_runs(
 ) -> None:
     """The tree follows the job; while the status service is down (killed, then
     restarted on the same address) it says since when it is stale."""
-    address = f"127.0.0.1:{free_port()}"
-    first = status_process(tmp_path / "status", orchestrator_service.address, "--listen", address)
+    first = status_process(tmp_path / "status", orchestrator_service.address)
+    address = first.start()  # on port 0: a port found free beforehand may be taken before it binds
     second = status_process(tmp_path / "status", orchestrator_service.address, "--listen", address)
     addresses = ["--orchestrator", orchestrator_service.address, "--status", address]
     gate = tmp_path / "gate"
-    first.start()
     try:
         with SyncClient(orchestrator_service.address, address) as client:
             job = client.submit({"name": "on-a-tty", "steps": [

@@ -35,12 +35,15 @@ from stepstream.orchestrator.v1 import orchestrator_service_pb2_grpc as orch_grp
 from stepstream.status.v1 import status_service_pb2 as status_pb
 
 from stepstream_common import rpc
-from tests.helpers import ServiceProcess, free_port, job_definition, orchestrator_process, status_process
+from tests.helpers import ServiceProcess, job_definition, orchestrator_process, status_process
 
 # Per method (21 of them): about 300 examples in all.
 EXAMPLES_PER_METHOD = 15
-# Each call's deadline: a stream read for a moment, or a read that waits (not_older_than), ends by then.
+# Each unary call's deadline: a read that waits (not_older_than) ends by then.
 CALL_DEADLINE = 1.0
+# Each stream's deadline: it is read for this moment (two messages at most). A stream that sends one message
+# and then waits (Health/Watch sends the next only on a change) ends here, DEADLINE_EXCEEDED, each example.
+STREAM_DEADLINE = 0.3
 # A broken server answers these; a client error or a limit never does.
 NEVER = frozenset({grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE})
 # Strings worth trying besides random text: names the services know, placeholders, edges.
@@ -79,7 +82,7 @@ class Fuzzed:
 @pytest.fixture(scope="module")
 def fuzzed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fuzzed]:
     root = tmp_path_factory.mktemp("fuzz")
-    orchestrator = orchestrator_process(root / "orchestrator", free_port())
+    orchestrator = orchestrator_process(root / "orchestrator", 0)
     status: ServiceProcess | None = None
     channels: dict[str, grpc.Channel] = {}
     try:
@@ -240,10 +243,10 @@ def call(channel: grpc.Channel, method: Method, data: bytes) -> grpc.StatusCode:
     try:
         if descriptor.client_streaming:
             bidi: grpc.StreamStreamMultiCallable[bytes, bytes] = channel.stream_stream(method.path)
-            stream = bidi(iter([data]), timeout=CALL_DEADLINE)
+            stream = bidi(iter([data]), timeout=STREAM_DEADLINE)
         elif descriptor.server_streaming:
             server_streaming: grpc.UnaryStreamMultiCallable[bytes, bytes] = channel.unary_stream(method.path)
-            stream = server_streaming(data, timeout=CALL_DEADLINE)
+            stream = server_streaming(data, timeout=STREAM_DEADLINE)
         else:
             unary: grpc.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(method.path)
             unary(data, timeout=CALL_DEADLINE)

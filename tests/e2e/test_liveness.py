@@ -51,7 +51,6 @@ from tests.helpers import (
     STEPSTREAM,
     channel,
     eventually,
-    free_port,
     gate_step,
     job_definition,
     stored_updates,
@@ -453,15 +452,18 @@ def test_up_stops_the_other_service_and_exits_non_zero_when_one_dies(
     """kill -9 one child of `stepstream up`: up prints one line naming it and how it ended,
     stops the other and the web gateway (gone afterwards), and exits 1. It does not restart it (see launcher.py)."""
     names = {"status_svc": "status service", "orchestrator_svc": "orchestrator"}
+    # Port 0 for all three (nothing here connects to them): a port free_port() found free may be taken by
+    # another process before `up` binds it, and then `up` exits before its banner.
+    anywhere = "127.0.0.1:0"
     up = subprocess.Popen(
-        [str(STEPSTREAM), "--orchestrator", f"127.0.0.1:{free_port()}", "--status", f"127.0.0.1:{free_port()}",
-         "up", "--data-dir", str(tmp_path / "data"), "--web-listen", f"127.0.0.1:{free_port()}"],
+        [str(STEPSTREAM), "--orchestrator", anywhere, "--status", anywhere,
+         "up", "--data-dir", str(tmp_path / "data"), "--web-listen", anywhere],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
         assert up.stdout is not None
         banner = [up.stdout.readline() for _ in range(4)]
-        assert "Ctrl-C" in banner[3], banner
+        assert "Ctrl-C" in banner[3], (banner, "" if banner[3] else up.communicate(timeout=EXIT_BOUND))
         children = {
             module: child for child in psutil.Process(up.pid).children()
             for module in (victim, survivor, "stepstream_web") if module in child.cmdline()
