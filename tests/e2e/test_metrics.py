@@ -304,16 +304,12 @@ async def test_dashboard_and_alerts_name_only_metrics_the_services_export(
             named = set(re.findall(r"\bstepstream_[a-z_]+", expression))
             assert named, f"{path.name}: {expression!r} names no stepstream metric"
             assert named <= exported, f"{path.name}: {sorted(named - exported)} are not exported"
-    if promtool := require_promtool():
+    if promtool := require_from_prometheus("promtool"):
         for address in (orchestrator.metrics, status.metrics):
             text = await asyncio.to_thread(exposition, address)
             linted = await asyncio.to_thread(subprocess.run, [promtool, "check", "metrics"], input=text,
                                              capture_output=True, text=True, check=False)
             assert linted.returncode == 0 and not linted.stdout.strip(), f"{address}: {linted.stdout}{linted.stderr}"
-
-
-def require_promtool() -> str:
-    return require_from_prometheus("promtool")
 
 
 def require_from_prometheus(program: str) -> str:
@@ -384,7 +380,7 @@ async def test_a_real_prometheus_scrapes_both_services_and_evaluates_every_alert
 def test_the_alert_rules_load_and_fire_exactly_as_their_unit_tests_say() -> None:
     """`promtool test rules` on deploy/prometheus/alerts_test.yml: every alert of alerts.yml and
     alerts-replicas.yml fires on the series it is for, with its labels and words, and not on a near miss."""
-    promtool = require_promtool()
+    promtool = require_from_prometheus("promtool")
     rules = REPO / "deploy/prometheus"
     checked = subprocess.run([promtool, "check", "rules", "alerts.yml", "alerts-replicas.yml"], cwd=rules,
                              capture_output=True, text=True, check=False)

@@ -21,9 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import threading
-from collections.abc import AsyncIterator, Awaitable, Iterator
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 
 import aiosqlite
@@ -44,6 +43,7 @@ from status_svc.storage.base import StatusStore, StoredChange, WriteBatch
 from status_svc.storage.open import store_from_config
 from status_svc.storage.postgres import APPLICATION_NAME, PG_SCHEMA, PostgresStatusStore
 from status_svc.storage.sqlite import SqliteStatusStore
+from tests.client.services import nobody
 from tests.conftest import status_config
 from tests.helpers import (
     DEADLINE,
@@ -272,24 +272,14 @@ def change(revision: int) -> StoredChange:
                         header.SerializeToString(), None, 0)
 
 
-@contextlib.contextmanager
-def a_taken_port() -> Iterator[str]:
-    """HOST:PORT of a socket listening without SO_REUSEPORT: a gRPC server cannot bind it."""
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        yield "{}:{}".format(*taken.getsockname())
-
-
 async def test_a_replica_that_cannot_bind_its_port_leaves_no_session_open(
     tmp_path: Path, postgres: PostgresDatabase
 ) -> None:
     """start_replica() failing after its store opened (the port is taken) closes the store: an
     embedding process that goes on holds no pooled session on the database."""
-    with a_taken_port() as address:
-        config = status_config(tmp_path, "127.0.0.1:1", store=postgres.dsn, listen=address)
-        with pytest.raises(RuntimeError, match="Failed to bind"):
-            await start_replica(config, store_from_config(config))  # type: ignore[arg-type]
+    config = status_config(tmp_path, nobody(), store=postgres.dsn, listen=nobody())
+    with pytest.raises(RuntimeError, match="Failed to bind"):
+        await start_replica(config, store_from_config(config))  # type: ignore[arg-type]
     connection = await postgres.connect()
     try:
         async def no_session() -> bool | None:
@@ -310,10 +300,9 @@ async def test_a_sqlite_service_that_cannot_bind_its_port_closes_its_store_and_s
         return sum(isinstance(thread, aiosqlite.Connection) for thread in threading.enumerate())
 
     before = database_threads()
-    with a_taken_port() as address:
-        config = status_config(tmp_path, "127.0.0.1:1", listen=address)
-        with pytest.raises(RuntimeError, match="Failed to bind"):
-            await start(config)
+    config = status_config(tmp_path, nobody(), listen=nobody())
+    with pytest.raises(RuntimeError, match="Failed to bind"):
+        await start(config)
     assert not [task for task in asyncio.all_tasks() if task.get_name().startswith(("ingest-", "follow-"))]
     await eventually(lambda: asyncio.sleep(0, True if database_threads() == before else None),
                      "the store's database thread to end")

@@ -58,6 +58,24 @@ def opened_afterwards(*gates: Path) -> Iterator[None]:
             gate.touch()
 
 
+@contextlib.asynccontextmanager
+async def printing_behind_a_gateway(
+    tmp_path: Path, status: Service, orchestrator: Service, *gateway_args: str,
+) -> AsyncIterator[tuple[WebGateway, tuple[Path, Path], str]]:
+    """A gateway of the test's own (a subprocess started with `gateway_args`) and the printer job
+    submitted: (gateway, the job's gates, its id). Afterwards the gateway is killed and the gates opened."""
+    web = WebGateway(tmp_path / "web.log", status, orchestrator, *gateway_args)
+    gates = (tmp_path / "second", tmp_path / "third")
+    with opened_afterwards(*gates):
+        await web.start()
+        try:
+            async with Client(orchestrator.address, status.address) as client:
+                job = await client.submit(printer_job(gates))
+            yield web, gates, job.id
+        finally:
+            await web.kill()
+
+
 async def panel_lines(page: Page) -> list[str]:
     lines: list[str] = await page.eval_on_selector_all(
         "li.step[data-name=print] .output-lines > div[data-line]", "nodes => nodes.map(n => n.textContent)")
@@ -118,35 +136,28 @@ async def test_the_output_stream_resumes_by_line_refuses_without_the_token_and_n
     token = tmp_path / "token"
     token.write_text("s3cret-token\n")
     token.chmod(0o600)
-    web = WebGateway(tmp_path / "web.log", status, orchestrator, "--access-token-file", str(token))
-    gates = (tmp_path / "second", tmp_path / "third")
-    with opened_afterwards(*gates):
-        await web.start()
-        try:
+    async with printing_behind_a_gateway(tmp_path, status, orchestrator,
+                                         "--access-token-file", str(token)) as (web, gates, job_id):
+        url = f"/api/jobs/{job_id}/steps/print/output/stream"
+        async with httpx.AsyncClient(base_url=web.url, timeout=DEADLINE) as http:
+            assert (await http.get(url)).status_code == 401
+            http.headers["authorization"] = "Bearer s3cret-token"
+            unknown = await http.get(f"/api/jobs/{job_id}/steps/nope/output/stream")
+            assert unknown.status_code == 404 and "no step 'nope'" in unknown.json()["error"]
+            bad = await http.get(url, headers={"last-event-id": "x"})
+            assert bad.status_code == 400 and "ATTEMPT-LINE" in bad.json()["error"]
+            async with http.stream("GET", url) as response:
+                assert response.status_code == 200
+                first = [(ident, data["text"]) async for ident, kind, data in _first(events(response), 4)]
+            assert first == [(f"1-{n}", EXPECTED[n]) for n in range(4)]
+            for gate in gates:
+                gate.touch()
             async with Client(orchestrator.address, status.address) as client:
-                job = await client.submit(printer_job(gates))
-            url = f"/api/jobs/{job.id}/steps/print/output/stream"
-            async with httpx.AsyncClient(base_url=web.url, timeout=DEADLINE) as http:
-                assert (await http.get(url)).status_code == 401
-                http.headers["authorization"] = "Bearer s3cret-token"
-                unknown = await http.get(f"/api/jobs/{job.id}/steps/nope/output/stream")
-                assert unknown.status_code == 404 and "no step 'nope'" in unknown.json()["error"]
-                bad = await http.get(url, headers={"last-event-id": "x"})
-                assert bad.status_code == 400 and "ATTEMPT-LINE" in bad.json()["error"]
-                async with http.stream("GET", url) as response:
-                    assert response.status_code == 200
-                    first = [(ident, data["text"]) async for ident, kind, data in _first(events(response), 4)]
-                assert first == [(f"1-{n}", EXPECTED[n]) for n in range(4)]
-                for gate in gates:
-                    gate.touch()
-                async with Client(orchestrator.address, status.address) as client:
-                    await eventually(lambda: _ended(client, job.id), "the job to end")
-                async with http.stream("GET", url, headers={"last-event-id": "1-41"}) as response:
-                    assert response.status_code == 200
-                    got = [(ident, kind, data.get("text")) async for ident, kind, data in events(response)]
-            assert got == [*((f"1-{n}", "line", EXPECTED[n]) for n in range(42, len(EXPECTED))), (None, "end", None)]
-        finally:
-            await web.kill()
+                await eventually(lambda: _ended(client, job_id), "the job to end")
+            async with http.stream("GET", url, headers={"last-event-id": "1-41"}) as response:
+                assert response.status_code == 200
+                got = [(ident, kind, data.get("text")) async for ident, kind, data in events(response)]
+        assert got == [*((f"1-{n}", "line", EXPECTED[n]) for n in range(42, len(EXPECTED))), (None, "end", None)]
 
 
 async def test_a_browser_that_leaves_the_output_at_any_moment_gives_its_stream_back(
@@ -154,26 +165,18 @@ async def test_a_browser_that_leaves_the_output_at_any_moment_gives_its_stream_b
 ) -> None:
     """With room for one stream, output streams closed at moments spread over their start (before,
     during and after the GetJob and the StreamOutput behind them) each leave the room free again."""
-    web = WebGateway(tmp_path / "web.log", status, orchestrator, "--max-streams", "1")
-    gates = (tmp_path / "second", tmp_path / "third")
-    with opened_afterwards(*gates):
-        await web.start()
-        try:
-            async with Client(orchestrator.address, status.address) as client:
-                job = await client.submit(printer_job(gates))
-            url = f"/api/jobs/{job.id}/steps/print/output/stream"
-            async with httpx.AsyncClient(base_url=web.url, timeout=DEADLINE) as http:
-                for after in (0, 0.001, 0.005, 0.02, 0.1, 0.3):
-                    async def room() -> bool | None:
-                        async with http.stream("GET", url) as response:
-                            if response.status_code == 503:
-                                return None
-                            assert response.status_code == 200
-                            await asyncio.sleep(after)  # noqa: B023 (used before the loop moves on)
-                            return True
-                    await eventually(room, f"the stream left after {after}s to be given back")
-        finally:
-            await web.kill()
+    async with printing_behind_a_gateway(tmp_path, status, orchestrator, "--max-streams", "1") as (web, _, job_id):
+        url = f"/api/jobs/{job_id}/steps/print/output/stream"
+        async with httpx.AsyncClient(base_url=web.url, timeout=DEADLINE) as http:
+            for after in (0, 0.001, 0.005, 0.02, 0.1, 0.3):
+                async def room() -> bool | None:
+                    async with http.stream("GET", url) as response:
+                        if response.status_code == 503:
+                            return None
+                        assert response.status_code == 200
+                        await asyncio.sleep(after)  # noqa: B023 (used before the loop moves on)
+                        return True
+                await eventually(room, f"the stream left after {after}s to be given back")
 
 
 CHILD_PRINTER = "import sys\nfor n in range(5):\n    print(f'child {sys.argv[1]} line {n}')"
