@@ -510,13 +510,17 @@ class Gateway:
                 shown_live = current.live
             if ended:
                 break
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._config.heartbeat_interval):
-                    await tick.wait()
-            if not tick.is_set():
-                yield sse("beat", {"interval": self._config.heartbeat_interval, "revision": sent})
+            if beat := await self._beat_unless_changed(tick, sent):
+                yield beat
         if not feed.failed:
             yield sse("end", {"revision": feed.latest.revision})
+
+    async def _beat_unless_changed(self, tick: asyncio.Event, sent: int | None) -> bytes | None:
+        """Wait for the feed's next change, at most one heartbeat interval: the `beat` event if none came."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self._config.heartbeat_interval):
+                await tick.wait()
+        return None if tick.is_set() else sse("beat", {"interval": self._config.heartbeat_interval, "revision": sent})
 
     async def _output_stream(self, request: Request) -> Response | EventStream:
         """A step's (or with ?child= a fan-out child's) output, live until its attempt ends."""
@@ -596,11 +600,8 @@ class Gateway:
                 shown_live = current.live
             if ended:
                 return
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._config.heartbeat_interval):
-                    await tick.wait()
-            if not tick.is_set():
-                yield sse("beat", {"interval": self._config.heartbeat_interval, "revision": sent})
+            if beat := await self._beat_unless_changed(tick, sent):
+                yield beat
 
 
 async def _first(items: AsyncIterator[Any], count: int) -> AsyncIterator[Any]:
