@@ -186,9 +186,13 @@ async def _run(args: argparse.Namespace) -> int:
 def fail(message: str, code: int, violations: list[Violation] | None = None) -> int:
     """The error on stderr, one line (plus one per bad field), control characters escaped:
     messages quote what a user or the server wrote."""
-    print(f"stepstream: {printable(message)}", file=sys.stderr)
-    for violation in violations or []:
-        print(f"  {printable(readable_field(violation.field))}: {printable(violation.description)}", file=sys.stderr)
+    lines = [f"stepstream: {printable(message)}"] + [
+        f"  {printable(readable_field(violation.field))}: {printable(violation.description)}"
+        for violation in violations or []
+    ]
+    # One write, newline included: unbuffered (PYTHONUNBUFFERED), print() writes the text and its newline
+    # apart, and `up`'s children, writing to the same stderr, could land a line between them.
+    sys.stderr.write("".join(line + "\n" for line in lines))
     return code
 
 

@@ -271,3 +271,31 @@ async def test_ctrl_c_ends_a_watch_with_130_and_no_traceback(cli: Cli, tmp_path:
     assert process.returncode == 130
     assert b"Traceback" not in stderr
     assert (await cli("cancel", job["id"])).code == 0
+
+
+class _Writes:
+    """A stderr that keeps each write() call apart, as an unbuffered one hands each to the pipe."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.calls.append(text)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def test_an_error_is_written_whole_in_one_write(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under PYTHONUNBUFFERED each write() reaches the pipe at once; `up` shares its stderr with its
+    services, whose log lines must not land inside (or glued to the end of) the CLI's error line."""
+    from stepstream_client.cli import fail
+    from stepstream_client.errors import Violation
+
+    writes = _Writes()
+    monkeypatch.setattr(sys, "stderr", writes)
+    assert fail("the orchestrator died", 1) == 1
+    assert fail("bad job", 3, [Violation("steps[0].name", "is required")]) == 3
+    assert writes.calls == ["stepstream: the orchestrator died\n",
+                            "stepstream: bad job\n  steps[0].name: is required\n"]
